@@ -1,0 +1,663 @@
+//! `Client`: the one `ureq::Agent`, the base URL, the auth headers, and one method per
+//! platform endpoint. Status codes are ours to interpret (`http_status_as_error` off),
+//! every body is read with a size cap, and every failure becomes one `ApiError` with
+//! one retry classification (§API-4.3). No sleeping, no retrying, no logging of
+//! secrets here: the caller decides what to do with an error.
+
+use std::fmt;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::config::Secret;
+use crate::wire::{
+    ActivityRow, ErrorBody, Heartbeat, NotifyRequest, RegisterRequest, RegisterResponse,
+};
+
+/// Cap for small JSON answers (register, heartbeat, notify, errors).
+const SMALL_BODY_LIMIT: u64 = 256 * 1024;
+/// Cap for an `/a2a` answer (a push-mode peer's reply text).
+const A2A_BODY_LIMIT: u64 = 16 * 1024 * 1024;
+/// The platform refuses `/a2a` bodies above this (§API-2.7.2).
+pub const A2A_REQUEST_LIMIT: usize = 16 * 1024 * 1024;
+/// Longest error-body snippet kept in an error (STYLE: ≤ 200 bytes).
+const SNIPPET_LEN: usize = 200;
+/// Longest wait a `Retry-After` may ask of us.
+const RETRY_AFTER_CAP: Duration = Duration::from_secs(300);
+
+/// What went wrong talking to the platform.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// DNS, connect, TLS or I/O failure: the request may not have arrived.
+    Transport {
+        /// Operation, e.g. `poll`.
+        op: &'static str,
+        /// What the transport said.
+        detail: String,
+    },
+    /// No complete answer in time. For a send this does not mean "not delivered".
+    Timeout {
+        /// Operation.
+        op: &'static str,
+    },
+    /// The platform answered with a non-success status.
+    Status {
+        /// Operation.
+        op: &'static str,
+        /// HTTP status.
+        status: u16,
+        /// `error` (+ `hint`/`detail`) from the body, or a snippet of it.
+        message: String,
+        /// The body's `hint`, when present (410 on `/workspaces/:id`).
+        hint: Option<String>,
+        /// `Retry-After` header or `retry_after` body field, clamped.
+        retry_after: Option<Duration>,
+        /// 502 from `/a2a` with `delivery_confirmed:true`: delivered, do not resend.
+        delivery_confirmed: bool,
+        /// 503 from `/a2a` with `busy:true`: not delivered, queue full.
+        busy: bool,
+        /// The body's `code`, when present.
+        code: Option<String>,
+    },
+    /// The answer was larger than we accept for this endpoint.
+    TooLarge {
+        /// Operation.
+        op: &'static str,
+        /// The cap in bytes.
+        limit: u64,
+    },
+    /// A success status with a body we could not parse.
+    BadBody {
+        /// Operation.
+        op: &'static str,
+        /// Parser message.
+        detail: String,
+    },
+    /// A request we refuse to send (bad URL, body too large): our side, permanent.
+    Invalid {
+        /// Operation.
+        op: &'static str,
+        /// Why.
+        detail: String,
+    },
+}
+
+impl ApiError {
+    /// The one classification: transport errors, timeouts, 429 and 5xx may succeed
+    /// on a later try; other 4xx will not (§API-4.3). A 502 whose body confirms
+    /// delivery is not retryable: the message arrived.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ApiError::Transport { .. } | ApiError::Timeout { .. } | ApiError::BadBody { .. } => {
+                true
+            }
+            ApiError::Status {
+                status,
+                delivery_confirmed,
+                ..
+            } => !delivery_confirmed && (*status == 429 || *status == 408 || *status >= 500),
+            ApiError::TooLarge { .. } | ApiError::Invalid { .. } => false,
+        }
+    }
+
+    /// The HTTP status, when the platform answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ApiError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// How long the platform asked us to wait, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// 401: the token was rejected.
+    pub fn is_unauthorized(&self) -> bool {
+        self.status() == Some(401)
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiError::Transport { op, detail } => {
+                write!(f, "{op}: cannot reach the platform: {detail}")
+            }
+            ApiError::Timeout { op } => write!(f, "{op}: timed out waiting for the platform"),
+            ApiError::Status {
+                op,
+                status,
+                message,
+                ..
+            } => {
+                if message.is_empty() {
+                    write!(f, "{op}: HTTP {status}")
+                } else {
+                    write!(f, "{op}: HTTP {status}: {message}")
+                }
+            }
+            ApiError::TooLarge { op, limit } => write!(f, "{op}: answer larger than {limit} bytes"),
+            ApiError::BadBody { op, detail } => write!(f, "{op}: unreadable answer: {detail}"),
+            ApiError::Invalid { op, detail } => write!(f, "{op}: {detail}"),
+        }
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// Which rows to ask the inbox for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Since {
+    /// Cold start: rows from the last N seconds, newest first.
+    Secs(u64),
+    /// Rows strictly after this row id, oldest first. Must be a UUID.
+    Cursor(String),
+}
+
+/// The answer to an `/a2a` send that the platform accepted.
+#[derive(Debug, Clone)]
+pub struct SendAnswer {
+    /// HTTP status (200 or 202).
+    pub status: u16,
+    /// Parsed body (may be `Null` when empty).
+    pub body: Value,
+}
+
+impl SendAnswer {
+    /// The platform queued the message (poll-mode target or busy queue) rather than
+    /// returning the peer's answer (§API-2.7.4, §API-2.7.5).
+    pub fn is_queued(&self) -> bool {
+        self.status == 202
+            || self.body.get("status").and_then(Value::as_str) == Some("queued")
+            || self.body.get("queued").and_then(Value::as_bool) == Some(true)
+    }
+}
+
+/// Connection settings for [`Client::new`].
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Base URL without a trailing slash.
+    pub api_url: String,
+    /// Our workspace id (a validated UUID).
+    pub workspace_id: String,
+    /// `X-Molecule-Org-Id`, when configured.
+    pub org_id: Option<String>,
+    /// Whole-request limit for ordinary calls. Defaults to 30 s.
+    pub timeout: Duration,
+    /// Connect limit. Defaults to 10 s.
+    pub connect_timeout: Duration,
+    /// Whole-request limit for `/a2a` sends (a push-mode peer answers synchronously).
+    /// Defaults to 5 min.
+    pub send_timeout: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults for everything but the URL and workspace.
+    pub fn new(api_url: &str, workspace_id: &str) -> Self {
+        Self {
+            api_url: api_url.trim_end_matches('/').to_string(),
+            workspace_id: workspace_id.to_string(),
+            org_id: None,
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The platform client. Cheap to clone: clones share the connection pool and token.
+#[derive(Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+    cfg: Arc<ClientConfig>,
+    origin: Arc<str>,
+    token: Arc<RwLock<Secret>>,
+}
+
+impl Client {
+    /// Builds the one agent. `HTTP(S)_PROXY`/`ALL_PROXY`/`NO_PROXY` from the
+    /// environment are honoured (ureq's default).
+    pub fn new(cfg: ClientConfig, token: Secret) -> Self {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(cfg.timeout))
+            .timeout_connect(Some(cfg.connect_timeout))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .user_agent(concat!("molecule/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        let origin: Arc<str> = origin_of(&cfg.api_url).into();
+        Self {
+            agent,
+            cfg: Arc::new(cfg),
+            origin,
+            token: Arc::new(RwLock::new(token)),
+        }
+    }
+
+    /// Our workspace id.
+    pub fn workspace_id(&self) -> &str {
+        &self.cfg.workspace_id
+    }
+
+    /// The base URL.
+    pub fn api_url(&self) -> &str {
+        &self.cfg.api_url
+    }
+
+    /// Replaces the token (re-read after a rotation).
+    pub fn set_token(&self, token: Secret) {
+        *self.token.write().unwrap_or_else(PoisonError::into_inner) = token;
+    }
+
+    /// The token in use.
+    pub fn token(&self) -> Secret {
+        self.token
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// `POST /registry/register` in poll mode (§API-2.1).
+    pub fn register(&self, agent_card: Value) -> Result<RegisterResponse, ApiError> {
+        let body = RegisterRequest {
+            id: &self.cfg.workspace_id,
+            agent_card,
+            delivery_mode: "poll",
+        };
+        let resp = self.post("register", "/registry/register", &body)?;
+        read_json("register", resp, SMALL_BODY_LIMIT)
+    }
+
+    /// `POST /registry/heartbeat` (§API-2.2).
+    pub fn heartbeat(&self, hb: &Heartbeat) -> Result<(), ApiError> {
+        let resp = self.post("heartbeat", "/registry/heartbeat", hb)?;
+        drain("heartbeat", resp)
+    }
+
+    /// `GET /workspaces/<own>/activity?type=a2a_receive…` (§API-2.4). Rows come back
+    /// exactly as the platform ordered them. `body_limit` caps the page's bytes.
+    pub fn activity(
+        &self,
+        since: &Since,
+        limit: u32,
+        body_limit: u64,
+    ) -> Result<Vec<ActivityRow>, ApiError> {
+        let op = "poll";
+        let path = format!("/workspaces/{}/activity", self.cfg.workspace_id);
+        let mut req = self
+            .with_headers(self.agent.get(self.url(&path)), false)
+            .query("type", "a2a_receive")
+            .query("include", "peer_info")
+            .query("limit", limit.to_string());
+        req = match since {
+            Since::Secs(n) => req.query("since_secs", n.to_string()),
+            Since::Cursor(id) => {
+                if !crate::uuid::is_uuid(id) {
+                    return Err(ApiError::Invalid {
+                        op,
+                        detail: format!("cursor {id:?} is not a UUID"),
+                    });
+                }
+                req.query("since_id", id)
+            }
+        };
+        let resp = req.call().map_err(|e| transport_error(op, e))?;
+        let resp = check_status(op, resp)?;
+        read_json(op, resp, body_limit)
+    }
+
+    /// `POST /workspaces/<target>/a2a` with our `X-Workspace-ID` (§API-2.7). A
+    /// queued answer is success; see [`SendAnswer::is_queued`].
+    pub fn send_a2a(&self, target: &str, body: &Value) -> Result<SendAnswer, ApiError> {
+        let op = "send";
+        if !crate::uuid::is_uuid(target) {
+            return Err(ApiError::Invalid {
+                op,
+                detail: format!("target {target:?} is not a UUID"),
+            });
+        }
+        let bytes = serde_json::to_vec(body).map_err(|e| ApiError::Invalid {
+            op,
+            detail: e.to_string(),
+        })?;
+        if bytes.len() > A2A_REQUEST_LIMIT {
+            return Err(ApiError::Invalid {
+                op,
+                detail: format!(
+                    "message is {} bytes, over the platform's {A2A_REQUEST_LIMIT}-byte limit",
+                    bytes.len()
+                ),
+            });
+        }
+        let path = format!("/workspaces/{target}/a2a");
+        let req = self
+            .with_headers(self.agent.post(self.url(&path)), true)
+            .header("Content-Type", "application/json")
+            .config()
+            .timeout_global(Some(self.cfg.send_timeout))
+            .build();
+        let resp = req.send(&bytes[..]).map_err(|e| transport_error(op, e))?;
+        let status = resp.status().as_u16();
+        let resp = check_status(op, resp)?;
+        let body = read_value(op, resp, A2A_BODY_LIMIT)?;
+        Ok(SendAnswer { status, body })
+    }
+
+    /// `POST /workspaces/<own>/notify`: a message to the human on the canvas (§API-2.13).
+    pub fn notify(&self, message: &str, attachments: Vec<Value>) -> Result<(), ApiError> {
+        let path = format!("/workspaces/{}/notify", self.cfg.workspace_id);
+        let body = NotifyRequest {
+            message,
+            attachments,
+        };
+        let resp = self.post("notify", &path, &body)?;
+        drain("notify", resp)
+    }
+
+    /// `GET /workspaces/<id>` (open route): tells a revoked token (200) from a removed
+    /// workspace (410) after a 401 (§API-2.12).
+    pub fn workspace_info(&self, id: &str) -> Result<Value, ApiError> {
+        let op = "workspace info";
+        if !crate::uuid::is_uuid(id) {
+            return Err(ApiError::Invalid {
+                op,
+                detail: format!("workspace id {id:?} is not a UUID"),
+            });
+        }
+        let path = format!("/workspaces/{id}");
+        let resp = self
+            .with_headers(self.agent.get(self.url(&path)), false)
+            .call()
+            .map_err(|e| transport_error(op, e))?;
+        let resp = check_status(op, resp)?;
+        read_value(op, resp, SMALL_BODY_LIMIT)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.cfg.api_url, path)
+    }
+
+    fn with_headers<B>(&self, req: ureq::RequestBuilder<B>, a2a: bool) -> ureq::RequestBuilder<B> {
+        let token = self.token();
+        let mut req = req
+            .header("Authorization", format!("Bearer {}", token.expose()))
+            .header("Origin", &*self.origin)
+            .header("Accept", "application/json");
+        if let Some(org) = &self.cfg.org_id {
+            req = req.header("X-Molecule-Org-Id", org);
+        }
+        if a2a {
+            // Always together with Origin on /a2a: see §API-2.7.1's same-origin note.
+            req = req.header("X-Workspace-ID", &self.cfg.workspace_id);
+        }
+        req
+    }
+
+    fn post<T: serde::Serialize>(
+        &self,
+        op: &'static str,
+        path: &str,
+        body: &T,
+    ) -> Result<Resp, ApiError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| ApiError::Invalid {
+            op,
+            detail: e.to_string(),
+        })?;
+        let req = self
+            .with_headers(self.agent.post(self.url(path)), false)
+            .header("Content-Type", "application/json");
+        let resp = req.send(&bytes[..]).map_err(|e| transport_error(op, e))?;
+        check_status(op, resp)
+    }
+}
+
+/// `scheme://host[:port]` of the base URL, for the `Origin` header.
+fn origin_of(api_url: &str) -> String {
+    match api_url.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+            format!("{scheme}://{authority}")
+        }
+        None => api_url.to_string(),
+    }
+}
+
+fn transport_error(op: &'static str, e: ureq::Error) -> ApiError {
+    match e {
+        ureq::Error::Timeout(_) => ApiError::Timeout { op },
+        ureq::Error::BodyExceedsLimit(limit) => ApiError::TooLarge { op, limit },
+        ureq::Error::Json(e) => ApiError::BadBody {
+            op,
+            detail: e.to_string(),
+        },
+        ureq::Error::BadUri(detail) => ApiError::Invalid {
+            op,
+            detail: format!("bad URL: {detail}"),
+        },
+        ureq::Error::HostNotFound => ApiError::Transport {
+            op,
+            detail: "host not found".into(),
+        },
+        ureq::Error::ConnectionFailed => ApiError::Transport {
+            op,
+            detail: "connection failed".into(),
+        },
+        other => ApiError::Transport {
+            op,
+            detail: other.to_string(),
+        },
+    }
+}
+
+type Resp = ureq::http::Response<ureq::Body>;
+
+/// Passes 2xx through; turns anything else into `ApiError::Status` with what the
+/// body and headers say.
+fn check_status(op: &'static str, mut resp: Resp) -> Result<Resp, ApiError> {
+    let status = resp.status().as_u16();
+    if (200..300).contains(&status) {
+        return Ok(resp);
+    }
+    let header_retry = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
+    let raw = resp
+        .body_mut()
+        .with_config()
+        .limit(SMALL_BODY_LIMIT)
+        .read_to_vec()
+        .unwrap_or_default();
+    let parsed: ErrorBody = serde_json::from_slice(&raw).unwrap_or_default();
+    let mut message = match &parsed.error {
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => snippet(&String::from_utf8_lossy(&raw)),
+    };
+    if let Some(Value::String(d)) = &parsed.detail {
+        message = format!("{message} ({d})");
+    }
+    let body_retry = parsed.retry_after.as_ref().and_then(|v| match v {
+        Value::Number(n) => n.as_f64().map(|s| s.to_string()),
+        Value::String(s) => Some(s.clone()),
+        _ => None,
+    });
+    let retry_after = header_retry.or_else(|| body_retry.as_deref().and_then(parse_retry_after));
+    Err(ApiError::Status {
+        op,
+        status,
+        message: snippet(&message),
+        hint: parsed.hint,
+        retry_after,
+        delivery_confirmed: parsed.delivery_confirmed.unwrap_or(false),
+        busy: parsed.busy.unwrap_or(false),
+        code: parsed.code,
+    })
+}
+
+/// Seconds (integer or decimal), clamped to [0, 300 s]. HTTP dates are not used by
+/// the platform and are ignored.
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    let secs: f64 = v.trim().parse().ok()?;
+    if !secs.is_finite() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::from_secs_f64(
+        secs.min(RETRY_AFTER_CAP.as_secs_f64()),
+    ))
+}
+
+fn snippet(s: &str) -> String {
+    let s = s.trim();
+    if s.len() <= SNIPPET_LEN {
+        return s.to_string();
+    }
+    let mut end = SNIPPET_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn read_json<T: DeserializeOwned>(
+    op: &'static str,
+    mut resp: Resp,
+    limit: u64,
+) -> Result<T, ApiError> {
+    let raw = resp
+        .body_mut()
+        .with_config()
+        .limit(limit)
+        .read_to_vec()
+        .map_err(|e| transport_error(op, e))?;
+    serde_json::from_slice(&raw).map_err(|e| ApiError::BadBody {
+        op,
+        detail: e.to_string(),
+    })
+}
+
+/// Like [`read_json`] but an empty body is `Null`, not an error.
+fn read_value(op: &'static str, mut resp: Resp, limit: u64) -> Result<Value, ApiError> {
+    let raw = resp
+        .body_mut()
+        .with_config()
+        .limit(limit)
+        .read_to_vec()
+        .map_err(|e| transport_error(op, e))?;
+    if raw.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(&raw).map_err(|e| ApiError::BadBody {
+        op,
+        detail: e.to_string(),
+    })
+}
+
+/// Reads and discards a small body so the connection can be reused.
+fn drain(op: &'static str, mut resp: Resp) -> Result<(), ApiError> {
+    resp.body_mut()
+        .with_config()
+        .limit(SMALL_BODY_LIMIT)
+        .read_to_vec()
+        .map(|_| ())
+        .map_err(|e| transport_error(op, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(status: u16, delivery_confirmed: bool) -> ApiError {
+        ApiError::Status {
+            op: "x",
+            status,
+            message: String::new(),
+            hint: None,
+            retry_after: None,
+            delivery_confirmed,
+            busy: false,
+            code: None,
+        }
+    }
+
+    #[test]
+    fn classification() {
+        for s in [429, 500, 502, 503, 504] {
+            assert!(status(s, false).is_retryable(), "{s}");
+        }
+        for s in [400, 401, 403, 404, 410, 413] {
+            assert!(!status(s, false).is_retryable(), "{s}");
+        }
+        assert!(!status(502, true).is_retryable());
+        assert!(ApiError::Timeout { op: "x" }.is_retryable());
+        assert!(
+            ApiError::Transport {
+                op: "x",
+                detail: String::new()
+            }
+            .is_retryable()
+        );
+        assert!(!ApiError::TooLarge { op: "x", limit: 1 }.is_retryable());
+    }
+
+    #[test]
+    fn retry_after_parsing() {
+        assert_eq!(parse_retry_after("5"), Some(Duration::from_secs(5)));
+        assert_eq!(
+            parse_retry_after(" 1.5 "),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(parse_retry_after("99999"), Some(RETRY_AFTER_CAP));
+        assert_eq!(parse_retry_after("-1"), None);
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("NaN"), None);
+    }
+
+    #[test]
+    fn origin() {
+        assert_eq!(
+            origin_of("https://acme.moleculesai.app"),
+            "https://acme.moleculesai.app"
+        );
+        assert_eq!(
+            origin_of("http://127.0.0.1:8080/api/"),
+            "http://127.0.0.1:8080"
+        );
+    }
+
+    #[test]
+    fn snippet_is_bounded_on_char_boundary() {
+        let s = "é".repeat(300);
+        let out = snippet(&s);
+        assert!(out.len() <= SNIPPET_LEN + 3);
+    }
+
+    #[test]
+    fn queued_detection() {
+        let a = SendAnswer {
+            status: 200,
+            body: serde_json::json!({"status":"queued","delivery_mode":"poll"}),
+        };
+        assert!(a.is_queued());
+        let b = SendAnswer {
+            status: 202,
+            body: serde_json::json!({"queued":true,"queue_id":"q"}),
+        };
+        assert!(b.is_queued());
+        let c = SendAnswer {
+            status: 200,
+            body: serde_json::json!({"result":{"parts":[]}}),
+        };
+        assert!(!c.is_queued());
+    }
+}

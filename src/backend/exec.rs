@@ -1,0 +1,1183 @@
+//! The `exec` and `claude-code` backends: run one `/bin/sh -c` command per message in
+//! its own process group, feed it the message, read its capped output and map its exit
+//! status. It must not leave processes behind, poll or sleep, read the environment
+//! (except `PATH` in `check`), or log environment values or message text.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::{
+    Backend, BackendError, EXIT_NO_REPLY, EXIT_RETRY_LATER, Outcome, Reply, Request, RunHandle,
+};
+use crate::signal::{SIGKILL, SIGTERM, kill_process_group};
+
+/// The shell every command runs under.
+const SHELL: &str = "/bin/sh";
+/// Options of `exec`, for error messages.
+const EXEC_KEYS: &str = "cmd, timeout, max_output, format, pass_meta, kill_grace";
+/// Options of `claude-code`, for error messages.
+const CLAUDE_KEYS: &str = "bin, args, timeout, max_output, format, pass_meta, kill_grace";
+/// Default `max_output`: 1 MiB.
+const DEFAULT_MAX_OUTPUT: usize = 1 << 20;
+/// Default `kill_grace`: time between SIGTERM and SIGKILL of the group.
+const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
+/// How much stderr we keep while the command runs (the tail only).
+const STDERR_KEEP: usize = 2048;
+/// How much of that tail goes into error messages.
+const STDERR_SHOW: usize = 1024;
+/// After the command exits, how long a background process may keep our pipes open
+/// before we kill its group: long enough to drain what the command itself wrote.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(200);
+/// After that kill, how long we wait for the pipes to close. Only a process that left
+/// the group (setsid) can outlast it; we then stop waiting and leave its reader behind.
+const DRAIN_AFTER_KILL: Duration = Duration::from_secs(1);
+/// Read chunk for the output pipes.
+const CHUNK: usize = 64 * 1024;
+/// First words that are shell syntax or builtins: `check` can't resolve them on PATH.
+const SHELL_WORDS: &[&str] = &[
+    "!", ".", ":", "[", "[[", "{", "}", "alias", "bg", "break", "case", "cd", "command",
+    "continue", "do", "done", "echo", "elif", "else", "esac", "eval", "exec", "exit", "export",
+    "false", "fg", "fi", "for", "function", "getopts", "hash", "if", "jobs", "kill", "local",
+    "printf", "pwd", "read", "readonly", "return", "select", "set", "shift", "test", "then",
+    "time", "times", "trap", "true", "type", "ulimit", "umask", "unalias", "unset", "until",
+    "wait", "while",
+];
+
+/// How the message goes in and the reply comes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// Message text on stdin, reply text on stdout.
+    Text,
+    /// One JSON object each way.
+    Json,
+}
+
+/// Options shared by `exec` and `claude-code`.
+#[derive(Debug, Clone)]
+struct Settings {
+    timeout: Duration,
+    max_output: usize,
+    format: Format,
+    pass_meta: bool,
+    kill_grace: Duration,
+}
+
+impl Settings {
+    fn new(timeout: Duration, pass_meta: bool) -> Self {
+        Self {
+            timeout,
+            max_output: DEFAULT_MAX_OUTPUT,
+            format: Format::Text,
+            pass_meta,
+            kill_grace: DEFAULT_KILL_GRACE,
+        }
+    }
+
+    /// Applies one shared option. `Ok(false)` means the key is not a shared option.
+    fn apply(&mut self, backend: &str, key: &str, value: &str) -> Result<bool, BackendError> {
+        let bad = |why: String| BackendError::Config(format!("{backend}: bad {key}: {why}"));
+        match key {
+            "timeout" => {
+                let d = crate::duration::parse(value).map_err(bad)?;
+                if d.is_zero() {
+                    return Err(bad(format!("{value:?} must be greater than zero")));
+                }
+                self.timeout = d;
+            }
+            "kill_grace" => self.kill_grace = crate::duration::parse(value).map_err(bad)?,
+            "max_output" => {
+                self.max_output = match value.trim().parse::<usize>() {
+                    Ok(n) if n > 0 => n,
+                    _ => return Err(bad(format!("{value:?} (want a number of bytes > 0)"))),
+                }
+            }
+            "format" => {
+                self.format = match value {
+                    "text" => Format::Text,
+                    "json" => Format::Json,
+                    _ => return Err(bad(format!("{value:?} (want text or json)"))),
+                }
+            }
+            "pass_meta" => {
+                self.pass_meta = match value {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(bad(format!("{value:?} (want true or false)"))),
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+fn unknown_option(backend: &str, key: &str, known: &str) -> BackendError {
+    BackendError::Config(format!(
+        "{backend}: unknown option {key:?} (known: {known})"
+    ))
+}
+
+/// Runs a shell command per message (`exec`), or `claude -p` (`claude-code`).
+#[derive(Debug, Clone)]
+pub struct ExecBackend {
+    name: &'static str,
+    cmd: String,
+    /// The program `check` should find: `bin` for claude-code, else the first word of `cmd`.
+    program: Option<String>,
+    settings: Settings,
+}
+
+impl ExecBackend {
+    /// Builds the `exec` backend from `--backend-opt` pairs; `cmd` is required.
+    pub fn from_opts(opts: &BTreeMap<String, String>) -> Result<Self, BackendError> {
+        let name = "exec";
+        let mut settings = Settings::new(Duration::from_secs(60), false);
+        let mut cmd = None;
+        for (key, value) in opts {
+            match key.as_str() {
+                "cmd" => cmd = Some(value.clone()),
+                k if settings.apply(name, k, value)? => {}
+                k => return Err(unknown_option(name, k, EXEC_KEYS)),
+            }
+        }
+        let cmd = match cmd {
+            Some(c) if !c.trim().is_empty() => c,
+            Some(_) => return Err(BackendError::Config("exec: cmd is empty".into())),
+            None => {
+                return Err(BackendError::Config(
+                    "exec: missing option \"cmd\" (e.g. --backend-opt cmd='./agent.sh')".into(),
+                ));
+            }
+        };
+        let program = checkable_first_word(&cmd);
+        Ok(Self {
+            name,
+            cmd,
+            program,
+            settings,
+        })
+    }
+
+    /// Builds the `claude-code` preset: `<bin> -p [args]`, timeout 5m, meta on.
+    pub fn claude_code(opts: &BTreeMap<String, String>) -> Result<Self, BackendError> {
+        let name = "claude-code";
+        let mut settings = Settings::new(Duration::from_secs(300), true);
+        let mut bin = "claude".to_string();
+        let mut args = String::new();
+        for (key, value) in opts {
+            match key.as_str() {
+                "bin" => bin.clone_from(value),
+                "args" => args.clone_from(value),
+                k if settings.apply(name, k, value)? => {}
+                k => return Err(unknown_option(name, k, CLAUDE_KEYS)),
+            }
+        }
+        if bin.trim().is_empty() {
+            return Err(BackendError::Config("claude-code: bin is empty".into()));
+        }
+        // `bin` is a program path, so it is quoted; `args` is shell text on purpose
+        // (`--model x --allowedTools "Bash(git:*)"`).
+        let mut cmd = format!("{} -p", shell_quote(&bin));
+        let args = args.trim();
+        if !args.is_empty() {
+            cmd.push(' ');
+            cmd.push_str(args);
+        }
+        Ok(Self {
+            name,
+            cmd,
+            program: Some(bin),
+            settings,
+        })
+    }
+
+    /// The `/bin/sh` command with our environment and pipes, not yet started.
+    fn command(&self, req: &Request) -> Command {
+        let mut c = Command::new(SHELL);
+        c.arg("-c")
+            .arg(&self.cmd)
+            // Own group (pgid = pid): a timeout or cancel can kill the whole tree.
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let opt = |o: &Option<String>| o.clone().unwrap_or_default();
+        c.env("MOLECULE_WORKSPACE_ID", &req.workspace_id)
+            .env("MOLECULE_API_URL", &req.api_url)
+            .env("MOLECULE_CALLER_ID", opt(&req.caller_id))
+            .env("MOLECULE_CALLER_NAME", opt(&req.caller_name))
+            .env("MOLECULE_CALLER_ROLE", opt(&req.caller_role))
+            .env("MOLECULE_ORIGIN", req.origin.as_str())
+            .env("MOLECULE_MESSAGE_ID", opt(&req.message_id))
+            .env("MOLECULE_ACTIVITY_ID", &req.activity_id)
+            .env("MOLECULE_CONTEXT_ID", opt(&req.context_id))
+            .env("MOLECULE_ATTEMPT", req.attempt.to_string());
+        if self.settings.pass_meta {
+            c.env("MOLECULE_TASK_ID", opt(&req.task_id))
+                .env("MOLECULE_METHOD", &req.method);
+        }
+        c.envs(&req.extra_env);
+        c
+    }
+
+    /// What the command reads on stdin.
+    fn input(&self, req: &Request) -> Vec<u8> {
+        match self.settings.format {
+            Format::Text => req.text.as_bytes().to_vec(),
+            Format::Json => {
+                let v = json!({
+                    "text": req.text,
+                    "parts": req.other_parts,
+                    "caller_id": req.caller_id,
+                    "caller_name": req.caller_name,
+                    "caller_role": req.caller_role,
+                    "origin": req.origin.as_str(),
+                    "message_id": req.message_id,
+                    "activity_id": req.activity_id,
+                    "context_id": req.context_id,
+                    "task_id": req.task_id,
+                    "method": req.method,
+                    "attempt": req.attempt,
+                    "workspace_id": req.workspace_id,
+                    "request": req.raw,
+                });
+                let mut bytes = v.to_string().into_bytes();
+                bytes.push(b'\n');
+                bytes
+            }
+        }
+    }
+
+    /// Starts the command and collects its result; `guard` cleans up on every path.
+    fn run(&self, req: &Request, guard: &mut GroupGuard<'_>) -> Result<Outcome, BackendError> {
+        let input = self.input(req);
+        let mut child = self
+            .command(req)
+            .spawn()
+            .map_err(|e| BackendError::Spawn(format!("{SHELL}: {e}")))?;
+        let pgid = child.id();
+        guard.pgid = Some(pgid);
+        if !guard.handle.started(pgid) {
+            // Cancelled before we got here: nothing may run.
+            kill_and_reap(pgid, &mut child);
+            return Err(BackendError::Cancelled);
+        }
+
+        // One thread per pipe: a command that never reads stdin, or fills stderr while
+        // we read stdout, must not block us or itself. Every helper holds a sender that
+        // is never used: the channel disconnects exactly when all of them are done.
+        let (done_tx, done_rx) = mpsc::channel::<Infallible>();
+        let stdout_buf = Arc::new(Mutex::new(Capture::default()));
+        let stderr_buf = Arc::new(Mutex::new(Vec::new()));
+        let mut helpers = Vec::new();
+        let spawned = (|| -> io::Result<()> {
+            if let Some(mut stdin) = child.stdin.take() {
+                let tx = done_tx.clone();
+                helpers.push(spawn("exec-stdin", move || {
+                    // BrokenPipe (the command didn't read it all) is fine.
+                    let _ = stdin.write_all(&input);
+                    drop(stdin);
+                    drop(tx);
+                })?);
+            }
+            if let Some(stdout) = child.stdout.take() {
+                let (tx, buf, cap) = (
+                    done_tx.clone(),
+                    Arc::clone(&stdout_buf),
+                    self.settings.max_output,
+                );
+                helpers.push(spawn("exec-stdout", move || {
+                    read_capped(stdout, cap, &buf);
+                    drop(tx);
+                })?);
+            }
+            if let Some(stderr) = child.stderr.take() {
+                let (tx, buf) = (done_tx.clone(), Arc::clone(&stderr_buf));
+                helpers.push(spawn("exec-stderr", move || {
+                    read_tail(stderr, STDERR_KEEP, &buf);
+                    drop(tx);
+                })?);
+            }
+            Ok(())
+        })();
+        drop(done_tx);
+        if let Err(e) = spawned {
+            kill_and_reap(pgid, &mut child);
+            return Err(BackendError::Spawn(format!(
+                "cannot start a helper thread: {e}"
+            )));
+        }
+
+        // The waiter owns the child so this thread can wait with a timeout on a channel
+        // instead of polling `try_wait`.
+        let (status_tx, status_rx) = mpsc::channel::<WaitResult>();
+        let waiter = thread::Builder::new()
+            .name("exec-wait".into())
+            .spawn(move || {
+                let r = child.wait();
+                let _ = status_tx.send(r);
+            })
+            .map_err(|e| {
+                // The closure (and the child in it) is gone; the guard kills the group.
+                BackendError::Spawn(format!("cannot start a helper thread: {e}"))
+            })?;
+        helpers.push(waiter);
+
+        let started = Instant::now();
+        let (status, timed_out) = self.wait_for_exit(&status_rx, pgid);
+        // The command is gone, but a background process may still hold the pipes.
+        let left = self.settings.timeout.saturating_sub(started.elapsed());
+        self.drain(&done_rx, helpers, pgid, DRAIN_AFTER_EXIT.min(left));
+
+        let stdout =
+            std::mem::take(&mut *stdout_buf.lock().unwrap_or_else(PoisonError::into_inner));
+        let stderr_tail = tail_text(&stderr_buf.lock().unwrap_or_else(PoisonError::into_inner));
+
+        if guard.handle.is_cancelled() {
+            return Err(BackendError::Cancelled);
+        }
+        if timed_out {
+            return Err(BackendError::Timeout {
+                after: self.settings.timeout,
+                stderr_tail,
+            });
+        }
+        let status = match status {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                return Err(BackendError::Spawn(format!("waiting for the command: {e}")));
+            }
+            None => return Err(BackendError::Spawn("lost track of the command".into())),
+        };
+        match status.code() {
+            Some(0) => self.parse_output(stdout),
+            Some(EXIT_NO_REPLY) => Ok(Outcome::NoReply),
+            Some(EXIT_RETRY_LATER) => Err(BackendError::RetryLater { stderr_tail }),
+            code => Err(BackendError::Failed { code, stderr_tail }),
+        }
+    }
+
+    /// Waits for the exit status until the timeout, then SIGTERM, `kill_grace`, SIGKILL.
+    /// Returns the status (`None` if the waiter vanished) and whether it timed out.
+    fn wait_for_exit(&self, rx: &Receiver<WaitResult>, pgid: u32) -> (Option<WaitResult>, bool) {
+        match rx.recv_timeout(self.settings.timeout) {
+            Ok(s) => (Some(s), false),
+            Err(RecvTimeoutError::Disconnected) => (None, false),
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = kill_process_group(pgid, SIGTERM);
+                let status = match rx.recv_timeout(self.settings.kill_grace) {
+                    Ok(s) => Some(s),
+                    Err(RecvTimeoutError::Disconnected) => None,
+                    Err(RecvTimeoutError::Timeout) => {
+                        let _ = kill_process_group(pgid, SIGKILL);
+                        rx.recv().ok()
+                    }
+                };
+                (status, true)
+            }
+        }
+    }
+
+    /// After the command exited: gives its pipes `first` to reach EOF, then kills the
+    /// group (a background process holding a pipe) and waits once more. Joins the
+    /// helpers when they are done.
+    fn drain(
+        &self,
+        done: &Receiver<Infallible>,
+        helpers: Vec<JoinHandle<()>>,
+        pgid: u32,
+        first: Duration,
+    ) {
+        let mut drained = wait_done(done, first);
+        if !drained {
+            let _ = kill_process_group(pgid, SIGKILL);
+            drained = wait_done(done, DRAIN_AFTER_KILL);
+        }
+        if drained {
+            for h in helpers {
+                let _ = h.join();
+            }
+        } else {
+            log::warn!(
+                "{}: a process outside the command's group still holds its pipes; not waiting for it",
+                self.name
+            );
+        }
+    }
+
+    /// Turns the stdout of a successful run into an outcome.
+    fn parse_output(&self, out: Capture) -> Result<Outcome, BackendError> {
+        if out.overflowed {
+            return Err(BackendError::BadOutput(format!(
+                "reply exceeds max_output {} bytes",
+                self.settings.max_output
+            )));
+        }
+        let text = String::from_utf8(out.buf)
+            .map_err(|_| BackendError::BadOutput("reply is not valid UTF-8".into()))?;
+        if text.trim().is_empty() {
+            return Ok(Outcome::NoReply);
+        }
+        match self.settings.format {
+            Format::Text => {
+                let text = text
+                    .strip_suffix('\n')
+                    .map_or(text.as_str(), |t| t.strip_suffix('\r').unwrap_or(t));
+                Ok(Outcome::Reply(Reply {
+                    text: text.to_string(),
+                    parts: vec![],
+                }))
+            }
+            Format::Json => parse_json_reply(&text),
+        }
+    }
+}
+
+impl Backend for ExecBackend {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn handle(&self, req: &Request, handle: &RunHandle) -> Result<Outcome, BackendError> {
+        let mut guard = GroupGuard { pgid: None, handle };
+        self.run(req, &mut guard)
+    }
+
+    fn check(&self) -> Result<String, BackendError> {
+        let name = self.name;
+        if !is_executable(Path::new(SHELL)) {
+            return Err(BackendError::Config(format!("{name}: {SHELL} not found")));
+        }
+        if let Some(program) = &self.program {
+            if program.contains('/') {
+                if !is_executable(Path::new(program)) {
+                    return Err(BackendError::Config(format!(
+                        "{name}: command {program:?} is not an executable file"
+                    )));
+                }
+            } else if !on_path(program) {
+                return Err(BackendError::Config(format!(
+                    "{name}: command {program:?} not found on PATH"
+                )));
+            }
+        }
+        Ok(format!(
+            "{name}: {SHELL} -c '{}' (timeout {})",
+            self.cmd,
+            crate::duration::format(self.settings.timeout)
+        ))
+    }
+}
+
+/// Kills whatever is left of the group and tells the handle the run is over, on every
+/// return path of a run (including early errors).
+struct GroupGuard<'a> {
+    pgid: Option<u32>,
+    handle: &'a RunHandle,
+}
+
+impl Drop for GroupGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.pgid {
+            // A background process the command left behind must not outlive the run.
+            // ESRCH (nobody left) is the normal case.
+            let _ = kill_process_group(pgid, SIGKILL);
+            self.handle.finished();
+        }
+    }
+}
+
+/// What the waiter thread reports.
+type WaitResult = io::Result<ExitStatus>;
+
+/// Kills the group of a child we still own and reaps it, so no zombie remains.
+fn kill_and_reap(pgid: u32, child: &mut Child) {
+    let _ = kill_process_group(pgid, SIGKILL);
+    let _ = child.wait();
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
+    thread::Builder::new().name(name.into()).spawn(f)
+}
+
+/// Waits until every helper has dropped its sender, for at most `d`.
+fn wait_done(rx: &Receiver<Infallible>, d: Duration) -> bool {
+    match rx.recv_timeout(d) {
+        Ok(never) => match never {},
+        Err(RecvTimeoutError::Disconnected) => true,
+        Err(RecvTimeoutError::Timeout) => false,
+    }
+}
+
+/// Stdout as read so far.
+#[derive(Default)]
+struct Capture {
+    buf: Vec<u8>,
+    /// More than the cap arrived; `buf` is incomplete and must not be used.
+    overflowed: bool,
+}
+
+/// Reads to EOF keeping at most `cap` bytes. Past the cap it keeps reading and
+/// discarding, so the command doesn't block on a full pipe.
+fn read_capped(mut r: impl Read, cap: usize, out: &Mutex<Capture>) {
+    let mut chunk = vec![0u8; CHUNK];
+    loop {
+        let n = match r.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        let mut c = out.lock().unwrap_or_else(PoisonError::into_inner);
+        if c.overflowed {
+            continue;
+        }
+        if c.buf.len().saturating_add(n) > cap {
+            c.overflowed = true;
+            c.buf = Vec::new();
+        } else {
+            c.buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        }
+    }
+}
+
+/// Reads to EOF keeping only the last `keep` bytes.
+fn read_tail(mut r: impl Read, keep: usize, out: &Mutex<Vec<u8>>) {
+    let mut chunk = vec![0u8; CHUNK];
+    loop {
+        let n = match r.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        let mut buf = out.lock().unwrap_or_else(PoisonError::into_inner);
+        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        let excess = buf.len().saturating_sub(keep);
+        buf.drain(..excess);
+    }
+}
+
+/// The last ~1 KiB of stderr as trimmed text for error messages.
+fn tail_text(buf: &[u8]) -> String {
+    let start = buf.len().saturating_sub(STDERR_SHOW);
+    let mut tail = buf.get(start..).unwrap_or_default();
+    if start > 0 {
+        // Don't start with the remains of a character we cut in half.
+        while let Some((b, rest)) = tail.split_first() {
+            if b & 0xC0 != 0x80 {
+                break;
+            }
+            tail = rest;
+        }
+    }
+    String::from_utf8_lossy(tail).trim().to_string()
+}
+
+/// Parses a `format=json` reply: `{"text": …, "parts": [...]}` or `{"no_reply": true}`.
+fn parse_json_reply(out: &str) -> Result<Outcome, BackendError> {
+    let bad = |m: &str| BackendError::BadOutput(format!("json reply: {m}"));
+    let v: Value = serde_json::from_str(out).map_err(|e| bad(&e.to_string()))?;
+    let Value::Object(mut obj) = v else {
+        return Err(bad("not a JSON object"));
+    };
+    if obj.get("no_reply") == Some(&Value::Bool(true)) {
+        return Ok(Outcome::NoReply);
+    }
+    let text = match obj.remove("text") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(_) => return Err(bad("\"text\" is not a string")),
+    };
+    let parts = match obj.remove("parts") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) => Some(a),
+        Some(_) => return Err(bad("\"parts\" is not an array")),
+    };
+    if text.is_none() && parts.is_none() {
+        return Err(bad("neither \"text\" nor \"parts\""));
+    }
+    let parts = parts
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| match p {
+            Value::Object(mut m) => {
+                // A2A uses `kind`; older agents write `type`.
+                if !m.contains_key("kind")
+                    && let Some(t) = m.get("type").cloned()
+                {
+                    m.insert("kind".into(), t);
+                }
+                Ok(Value::Object(m))
+            }
+            _ => Err(bad("a part is not an object")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let text = text.unwrap_or_default();
+    if text.trim().is_empty() && parts.is_empty() {
+        return Ok(Outcome::NoReply);
+    }
+    Ok(Outcome::Reply(Reply { text, parts }))
+}
+
+/// Quotes `s` for the shell unless it is plainly safe.
+fn shell_quote(s: &str) -> String {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_-./+:@%,".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// The first word of `cmd` if `check` can look it up: not a builtin or keyword, no
+/// expansion, quoting, redirection or assignment that only the shell can resolve.
+fn checkable_first_word(cmd: &str) -> Option<String> {
+    let word = cmd.split_whitespace().next()?;
+    let shell_syntax = |c: char| "$'\"\\`()<>;&|=*?[]{}~#!".contains(c);
+    if SHELL_WORDS.contains(&word) || word.contains(shell_syntax) {
+        return None;
+    }
+    Some(word.to_string())
+}
+
+fn is_executable(p: &Path) -> bool {
+    p.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn on_path(program: &str) -> bool {
+    // The one environment read of this module: `check` mirrors what `sh` will do.
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| is_executable(&dir.join(program)))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Origin;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn opts(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn exec(pairs: &[(&str, &str)]) -> ExecBackend {
+        ExecBackend::from_opts(&opts(pairs)).unwrap()
+    }
+
+    fn req(text: &str) -> Request {
+        Request {
+            workspace_id: "ws-1".into(),
+            api_url: "http://127.0.0.1:1".into(),
+            text: text.into(),
+            other_parts: vec![],
+            caller_id: None,
+            caller_name: Some("Ada".into()),
+            caller_role: None,
+            message_id: Some("m-1".into()),
+            activity_id: "act-1".into(),
+            context_id: None,
+            task_id: Some("t-1".into()),
+            method: "message/send".into(),
+            origin: Origin::Canvas,
+            attempt: 2,
+            raw: json!({"id": 7}),
+            extra_env: BTreeMap::new(),
+        }
+    }
+
+    fn run(b: &ExecBackend, text: &str) -> Result<Outcome, BackendError> {
+        b.handle(&req(text), &RunHandle::new())
+    }
+
+    fn reply_text(r: Result<Outcome, BackendError>) -> String {
+        match r {
+            Ok(Outcome::Reply(r)) => r.text,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    fn config_err(r: Result<ExecBackend, BackendError>) -> String {
+        match r {
+            Err(BackendError::Config(m)) => m,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    /// A fresh directory per test, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "molecule-exec-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+        fn file(&self, name: &str) -> String {
+            self.0.join(name).to_str().unwrap().to_string()
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn read_pid(path: &str) -> u32 {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// True once `pid` is dead: gone, or a zombie waiting for a reaper (PID 1 here
+    /// may not reap). Polling is fine in tests; the deadline is a failure bound.
+    fn gone(pid: u32) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit(") ").next().and_then(|r| r.chars().next()));
+            if matches!(state, None | Some('Z' | 'X')) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn options_defaults_and_errors() {
+        let b = exec(&[("cmd", "cat")]);
+        assert_eq!(b.name(), "exec");
+        assert_eq!(b.settings.timeout, Duration::from_secs(60));
+        assert_eq!(b.settings.max_output, 1_048_576);
+        assert_eq!(b.settings.format, Format::Text);
+        assert!(!b.settings.pass_meta);
+        assert_eq!(b.settings.kill_grace, Duration::from_secs(2));
+
+        let b = exec(&[
+            ("cmd", "cat"),
+            ("timeout", "1m30s"),
+            ("max_output", "10"),
+            ("format", "json"),
+            ("pass_meta", "true"),
+            ("kill_grace", "0"),
+        ]);
+        assert_eq!(b.settings.timeout, Duration::from_secs(90));
+        assert_eq!(b.settings.max_output, 10);
+        assert_eq!(b.settings.format, Format::Json);
+        assert!(b.settings.pass_meta);
+        assert_eq!(b.settings.kill_grace, Duration::ZERO);
+
+        let m = config_err(ExecBackend::from_opts(&opts(&[
+            ("cmd", "x"),
+            ("bogus", "1"),
+        ])));
+        assert!(m.contains("unknown option \"bogus\""), "{m}");
+        assert!(m.contains("cmd, timeout, max_output"), "{m}");
+        let m = config_err(ExecBackend::from_opts(&opts(&[
+            ("cmd", "x"),
+            ("timeout", "soon"),
+        ])));
+        assert!(m.contains("timeout") && m.contains("soon"), "{m}");
+        let m = config_err(ExecBackend::from_opts(&opts(&[
+            ("cmd", "x"),
+            ("timeout", "0s"),
+        ])));
+        assert!(m.contains("greater than zero"), "{m}");
+        for (k, v) in [
+            ("max_output", "0"),
+            ("max_output", "1MB"),
+            ("format", "xml"),
+            ("pass_meta", "yes"),
+            ("kill_grace", "-1"),
+        ] {
+            let m = config_err(ExecBackend::from_opts(&opts(&[("cmd", "x"), (k, v)])));
+            assert!(m.contains(k) && m.contains(v), "{m}");
+        }
+        let m = config_err(ExecBackend::from_opts(&opts(&[])));
+        assert!(m.contains("cmd"), "{m}");
+        let m = config_err(ExecBackend::from_opts(&opts(&[("cmd", "  ")])));
+        assert!(m.contains("cmd"), "{m}");
+    }
+
+    #[test]
+    fn claude_code_preset() {
+        let b = ExecBackend::claude_code(&opts(&[("args", "--x")])).unwrap();
+        assert_eq!(b.name(), "claude-code");
+        assert_eq!(b.cmd, "claude -p --x");
+        assert_eq!(b.settings.timeout, Duration::from_secs(300));
+        assert!(b.settings.pass_meta);
+
+        let b = ExecBackend::claude_code(&opts(&[("bin", "/opt/my claude")])).unwrap();
+        assert_eq!(b.cmd, "'/opt/my claude' -p");
+        let b =
+            ExecBackend::claude_code(&opts(&[("pass_meta", "false"), ("timeout", "1s")])).unwrap();
+        assert!(!b.settings.pass_meta);
+        assert_eq!(b.settings.timeout, Duration::from_secs(1));
+
+        let m = config_err(ExecBackend::claude_code(&opts(&[("cmd", "x")])));
+        assert!(m.starts_with("claude-code: unknown option \"cmd\""), "{m}");
+    }
+
+    #[test]
+    fn check_resolves_the_command() {
+        let ok = exec(&[("cmd", "sh -c true")]).check().unwrap();
+        // duration::format writes 60s as 1m.
+        assert_eq!(ok, "exec: /bin/sh -c 'sh -c true' (timeout 1m)");
+        // Builtins and shell syntax can't be resolved up front; they pass.
+        exec(&[("cmd", "echo hi")]).check().unwrap();
+        exec(&[("cmd", "$AGENT run")]).check().unwrap();
+        exec(&[("cmd", "FOO=1 ./nope")]).check().unwrap();
+
+        let err = exec(&[("cmd", "no-such-command-xyz --flag")])
+            .check()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "backend config: exec: command \"no-such-command-xyz\" not found on PATH"
+        );
+        let err = exec(&[("cmd", "./no/such/file")]).check().unwrap_err();
+        assert!(err.to_string().contains("not an executable file"), "{err}");
+        let b = ExecBackend::claude_code(&opts(&[("bin", "no-such-claude-xyz")])).unwrap();
+        assert_eq!(
+            b.check().unwrap_err().to_string(),
+            "backend config: claude-code: command \"no-such-claude-xyz\" not found on PATH"
+        );
+        let b = ExecBackend::claude_code(&opts(&[("bin", "/bin/sh")])).unwrap();
+        assert!(
+            b.check()
+                .unwrap()
+                .starts_with("claude-code: /bin/sh -c '/bin/sh -p'")
+        );
+    }
+
+    #[test]
+    fn reply_trims_one_trailing_newline() {
+        let b = exec(&[("cmd", "printf 'a\\n\\n'")]);
+        assert_eq!(reply_text(run(&b, "")), "a\n");
+        let b = exec(&[("cmd", "printf 'a\\r\\n'")]);
+        assert_eq!(reply_text(run(&b, "")), "a");
+        let b = exec(&[("cmd", "printf '  a'")]);
+        assert_eq!(reply_text(run(&b, "")), "  a");
+        let b = exec(&[("cmd", "cat")]);
+        assert_eq!(reply_text(run(&b, "héllo\nworld")), "héllo\nworld");
+    }
+
+    #[test]
+    fn empty_output_and_exit_100_are_no_reply() {
+        for cmd in ["true", "printf ' \\n'", "echo something; exit 100"] {
+            let b = exec(&[("cmd", cmd)]);
+            assert_eq!(run(&b, "x").unwrap(), Outcome::NoReply, "{cmd}");
+        }
+    }
+
+    #[test]
+    fn exit_75_is_retry_later() {
+        let b = exec(&[("cmd", "echo busy >&2; exit 75")]);
+        match run(&b, "x") {
+            Err(e @ BackendError::RetryLater { .. }) => {
+                assert!(e.is_retry_later());
+                assert!(e.to_string().contains("busy"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn failure_carries_stderr_tail() {
+        let b = exec(&[("cmd", "echo partial; echo 'it broke' >&2; exit 3")]);
+        let err = run(&b, "x").unwrap_err();
+        assert!(
+            matches!(&err, BackendError::Failed { code: Some(3), stderr_tail } if stderr_tail == "it broke"),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "backend: command exited with status 3 (stderr: it broke)"
+        );
+
+        // Only the tail of a long stderr is kept.
+        let b = exec(&[(
+            "cmd",
+            "head -c 100000 /dev/zero | tr '\\0' x >&2; echo END >&2; exit 1",
+        )]);
+        match run(&b, "x").unwrap_err() {
+            BackendError::Failed { stderr_tail, .. } => {
+                assert!(stderr_tail.ends_with("xxxEND"), "{stderr_tail}");
+                assert!(stderr_tail.len() <= STDERR_SHOW, "{}", stderr_tail.len());
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let b = exec(&[("cmd", "kill -9 $$")]);
+        assert!(matches!(
+            run(&b, "x"),
+            Err(BackendError::Failed { code: None, .. })
+        ));
+    }
+
+    #[test]
+    fn env_is_visible_to_the_command() {
+        let b = exec(&[(
+            "cmd",
+            "printf %s \"$MOLECULE_ORIGIN:$MOLECULE_CALLER_ID:$MOLECULE_CALLER_NAME:$MOLECULE_MESSAGE_ID:\
+             $MOLECULE_ACTIVITY_ID:$MOLECULE_ATTEMPT:$MOLECULE_WORKSPACE_ID:$MOLECULE_API_URL:\
+             ${MOLECULE_TASK_ID-unset}:$MOLECULE_DELEGATION_ID\"",
+        )]);
+        let mut r = req("x");
+        r.extra_env
+            .insert("MOLECULE_DELEGATION_ID".into(), "d-9".into());
+        let out = reply_text(b.handle(&r, &RunHandle::new()));
+        assert_eq!(
+            out,
+            "canvas::Ada:m-1:act-1:2:ws-1:http://127.0.0.1:1:unset:d-9"
+        );
+
+        let b = exec(&[
+            ("cmd", "printf %s \"$MOLECULE_TASK_ID:$MOLECULE_METHOD\""),
+            ("pass_meta", "true"),
+        ]);
+        assert_eq!(reply_text(run(&b, "x")), "t-1:message/send");
+    }
+
+    #[test]
+    fn json_in_and_out() {
+        let dir = TempDir::new();
+        let input = dir.file("in.json");
+        let cmd = format!(
+            "cat > '{input}'; printf '%s' '{{\"text\":\"ok\",\"parts\":[{{\"type\":\"file\",\"uri\":\"u\"}}]}}'"
+        );
+        let b = exec(&[("cmd", &cmd), ("format", "json")]);
+        let mut r = req("hello");
+        r.other_parts = vec![json!({"kind": "data", "data": {}})];
+        let out = b.handle(&r, &RunHandle::new()).unwrap();
+        assert_eq!(
+            out,
+            Outcome::Reply(Reply {
+                text: "ok".into(),
+                parts: vec![json!({"type": "file", "kind": "file", "uri": "u"})],
+            })
+        );
+        let raw = std::fs::read_to_string(&input).unwrap();
+        assert!(raw.ends_with("}\n"));
+        let v: Value = serde_json::from_str(&raw).unwrap();
+        assert_eq!(v["text"], "hello");
+        assert_eq!(v["parts"][0]["kind"], "data");
+        assert_eq!(v["caller_id"], Value::Null);
+        assert_eq!(v["caller_name"], "Ada");
+        assert_eq!(v["origin"], "canvas");
+        assert_eq!(v["message_id"], "m-1");
+        assert_eq!(v["activity_id"], "act-1");
+        assert_eq!(v["task_id"], "t-1");
+        assert_eq!(v["method"], "message/send");
+        assert_eq!(v["attempt"], 2);
+        assert_eq!(v["workspace_id"], "ws-1");
+        assert_eq!(v["request"]["id"], 7);
+
+        let json_run = |cmd: &str| run(&exec(&[("cmd", cmd), ("format", "json")]), "x");
+        assert_eq!(
+            json_run("echo '{\"no_reply\":true}'").unwrap(),
+            Outcome::NoReply
+        );
+        assert_eq!(json_run("true").unwrap(), Outcome::NoReply);
+        assert_eq!(
+            json_run("echo '{\"text\":\"\"}'").unwrap(),
+            Outcome::NoReply
+        );
+        assert_eq!(
+            reply_text(json_run("printf %s '{\"text\":\"a\\n\"}'")),
+            "a\n"
+        );
+        for bad in [
+            "echo not json",
+            "echo '[1]'",
+            "echo '{}'",
+            "echo '{\"text\":1}'",
+            "echo '{\"parts\":{}}'",
+            "echo '{\"parts\":[1]}'",
+        ] {
+            assert!(
+                matches!(json_run(bad), Err(BackendError::BadOutput(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn unread_stdin_does_not_deadlock() {
+        let b = exec(&[("cmd", "echo hi")]);
+        let big = "x".repeat(5 << 20);
+        let started = Instant::now();
+        assert_eq!(reply_text(run(&b, &big)), "hi");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn output_limits() {
+        let b = exec(&[("cmd", "printf '%020d' 0"), ("max_output", "10")]);
+        match run(&b, "x") {
+            Err(BackendError::BadOutput(m)) => {
+                assert_eq!(m, "reply exceeds max_output 10 bytes")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Exactly at the cap is fine.
+        let b = exec(&[("cmd", "printf '%010d' 0"), ("max_output", "10")]);
+        assert_eq!(reply_text(run(&b, "x")), "0000000000");
+        // Far over the cap: we keep draining so the command can finish.
+        let b = exec(&[("cmd", "head -c 5000000 /dev/zero"), ("max_output", "1000")]);
+        assert!(matches!(run(&b, "x"), Err(BackendError::BadOutput(_))));
+        let b = exec(&[("cmd", "printf 'a\\377b'")]);
+        assert!(matches!(run(&b, "x"), Err(BackendError::BadOutput(m)) if m.contains("UTF-8")));
+    }
+
+    #[test]
+    fn timeout_kills_the_whole_group() {
+        for shape in [
+            "(sleep 30; echo late) & echo $! > '{pid}'; exec sleep 30",
+            "sleep 30 & echo $! > '{pid}'; echo started; wait",
+        ] {
+            let dir = TempDir::new();
+            let pid_file = dir.file("pid");
+            let cmd = shape.replace("{pid}", &pid_file);
+            let b = exec(&[("cmd", &cmd), ("timeout", "300ms"), ("kill_grace", "200ms")]);
+            let started = Instant::now();
+            let err = run(&b, "x").unwrap_err();
+            assert!(
+                matches!(err, BackendError::Timeout { after, .. } if after == Duration::from_millis(300)),
+                "{err:?}"
+            );
+            assert!(started.elapsed() < Duration::from_secs(2), "{shape}");
+            assert!(gone(read_pid(&pid_file)), "{shape}: grandchild survived");
+        }
+    }
+
+    #[test]
+    fn timeout_escalates_to_sigkill() {
+        let b = exec(&[
+            ("cmd", "trap '' TERM; sleep 30"),
+            ("timeout", "200ms"),
+            ("kill_grace", "200ms"),
+        ]);
+        let started = Instant::now();
+        assert!(matches!(run(&b, "x"), Err(BackendError::Timeout { .. })));
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn background_holder_of_stdout_is_killed_after_exit() {
+        let dir = TempDir::new();
+        let pid_file = dir.file("pid");
+        let b = exec(&[(
+            "cmd",
+            &format!("(sleep 30) & echo $! > '{pid_file}'; echo done"),
+        )]);
+        let started = Instant::now();
+        assert_eq!(reply_text(run(&b, "x")), "done");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(gone(read_pid(&pid_file)), "grandchild survived");
+
+        // A background process that let go of the pipes is killed too.
+        let b = exec(&[(
+            "cmd",
+            &format!("sleep 30 >/dev/null 2>&1 & echo $! > '{pid_file}'; echo done"),
+        )]);
+        assert_eq!(reply_text(run(&b, "x")), "done");
+        assert!(gone(read_pid(&pid_file)), "detached grandchild survived");
+    }
+
+    #[test]
+    fn cancel_stops_a_run() {
+        let dir = TempDir::new();
+        let flag = dir.file("started");
+        let b = exec(&[("cmd", &format!("echo > '{flag}'; sleep 30"))]);
+        let handle = RunHandle::new();
+        let canceller = {
+            let handle = handle.clone();
+            let flag = flag.clone();
+            thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while !Path::new(&flag).exists() && Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(5));
+                }
+                handle.cancel(SIGTERM);
+            })
+        };
+        let started = Instant::now();
+        let r = b.handle(&req("x"), &handle);
+        canceller.join().unwrap();
+        assert!(matches!(r, Err(BackendError::Cancelled)), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+
+        // Cancelled before it started: nothing runs.
+        let marker = dir.file("ran");
+        let b = exec(&[("cmd", &format!("sleep 1; echo > '{marker}'"))]);
+        let handle = RunHandle::new();
+        handle.cancel(SIGTERM);
+        assert!(matches!(
+            b.handle(&req("x"), &handle),
+            Err(BackendError::Cancelled)
+        ));
+        assert!(!Path::new(&marker).exists());
+    }
+
+    #[test]
+    fn concurrent_runs_are_independent() {
+        let b = Arc::new(exec(&[("cmd", "cat")]));
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let b = Arc::clone(&b);
+                thread::spawn(move || reply_text(run(&b, &format!("msg {i}"))))
+            })
+            .collect();
+        for (i, t) in threads.into_iter().enumerate() {
+            assert_eq!(t.join().unwrap(), format!("msg {i}"));
+        }
+    }
+
+    #[test]
+    fn helpers() {
+        assert_eq!(shell_quote("claude"), "claude");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(
+            checkable_first_word("  ./agent.sh --x"),
+            Some("./agent.sh".into())
+        );
+        assert_eq!(checkable_first_word("if true; then x; fi"), None);
+        assert_eq!(checkable_first_word("\"my agent\""), None);
+        let mut long = "é".repeat(600).into_bytes();
+        long.extend_from_slice(b" end \n");
+        let t = tail_text(&long);
+        assert!(t.ends_with("é end") && !t.starts_with('\u{fffd}'), "{t}");
+        assert_eq!(tail_text(b"\xff oops "), "\u{fffd} oops");
+    }
+}

@@ -1,0 +1,265 @@
+//! Backends: turn one inbound request into one reply. `trait Backend` plus one file
+//! per built-in backend. Backends know nothing of HTTP, threads or the state file;
+//! the runner decides what to do with their outcome.
+
+mod exec;
+mod mock;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+pub use exec::ExecBackend;
+pub use mock::MockBackend;
+
+/// Exit status an `exec` command uses to say "I handled it, post nothing".
+pub const EXIT_NO_REPLY: i32 = 100;
+/// Exit status an `exec` command uses to say "retry this message later"
+/// (EX_TEMPFAIL); it does not count toward poisoning.
+pub const EXIT_RETRY_LATER: i32 = 75;
+
+/// Where an inbound request came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Another workspace's agent (`source_id` is a workspace id).
+    Peer,
+    /// A human on the canvas (or another caller without a workspace).
+    Canvas,
+    /// A local delegation result (never from the platform as a task).
+    DelegationResult,
+}
+
+impl Origin {
+    /// The value of `MOLECULE_ORIGIN`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Peer => "peer",
+            Origin::Canvas => "canvas",
+            Origin::DelegationResult => "delegation_result",
+        }
+    }
+}
+
+/// One message for the backend.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Our own workspace id.
+    pub workspace_id: String,
+    /// Platform base URL (for agents that call back with `molecule send`).
+    pub api_url: String,
+    /// Text parts joined in order (parts with `kind` or `type` = `text`).
+    pub text: String,
+    /// Non-text parts (files, data), as the platform sent them.
+    pub other_parts: Vec<serde_json::Value>,
+    /// Sender workspace id; `None` for canvas users.
+    pub caller_id: Option<String>,
+    /// Sender's display name, when known.
+    pub caller_name: Option<String>,
+    /// Sender's role, when known.
+    pub caller_role: Option<String>,
+    /// Inbound `params.message.messageId`.
+    pub message_id: Option<String>,
+    /// The activity row id.
+    pub activity_id: String,
+    /// `params.message.contextId`, when present.
+    pub context_id: Option<String>,
+    /// `params.message.taskId`, when present.
+    pub task_id: Option<String>,
+    /// JSON-RPC method (normally `message/send`).
+    pub method: String,
+    /// Where the message came from.
+    pub origin: Origin,
+    /// 1 for the first try, then counts up on retries of the same message.
+    pub attempt: u32,
+    /// The whole request envelope, for `format=json`.
+    pub raw: serde_json::Value,
+    /// Extra environment for the backend (e.g. `MOLECULE_DELEGATION_ID`).
+    pub extra_env: BTreeMap<String, String>,
+}
+
+/// What a backend produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Post this reply.
+    Reply(Reply),
+    /// Handled; post nothing (exit [`EXIT_NO_REPLY`] or empty output).
+    NoReply,
+}
+
+/// A reply: text plus optional non-text parts (from `format=json` output).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Reply {
+    /// The reply text (may be empty when `parts` carry the content).
+    pub text: String,
+    /// Extra parts, already in A2A shape (`kind` key).
+    pub parts: Vec<serde_json::Value>,
+}
+
+/// Why a backend run failed.
+#[derive(Debug)]
+pub enum BackendError {
+    /// Bad backend configuration (unknown option, bad value): exit 2 at start-up.
+    Config(String),
+    /// The command could not be started.
+    Spawn(String),
+    /// The command exited non-zero (not 75, not 100).
+    Failed {
+        /// Exit code, or `None` when killed by a signal.
+        code: Option<i32>,
+        /// The last part of its stderr.
+        stderr_tail: String,
+    },
+    /// The command asked to be retried later (exit 75).
+    RetryLater {
+        /// The last part of its stderr.
+        stderr_tail: String,
+    },
+    /// The run exceeded its timeout and its process group was killed.
+    Timeout {
+        /// The configured limit.
+        after: Duration,
+        /// The last part of its stderr.
+        stderr_tail: String,
+    },
+    /// The run was cancelled (shutdown drain ran out).
+    Cancelled,
+    /// Output was unusable: too large, not UTF-8, or bad JSON with `format=json`.
+    BadOutput(String),
+}
+
+impl BackendError {
+    /// Exit 75: try again later, does not count as a failure of the message.
+    pub fn is_retry_later(&self) -> bool {
+        matches!(self, BackendError::RetryLater { .. })
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn tail(s: &str) -> String {
+            if s.trim().is_empty() {
+                String::new()
+            } else {
+                format!(" (stderr: {})", s.trim())
+            }
+        }
+        match self {
+            BackendError::Config(m) => write!(f, "backend config: {m}"),
+            BackendError::Spawn(m) => write!(f, "backend: cannot start command: {m}"),
+            BackendError::Failed {
+                code: Some(c),
+                stderr_tail,
+            } => write!(
+                f,
+                "backend: command exited with status {c}{}",
+                tail(stderr_tail)
+            ),
+            BackendError::Failed {
+                code: None,
+                stderr_tail,
+            } => write!(
+                f,
+                "backend: command killed by a signal{}",
+                tail(stderr_tail)
+            ),
+            BackendError::RetryLater { stderr_tail } => {
+                write!(
+                    f,
+                    "backend: command asked to retry later (exit 75){}",
+                    tail(stderr_tail)
+                )
+            }
+            BackendError::Timeout { after, stderr_tail } => write!(
+                f,
+                "backend: command timed out after {}{}",
+                crate::duration::format(*after),
+                tail(stderr_tail)
+            ),
+            BackendError::Cancelled => write!(f, "backend: run cancelled by shutdown"),
+            BackendError::BadOutput(m) => write!(f, "backend: bad output: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+/// Lets the runner stop a backend run from another thread (drain timeout on
+/// shutdown). The exec backend records its process group here while it runs.
+#[derive(Clone, Default)]
+pub struct RunHandle {
+    inner: Arc<Mutex<RunState>>,
+}
+
+#[derive(Default)]
+struct RunState {
+    pgid: Option<u32>,
+    cancelled: bool,
+}
+
+impl RunHandle {
+    /// A handle with nothing running.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records the process group of a run that just started. Returns `false` if the
+    /// handle was already cancelled: the caller must kill the group at once.
+    pub fn started(&self, pgid: u32) -> bool {
+        let mut s = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        s.pgid = Some(pgid);
+        !s.cancelled
+    }
+
+    /// The run ended; nothing to signal any more.
+    pub fn finished(&self) {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pgid = None;
+    }
+
+    /// Has [`RunHandle::cancel`] been called?
+    pub fn is_cancelled(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .cancelled
+    }
+
+    /// Marks the handle cancelled and sends `sig` to the running process group, if any.
+    pub fn cancel(&self, sig: i32) {
+        let mut s = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        s.cancelled = true;
+        if let Some(pgid) = s.pgid {
+            let _ = crate::signal::kill_process_group(pgid, sig);
+        }
+    }
+}
+
+/// Turns one request into one outcome. Implementations must be safe to call from
+/// several threads at once (one call per thread).
+pub trait Backend: Send + Sync {
+    /// Short name for logs (`exec`, `claude-code`, `mock`).
+    fn name(&self) -> &str;
+    /// Handles one request. `handle` lets the runner cancel a long run.
+    fn handle(&self, req: &Request, handle: &RunHandle) -> Result<Outcome, BackendError>;
+    /// Checks that the backend can run at all (e.g. the command exists), for
+    /// `--dry-run` and `doctor`. Returns a short description on success.
+    fn check(&self) -> Result<String, BackendError>;
+}
+
+/// Builds a backend by name from `--backend-opt` pairs.
+pub fn build(
+    name: &str,
+    opts: &BTreeMap<String, String>,
+) -> Result<Box<dyn Backend>, BackendError> {
+    match name {
+        "exec" => Ok(Box::new(ExecBackend::from_opts(opts)?)),
+        "claude-code" => Ok(Box::new(ExecBackend::claude_code(opts)?)),
+        "mock" => Ok(Box::new(MockBackend::from_opts(opts)?)),
+        other => Err(BackendError::Config(format!(
+            "unknown backend {other:?} (choose exec, claude-code or mock)"
+        ))),
+    }
+}

@@ -1,0 +1,573 @@
+//! Resolves raw `Args` plus an injected environment lookup into a validated config.
+//! Owns `Secret` (a token that never prints). No network; no global env reads (the
+//! env is a parameter, so tests inject it).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::cli::{ConnectArgs, GlobalArgs};
+use crate::uuid::is_uuid;
+
+/// A token. `Debug` and `Display` print `***`; use [`Secret::expose`] to send it.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a token.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The token itself, for the `Authorization` header only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Where the token came from: re-read from the same place after a 401 or SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `--token-file` or `MOLECULE_WORKSPACE_TOKEN_FILE`.
+    File(PathBuf),
+    /// `MOLECULE_WORKSPACE_TOKEN`.
+    Env,
+    /// `--token` on the command line.
+    Arg,
+}
+
+/// A configuration we cannot run with (exit 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Settings shared by every command that talks to the platform.
+#[derive(Debug, Clone)]
+pub struct Common {
+    /// Base URL without a trailing slash.
+    pub api_url: String,
+    /// `X-Molecule-Org-Id`, if any.
+    pub org_id: Option<String>,
+    /// Directory for state files.
+    pub state_dir: PathBuf,
+    /// The token (never printed).
+    pub token: Secret,
+    /// Where it came from.
+    pub token_source: TokenSource,
+}
+
+/// Everything `connect` needs, validated.
+#[derive(Debug, Clone)]
+pub struct ConnectConfig {
+    /// URL, token, state dir.
+    pub common: Common,
+    /// Own workspace id (UUID).
+    pub workspace_id: String,
+    /// Backend name.
+    pub backend: String,
+    /// Backend options.
+    pub backend_opts: BTreeMap<String, String>,
+    /// Pause between polls when the inbox is empty.
+    pub poll_interval: Duration,
+    /// Cold-start look-back window.
+    pub since_secs: u64,
+    /// Heartbeat period.
+    pub heartbeat_every: Duration,
+    /// How long a running backend may finish after SIGTERM.
+    pub drain_timeout: Duration,
+    /// Backend tries per message.
+    pub max_attempts: u32,
+    /// Post answers to inbound replies too (loop guard off).
+    pub reply_to_replies: bool,
+    /// Check and print, do not run.
+    pub dry_run: bool,
+}
+
+/// Resolves `connect`'s configuration. `env` looks up one environment variable.
+pub fn connect_config(
+    g: &GlobalArgs,
+    a: &ConnectArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ConnectConfig, ConfigError> {
+    let workspace_id = a
+        .workspace
+        .clone()
+        .or_else(|| g.workspace.clone())
+        .or_else(|| non_empty(env("MOLECULE_WORKSPACE_ID")))
+        .ok_or_else(|| {
+            ConfigError(
+                "connect: a workspace id is required (molecule connect <workspace-id>)".into(),
+            )
+        })?;
+    let workspace_id = workspace_id.trim().to_string();
+    if !is_uuid(&workspace_id) {
+        return Err(ConfigError(format!(
+            "connect: workspace id {workspace_id:?} is not a UUID"
+        )));
+    }
+    if let Some(mode) = &a.mode {
+        match mode.as_str() {
+            "poll" => {}
+            "push" => {
+                return Err(ConfigError(
+                    "connect: --mode push is not supported; poll mode needs no public URL".into(),
+                ));
+            }
+            other => {
+                return Err(ConfigError(format!(
+                    "connect: --mode {other:?}: must be poll"
+                )));
+            }
+        }
+    }
+    let common = common(g, a.token.as_deref(), env)?;
+    let backend = a.backend.clone().unwrap_or_else(|| "claude-code".into());
+    let mut backend_opts = BTreeMap::new();
+    for kv in &a.backend_opts {
+        let (k, v) = kv
+            .split_once('=')
+            .filter(|(k, _)| !k.trim().is_empty())
+            .ok_or_else(|| ConfigError(format!("--backend-opt: {kv:?} is not KEY=VALUE")))?;
+        backend_opts.insert(k.trim().to_string(), v.to_string());
+    }
+    let interval_ms = a.interval_ms.unwrap_or(1000);
+    if !(10..=3_600_000).contains(&interval_ms) {
+        return Err(ConfigError(format!(
+            "--interval-ms {interval_ms}: must be between 10 and 3600000"
+        )));
+    }
+    let since_secs = a.since_secs.unwrap_or(30);
+    if !(1..=30 * 86_400).contains(&since_secs) {
+        return Err(ConfigError(format!(
+            "--since-secs {since_secs}: must be between 1 and 2592000 (30 days)"
+        )));
+    }
+    let heartbeat_secs = a.heartbeat_secs.unwrap_or(20);
+    if !(1..=120).contains(&heartbeat_secs) {
+        return Err(ConfigError(format!(
+            "--heartbeat-secs {heartbeat_secs}: must be between 1 and 120 (the platform marks a workspace offline after 180 s)"
+        )));
+    }
+    let drain_secs = a.drain_timeout_secs.unwrap_or(30);
+    if drain_secs > 3600 {
+        return Err(ConfigError(format!(
+            "--drain-timeout {drain_secs}: at most 3600"
+        )));
+    }
+    let max_attempts = a.max_attempts.unwrap_or(3);
+    if !(1..=100).contains(&max_attempts) {
+        return Err(ConfigError(format!(
+            "--max-attempts {max_attempts}: must be between 1 and 100"
+        )));
+    }
+    Ok(ConnectConfig {
+        common,
+        workspace_id,
+        backend,
+        backend_opts,
+        poll_interval: Duration::from_millis(interval_ms),
+        since_secs,
+        heartbeat_every: Duration::from_secs(heartbeat_secs),
+        drain_timeout: Duration::from_secs(drain_secs),
+        max_attempts,
+        reply_to_replies: a.reply_to_replies,
+        dry_run: a.dry_run,
+    })
+}
+
+/// URL, org, state dir and token, shared by every platform command.
+pub fn common(
+    g: &GlobalArgs,
+    token_arg: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Common, ConfigError> {
+    let api_url = g
+        .api_url
+        .clone()
+        .or_else(|| non_empty(env("MOLECULE_API_URL")))
+        .ok_or_else(|| {
+            ConfigError("no platform URL: pass --api-url or set MOLECULE_API_URL".into())
+        })?;
+    let api_url = validate_url(&api_url)?;
+    let org_id = g
+        .org_id
+        .clone()
+        .or_else(|| non_empty(env("MOLECULE_ORG_ID")));
+    if let Some(org) = &org_id {
+        if !is_uuid(org) {
+            return Err(ConfigError(format!("--org-id {org:?} is not a UUID")));
+        }
+    }
+    let state_dir = state_dir(g, env)?;
+    let (token, token_source) = resolve_token(g, token_arg, env)?;
+    if is_plain_http(&api_url) && !is_loopback_url(&api_url) && !g.allow_insecure_http {
+        return Err(ConfigError(format!(
+            "refusing to send the workspace token over plain http to {api_url}: use https, or pass --allow-insecure-http for a trusted LAN platform"
+        )));
+    }
+    Ok(Common {
+        api_url,
+        org_id,
+        state_dir,
+        token,
+        token_source,
+    })
+}
+
+fn resolve_token(
+    g: &GlobalArgs,
+    token_arg: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Secret, TokenSource), ConfigError> {
+    if g.token_file.is_some() && token_arg.is_some() {
+        return Err(ConfigError(
+            "give either --token-file or --token, not both".into(),
+        ));
+    }
+    if let Some(path) = &g.token_file {
+        return Ok((read_token_file(path)?, TokenSource::File(path.clone())));
+    }
+    if let Some(t) = token_arg {
+        log::warn!(
+            "--token is visible to other users in `ps`; prefer --token-file or MOLECULE_WORKSPACE_TOKEN"
+        );
+        return Ok((check_token(t, "--token")?, TokenSource::Arg));
+    }
+    if let Some(path) = non_empty(env("MOLECULE_WORKSPACE_TOKEN_FILE")) {
+        let path = PathBuf::from(path);
+        return Ok((read_token_file(&path)?, TokenSource::File(path)));
+    }
+    if let Some(t) = env("MOLECULE_WORKSPACE_TOKEN") {
+        return Ok((
+            check_token(&t, "MOLECULE_WORKSPACE_TOKEN")?,
+            TokenSource::Env,
+        ));
+    }
+    Err(ConfigError(
+        "no workspace token: pass --token-file PATH or set MOLECULE_WORKSPACE_TOKEN".into(),
+    ))
+}
+
+/// Reads and checks a token file (whitespace around the token is ignored).
+pub fn read_token_file(path: &Path) -> Result<Secret, ConfigError> {
+    let raw = std::fs::read(path)
+        .map_err(|e| ConfigError(format!("token file {}: {e}", path.display())))?;
+    if raw.len() > 64 * 1024 {
+        return Err(ConfigError(format!(
+            "token file {}: too large to be a token",
+            path.display()
+        )));
+    }
+    let text = String::from_utf8(raw)
+        .map_err(|_| ConfigError(format!("token file {}: not UTF-8 text", path.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                log::warn!(
+                    "token file {} is readable by other users; chmod 600 it",
+                    path.display()
+                );
+            }
+        }
+    }
+    check_token(&text, &format!("token file {}", path.display()))
+}
+
+fn check_token(raw: &str, what: &str) -> Result<Secret, ConfigError> {
+    let t = raw.trim();
+    if t.is_empty() {
+        return Err(ConfigError(format!("{what}: the token is empty")));
+    }
+    // A token goes into a header: no whitespace or control characters inside.
+    if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ConfigError(format!(
+            "{what}: the token contains spaces or control characters"
+        )));
+    }
+    Ok(Secret::new(t))
+}
+
+fn state_dir(g: &GlobalArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf, ConfigError> {
+    if let Some(d) = &g.state_dir {
+        return Ok(d.clone());
+    }
+    if let Some(d) = non_empty(env("MOLECULE_STATE_DIR")) {
+        return Ok(PathBuf::from(d));
+    }
+    if let Some(x) = non_empty(env("XDG_CONFIG_HOME")) {
+        return Ok(PathBuf::from(x).join("molecule").join("state"));
+    }
+    if let Some(h) = non_empty(env("HOME")) {
+        return Ok(PathBuf::from(h)
+            .join(".config")
+            .join("molecule")
+            .join("state"));
+    }
+    Err(ConfigError(
+        "no state directory: pass --state-dir or set MOLECULE_STATE_DIR (HOME is not set)".into(),
+    ))
+}
+
+fn validate_url(raw: &str) -> Result<String, ConfigError> {
+    let url = raw.trim().trim_end_matches('/');
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(ConfigError(format!(
+            "platform URL {raw:?} must start with https:// or http://"
+        )));
+    };
+    if !matches!(scheme, "http" | "https") {
+        return Err(ConfigError(format!(
+            "platform URL {raw:?}: scheme must be https or http"
+        )));
+    }
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty() || authority.contains('@') {
+        return Err(ConfigError(format!(
+            "platform URL {raw:?}: needs a host (and no user:password@)"
+        )));
+    }
+    if url.contains(['?', '#', ' ']) || url.chars().any(char::is_control) {
+        return Err(ConfigError(format!(
+            "platform URL {raw:?}: no query, fragment or spaces allowed"
+        )));
+    }
+    Ok(url.to_string())
+}
+
+fn is_plain_http(url: &str) -> bool {
+    url.starts_with("http://")
+}
+
+/// Loopback hosts: `localhost`, 127.0.0.0/8, `[::1]`.
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    if host.eq_ignore_ascii_case("localhost") || host == "::1" {
+        return true;
+    }
+    host.parse::<std::net::Ipv4Addr>()
+        .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn non_empty(v: Option<String>) -> Option<String> {
+    v.filter(|s| !s.trim().is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const WS: &str = "11111111-2222-4333-8444-555555555555";
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    fn connect(args: &[&str], env: &[(&str, &str)]) -> Result<ConnectConfig, ConfigError> {
+        let a = crate::cli::parse(std::iter::once("molecule").chain(args.iter().copied())).unwrap();
+        let crate::cli::Command::Connect(c) = a.command else {
+            panic!()
+        };
+        connect_config(&a.global, &c, &env_of(env))
+    }
+
+    #[test]
+    fn defaults_and_env() {
+        let c = connect(
+            &["connect", WS],
+            &[
+                ("MOLECULE_API_URL", "https://x.example/"),
+                ("MOLECULE_WORKSPACE_TOKEN", " tok "),
+                ("HOME", "/home/u"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.common.api_url, "https://x.example");
+        assert_eq!(c.common.token.expose(), "tok");
+        assert_eq!(c.common.token_source, TokenSource::Env);
+        assert_eq!(
+            c.common.state_dir,
+            PathBuf::from("/home/u/.config/molecule/state")
+        );
+        assert_eq!(c.poll_interval, Duration::from_secs(1));
+        assert_eq!(c.since_secs, 30);
+        assert_eq!(c.backend, "claude-code");
+        assert_eq!(format!("{:?}", c.common.token), "***");
+    }
+
+    #[test]
+    fn xdg_and_flag_precedence() {
+        let env = [
+            ("MOLECULE_API_URL", "https://env.example"),
+            ("MOLECULE_WORKSPACE_TOKEN", "t"),
+            ("XDG_CONFIG_HOME", "/xdg"),
+            ("HOME", "/home/u"),
+        ];
+        let c = connect(&["connect", WS], &env).unwrap();
+        assert_eq!(c.common.state_dir, PathBuf::from("/xdg/molecule/state"));
+        let c = connect(
+            &[
+                "connect",
+                WS,
+                "--api-url",
+                "https://flag.example",
+                "--state-dir",
+                "/s",
+            ],
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.common.api_url, "https://flag.example");
+        assert_eq!(c.common.state_dir, PathBuf::from("/s"));
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let env = [
+            ("MOLECULE_API_URL", "https://x"),
+            ("MOLECULE_WORKSPACE_TOKEN", "t"),
+            ("HOME", "/h"),
+        ];
+        assert!(
+            connect(&["connect", "not-a-uuid"], &env)
+                .unwrap_err()
+                .0
+                .contains("not a UUID")
+        );
+        assert!(
+            connect(&["connect"], &env)
+                .unwrap_err()
+                .0
+                .contains("workspace id is required")
+        );
+        assert!(
+            connect(&["connect", WS, "--mode", "push"], &env)
+                .unwrap_err()
+                .0
+                .contains("not supported")
+        );
+        assert!(connect(&["connect", WS, "--backend-opt", "novalue"], &env).is_err());
+        assert!(connect(&["connect", WS, "--interval-ms", "0"], &env).is_err());
+        assert!(connect(&["connect", WS, "--api-url", "ftp://x"], &env).is_err());
+        assert!(
+            connect(
+                &["connect", WS],
+                &[("MOLECULE_API_URL", "https://x"), ("HOME", "/h")]
+            )
+            .unwrap_err()
+            .0
+            .contains("no workspace token")
+        );
+        assert!(
+            connect(
+                &["connect", WS],
+                &[("MOLECULE_WORKSPACE_TOKEN", "t"), ("HOME", "/h")]
+            )
+            .unwrap_err()
+            .0
+            .contains("no platform URL")
+        );
+        let bad_tok = [
+            ("MOLECULE_API_URL", "https://x"),
+            ("MOLECULE_WORKSPACE_TOKEN", "a b"),
+            ("HOME", "/h"),
+        ];
+        assert!(connect(&["connect", WS], &bad_tok).is_err());
+    }
+
+    #[test]
+    fn insecure_http_only_for_loopback_unless_allowed() {
+        let tok = ("MOLECULE_WORKSPACE_TOKEN", "t");
+        let home = ("HOME", "/h");
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://localhost:1",
+            "http://[::1]:9",
+        ] {
+            assert!(
+                connect(&["connect", WS], &[("MOLECULE_API_URL", ok), tok, home]).is_ok(),
+                "{ok}"
+            );
+        }
+        let lan = [("MOLECULE_API_URL", "http://192.168.1.5:8080"), tok, home];
+        let e = connect(&["connect", WS], &lan).unwrap_err();
+        assert!(e.0.contains("--allow-insecure-http"), "{e}");
+        assert!(!e.0.contains('t') || !e.0.contains("Bearer"));
+        assert!(connect(&["connect", WS, "--allow-insecure-http"], &lan).is_ok());
+        assert!(
+            connect(
+                &["connect", WS],
+                &[("MOLECULE_API_URL", "http://localhost.evil.com"), tok, home]
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn token_file() {
+        let dir = std::env::temp_dir().join(format!("molecule-cfg-{}", crate::uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("tok");
+        std::fs::write(&f, "secret-token\n").unwrap();
+        let env = [("MOLECULE_API_URL", "https://x"), ("HOME", "/h")];
+        let c = connect(&["connect", WS, "--token-file", f.to_str().unwrap()], &env).unwrap();
+        assert_eq!(c.common.token.expose(), "secret-token");
+        assert_eq!(c.common.token_source, TokenSource::File(f.clone()));
+        std::fs::write(&f, "  \n").unwrap();
+        assert!(connect(&["connect", WS, "--token-file", f.to_str().unwrap()], &env).is_err());
+        let missing = dir.join("missing");
+        let e = connect(
+            &["connect", WS, "--token-file", missing.to_str().unwrap()],
+            &env,
+        )
+        .unwrap_err();
+        assert!(e.0.contains("missing"), "{e}");
+        assert!(
+            connect(
+                &[
+                    "connect",
+                    WS,
+                    "--token-file",
+                    f.to_str().unwrap(),
+                    "--token",
+                    "x"
+                ],
+                &env
+            )
+            .is_err()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

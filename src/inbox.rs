@@ -1,0 +1,409 @@
+//! What an inbox row means (§API-2.4.1) and what we send back. Pure functions: row →
+//! dispatch or skip (with the reason), row → backend request, reply → A2A envelope.
+//! No I/O, no clocks.
+
+use serde_json::{Value, json};
+
+use crate::backend::{Origin, Request};
+use crate::uuid::is_uuid;
+use crate::wire::ActivityRow;
+
+/// A row we will hand to the backend.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// Activity row id (the cursor value).
+    pub activity_id: String,
+    /// Sender workspace, `None` for canvas users.
+    pub source_id: Option<String>,
+    /// Inbound `messageId`.
+    pub message_id: Option<String>,
+    /// `params.message.metadata.in_reply_to`: the message is itself a reply.
+    pub in_reply_to: Option<String>,
+    /// Joined text parts.
+    pub text: String,
+    /// Non-text parts.
+    pub other_parts: Vec<Value>,
+    /// `contextId`.
+    pub context_id: Option<String>,
+    /// `taskId`.
+    pub task_id: Option<String>,
+    /// Sender name from `include=peer_info`.
+    pub peer_name: Option<String>,
+    /// Sender role from `include=peer_info`.
+    pub peer_role: Option<String>,
+    /// The envelope.
+    pub raw: Value,
+}
+
+impl Inbound {
+    /// Where it came from.
+    pub fn origin(&self) -> Origin {
+        if self.source_id.is_some() {
+            Origin::Peer
+        } else {
+            Origin::Canvas
+        }
+    }
+
+    /// Ledger key for the inbound `messageId`, scoped to the sender.
+    pub fn message_key(&self) -> Option<String> {
+        self.message_id
+            .as_ref()
+            .map(|m| format!("m:{}:{m}", self.source_id.as_deref().unwrap_or("canvas")))
+    }
+
+    /// A short, single-line summary for `current_task` and logs.
+    pub fn summary(&self) -> String {
+        let who = match (&self.peer_name, &self.source_id) {
+            (Some(n), _) => n.clone(),
+            (None, Some(s)) => format!("peer {}", short_id(s)),
+            (None, None) => "canvas user".to_string(),
+        };
+        let mut text: String = self.text.split_whitespace().collect::<Vec<_>>().join(" ");
+        if text.chars().count() > 80 {
+            text = text.chars().take(77).collect::<String>() + "...";
+        }
+        format!("reply to {who}: {text}")
+    }
+
+    /// The backend request for attempt number `attempt`.
+    pub fn to_request(&self, workspace_id: &str, api_url: &str, attempt: u32) -> Request {
+        Request {
+            workspace_id: workspace_id.to_string(),
+            api_url: api_url.to_string(),
+            text: self.text.clone(),
+            other_parts: self.other_parts.clone(),
+            caller_id: self.source_id.clone(),
+            caller_name: self.peer_name.clone(),
+            caller_role: self.peer_role.clone(),
+            message_id: self.message_id.clone(),
+            activity_id: self.activity_id.clone(),
+            context_id: self.context_id.clone(),
+            task_id: self.task_id.clone(),
+            method: "message/send".into(),
+            origin: self.origin(),
+            attempt,
+            raw: self.raw.clone(),
+            extra_env: Default::default(),
+        }
+    }
+}
+
+/// Why a row is not dispatched. Every skipped row still advances the cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skip {
+    /// Our own `/notify` reply coming back (method `notify`, no source).
+    NotifyEcho,
+    /// A row we wrote about ourselves (source = own id).
+    OwnSource,
+    /// A delegation result pushed into our inbox (handled by delegation tracking).
+    DelegationResult,
+    /// A canvas file upload row: not a chat message by itself.
+    Upload,
+    /// A JSON-RPC method we do not serve.
+    Method(String),
+    /// A row we cannot use safely; the reason says why.
+    Malformed(String),
+}
+
+impl Skip {
+    /// Expected rows are skipped quietly; surprising ones deserve a warning.
+    pub fn is_surprising(&self) -> bool {
+        matches!(self, Skip::Method(_) | Skip::Malformed(_))
+    }
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Skip::NotifyEcho => write!(f, "own notify echo"),
+            Skip::OwnSource => write!(f, "row from our own workspace"),
+            Skip::DelegationResult => write!(f, "delegation result"),
+            Skip::Upload => write!(f, "chat upload row"),
+            Skip::Method(m) => write!(f, "method {m:?} is not message/send"),
+            Skip::Malformed(why) => write!(f, "malformed row: {why}"),
+        }
+    }
+}
+
+/// Decides what to do with one `a2a_receive` row.
+pub fn classify(row: &ActivityRow, own_id: &str) -> Result<Inbound, Skip> {
+    let method = row.method.as_deref().unwrap_or("");
+    let source = row.source_id.as_deref().filter(|s| !s.is_empty());
+    if method == "notify" && source.is_none() {
+        return Err(Skip::NotifyEcho);
+    }
+    if let Some(s) = source {
+        if s.eq_ignore_ascii_case(own_id) {
+            return Err(if method == "delegate_result" {
+                Skip::DelegationResult
+            } else {
+                Skip::OwnSource
+            });
+        }
+    }
+    if method == "chat_upload_receive" {
+        return Err(Skip::Upload);
+    }
+    if method == "delegate_result" {
+        // A result row must come from ourselves; any other source is not ours to act on.
+        return Err(Skip::Malformed(
+            "delegate_result from a foreign source".into(),
+        ));
+    }
+    if method != "message/send" {
+        return Err(Skip::Method(method.to_string()));
+    }
+    if let Some(s) = source {
+        if !is_uuid(s) {
+            return Err(Skip::Malformed(format!("source_id {s:?} is not a UUID")));
+        }
+    }
+    let Some(body) = row.request_body.as_ref() else {
+        return Err(Skip::Malformed("no request_body".into()));
+    };
+    if !body.is_object() {
+        return Err(Skip::Malformed("request_body is not a JSON object".into()));
+    }
+    let Some(message) = body.pointer("/params/message").filter(|m| m.is_object()) else {
+        return Err(Skip::Malformed("no params.message".into()));
+    };
+    let (text, other_parts) = split_parts(message);
+    if text.is_empty() && other_parts.is_empty() {
+        return Err(Skip::Malformed("message has no usable parts".into()));
+    }
+    let str_field = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_string);
+    Ok(Inbound {
+        activity_id: row.id.clone(),
+        source_id: source.map(str::to_string),
+        message_id: str_field(message, "messageId"),
+        in_reply_to: message
+            .pointer("/metadata/in_reply_to")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string),
+        text,
+        other_parts,
+        context_id: str_field(message, "contextId"),
+        task_id: str_field(message, "taskId"),
+        peer_name: row.peer_name.clone().filter(|s| !s.is_empty()),
+        peer_role: row.peer_role.clone().filter(|s| !s.is_empty()),
+        raw: body.clone(),
+    })
+}
+
+/// Text parts (`kind` or `type` = `text`) joined with newlines, and the rest.
+fn split_parts(message: &Value) -> (String, Vec<Value>) {
+    let mut texts = Vec::new();
+    let mut others = Vec::new();
+    if let Some(parts) = message.get("parts").and_then(Value::as_array) {
+        for part in parts {
+            let kind = part
+                .get("kind")
+                .or_else(|| part.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            match (kind, part.get("text").and_then(Value::as_str)) {
+                ("text", Some(t)) => texts.push(t),
+                ("text", None) => {}
+                _ if part.is_object() => others.push(part.clone()),
+                _ => {}
+            }
+        }
+    } else if let Some(content) = message.get("content").and_then(Value::as_str) {
+        // A2A v0.2 shape; newer platforms convert it, older ones store it as is.
+        texts.push(content);
+    }
+    (texts.join("\n"), others)
+}
+
+/// The `messageId` of our reply to activity row `activity_id`: the same on every
+/// attempt and after a restart, so the platform deduplicates a re-sent reply.
+pub fn reply_message_id(own_id: &str, activity_id: &str) -> String {
+    crate::uuid::v5(own_id, &format!("reply:{activity_id}"))
+}
+
+/// The `message/send` envelope of a reply to a peer (§API-2.7.6).
+pub fn reply_envelope(
+    message_id: &str,
+    text: &str,
+    extra_parts: &[Value],
+    in_reply_to: Option<&str>,
+) -> Value {
+    let mut parts = Vec::with_capacity(1 + extra_parts.len());
+    if !text.is_empty() {
+        parts.push(json!({"kind": "text", "text": text}));
+    }
+    parts.extend(extra_parts.iter().cloned());
+    let mut message = json!({
+        "role": "user",
+        "messageId": message_id,
+        "parts": parts,
+    });
+    if let Some(id) = in_reply_to {
+        message["metadata"] = json!({"in_reply_to": id});
+    }
+    json!({
+        "jsonrpc": "2.0",
+        "id": crate::uuid::new_v4(),
+        "method": "message/send",
+        "params": {"message": message},
+    })
+}
+
+/// File parts of a reply as `/notify` attachments (`uri` and `name` required).
+pub fn attachments_of(parts: &[Value]) -> Vec<Value> {
+    parts
+        .iter()
+        .filter_map(|p| {
+            let file = p.get("file")?;
+            let uri = file.get("uri")?.as_str()?;
+            let name = file.get("name")?.as_str()?;
+            let mut a = json!({"uri": uri, "name": name});
+            if let Some(m) = file.get("mimeType").or_else(|| file.get("mime_type")) {
+                a["mimeType"] = m.clone();
+            }
+            Some(a)
+        })
+        .collect()
+}
+
+fn short_id(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OWN: &str = "11111111-1111-4111-8111-111111111111";
+    const PEER: &str = "22222222-2222-4222-8222-222222222222";
+
+    fn row(v: Value) -> ActivityRow {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn msg_row(source: Option<&str>, parts: Value) -> ActivityRow {
+        row(json!({
+            "id": "33333333-3333-4333-8333-333333333333",
+            "activity_type": "a2a_receive",
+            "source_id": source,
+            "method": "message/send",
+            "request_body": {"jsonrpc":"2.0","method":"message/send","params":{"message":{
+                "role":"user","messageId":"m-1","contextId":"c-1","parts": parts,
+                "metadata": {"in_reply_to": "orig"}}}}
+        }))
+    }
+
+    #[test]
+    fn dispatches_kind_and_type_parts() {
+        for key in ["kind", "type"] {
+            let r = msg_row(
+                Some(PEER),
+                json!([{key: "text", "text": "hello"}, {key: "text", "text": "world"}]),
+            );
+            let m = classify(&r, OWN).unwrap();
+            assert_eq!(m.text, "hello\nworld");
+            assert_eq!(m.origin(), Origin::Peer);
+            assert_eq!(m.message_id.as_deref(), Some("m-1"));
+            assert_eq!(m.context_id.as_deref(), Some("c-1"));
+            assert_eq!(m.in_reply_to.as_deref(), Some("orig"));
+            assert_eq!(m.message_key().unwrap(), format!("m:{PEER}:m-1"));
+        }
+    }
+
+    #[test]
+    fn file_parts_are_kept() {
+        let r = msg_row(None, json!([{"kind":"file","file":{"uri":"u","name":"n"}}]));
+        let m = classify(&r, OWN).unwrap();
+        assert_eq!(m.text, "");
+        assert_eq!(m.other_parts.len(), 1);
+        assert_eq!(m.origin(), Origin::Canvas);
+    }
+
+    #[test]
+    fn skips_per_contract() {
+        let echo = row(
+            json!({"id":"x","method":"notify","source_id":null,"response_body":{"result":"hi"}}),
+        );
+        assert_eq!(classify(&echo, OWN).unwrap_err(), Skip::NotifyEcho);
+        let own = msg_row(Some(OWN), json!([{"kind":"text","text":"x"}]));
+        assert_eq!(classify(&own, OWN).unwrap_err(), Skip::OwnSource);
+        let dr = row(
+            json!({"id":"x","method":"delegate_result","source_id":OWN,"request_body":{"delegation_id":"d"}}),
+        );
+        assert_eq!(classify(&dr, OWN).unwrap_err(), Skip::DelegationResult);
+        let foreign_dr = row(json!({"id":"x","method":"delegate_result","source_id":PEER}));
+        assert!(matches!(
+            classify(&foreign_dr, OWN).unwrap_err(),
+            Skip::Malformed(_)
+        ));
+        let up = row(
+            json!({"id":"x","method":"chat_upload_receive","source_id":null,"request_body":{}}),
+        );
+        assert_eq!(classify(&up, OWN).unwrap_err(), Skip::Upload);
+        let other = row(json!({"id":"x","method":"tasks/get","source_id":PEER,"request_body":{}}));
+        assert_eq!(
+            classify(&other, OWN).unwrap_err(),
+            Skip::Method("tasks/get".into())
+        );
+    }
+
+    #[test]
+    fn malformed_rows_never_dispatch() {
+        let cases = [
+            json!({"id":"x","method":"message/send","source_id":PEER}),
+            json!({"id":"x","method":"message/send","source_id":PEER,"request_body":"not json {"}),
+            json!({"id":"x","method":"message/send","source_id":PEER,"request_body":{"params":{}}}),
+            json!({"id":"x","method":"message/send","source_id":"../../etc","request_body":{"params":{"message":{"parts":[{"kind":"text","text":"x"}]}}}}),
+            json!({"id":"x","method":"message/send","source_id":PEER,"request_body":{"params":{"message":{"parts":[]}}}}),
+            json!({"id":"x","method":"message/send","source_id":PEER,"request_body":{"params":{"message":{"parts":"nope"}}}}),
+        ];
+        for c in cases {
+            let e = classify(&row(c.clone()), OWN).unwrap_err();
+            assert!(matches!(e, Skip::Malformed(_)), "{c}: {e:?}");
+            assert!(e.is_surprising());
+        }
+    }
+
+    #[test]
+    fn v02_content_string() {
+        let r = row(json!({"id":"x","method":"message/send","source_id":null,
+            "request_body":{"params":{"message":{"content":"old style"}}}}));
+        assert_eq!(classify(&r, OWN).unwrap().text, "old style");
+    }
+
+    #[test]
+    fn reply_ids_are_deterministic() {
+        let a = reply_message_id(OWN, "row-1");
+        assert_eq!(a, reply_message_id(OWN, "row-1"));
+        assert_ne!(a, reply_message_id(OWN, "row-2"));
+        assert_ne!(a, reply_message_id(PEER, "row-1"));
+        assert!(is_uuid(&a));
+    }
+
+    #[test]
+    fn envelope_shape() {
+        let e = reply_envelope("mid", "pong", &[], Some("m-1"));
+        assert_eq!(e["method"], "message/send");
+        assert_eq!(e["jsonrpc"], "2.0");
+        let m = &e["params"]["message"];
+        assert_eq!(m["role"], "user");
+        assert_eq!(m["messageId"], "mid");
+        assert_eq!(m["parts"], json!([{"kind":"text","text":"pong"}]));
+        assert_eq!(m["metadata"]["in_reply_to"], "m-1");
+        let e = reply_envelope("mid", "x", &[], None);
+        assert!(e["params"]["message"].get("metadata").is_none());
+    }
+
+    #[test]
+    fn summary_is_short_single_line() {
+        let r = msg_row(
+            None,
+            json!([{"kind":"text","text": format!("a\nb {}", "x".repeat(200))}]),
+        );
+        let s = classify(&r, OWN).unwrap().summary();
+        assert!(!s.contains('\n'));
+        assert!(s.chars().count() < 120, "{s}");
+    }
+}

@@ -1,0 +1,103 @@
+//! `molecule`: attach a local AI agent to a Molecule AI workspace in poll mode.
+//!
+//! `connect` registers the workspace in poll mode, heartbeats on its own thread,
+//! polls the inbox on another, hands each inbound A2A message to a backend (`exec`,
+//! `claude-code`, `mock`) and posts the reply: to a peer as a new `message/send`, to
+//! the canvas user through `/notify`. The cursor is saved only after a message is
+//! handled, and replies carry a deterministic `messageId`, so a crash neither loses
+//! nor double-answers a message.
+//!
+//! Log policy: logs go to stderr. `debug` is one line per request or message; the
+//! token, the `Authorization` header, bodies and the environment are never logged,
+//! and `ureq`/`rustls` are capped at `warn` (their TRACE is wire level, unredacted).
+
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod backend;
+pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod duration;
+pub mod error;
+pub mod inbox;
+pub mod lru;
+pub mod runner;
+pub mod shutdown;
+pub mod signal;
+pub mod state;
+pub mod uuid;
+pub mod wire;
+
+use std::ffi::OsString;
+use std::io::Write;
+
+pub use error::Error;
+
+/// Parses `argv` and runs the command, writing user output to `out`. `env` looks up
+/// environment variables (injected so tests need not touch the process env).
+/// Logging must already be initialised (see [`log_level`]).
+pub fn run(
+    args: cli::Args,
+    env: &dyn Fn(&str) -> Option<String>,
+    out: &mut dyn Write,
+) -> Result<(), Error> {
+    match args.command {
+        cli::Command::Help(topic) => {
+            let text = cli::help_for(topic.as_deref()).ok_or_else(|| {
+                Error::Usage(cli::UsageError(format!(
+                    "no help for {:?}: not a command",
+                    topic.unwrap_or_default()
+                )))
+            })?;
+            write_quiet(out, text)
+        }
+        cli::Command::Version => {
+            write_quiet(out, &format!("molecule {}\n", env!("CARGO_PKG_VERSION")))
+        }
+        cli::Command::Connect(c) => {
+            let cfg = config::connect_config(&args.global, &c, env)?;
+            runner::connect(cfg, out)
+        }
+    }
+}
+
+/// Parses the command line (program name first).
+pub fn parse_args<I>(argv: I) -> Result<cli::Args, Error>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    Ok(cli::parse(argv)?)
+}
+
+/// The log level from `-v`/`-q`, else `MOLECULE_LOG`, else `RUST_LOG` (a bare
+/// level), else `info`.
+pub fn log_level(verbosity: i8, env: &dyn Fn(&str) -> Option<String>) -> log::LevelFilter {
+    use log::LevelFilter::*;
+    if verbosity != 0 {
+        return match verbosity {
+            i8::MIN..=-2 => Error,
+            -1 => Warn,
+            1 => Debug,
+            _ => Trace,
+        };
+    }
+    for var in ["MOLECULE_LOG", "RUST_LOG"] {
+        if let Some(v) = env(var) {
+            if let Ok(level) = v.trim().parse::<log::LevelFilter>() {
+                return level;
+            }
+        }
+    }
+    Info
+}
+
+/// Writes to stdout-like `out`; a closed pipe is not an error (`molecule … | head`).
+fn write_quiet(out: &mut dyn Write, s: &str) -> Result<(), Error> {
+    match out.write_all(s.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Error::Runtime(format!("writing output: {e}"))),
+    }
+}

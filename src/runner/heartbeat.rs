@@ -1,0 +1,72 @@
+//! The heartbeat thread: one beat at start, then every `--heartbeat-secs`, with the
+//! live `RuntimeStatus`. Transient failures are logged and the next beat comes on
+//! schedule; a 401 goes through the credential check once (never a spin).
+
+use std::time::{Duration, Instant};
+
+use crate::api::Client;
+use crate::config::TokenSource;
+use crate::shutdown::{Shutdown, StopReason};
+
+use super::auth::{AuthVerdict, after_unauthorized};
+use super::status::{RuntimeStatus, SharedStatus};
+
+/// Runs until shutdown.
+pub fn run(
+    client: Client,
+    every: Duration,
+    status: SharedStatus,
+    source: TokenSource,
+    shutdown: Shutdown,
+) {
+    let mut failures: u32 = 0;
+    let mut next = Instant::now();
+    loop {
+        if shutdown.wait_until(next) {
+            return;
+        }
+        next = Instant::now()
+            .checked_add(every)
+            .unwrap_or_else(Instant::now);
+        let hb = RuntimeStatus::heartbeat(&status, client.workspace_id(), Instant::now());
+        let mut result = client.heartbeat(&hb);
+        if let Err(e) = &result {
+            if e.is_unauthorized() {
+                match after_unauthorized(&client, &source) {
+                    AuthVerdict::RetryWithNewToken => result = client.heartbeat(&hb),
+                    AuthVerdict::Fatal(code, message) => {
+                        shutdown.trigger(StopReason::Fatal { code, message });
+                        return;
+                    }
+                }
+            }
+        }
+        match result {
+            Ok(()) => {
+                if failures > 0 {
+                    log::info!("heartbeat recovered after {failures} failed attempt(s)");
+                }
+                failures = 0;
+                log::debug!(
+                    "heartbeat sent (active_tasks={}, wedged={})",
+                    hb.active_tasks,
+                    hb.runtime_state.is_some()
+                );
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                // First failure and then every tenth: the platform marks us offline
+                // after 180 s without beats, which the operator sees anyway.
+                if failures == 1 || failures % 10 == 0 {
+                    log::warn!(
+                        "{e} (attempt {failures}; next beat in {}s)",
+                        every.as_secs()
+                    );
+                }
+                if let Some(wait) = e.retry_after() {
+                    next = next.max(Instant::now().checked_add(wait).unwrap_or(next));
+                }
+            }
+        }
+    }
+}

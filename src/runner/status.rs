@@ -1,0 +1,163 @@
+//! `RuntimeStatus`: what the heartbeat reports, written by the poll thread and read
+//! by the heartbeat thread, behind one mutex. Invariant: `active_tasks` counts
+//! backend runs between `begin_task` and `end_task`.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::wire::Heartbeat;
+
+/// Outcomes kept for the rolling error rate.
+const WINDOW: usize = 20;
+/// Consecutive backend failures before the heartbeat says `wedged`.
+pub const WEDGE_AFTER: u32 = 3;
+/// Longest `sample_error` / `current_task` sent.
+const MAX_TEXT: usize = 200;
+
+/// Live numbers for the heartbeat.
+#[derive(Debug)]
+pub struct RuntimeStatus {
+    started: Instant,
+    active_tasks: u32,
+    current_task: String,
+    recent: VecDeque<bool>,
+    sample_error: String,
+    consecutive_failures: u32,
+}
+
+/// Shared handle.
+pub type SharedStatus = Arc<Mutex<RuntimeStatus>>;
+
+impl RuntimeStatus {
+    /// A status for a connector that started at `started`.
+    pub fn new(started: Instant) -> SharedStatus {
+        Arc::new(Mutex::new(RuntimeStatus {
+            started,
+            active_tasks: 0,
+            current_task: String::new(),
+            recent: VecDeque::with_capacity(WINDOW),
+            sample_error: String::new(),
+            consecutive_failures: 0,
+        }))
+    }
+
+    /// A backend run started.
+    pub fn begin_task(shared: &SharedStatus, summary: &str) {
+        let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        s.active_tasks = s.active_tasks.saturating_add(1);
+        s.current_task = clip(summary);
+    }
+
+    /// A backend run ended (`error` is `None` on success).
+    pub fn end_task(shared: &SharedStatus, error: Option<&str>) {
+        let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        s.active_tasks = s.active_tasks.saturating_sub(1);
+        if s.active_tasks == 0 {
+            s.current_task.clear();
+        }
+        if s.recent.len() == WINDOW {
+            s.recent.pop_front();
+        }
+        s.recent.push_back(error.is_none());
+        match error {
+            Some(e) => {
+                s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+                s.sample_error = clip(e);
+            }
+            None => {
+                s.consecutive_failures = 0;
+                if s.recent.iter().all(|ok| *ok) {
+                    s.sample_error.clear();
+                }
+            }
+        }
+    }
+
+    /// Is the backend failing repeatedly?
+    pub fn is_wedged(shared: &SharedStatus) -> bool {
+        shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .consecutive_failures
+            >= WEDGE_AFTER
+    }
+
+    /// The heartbeat body for `workspace_id`, at `now`.
+    pub fn heartbeat(shared: &SharedStatus, workspace_id: &str, now: Instant) -> Heartbeat {
+        let s = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let failures = s.recent.iter().filter(|ok| !**ok).count();
+        let error_rate = if s.recent.is_empty() {
+            0.0
+        } else {
+            failures as f64 / s.recent.len() as f64
+        };
+        Heartbeat {
+            workspace_id: workspace_id.to_string(),
+            error_rate,
+            sample_error: s.sample_error.clone(),
+            active_tasks: s.active_tasks,
+            current_task: s.current_task.clone(),
+            uptime_seconds: now.saturating_duration_since(s.started).as_secs(),
+            runtime_state: (s.consecutive_failures >= WEDGE_AFTER).then(|| "wedged".to_string()),
+            runtime_metadata: json!({
+                "capabilities": {"streaming": false, "pushNotifications": false},
+                "connector": concat!("molecule/", env!("CARGO_PKG_VERSION")),
+                "delivery_mode": "poll",
+            }),
+        }
+    }
+}
+
+fn clip(s: &str) -> String {
+    let one_line: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() <= MAX_TEXT {
+        one_line
+    } else {
+        one_line.chars().take(MAX_TEXT - 3).collect::<String>() + "..."
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn honest_heartbeat() {
+        let start = Instant::now();
+        let s = RuntimeStatus::new(start);
+        let hb = RuntimeStatus::heartbeat(&s, "w", start + Duration::from_secs(42));
+        assert_eq!(hb.uptime_seconds, 42);
+        assert_eq!(hb.active_tasks, 0);
+        assert!(hb.runtime_state.is_none());
+        RuntimeStatus::begin_task(&s, "reply to x: hi");
+        let hb = RuntimeStatus::heartbeat(&s, "w", start);
+        assert_eq!(hb.active_tasks, 1);
+        assert_eq!(hb.current_task, "reply to x: hi");
+        RuntimeStatus::end_task(&s, None);
+        let hb = RuntimeStatus::heartbeat(&s, "w", start);
+        assert_eq!(hb.active_tasks, 0);
+        assert_eq!(hb.current_task, "");
+    }
+
+    #[test]
+    fn wedge_set_and_cleared() {
+        let s = RuntimeStatus::new(Instant::now());
+        for _ in 0..WEDGE_AFTER {
+            RuntimeStatus::begin_task(&s, "t");
+            RuntimeStatus::end_task(&s, Some("exit 1\nboom"));
+        }
+        let hb = RuntimeStatus::heartbeat(&s, "w", Instant::now());
+        assert_eq!(hb.runtime_state.as_deref(), Some("wedged"));
+        assert_eq!(hb.sample_error, "exit 1 boom");
+        assert!((hb.error_rate - 1.0).abs() < f64::EPSILON);
+        RuntimeStatus::begin_task(&s, "t");
+        RuntimeStatus::end_task(&s, None);
+        let hb = RuntimeStatus::heartbeat(&s, "w", Instant::now());
+        assert!(hb.runtime_state.is_none());
+        assert!(hb.error_rate > 0.0 && hb.error_rate < 1.0);
+    }
+}

@@ -1,0 +1,151 @@
+//! POSIX signals, the crate's only `unsafe`. The handler does the one thing POSIX
+//! allows: it `write(2)`s one byte (the signal number) to a self-pipe whose fd sits
+//! in an atomic. [`Signals::next`] blocks on the read end, so the watcher thread acts
+//! on signals with ordinary code (locks, logging) outside the handler.
+//! Also: sending a signal to a backend's process group.
+#![allow(unsafe_code)]
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+type CInt = i32;
+
+/// SIGHUP: re-read the token file.
+pub const SIGHUP: CInt = 1;
+/// SIGINT: Ctrl-C, a clean stop.
+pub const SIGINT: CInt = 2;
+/// SIGKILL: the last resort for a backend's process group.
+pub const SIGKILL: CInt = 9;
+/// SIGTERM: a clean stop.
+pub const SIGTERM: CInt = 15;
+/// SIG_IGN as the handler value of `signal(2)`.
+const SIG_IGN: usize = 1;
+
+unsafe extern "C" {
+    fn signal(signum: CInt, handler: usize) -> usize;
+    fn write(fd: CInt, buf: *const u8, count: usize) -> isize;
+    fn kill(pid: CInt, sig: CInt) -> CInt;
+}
+
+/// Write end of the self-pipe, read by the handler. -1 until installed.
+static PIPE_WRITE_FD: AtomicI32 = AtomicI32::new(-1);
+/// Keeps the write end open for the life of the process (and lets us wake the reader).
+static PIPE_WRITER: Mutex<Option<io::PipeWriter>> = Mutex::new(None);
+
+extern "C" fn on_signal(sig: CInt) {
+    let fd = PIPE_WRITE_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let byte = u8::try_from(sig).unwrap_or(0);
+        // SAFETY: write(2) is async-signal-safe; `byte` lives on this stack frame for
+        // the duration of the call; the fd stays open because PIPE_WRITER is never
+        // dropped once set. A failed or short write only loses this one signal.
+        unsafe {
+            write(fd, &byte, 1);
+        }
+    }
+}
+
+/// A signal the watcher reads from the self-pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM or SIGINT.
+    Stop,
+    /// SIGHUP.
+    Reload,
+    /// Not a signal: [`wake`] was called so the watcher can exit.
+    Wake,
+}
+
+/// The read end of the self-pipe.
+pub struct Signals {
+    reader: io::PipeReader,
+}
+
+/// Installs handlers for SIGTERM, SIGINT and SIGHUP, and ignores SIGPIPE explicitly
+/// (Rust already does; a closed pipe then shows up as `BrokenPipe`).
+pub fn install() -> io::Result<Signals> {
+    let (reader, writer) = io::pipe()?;
+    PIPE_WRITE_FD.store(writer.as_raw_fd(), Ordering::SeqCst);
+    *PIPE_WRITER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(writer);
+    let handler = on_signal as extern "C" fn(CInt) as usize;
+    for sig in [SIGTERM, SIGINT, SIGHUP] {
+        // SAFETY: `on_signal` only calls write(2) on an fd that stays open; installing
+        // a handler has no other preconditions.
+        unsafe {
+            signal(sig, handler);
+        }
+    }
+    // SAFETY: ignoring SIGPIPE has no preconditions.
+    unsafe {
+        signal(13, SIG_IGN);
+    }
+    Ok(Signals { reader })
+}
+
+impl Signals {
+    /// Blocks until a signal (or a [`wake`]) arrives. `None` if the pipe is broken.
+    pub fn next(&mut self) -> Option<Signal> {
+        let mut byte = [0u8; 1];
+        loop {
+            match self.reader.read(&mut byte) {
+                Ok(0) => return None,
+                Ok(_) => {
+                    return Some(match CInt::from(byte[0]) {
+                        SIGHUP => Signal::Reload,
+                        SIGTERM | SIGINT => Signal::Stop,
+                        _ => Signal::Wake,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+/// Wakes a watcher blocked in [`Signals::next`] so its thread can be joined.
+pub fn wake() {
+    let mut guard = PIPE_WRITER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(w) = guard.as_mut() {
+        let _ = w.write_all(&[0]);
+    }
+}
+
+/// Sends `sig` to every process in the process group `pgid` (a backend started with
+/// `process_group(0)`, so its pgid is its pid). Errors (e.g. the group is gone) are
+/// returned, not raised.
+pub fn kill_process_group(pgid: u32, sig: CInt) -> io::Result<()> {
+    let pid = CInt::try_from(pgid).map_err(|_| io::Error::other("pid out of range"))?;
+    if pid <= 1 {
+        // kill(-1) or kill(0) would signal far more than one backend.
+        return Err(io::Error::other("refusing to signal process group <= 1"));
+    }
+    // SAFETY: kill(2) has no memory preconditions; a negative pid targets the group.
+    let rc = unsafe { kill(-pid, sig) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sends `sig` to one process.
+pub fn kill_process(pid: u32, sig: CInt) -> io::Result<()> {
+    let pid = CInt::try_from(pid).map_err(|_| io::Error::other("pid out of range"))?;
+    if pid <= 1 {
+        return Err(io::Error::other("refusing to signal pid <= 1"));
+    }
+    // SAFETY: kill(2) has no memory preconditions.
+    let rc = unsafe { kill(pid, sig) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

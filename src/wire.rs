@@ -1,0 +1,194 @@
+//! Serde shapes of the platform's JSON (PLATFORM_API.md). Lenient on input: unknown
+//! fields are ignored and anything the platform may omit is optional. No logic, no I/O.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// `POST /registry/register` body (§API-2.1).
+#[derive(Debug, Serialize)]
+pub struct RegisterRequest<'a> {
+    /// Our workspace id.
+    pub id: &'a str,
+    /// Agent card; the platform fills gaps from the workspace row.
+    pub agent_card: Value,
+    /// Always `"poll"`: the stored default is push (§API-2.1).
+    pub delivery_mode: &'a str,
+}
+
+/// `POST /registry/register` answer.
+#[derive(Debug, Default, Deserialize)]
+pub struct RegisterResponse {
+    /// `"registered"`.
+    #[serde(default)]
+    pub status: Option<String>,
+    /// The effective mode; must be `"poll"`.
+    #[serde(default)]
+    pub delivery_mode: Option<String>,
+    /// Only when the platform minted a token (bootstrap). Never logged.
+    #[serde(default)]
+    pub auth_token: Option<String>,
+}
+
+/// `POST /registry/heartbeat` body (§API-2.2).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Heartbeat {
+    /// Our workspace id.
+    pub workspace_id: String,
+    /// Rolling failure rate of recent backend runs, 0.0 to 1.0.
+    pub error_rate: f64,
+    /// Last failure, short; empty when none.
+    pub sample_error: String,
+    /// Backend runs in progress.
+    pub active_tasks: u32,
+    /// Summary of what the backend is working on; empty when idle.
+    pub current_task: String,
+    /// Seconds since the connector started.
+    pub uptime_seconds: u64,
+    /// `"wedged"` only while the backend keeps failing; omitted otherwise so the
+    /// platform can recover the workspace (§API-5.7).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime_state: Option<String>,
+    /// Sent on every beat: omitting it clears declared overrides (§API-2.2).
+    pub runtime_metadata: Value,
+}
+
+/// One activity-log row (§API-2.4). Everything but `id` may be missing or odd.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ActivityRow {
+    /// Row id, the cursor value.
+    #[serde(default)]
+    pub id: String,
+    /// `a2a_receive`, ...
+    #[serde(default)]
+    pub activity_type: Option<String>,
+    /// Sender workspace; null for canvas users.
+    #[serde(default)]
+    pub source_id: Option<String>,
+    /// JSON-RPC method or a marker (`notify`, `delegate_result`, ...).
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Human summary, informational.
+    #[serde(default)]
+    pub summary: Option<String>,
+    /// The normalised JSON-RPC envelope; absent for notify echoes.
+    #[serde(default)]
+    pub request_body: Option<Value>,
+    /// Response body, when recorded.
+    #[serde(default)]
+    pub response_body: Option<Value>,
+    /// Row status.
+    #[serde(default)]
+    pub status: Option<String>,
+    /// RFC 3339 timestamp.
+    #[serde(default)]
+    pub created_at: Option<String>,
+    /// Monotonic sequence (newer servers).
+    #[serde(default)]
+    pub seq: Option<i64>,
+    /// With `include=peer_info`.
+    #[serde(default)]
+    pub peer_name: Option<String>,
+    /// With `include=peer_info`.
+    #[serde(default)]
+    pub peer_role: Option<String>,
+}
+
+/// A message part as sent: `kind` is the A2A discriminator.
+#[derive(Debug, Clone, Serialize)]
+pub struct TextPart<'a> {
+    /// Always `"text"`.
+    pub kind: &'a str,
+    /// The text.
+    pub text: &'a str,
+}
+
+/// `POST /workspaces/:id/notify` body (§API-2.13).
+#[derive(Debug, Serialize)]
+pub struct NotifyRequest<'a> {
+    /// Non-empty message text.
+    pub message: &'a str,
+    /// Attachments by URI.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<Value>,
+}
+
+/// The platform's error body: `{"error": ..., "hint"?: ..., ...}` (§API-1.5).
+#[derive(Debug, Default, Deserialize)]
+pub struct ErrorBody {
+    /// Human text.
+    #[serde(default)]
+    pub error: Option<Value>,
+    /// Optional hint.
+    #[serde(default)]
+    pub hint: Option<String>,
+    /// Optional detail.
+    #[serde(default)]
+    pub detail: Option<Value>,
+    /// Seconds to wait (429, some 503s).
+    #[serde(default)]
+    pub retry_after: Option<Value>,
+    /// 502 on /a2a: the target did receive the message.
+    #[serde(default)]
+    pub delivery_confirmed: Option<bool>,
+    /// 503 on /a2a: target busy.
+    #[serde(default)]
+    pub busy: Option<bool>,
+    /// 503 on /a2a: target restarting.
+    #[serde(default)]
+    pub restarting: Option<bool>,
+    /// 503 on /a2a: target waking.
+    #[serde(default)]
+    pub waking: Option<bool>,
+    /// Machine code (`TENANT_ORG_HEADER_REQUIRED`, ...).
+    #[serde(default)]
+    pub code: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activity_row_tolerates_missing_and_unknown_fields() {
+        let rows: Vec<ActivityRow> = serde_json::from_str(
+            r#"[{"id":"a","workspace_id":"w","activity_type":"a2a_receive","source_id":null,
+                 "method":"notify","status":"ok","created_at":"2026-01-01T00:00:00.1+00:00",
+                 "seq":7,"brand_new_field":{"x":1}},
+                {"id":"b"}]"#,
+        )
+        .unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].method.as_deref(), Some("notify"));
+        assert!(rows[0].request_body.is_none());
+        assert_eq!(rows[0].seq, Some(7));
+        assert!(rows[1].source_id.is_none());
+    }
+
+    #[test]
+    fn heartbeat_omits_runtime_state_when_healthy() {
+        let hb = Heartbeat {
+            workspace_id: "w".into(),
+            error_rate: 0.0,
+            sample_error: String::new(),
+            active_tasks: 0,
+            current_task: String::new(),
+            uptime_seconds: 5,
+            runtime_state: None,
+            runtime_metadata: serde_json::json!({}),
+        };
+        let v = serde_json::to_value(&hb).unwrap();
+        assert!(v.get("runtime_state").is_none());
+        assert_eq!(v["uptime_seconds"], 5);
+        assert!(v.get("runtime_metadata").is_some());
+    }
+
+    #[test]
+    fn error_body_parses_leniently() {
+        let e: ErrorBody =
+            serde_json::from_str(r#"{"error":"workspace removed","hint":"make a new one","x":1}"#)
+                .unwrap();
+        assert_eq!(e.hint.as_deref(), Some("make a new one"));
+        let e: ErrorBody = serde_json::from_str(r#"{"error":{"nested":true}}"#).unwrap();
+        assert!(e.error.is_some());
+    }
+}
