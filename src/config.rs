@@ -213,10 +213,10 @@ pub fn common(
         .org_id
         .clone()
         .or_else(|| non_empty(env("MOLECULE_ORG_ID")));
-    if let Some(org) = &org_id {
-        if !is_uuid(org) {
-            return Err(ConfigError(format!("--org-id {org:?} is not a UUID")));
-        }
+    if let Some(org) = &org_id
+        && !is_uuid(org)
+    {
+        return Err(ConfigError(format!("--org-id {org:?} is not a UUID")));
     }
     let state_dir = state_dir(g, env)?;
     let (token, token_source) = resolve_token(g, token_arg, env)?;
@@ -283,13 +283,13 @@ pub fn read_token_file(path: &Path) -> Result<Secret, ConfigError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(path) {
-            if meta.permissions().mode() & 0o077 != 0 {
-                log::warn!(
-                    "token file {} is readable by other users; chmod 600 it",
-                    path.display()
-                );
-            }
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            log::warn!(
+                "token file {} is readable by other users; chmod 600 it",
+                path.display()
+            );
         }
     }
     check_token(&text, &format!("token file {}", path.display()))

@@ -133,14 +133,14 @@ pub fn classify(row: &ActivityRow, own_id: &str) -> Result<Inbound, Skip> {
     if method == "notify" && source.is_none() {
         return Err(Skip::NotifyEcho);
     }
-    if let Some(s) = source {
-        if s.eq_ignore_ascii_case(own_id) {
-            return Err(if method == "delegate_result" {
-                Skip::DelegationResult
-            } else {
-                Skip::OwnSource
-            });
-        }
+    if let Some(s) = source
+        && s.eq_ignore_ascii_case(own_id)
+    {
+        return Err(if method == "delegate_result" {
+            Skip::DelegationResult
+        } else {
+            Skip::OwnSource
+        });
     }
     if method == "chat_upload_receive" {
         return Err(Skip::Upload);
@@ -154,10 +154,10 @@ pub fn classify(row: &ActivityRow, own_id: &str) -> Result<Inbound, Skip> {
     if method != "message/send" {
         return Err(Skip::Method(method.to_string()));
     }
-    if let Some(s) = source {
-        if !is_uuid(s) {
-            return Err(Skip::Malformed(format!("source_id {s:?} is not a UUID")));
-        }
+    if let Some(s) = source
+        && !is_uuid(s)
+    {
+        return Err(Skip::Malformed(format!("source_id {s:?} is not a UUID")));
     }
     let Some(body) = row.request_body.as_ref() else {
         return Err(Skip::Malformed("no request_body".into()));

@@ -84,10 +84,10 @@ pub fn log_level(verbosity: i8, env: &dyn Fn(&str) -> Option<String>) -> log::Le
         };
     }
     for var in ["MOLECULE_LOG", "RUST_LOG"] {
-        if let Some(v) = env(var) {
-            if let Ok(level) = v.trim().parse::<log::LevelFilter>() {
-                return level;
-            }
+        if let Some(v) = env(var)
+            && let Ok(level) = v.trim().parse::<log::LevelFilter>()
+        {
+            return level;
         }
     }
     Info

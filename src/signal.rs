@@ -1,6 +1,6 @@
 //! POSIX signals, the crate's only `unsafe`. The handler does the one thing POSIX
 //! allows: it `write(2)`s one byte (the signal number) to a self-pipe whose fd sits
-//! in an atomic. [`Signals::next`] blocks on the read end, so the watcher thread acts
+//! in an atomic. [`Signals::wait`] blocks on the read end, so the watcher thread acts
 //! on signals with ordinary code (locks, logging) outside the handler.
 //! Also: sending a signal to a backend's process group.
 #![allow(unsafe_code)]
@@ -88,7 +88,7 @@ pub fn install() -> io::Result<Signals> {
 
 impl Signals {
     /// Blocks until a signal (or a [`wake`]) arrives. `None` if the pipe is broken.
-    pub fn next(&mut self) -> Option<Signal> {
+    pub fn wait(&mut self) -> Option<Signal> {
         let mut byte = [0u8; 1];
         loop {
             match self.reader.read(&mut byte) {
@@ -107,7 +107,7 @@ impl Signals {
     }
 }
 
-/// Wakes a watcher blocked in [`Signals::next`] so its thread can be joined.
+/// Wakes a watcher blocked in [`Signals::wait`] so its thread can be joined.
 pub fn wake() {
     let mut guard = PIPE_WRITER
         .lock()

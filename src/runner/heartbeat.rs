@@ -30,14 +30,14 @@ pub fn run(
             .unwrap_or_else(Instant::now);
         let hb = RuntimeStatus::heartbeat(&status, client.workspace_id(), Instant::now());
         let mut result = client.heartbeat(&hb);
-        if let Err(e) = &result {
-            if e.is_unauthorized() {
-                match after_unauthorized(&client, &source) {
-                    AuthVerdict::RetryWithNewToken => result = client.heartbeat(&hb),
-                    AuthVerdict::Fatal(code, message) => {
-                        shutdown.trigger(StopReason::Fatal { code, message });
-                        return;
-                    }
+        if let Err(e) = &result
+            && e.is_unauthorized()
+        {
+            match after_unauthorized(&client, &source) {
+                AuthVerdict::RetryWithNewToken => result = client.heartbeat(&hb),
+                AuthVerdict::Fatal(code, message) => {
+                    shutdown.trigger(StopReason::Fatal { code, message });
+                    return;
                 }
             }
         }
@@ -57,7 +57,7 @@ pub fn run(
                 failures = failures.saturating_add(1);
                 // First failure and then every tenth: the platform marks us offline
                 // after 180 s without beats, which the operator sees anyway.
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     log::warn!(
                         "{e} (attempt {failures}; next beat in {}s)",
                         every.as_secs()

@@ -242,7 +242,7 @@ fn watch_signals(
     source: TokenSource,
     done: mpsc::Sender<&'static str>,
 ) {
-    while let Some(sig) = signals.next() {
+    while let Some(sig) = signals.wait() {
         match sig {
             Signal::Stop if shutdown.is_triggered() => {
                 log::warn!("second signal: stopping now");

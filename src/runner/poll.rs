@@ -71,6 +71,9 @@ pub struct Poller {
     backoff: Backoff,
     seed: u64,
     page_limit: u32,
+    /// The cold-start window is counted back from here: start-up, or the last good
+    /// poll before a 410. A slow first poll (platform down) must not shrink it.
+    window_anchor: Instant,
 }
 
 impl Poller {
@@ -92,9 +95,15 @@ impl Poller {
             status,
             run_handle,
             shutdown,
-            backoff: Backoff::default(),
+            // Polls give up waiting sooner than other calls: a long pause after an
+            // outage is added straight to message latency.
+            backoff: Backoff {
+                max: Duration::from_secs(15),
+                ..Backoff::default()
+            },
             seed: crate::uuid::random_u64(),
             page_limit: PAGE_LIMIT,
+            window_anchor: Instant::now(),
         }
     }
 
@@ -102,13 +111,18 @@ impl Poller {
     pub fn run(mut self) {
         let mut failures: u32 = 0;
         let mut logged_first_poll = false;
+        let mut last_good_poll = Instant::now();
         loop {
             if self.shutdown.is_triggered() {
                 return;
             }
             let since = match &self.state.cursor {
                 Some(c) => Since::Cursor(c.clone()),
-                None => Since::Secs(self.settings.since_secs),
+                None => Since::Secs(
+                    self.settings
+                        .since_secs
+                        .saturating_add(self.window_anchor.elapsed().as_secs_f64().ceil() as u64),
+                ),
             };
             let limit = match since {
                 Since::Secs(_) => COLD_LIMIT.min(self.page_limit.max(1) * 5),
@@ -116,6 +130,7 @@ impl Poller {
             };
             match self.client.activity(&since, limit, PAGE_BYTES) {
                 Ok(mut rows) => {
+                    last_good_poll = Instant::now();
                     if !logged_first_poll {
                         log::info!("inbox reachable; first poll returned {} row(s)", rows.len());
                         logged_first_poll = true;
@@ -146,6 +161,9 @@ impl Poller {
                     }
                 }
                 Err(e) => {
+                    if e.status() == Some(410) {
+                        self.window_anchor = last_good_poll;
+                    }
                     if self.on_poll_error(&e, &mut failures) {
                         return;
                     }
@@ -210,12 +228,12 @@ impl Poller {
                 }
             };
         }
-        if let ApiError::TooLarge { .. } = e {
-            if self.page_limit > 1 {
-                self.page_limit = (self.page_limit / 2).max(1);
-                log::warn!("{e}: asking for {} rows per page", self.page_limit);
-                return false;
-            }
+        if let ApiError::TooLarge { .. } = e
+            && self.page_limit > 1
+        {
+            self.page_limit = (self.page_limit / 2).max(1);
+            log::warn!("{e}: asking for {} rows per page", self.page_limit);
+            return false;
         }
         *failures = failures.saturating_add(1);
         let hint = match e.status() {
@@ -224,7 +242,7 @@ impl Poller {
             }
             _ => "",
         };
-        if *failures == 1 || *failures % 10 == 0 {
+        if *failures == 1 || failures.is_multiple_of(10) {
             log::warn!("{e}{hint} (attempt {failures})");
         }
         // Permanent errors are retried too, slowly: intake must never stop for good.
@@ -259,14 +277,14 @@ impl Poller {
                 return RowResult::Done;
             }
         };
-        if let Some(key) = msg.message_key() {
-            if self.state.is_handled(&key) {
-                log::info!(
-                    "row {}: message {key} was already answered; skipping the duplicate",
-                    row.id
-                );
-                return RowResult::Done;
-            }
+        if let Some(key) = msg.message_key()
+            && self.state.is_handled(&key)
+        {
+            log::info!(
+                "row {}: message {key} was already answered; skipping the duplicate",
+                row.id
+            );
+            return RowResult::Done;
         }
         let result = self.dispatch(&msg);
         if let (RowResult::Done, Some(key)) = (&result, msg.message_key()) {

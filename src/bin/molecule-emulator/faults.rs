@@ -150,8 +150,10 @@ mod tests {
     fn matching_order_and_counts() {
         let mut f = Faults::default();
         let a = f
-            .add(&json!({"method":"get","path_prefix":"/workspaces/","count":2,"status":503,
-                          "headers":{"Retry-After":"2"}}))
+            .add(
+                &json!({"method":"get","path_prefix":"/workspaces/","count":2,"status":503,
+                          "headers":{"Retry-After":"2"}}),
+            )
             .unwrap();
         let b = f.add(&json!({"status": 500})).unwrap();
         assert!(b > a);

@@ -133,10 +133,7 @@ impl RateLimiter {
             self.buckets
                 .retain(|_, (start, _)| now.duration_since(*start) < window);
         }
-        let entry = self
-            .buckets
-            .entry(key.to_string())
-            .or_insert((now, 0));
+        let entry = self.buckets.entry(key.to_string()).or_insert((now, 0));
         if now.duration_since(entry.0) >= self.window {
             *entry = (now, 0);
         }
@@ -190,13 +187,24 @@ mod tests {
         assert!(String::from_utf8_lossy(&r.body).contains("TENANT_ORG_HEADER_REQUIRED"));
         let r = tenant_guard(org, &req("/workspaces/x", &[("x-molecule-org-id", "nope")])).unwrap();
         assert_eq!((r.status, r.body.len()), (404, 0));
-        assert!(tenant_guard(org, &req("/workspaces/x", &[("x-molecule-org-id", "org-1")])).is_none());
+        assert!(
+            tenant_guard(
+                org,
+                &req("/workspaces/x", &[("x-molecule-org-id", "org-1")])
+            )
+            .is_none()
+        );
         let same = [("host", "127.0.0.1:9"), ("origin", "http://127.0.0.1:9")];
         assert!(tenant_guard(org, &req("/workspaces/x", &same)).is_none());
         let referer = [("host", "h:1"), ("referer", "http://h:1/canvas")];
         assert!(tenant_guard(org, &req("/workspaces/x", &referer)).is_none());
         let other = [("host", "h:1"), ("origin", "http://h:12")];
-        assert_eq!(tenant_guard(org, &req("/workspaces/x", &other)).unwrap().status, 400);
+        assert_eq!(
+            tenant_guard(org, &req("/workspaces/x", &other))
+                .unwrap()
+                .status,
+            400
+        );
     }
 
     #[test]

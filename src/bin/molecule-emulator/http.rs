@@ -80,7 +80,11 @@ pub enum ReadError {
 
 /// Read one line (through `\n`) into `buf`, charging it against `budget`.
 /// Returns Ok(false) on EOF before any byte.
-fn read_line<R: BufRead>(r: &mut R, buf: &mut Vec<u8>, budget: &mut usize) -> Result<bool, ReadError> {
+fn read_line<R: BufRead>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    budget: &mut usize,
+) -> Result<bool, ReadError> {
     buf.clear();
     let limit = (*budget as u64).saturating_add(1);
     let n = r
@@ -129,7 +133,11 @@ pub fn read_request<R: BufRead, W: Write>(
     let mut first = true;
     loop {
         if !read_line(r, &mut line, &mut budget)? {
-            return Err(if first { ReadError::Closed } else { ReadError::Io });
+            return Err(if first {
+                ReadError::Closed
+            } else {
+                ReadError::Io
+            });
         }
         first = false;
         if !line.is_empty() {

@@ -96,7 +96,15 @@ mod tests {
         for i in 0..1005 {
             s.record("GET", "GET /health", "/health", "", 200, i, None);
         }
-        s.record("POST", "POST /workspaces/:id/a2a", "/workspaces/w/a2a", "", 502, 1, Some("w"));
+        s.record(
+            "POST",
+            "POST /workspaces/:id/a2a",
+            "/workspaces/w/a2a",
+            "",
+            502,
+            1,
+            Some("w"),
+        );
         let v = s.to_json();
         assert_eq!(v["requests_total"], 1006);
         assert_eq!(v["by_route"]["GET /health"], 1005);

@@ -97,7 +97,10 @@ impl Row {
     pub fn to_json(&self) -> Map<String, Value> {
         let mut m = Map::new();
         m.insert("id".into(), Value::from(self.id.as_str()));
-        m.insert("workspace_id".into(), Value::from(self.workspace_id.as_str()));
+        m.insert(
+            "workspace_id".into(),
+            Value::from(self.workspace_id.as_str()),
+        );
         m.insert("activity_type".into(), self.activity_type.clone());
         m.insert("source_id".into(), self.source_id.clone());
         m.insert("target_id".into(), self.target_id.clone());
@@ -112,7 +115,10 @@ impl Row {
         m.insert("duration_ms".into(), self.duration_ms.clone());
         m.insert("status".into(), self.status.clone());
         m.insert("error_detail".into(), self.error_detail.clone());
-        m.insert("created_at".into(), Value::from(ids::rfc3339(self.created_us)));
+        m.insert(
+            "created_at".into(),
+            Value::from(ids::rfc3339(self.created_us)),
+        );
         m.insert("seq".into(), Value::from(self.seq));
         m
     }
@@ -514,12 +520,22 @@ impl Delegation {
         m.insert("delegation_id".into(), Value::from(self.id.as_str()));
         m.insert("source_id".into(), Value::from(self.source_id.as_str()));
         m.insert("target_id".into(), Value::from(self.target_id.as_str()));
-        let direction = if self.source_id == viewer { "sent" } else { "received" };
+        let direction = if self.source_id == viewer {
+            "sent"
+        } else {
+            "received"
+        };
         m.insert("direction".into(), Value::from(direction));
         m.insert("summary".into(), Value::from(truncate(&self.task, 300)));
         m.insert("status".into(), Value::from(self.status.as_str()));
-        m.insert("created_at".into(), Value::from(ids::rfc3339(self.created_us)));
-        m.insert("updated_at".into(), Value::from(ids::rfc3339(self.updated_us)));
+        m.insert(
+            "created_at".into(),
+            Value::from(ids::rfc3339(self.created_us)),
+        );
+        m.insert(
+            "updated_at".into(),
+            Value::from(ids::rfc3339(self.updated_us)),
+        );
         if let Some(p) = &self.response_preview {
             m.insert("response_preview".into(), Value::from(p.as_str()));
         }
@@ -550,7 +566,10 @@ pub fn message_text(envelope: &Value) -> String {
         .and_then(Value::as_array);
     let mut out: Vec<&str> = Vec::new();
     for p in parts.into_iter().flatten() {
-        let kind = p.get("kind").or_else(|| p.get("type")).and_then(Value::as_str);
+        let kind = p
+            .get("kind")
+            .or_else(|| p.get("type"))
+            .and_then(Value::as_str);
         if kind == Some("text")
             && let Some(t) = p.get("text").and_then(Value::as_str)
         {

@@ -1,0 +1,474 @@
+//! `molecule connect` end to end against the emulator.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+fn texts(msgs: &[Value]) -> Vec<String> {
+    msgs.iter()
+        .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn originals(msgs: &[Value]) -> Vec<&Value> {
+    msgs.iter()
+        .filter(|m| !m["duplicate"].as_bool().unwrap_or(false))
+        .collect()
+}
+
+#[test]
+fn peer_round_trip_with_kind_parts() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    let inbound = emu.enqueue(
+        &a.id,
+        json!({"from": b.id, "text": "hello", "part_key": "kind"}),
+    );
+    let got = wait_received(&emu, &b.id, 1, &c);
+    let reply = &got[0];
+    assert_eq!(
+        reply["from"],
+        a.id.as_str(),
+        "reply attributed to our workspace"
+    );
+    assert_eq!(reply["text"], "echo: hello");
+    let msg = &reply["body"]["params"]["message"];
+    assert_eq!(reply["body"]["method"], "message/send");
+    assert_eq!(msg["role"], "user");
+    assert_eq!(
+        msg["parts"],
+        json!([{"kind": "text", "text": "echo: hello"}])
+    );
+    assert_eq!(msg["metadata"]["in_reply_to"], inbound["message_id"]);
+    let expected_id =
+        molecule::inbox::reply_message_id(&a.id, inbound["activity_id"].as_str().unwrap());
+    assert_eq!(
+        msg["messageId"],
+        expected_id.as_str(),
+        "deterministic reply id"
+    );
+    // Registered in poll mode, and heartbeats carry the honest payload.
+    let reg = emu.get(&format!("/_admin/workspaces/{}/registers", a.id));
+    assert_eq!(reg["last"]["delivery_mode"], "poll");
+    let hb = wait_until(WAIT, "a heartbeat", &c, || {
+        let h = emu.heartbeats(&a.id);
+        (h["count"].as_u64().unwrap_or(0) >= 1).then_some(h)
+    });
+    let last = &hb["last"];
+    assert_eq!(last["workspace_id"], a.id.as_str());
+    assert!(last["runtime_metadata"].is_object());
+    assert!(
+        last.get("runtime_state").is_none(),
+        "no runtime_state while healthy: {last}"
+    );
+    assert!(last["uptime_seconds"].is_u64());
+}
+
+#[test]
+fn peer_round_trip_with_type_parts_and_exec_backend() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let c = Connector::start(
+        &emu,
+        &a,
+        &dir,
+        &[
+            "--backend",
+            "exec",
+            "--backend-opt",
+            "cmd=printf 'got:'; cat; printf ' from %s' \"$MOLECULE_ORIGIN\"",
+        ],
+    );
+    emu.enqueue(
+        &a.id,
+        json!({"from": b.id, "text": "typed", "part_key": "type"}),
+    );
+    let got = wait_received(&emu, &b.id, 1, &c);
+    assert_eq!(got[0]["text"], "got:typed from peer");
+    assert_eq!(
+        got[0]["body"]["params"]["message"]["parts"][0]["kind"],
+        "text"
+    );
+}
+
+#[test]
+fn canvas_message_gets_one_notify_and_the_echo_is_not_dispatched() {
+    let emu = Emulator::start();
+    let (a, _) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    emu.say(&a.id, None, "hi there");
+    let n = wait_notifies(&emu, &a.id, 1, &c);
+    assert_eq!(n[0]["message"], "echo: hi there");
+    // The notify wrote an echo row into our own inbox; several polls later it must
+    // still not have been answered.
+    emu.wait_polls(5, &c);
+    assert_eq!(
+        emu.notifies(&a.id).len(),
+        1,
+        "echo row dispatched: {}",
+        c.stderr()
+    );
+}
+
+#[test]
+fn cold_start_ignores_old_rows_and_answers_new_ones_once_in_order() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    for i in 0..3 {
+        emu.enqueue(
+            &a.id,
+            json!({"from": b.id, "text": format!("old {i}"), "age_secs": 120.0}),
+        );
+    }
+    for i in 0..3 {
+        emu.enqueue(
+            &a.id,
+            json!({"from": b.id, "text": format!("new {i}"), "age_secs": 5.0 - i as f64}),
+        );
+    }
+    let dir = Arc::new(TempDir::new());
+    let c = Connector::start(&emu, &a, &dir, &["--backend", "mock", "--since-secs", "30"]);
+    wait_received(&emu, &b.id, 3, &c);
+    emu.wait_polls(5, &c);
+    let got = emu.received(&b.id);
+    assert_eq!(texts(&got), ["echo: new 0", "echo: new 1", "echo: new 2"]);
+}
+
+#[test]
+fn pages_are_drained_without_waiting_an_interval_each() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let anchor = emu.say(&a.id, Some(&b.id), "already handled");
+    let batch: Vec<Value> = (0..250)
+        .map(|i| json!({"from": b.id, "text": format!("m{i:03}")}))
+        .collect();
+    emu.post(
+        &format!("/_admin/workspaces/{}/enqueue_batch", a.id),
+        json!({"messages": batch}),
+    );
+    let dir = Arc::new(TempDir::new());
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    std::fs::write(
+        dir.path().join("state").join(format!("{}.json", a.id)),
+        json!({"workspace_id": a.id, "last_since_id": anchor}).to_string(),
+    )
+    .unwrap();
+    // A one-minute interval: waiting it even once between pages would time the test out.
+    let c = Connector::start(
+        &emu,
+        &a,
+        &dir,
+        &["--backend", "mock", "--interval-ms", "60000"],
+    );
+    let got = wait_received(&emu, &b.id, 250, &c);
+    let expected: Vec<String> = (0..250).map(|i| format!("echo: m{i:03}")).collect();
+    assert_eq!(texts(&got), expected);
+}
+
+#[test]
+fn cursor_410_resets_to_the_window_and_keeps_answering() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    // A saved cursor the platform no longer knows.
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    std::fs::write(
+        dir.path().join("state").join(format!("{}.json", a.id)),
+        json!({"workspace_id": a.id, "last_since_id": molecule::uuid::new_v4()}).to_string(),
+    )
+    .unwrap();
+    emu.say(&a.id, Some(&b.id), "one");
+    let c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    wait_received(&emu, &b.id, 1, &c);
+    // Prune the whole inbox under the running connector: its cursor disappears.
+    emu.post(&format!("/_admin/workspaces/{}/prune", a.id), json!({}));
+    emu.say(&a.id, Some(&b.id), "two");
+    let got = wait_received(&emu, &b.id, 2, &c);
+    assert_eq!(texts(&got), ["echo: one", "echo: two"]);
+    assert!(c.stderr().contains("is gone"), "{}", c.stderr());
+}
+
+#[test]
+fn backend_failure_does_not_stop_the_loop() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let cmd = "cmd=x=$(cat); if [ \"$x\" = fail ]; then echo boom >&2; exit 3; fi; echo \"ok $x\"";
+    let c = Connector::start(
+        &emu,
+        &a,
+        &dir,
+        &[
+            "--backend",
+            "exec",
+            "--backend-opt",
+            cmd,
+            "--max-attempts",
+            "2",
+        ],
+    );
+    emu.say(&a.id, Some(&b.id), "fail");
+    emu.say(&a.id, Some(&b.id), "after");
+    let got = wait_received(&emu, &b.id, 2, &c);
+    let error_reply = &got[0]["body"]["params"]["message"];
+    assert_eq!(error_reply["metadata"]["molecule_error"], true);
+    assert!(
+        got[0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("could not handle"),
+        "{}",
+        got[0]
+    );
+    assert!(
+        got[0]["text"].as_str().unwrap().contains("status 3"),
+        "{}",
+        got[0]
+    );
+    assert_eq!(got[1]["text"], "ok after");
+    let dead = std::fs::read_to_string(
+        dir.path()
+            .join("state")
+            .join(format!("{}.deadletter.jsonl", a.id)),
+    )
+    .unwrap();
+    let line: Value = serde_json::from_str(dead.lines().next().unwrap()).unwrap();
+    assert_eq!(line["text"], "fail");
+    assert!(line["error"].as_str().unwrap().contains("boom"), "{line}");
+}
+
+#[test]
+fn backend_timeout_kills_grandchildren_and_continues() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let pidfile = dir.path().join("grandchild.pid");
+    let cmd = format!(
+        "cmd=x=$(cat); if [ \"$x\" = hang ]; then (sleep 300; echo late) & echo $! > {}; sleep 300; fi; echo \"ok $x\"",
+        pidfile.display()
+    );
+    let c = Connector::start(
+        &emu,
+        &a,
+        &dir,
+        &[
+            "--backend",
+            "exec",
+            "--backend-opt",
+            &cmd,
+            "--backend-opt",
+            "timeout=1s",
+            "--max-attempts",
+            "1",
+        ],
+    );
+    emu.say(&a.id, Some(&b.id), "hang");
+    emu.say(&a.id, Some(&b.id), "next");
+    let got = wait_received(&emu, &b.id, 2, &c);
+    assert!(
+        got[0]["text"].as_str().unwrap().contains("timed out"),
+        "{}",
+        got[0]
+    );
+    assert_eq!(got[1]["text"], "ok next");
+    let pid = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .to_string();
+    let alive = std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z");
+    assert!(!alive, "grandchild {pid} survived the timeout");
+}
+
+#[test]
+fn transient_faults_lose_nothing_and_answer_once() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    emu.fault(json!({"method": "GET", "path_prefix": format!("/workspaces/{}/activity", a.id), "status": 503, "count": 1}));
+    emu.fault(json!({"method": "GET", "path_prefix": format!("/workspaces/{}/activity", a.id), "status": 429,
+        "headers": {"Retry-After": "1"}, "body": {"error": "rate limit exceeded", "retry_after": 1}, "count": 1}));
+    emu.fault(json!({"method": "GET", "path_prefix": format!("/workspaces/{}/activity", a.id), "drop": true, "count": 1}));
+    emu.fault(json!({"method": "GET", "path_prefix": format!("/workspaces/{}/activity", a.id), "status": 500, "count": 1}));
+    emu.fault(
+        json!({"method": "POST", "path_prefix": "/registry/heartbeat", "status": 500, "count": 2}),
+    );
+    emu.fault(json!({"method": "POST", "path_prefix": format!("/workspaces/{}/a2a", b.id), "status": 502, "count": 2}));
+    emu.fault(json!({"method": "POST", "path_prefix": format!("/workspaces/{}/a2a", b.id), "drop": true, "count": 1}));
+    emu.fault(json!({"method": "POST", "path_prefix": format!("/workspaces/{}/notify", a.id), "status": 503, "count": 1}));
+    emu.fault(json!({"method": "POST", "path_prefix": format!("/workspaces/{}/notify", a.id), "drop": true, "count": 1}));
+    for i in 0..4 {
+        emu.say(&a.id, Some(&b.id), &format!("p{i}"));
+    }
+    emu.say(&a.id, None, "canvas");
+    let dir = Arc::new(TempDir::new());
+    let c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    let got = wait_until(Duration::from_secs(60), "4 distinct replies", &c, || {
+        let r = emu.received(&b.id);
+        (originals(&r).len() >= 4).then_some(r)
+    });
+    wait_notifies(&emu, &a.id, 1, &c);
+    emu.wait_polls(3, &c);
+    let got_now = emu.received(&b.id);
+    assert_eq!(
+        originals(&got_now).len(),
+        4,
+        "a reply was answered twice: {got:?}"
+    );
+    let mut t: Vec<String> = originals(&got_now)
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_string())
+        .collect();
+    t.sort();
+    assert_eq!(t, ["echo: p0", "echo: p1", "echo: p2", "echo: p3"]);
+    assert!(
+        emu.notifies(&a.id)
+            .iter()
+            .all(|n| n["message"] == "echo: canvas")
+    );
+}
+
+#[test]
+fn malformed_rows_are_skipped_and_never_used_in_a_url() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let rows = format!("/_admin/workspaces/{}/rows", a.id);
+    emu.post(&rows, json!({"method": "message/send", "source_id": b.id}));
+    emu.post(
+        &rows,
+        json!({"method": "message/send", "source_id": b.id, "request_body": "{not json"}),
+    );
+    emu.post(&rows, json!({"method": "message/send", "source_id": "not-a-uuid",
+        "request_body": {"params": {"message": {"role": "user", "parts": [{"kind": "text", "text": "x"}]}}}}));
+    emu.post(
+        &rows,
+        json!({"method": "tasks/cancel", "source_id": b.id, "request_body": {}}),
+    );
+    emu.say(&a.id, Some(&b.id), "good");
+    let dir = Arc::new(TempDir::new());
+    let c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    let got = wait_received(&emu, &b.id, 1, &c);
+    assert_eq!(texts(&got), ["echo: good"]);
+    emu.wait_polls(3, &c);
+    assert_eq!(emu.received(&b.id).len(), 1);
+    let stats = emu.get("/_admin/stats");
+    for r in stats["requests"].as_array().unwrap() {
+        assert!(!r["path"].as_str().unwrap().contains("not-a-uuid"), "{r}");
+    }
+    assert!(c.stderr().contains("not a UUID"), "{}", c.stderr());
+}
+
+#[test]
+fn sigterm_when_idle_saves_the_cursor_and_restart_does_not_reanswer() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let mut c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    let id = emu.say(&a.id, Some(&b.id), "first");
+    wait_received(&emu, &b.id, 1, &c);
+    emu.wait_polls(2, &c);
+    let status = c.stop();
+    assert_eq!(status.code(), Some(0), "{}", c.stderr());
+    assert_eq!(c.state()["last_since_id"], id.as_str());
+    let c2 = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    emu.wait_polls(3, &c2);
+    assert_eq!(
+        emu.received(&b.id).len(),
+        1,
+        "re-answered after restart: {}",
+        c2.stderr()
+    );
+    emu.say(&a.id, Some(&b.id), "second");
+    let got = wait_received(&emu, &b.id, 2, &c2);
+    assert_eq!(texts(&got), ["echo: first", "echo: second"]);
+}
+
+#[test]
+fn inbound_replies_are_not_auto_answered() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    emu.enqueue(
+        &a.id,
+        json!({"from": b.id, "text": "this is a reply", "metadata": {"in_reply_to": "x"}}),
+    );
+    emu.say(&a.id, Some(&b.id), "fresh");
+    let got = wait_received(&emu, &b.id, 1, &c);
+    emu.wait_polls(3, &c);
+    assert_eq!(texts(&emu.received(&b.id)), ["echo: fresh"], "{got:?}");
+}
+
+#[test]
+fn second_instance_is_refused() {
+    let emu = Emulator::start();
+    let (a, _) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    emu.wait_polls(1, &c);
+    let mut second = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    let status = second.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(2));
+    assert!(second.stderr().contains(".lock"), "{}", second.stderr());
+}
+
+#[test]
+fn revoked_token_exits_3_and_removed_workspace_exits_4() {
+    let emu = Emulator::start();
+    let (a, _) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let mut c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    emu.wait_polls(1, &c);
+    emu.post(&format!("/_admin/workspaces/{}/revoke", a.id), json!({}));
+    let status = c.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(3), "{}", c.stderr());
+    assert!(c.stderr().contains("rotate"), "{}", c.stderr());
+    assert!(!c.stderr().contains(&a.token), "token leaked to the log");
+
+    let (x, _) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let mut c = Connector::start(&emu, &x, &dir, &["--backend", "mock"]);
+    emu.wait_polls(1, &c);
+    emu.post(&format!("/_admin/workspaces/{}/remove", x.id), json!({}));
+    let status = c.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(4), "{}", c.stderr());
+    assert!(c.stderr().contains("removed"), "{}", c.stderr());
+}
+
+#[test]
+fn rotated_token_file_is_picked_up_after_a_401() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    emu.wait_polls(1, &c);
+    let rotated = emu.post(&format!("/_admin/workspaces/{}/rotate", a.id), json!({}));
+    write_secret(
+        &dir.path().join("token"),
+        rotated["token"].as_str().unwrap(),
+    );
+    emu.say(&a.id, Some(&b.id), "after rotation");
+    let got = wait_received(&emu, &b.id, 1, &c);
+    assert_eq!(got[0]["text"], "echo: after rotation");
+}
+
+#[test]
+fn platform_without_poll_mode_exits_5() {
+    let emu = Emulator::start();
+    let (a, _) = emu.pair();
+    emu.fault(
+        json!({"method": "POST", "path_prefix": "/registry/register", "status": 200,
+        "body": {"status": "registered", "delivery_mode": "push"}, "count": 1}),
+    );
+    let dir = Arc::new(TempDir::new());
+    let mut c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    assert_eq!(c.wait_exit(WAIT).code(), Some(5), "{}", c.stderr());
+}

@@ -1,0 +1,8 @@
+//! Integration tests: the real `molecule` binary against the real `molecule-emulator`
+//! on 127.0.0.1. One test binary, a module per area.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+mod cli;
+mod connect;

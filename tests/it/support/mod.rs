@@ -1,0 +1,383 @@
+//! Test support: start the emulator and the connector as child processes, talk to the
+//! emulator's admin API, and wait for conditions with a deadline (never blind sleeps).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// Default bound for "this should happen": generous, only hit when a test fails.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A running emulator, killed on drop.
+pub struct Emulator {
+    child: Child,
+    pub url: String,
+    agent: ureq::Agent,
+}
+
+impl Emulator {
+    pub fn start() -> Emulator {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Emulator {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_molecule-emulator"))
+            .args(["--port", "0", "--quiet"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start emulator");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected emulator banner {line:?}"))
+            .to_string();
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .proxy(None)
+            .build()
+            .into();
+        Emulator { child, url, agent }
+    }
+
+    pub fn get(&self, path: &str) -> Value {
+        let mut resp = self
+            .agent
+            .get(format!("{}{path}", self.url))
+            .call()
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_string()
+            .unwrap();
+        assert!(status < 300, "GET {path}: {status} {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    pub fn post(&self, path: &str, body: Value) -> Value {
+        let mut resp = self
+            .agent
+            .post(format!("{}{path}", self.url))
+            .send_json(&body)
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_string()
+            .unwrap();
+        assert!(status < 300, "POST {path}: {status} {text}");
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// Creates a workspace; returns (id, token).
+    pub fn workspace(&self, body: Value) -> (String, String) {
+        let v = self.post("/_admin/workspaces", body);
+        (
+            v["id"].as_str().unwrap().to_string(),
+            v["token"].as_str().unwrap_or_default().to_string(),
+        )
+    }
+
+    /// A connector workspace and a peer that may talk to it (siblings under a root).
+    pub fn pair(&self) -> (Ws, Ws) {
+        let (root, _) = self.workspace(json!({"name": "root"}));
+        let (a, ta) =
+            self.workspace(json!({"name": "agent", "parent_id": root, "delivery_mode": "poll"}));
+        let (b, tb) =
+            self.workspace(json!({"name": "peer", "parent_id": root, "delivery_mode": "poll"}));
+        (Ws { id: a, token: ta }, Ws { id: b, token: tb })
+    }
+
+    pub fn enqueue(&self, ws: &str, body: Value) -> Value {
+        self.post(&format!("/_admin/workspaces/{ws}/enqueue"), body)
+    }
+
+    /// Sends `text` from `from` (None = canvas user) to `to`; returns the activity id.
+    pub fn say(&self, to: &str, from: Option<&str>, text: &str) -> String {
+        let v = self.enqueue(to, json!({"from": from, "text": text}));
+        v["activity_id"].as_str().unwrap().to_string()
+    }
+
+    pub fn received(&self, ws: &str) -> Vec<Value> {
+        self.get(&format!("/_admin/workspaces/{ws}/received"))["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn notifies(&self, ws: &str) -> Vec<Value> {
+        self.get(&format!("/_admin/workspaces/{ws}/notifies"))["notifies"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn heartbeats(&self, ws: &str) -> Value {
+        self.get(&format!("/_admin/workspaces/{ws}/heartbeats"))
+    }
+
+    pub fn fault(&self, body: Value) {
+        self.post("/_admin/faults", body);
+    }
+
+    /// Requests the emulator has served for `route` (e.g. "GET /workspaces/:id/activity").
+    pub fn route_count(&self, route: &str) -> u64 {
+        self.get("/_admin/stats")["by_route"][route]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// Waits until the emulator has served `n` more activity polls than now.
+    pub fn wait_polls(&self, n: u64, c: &Connector) {
+        let start = self.route_count(POLL_ROUTE);
+        wait_until(WAIT, &format!("{n} more polls"), c, || {
+            (self.route_count(POLL_ROUTE) >= start + n).then_some(())
+        });
+    }
+}
+
+pub const POLL_ROUTE: &str = "GET /workspaces/:id/activity";
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A workspace id and its token.
+#[derive(Clone, Debug)]
+pub struct Ws {
+    pub id: String,
+    pub token: String,
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "molecule-it-{}-{}",
+            std::process::id(),
+            molecule::uuid::new_v4()
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A base `molecule` command with a clean environment: no proxies, no MOLECULE_* or
+/// RUST_LOG from the developer's shell.
+pub fn molecule() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_molecule"));
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().to_string();
+        if k.starts_with("MOLECULE_")
+            || k.to_ascii_lowercase().ends_with("_proxy")
+            || k == "RUST_LOG"
+            || k == "XDG_CONFIG_HOME"
+        {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd
+}
+
+/// A running `molecule connect`, killed on drop. Its stderr is collected for
+/// failure messages.
+pub struct Connector {
+    child: Option<Child>,
+    stderr: Arc<Mutex<String>>,
+    pub dir: Arc<TempDir>,
+    pub ws: Ws,
+}
+
+impl Connector {
+    /// `molecule connect <ws>` against `emu` with a token file and state dir in `dir`.
+    pub fn start(emu: &Emulator, ws: &Ws, dir: &Arc<TempDir>, args: &[&str]) -> Connector {
+        let token_file = dir.path().join("token");
+        if !token_file.exists() {
+            write_secret(&token_file, &ws.token);
+        }
+        let mut child = molecule()
+            .arg("connect")
+            .arg(&ws.id)
+            .args(["--api-url", &emu.url])
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(["--interval-ms", "100", "--heartbeat-secs", "1", "-v"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start molecule connect");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Connector {
+            child: Some(child),
+            stderr,
+            dir: dir.clone(),
+            ws: ws.clone(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join("state")
+            .join(format!("{}.json", self.ws.id))
+    }
+
+    pub fn state(&self) -> Value {
+        serde_json::from_slice(&std::fs::read(self.state_file()).unwrap()).unwrap()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                // Let the stderr reader catch up.
+                std::thread::sleep(Duration::from_millis(50));
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "connector did not exit within {within:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal("TERM");
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+}
+
+impl Drop for Connector {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics after `within` with the
+/// connector's stderr.
+pub fn wait_until<T>(
+    within: Duration,
+    what: &str,
+    c: &Connector,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out waiting for {what}; connector stderr:\n{}",
+                c.stderr()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `ws` has received `n` A2A messages; returns them.
+pub fn wait_received(emu: &Emulator, ws: &str, n: usize, c: &Connector) -> Vec<Value> {
+    wait_until(WAIT, &format!("{n} message(s) at {ws}"), c, || {
+        let r = emu.received(ws);
+        (r.len() >= n).then_some(r)
+    })
+}
+
+/// Waits until `ws` has sent `n` notifies; returns them.
+pub fn wait_notifies(emu: &Emulator, ws: &str, n: usize, c: &Connector) -> Vec<Value> {
+    wait_until(WAIT, &format!("{n} notify(s) from {ws}"), c, || {
+        let r = emu.notifies(ws);
+        (r.len() >= n).then_some(r)
+    })
+}
+
+/// Runs `molecule` to completion with `args`; returns (exit code, stdout, stderr).
+pub fn run(args: &[&str]) -> (i32, String, String) {
+    let out = molecule().args(args).stdin(Stdio::null()).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Writes a token file with mode 0600, as an operator would.
+pub fn write_secret(path: &Path, token: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, token).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
