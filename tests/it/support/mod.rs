@@ -314,7 +314,6 @@ impl Connector {
         self.signal("TERM");
         self.wait_exit(Duration::from_secs(10))
     }
-
 }
 
 impl Drop for Connector {
