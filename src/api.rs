@@ -13,11 +13,14 @@ use serde_json::Value;
 
 use crate::config::Secret;
 use crate::wire::{
-    ActivityRow, ErrorBody, Heartbeat, NotifyRequest, RegisterRequest, RegisterResponse,
+    ActivityRow, DelegateRequest, DelegateResponse, ErrorBody, Heartbeat, ManualHeartbeat,
+    NotifyRequest, RegisterRequest, RegisterResponse,
 };
 
 /// Cap for small JSON answers (register, heartbeat, notify, errors).
 const SMALL_BODY_LIMIT: u64 = 256 * 1024;
+/// Cap for lists (peers with agent cards, delegations).
+const LIST_BODY_LIMIT: u64 = 8 * 1024 * 1024;
 /// Cap for an `/a2a` answer (a push-mode peer's reply text).
 const A2A_BODY_LIMIT: u64 = 16 * 1024 * 1024;
 /// The platform refuses `/a2a` bodies above this (§API-2.7.2).
@@ -291,6 +294,24 @@ impl Client {
         limit: u32,
         body_limit: u64,
     ) -> Result<Vec<ActivityRow>, ApiError> {
+        let rows = self.activity_raw(since, limit, body_limit)?;
+        rows.into_iter()
+            .map(serde_json::from_value)
+            .collect::<Result<_, _>>()
+            .map_err(|e| ApiError::BadBody {
+                op: "poll",
+                detail: e.to_string(),
+            })
+    }
+
+    /// Like [`Client::activity`], but each row as raw JSON, so the connector can skip
+    /// one malformed row instead of failing the whole page.
+    pub fn activity_raw(
+        &self,
+        since: &Since,
+        limit: u32,
+        body_limit: u64,
+    ) -> Result<Vec<Value>, ApiError> {
         let op = "poll";
         let path = format!("/workspaces/{}/activity", self.cfg.workspace_id);
         let mut req = self
@@ -318,6 +339,17 @@ impl Client {
     /// `POST /workspaces/<target>/a2a` with our `X-Workspace-ID` (§API-2.7). A
     /// queued answer is success; see [`SendAnswer::is_queued`].
     pub fn send_a2a(&self, target: &str, body: &Value) -> Result<SendAnswer, ApiError> {
+        self.send_a2a_within(target, body, self.cfg.send_timeout)
+    }
+
+    /// [`Client::send_a2a`] with a whole-request limit of `timeout` for this call (a
+    /// one-shot `molecule send` gives each attempt what is left of its budget).
+    pub fn send_a2a_within(
+        &self,
+        target: &str,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<SendAnswer, ApiError> {
         let op = "send";
         if !crate::uuid::is_uuid(target) {
             return Err(ApiError::Invalid {
@@ -343,12 +375,17 @@ impl Client {
             .with_headers(self.agent.post(self.url(&path)), true)
             .header("Content-Type", "application/json")
             .config()
-            .timeout_global(Some(self.cfg.send_timeout))
+            .timeout_global(Some(timeout))
             .build();
         let resp = req.send(&bytes[..]).map_err(|e| transport_error(op, e))?;
         let status = resp.status().as_u16();
         let resp = check_status(op, resp)?;
-        let body = read_value(op, resp, A2A_BODY_LIMIT)?;
+        // A 2xx means the platform took the message: an unreadable answer must not
+        // turn it into a failure (and a resend).
+        let body = read_value(op, resp, A2A_BODY_LIMIT).unwrap_or_else(|e| {
+            log::debug!("{e}; the message was accepted (HTTP {status})");
+            Value::Null
+        });
         Ok(SendAnswer { status, body })
     }
 
@@ -360,7 +397,9 @@ impl Client {
             attachments,
         };
         let resp = self.post("notify", &path, &body)?;
-        drain("notify", resp)
+        // Delivered once the status is 2xx, whatever happens to the body.
+        let _ = drain("notify", resp);
+        Ok(())
     }
 
     /// `GET /workspaces/<id>` (open route): tells a revoked token (200) from a removed
@@ -380,6 +419,80 @@ impl Client {
             .map_err(|e| transport_error(op, e))?;
         let resp = check_status(op, resp)?;
         read_value(op, resp, SMALL_BODY_LIMIT)
+    }
+
+    /// `GET /health` (open): is the platform's HTTP(S) endpoint answering?
+    pub fn health(&self) -> Result<(), ApiError> {
+        let resp = self.get("health", "/health", &[], false)?;
+        drain("health", resp)
+    }
+
+    /// `GET /registry/<own>/peers[?q=…]` (§API-2.10): siblings, children, parent.
+    pub fn peers(&self, query: Option<&str>) -> Result<Vec<Value>, ApiError> {
+        let op = "peers";
+        let path = format!("/registry/{}/peers", self.cfg.workspace_id);
+        let q: Vec<(&str, &str)> = query.map(|q| ("q", q)).into_iter().collect();
+        let resp = self.get(op, &path, &q, true)?;
+        read_list(op, resp)
+    }
+
+    /// `GET /registry/discover/<target>` with our `X-Workspace-ID` (§API-2.9): an
+    /// existence and access check. Never dial the URL it returns.
+    pub fn discover(&self, target: &str) -> Result<Value, ApiError> {
+        let op = "discover";
+        check_uuid(op, "peer id", target)?;
+        let resp = self.get(op, &format!("/registry/discover/{target}"), &[], true)?;
+        read_value(op, resp, SMALL_BODY_LIMIT)
+    }
+
+    /// `POST /workspaces/<own>/delegate` (§API-2.14).
+    pub fn delegate(
+        &self,
+        target: &str,
+        task: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<DelegateResponse, ApiError> {
+        let op = "delegate";
+        check_uuid(op, "target id", target)?;
+        let body = DelegateRequest {
+            target_id: target,
+            task,
+            idempotency_key,
+        };
+        let path = format!("/workspaces/{}/delegate", self.cfg.workspace_id);
+        let resp = self.post(op, &path, &body)?;
+        read_json(op, resp, SMALL_BODY_LIMIT)
+    }
+
+    /// `GET /workspaces/<own>/delegations[?status=…]` (§API-2.14): newest first, at
+    /// most 50. Entries are returned as the platform sent them.
+    pub fn delegations(&self, status: Option<&str>) -> Result<Vec<Value>, ApiError> {
+        let op = "delegations";
+        let path = format!("/workspaces/{}/delegations", self.cfg.workspace_id);
+        let q: Vec<(&str, &str)> = status.map(|s| ("status", s)).into_iter().collect();
+        let resp = self.get(op, &path, &q, false)?;
+        read_list(op, resp)
+    }
+
+    /// `POST /registry/heartbeat` with only the given fields (`molecule heartbeat`).
+    pub fn heartbeat_once(&self, hb: &ManualHeartbeat) -> Result<(), ApiError> {
+        let resp = self.post("heartbeat", "/registry/heartbeat", hb)?;
+        drain("heartbeat", resp)
+    }
+
+    fn get(
+        &self,
+        op: &'static str,
+        path: &str,
+        query: &[(&str, &str)],
+        workspace_header: bool,
+    ) -> Result<Resp, ApiError> {
+        let mut req = self.with_headers(self.agent.get(self.url(path)), workspace_header);
+        for (k, v) in query {
+            req = req.query(*k, *v);
+        }
+        let resp = req.call().map_err(|e| transport_error(op, e))?;
+        check_status(op, resp)
     }
 
     fn url(&self, path: &str) -> String {
@@ -561,6 +674,30 @@ fn read_value(op: &'static str, mut resp: Resp, limit: u64) -> Result<Value, Api
         op,
         detail: e.to_string(),
     })
+}
+
+/// A JSON array body (lists of peers or delegations).
+fn read_list(op: &'static str, resp: Resp) -> Result<Vec<Value>, ApiError> {
+    match read_value(op, resp, LIST_BODY_LIMIT)? {
+        Value::Array(items) => Ok(items),
+        Value::Null => Ok(Vec::new()),
+        other => Err(ApiError::BadBody {
+            op,
+            detail: format!("expected a JSON array, got {}", snippet(&other.to_string())),
+        }),
+    }
+}
+
+/// Ids go into URL paths only after this check (§API-1.7).
+fn check_uuid(op: &'static str, what: &str, id: &str) -> Result<(), ApiError> {
+    if crate::uuid::is_uuid(id) {
+        Ok(())
+    } else {
+        Err(ApiError::Invalid {
+            op,
+            detail: format!("{what} {id:?} is not a UUID"),
+        })
+    }
 }
 
 /// Reads and discards a small body so the connection can be reused.

@@ -78,8 +78,99 @@ pub struct ConnectArgs {
     pub max_attempts: Option<u32>,
     /// `--reply-to-replies`.
     pub reply_to_replies: bool,
+    /// `--concurrency`.
+    pub concurrency: Option<usize>,
     /// `--dry-run`.
     pub dry_run: bool,
+}
+
+/// `send` options as typed.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SendArgs {
+    /// Positional peer workspace id.
+    pub peer: Option<String>,
+    /// Positional message text, or `-` for stdin.
+    pub text: Option<String>,
+    /// `--message-id` (caller-controlled dedupe).
+    pub message_id: Option<String>,
+    /// `--budget` (seconds, total for all attempts).
+    pub budget_secs: Option<u64>,
+}
+
+/// `peers` options as typed.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PeersArgs {
+    /// `--query` (substring of name or role).
+    pub query: Option<String>,
+}
+
+/// `discover` options as typed.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct DiscoverArgs {
+    /// Positional peer workspace id.
+    pub peer: Option<String>,
+}
+
+/// `info` options as typed.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct InfoArgs {
+    /// Positional workspace id; own workspace when absent.
+    pub id: Option<String>,
+}
+
+/// `delegate` options as typed.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct DelegateArgs {
+    /// Positional target workspace id.
+    pub target: Option<String>,
+    /// Positional task text, or `-` for stdin.
+    pub text: Option<String>,
+    /// `--idempotency-key`.
+    pub idempotency_key: Option<String>,
+    /// `--wait`.
+    pub wait: bool,
+    /// `--timeout` (seconds) for `--wait`.
+    pub timeout_secs: Option<u64>,
+}
+
+/// `delegations` options as typed.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct DelegationsArgs {
+    /// `--status`.
+    pub status: Option<String>,
+}
+
+/// `notify` options as typed.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct NotifyArgs {
+    /// Positional message text, or `-` for stdin.
+    pub text: Option<String>,
+    /// `--attach URI[,NAME]`, in order.
+    pub attach: Vec<String>,
+}
+
+/// `heartbeat` options as typed.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct HeartbeatArgs {
+    /// `--current-task`.
+    pub current_task: Option<String>,
+    /// `--active-tasks`.
+    pub active_tasks: Option<u32>,
+    /// `--error-rate` (0.0 to 1.0).
+    pub error_rate: Option<f64>,
+    /// `--sample-error`.
+    pub sample_error: Option<String>,
+    /// `--uptime-secs`.
+    pub uptime_secs: Option<u64>,
+}
+
+/// `doctor` options as typed.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct DoctorArgs {
+    /// `--backend` (check it only when given, or when `--backend-opt` is).
+    pub backend: Option<String>,
+    /// `--backend-opt KEY=VALUE`, in order.
+    pub backend_opts: Vec<String>,
 }
 
 /// What to do.
@@ -91,6 +182,26 @@ pub enum Command {
     Version,
     /// Run the connector.
     Connect(ConnectArgs),
+    /// One A2A `message/send` to a peer.
+    Send(SendArgs),
+    /// List peers.
+    Peers(PeersArgs),
+    /// Check that a peer exists and may be talked to.
+    Discover(DiscoverArgs),
+    /// Show a workspace's platform record.
+    Info(InfoArgs),
+    /// Delegate a task to another workspace.
+    Delegate(DelegateArgs),
+    /// List delegations.
+    Delegations(DelegationsArgs),
+    /// Message the human on the canvas.
+    Notify(NotifyArgs),
+    /// Send one heartbeat.
+    Heartbeat(HeartbeatArgs),
+    /// Show what the connector's state file says.
+    Status,
+    /// Check configuration, reachability, auth and poll support.
+    Doctor(DoctorArgs),
 }
 
 /// Everything parsed from argv.
@@ -121,7 +232,21 @@ impl From<lexopt::Error> for UsageError {
 }
 
 /// Commands that exist, for the "unknown command" message.
-const COMMANDS: &[&str] = &["connect", "help", "version"];
+const COMMANDS: &[&str] = &[
+    "connect",
+    "send",
+    "peers",
+    "discover",
+    "info",
+    "delegate",
+    "delegations",
+    "notify",
+    "heartbeat",
+    "status",
+    "doctor",
+    "help",
+    "version",
+];
 
 /// Parses argv (program name first).
 pub fn parse<I>(argv: I) -> Result<Args, UsageError>
@@ -172,6 +297,16 @@ where
     };
     let command = match command_name.as_str() {
         "connect" => parse_connect(&mut parser, &mut global)?,
+        "send" => parse_send(&mut parser, &mut global)?,
+        "peers" => parse_peers(&mut parser, &mut global)?,
+        "discover" => parse_discover(&mut parser, &mut global)?,
+        "info" => parse_info(&mut parser, &mut global)?,
+        "delegate" => parse_delegate(&mut parser, &mut global)?,
+        "delegations" => parse_delegations(&mut parser, &mut global)?,
+        "notify" => parse_notify(&mut parser, &mut global)?,
+        "heartbeat" => parse_heartbeat(&mut parser, &mut global)?,
+        "status" => parse_status(&mut parser, &mut global)?,
+        "doctor" => parse_doctor(&mut parser, &mut global)?,
         "help" => {
             let topic = match next(&mut parser)? {
                 Some(Value(v)) => Some(string(v, "help topic")?),
@@ -250,6 +385,7 @@ fn parse_connect(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Comm
             ("drain-timeout", _) => a.drain_timeout_secs = Some(number(parser, "--drain-timeout")?),
             ("max-attempts", _) => a.max_attempts = Some(number(parser, "--max-attempts")?),
             ("reply-to-replies", _) => a.reply_to_replies = true,
+            ("concurrency", _) => a.concurrency = Some(number(parser, "--concurrency")?),
             ("dry-run", _) => a.dry_run = true,
             (_, Value(v)) if a.workspace.is_none() => {
                 a.workspace = Some(string(v, "workspace id")?)
@@ -264,6 +400,205 @@ fn parse_connect(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Comm
         }
     }
     Ok(Command::Connect(a))
+}
+
+/// The shared loop of the agent-side commands: global options anywhere, `-h`/`--help`,
+/// up to `max_positional` values, and the command's own long options through `flag`
+/// (which returns `false` for an option it does not know). `Ok(None)` = help asked.
+fn sub_args(
+    parser: &mut lexopt::Parser,
+    g: &mut GlobalArgs,
+    cmd: &str,
+    max_positional: usize,
+    mut flag: impl FnMut(&str, &mut lexopt::Parser) -> Result<bool, UsageError>,
+) -> Result<Option<Vec<String>>, UsageError> {
+    let mut positional = Vec::new();
+    while let Some(arg) = next(parser)? {
+        if parse_global(&arg, parser, g)? {
+            continue;
+        }
+        match arg {
+            Short('h') => return Ok(None),
+            Long(ref l) if l == "help" => return Ok(None),
+            Long(ref l) => {
+                if !flag(l, parser)? {
+                    return Err(UsageError(format!("{cmd}: {}", unexpected(arg))));
+                }
+            }
+            Value(v) if positional.len() < max_positional => {
+                positional.push(string(v, &format!("{cmd} argument"))?);
+            }
+            Value(v) => {
+                return Err(UsageError(format!(
+                    "{cmd}: unexpected argument {:?} (see 'molecule {cmd} --help'; put -- before text that starts with -)",
+                    v.to_string_lossy()
+                )));
+            }
+            other => return Err(UsageError(format!("{cmd}: {}", unexpected(other)))),
+        }
+    }
+    Ok(Some(positional))
+}
+
+fn help(cmd: &str) -> Command {
+    Command::Help(Some(cmd.to_string()))
+}
+
+fn parse_send(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Command, UsageError> {
+    let mut a = SendArgs::default();
+    let Some(pos) = sub_args(parser, g, "send", 2, |name, p| {
+        match name {
+            "message-id" => a.message_id = Some(string(p.value()?, "--message-id")?),
+            "budget" => a.budget_secs = Some(number(p, "--budget")?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?
+    else {
+        return Ok(help("send"));
+    };
+    let mut pos = pos.into_iter();
+    a.peer = pos.next();
+    a.text = pos.next();
+    Ok(Command::Send(a))
+}
+
+fn parse_peers(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Command, UsageError> {
+    let mut a = PeersArgs::default();
+    let Some(_) = sub_args(parser, g, "peers", 0, |name, p| {
+        match name {
+            "query" => a.query = Some(string(p.value()?, "--query")?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?
+    else {
+        return Ok(help("peers"));
+    };
+    Ok(Command::Peers(a))
+}
+
+fn parse_discover(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Command, UsageError> {
+    let Some(pos) = sub_args(parser, g, "discover", 1, |_, _| Ok(false))? else {
+        return Ok(help("discover"));
+    };
+    Ok(Command::Discover(DiscoverArgs {
+        peer: pos.into_iter().next(),
+    }))
+}
+
+fn parse_info(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Command, UsageError> {
+    let Some(pos) = sub_args(parser, g, "info", 1, |_, _| Ok(false))? else {
+        return Ok(help("info"));
+    };
+    Ok(Command::Info(InfoArgs {
+        id: pos.into_iter().next(),
+    }))
+}
+
+fn parse_delegate(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Command, UsageError> {
+    let mut a = DelegateArgs::default();
+    let Some(pos) = sub_args(parser, g, "delegate", 2, |name, p| {
+        match name {
+            "idempotency-key" => a.idempotency_key = Some(string(p.value()?, "--idempotency-key")?),
+            "wait" => a.wait = true,
+            "timeout" => a.timeout_secs = Some(number(p, "--timeout")?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?
+    else {
+        return Ok(help("delegate"));
+    };
+    let mut pos = pos.into_iter();
+    a.target = pos.next();
+    a.text = pos.next();
+    Ok(Command::Delegate(a))
+}
+
+fn parse_delegations(
+    parser: &mut lexopt::Parser,
+    g: &mut GlobalArgs,
+) -> Result<Command, UsageError> {
+    let mut a = DelegationsArgs::default();
+    let Some(_) = sub_args(parser, g, "delegations", 0, |name, p| {
+        match name {
+            "status" => a.status = Some(string(p.value()?, "--status")?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?
+    else {
+        return Ok(help("delegations"));
+    };
+    Ok(Command::Delegations(a))
+}
+
+fn parse_notify(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Command, UsageError> {
+    let mut a = NotifyArgs::default();
+    let Some(pos) = sub_args(parser, g, "notify", 1, |name, p| {
+        match name {
+            "attach" => a.attach.push(string(p.value()?, "--attach")?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?
+    else {
+        return Ok(help("notify"));
+    };
+    a.text = pos.into_iter().next();
+    Ok(Command::Notify(a))
+}
+
+fn parse_heartbeat(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Command, UsageError> {
+    let mut a = HeartbeatArgs::default();
+    let Some(_) = sub_args(parser, g, "heartbeat", 0, |name, p| {
+        match name {
+            "current-task" => a.current_task = Some(string(p.value()?, "--current-task")?),
+            "active-tasks" => a.active_tasks = Some(number(p, "--active-tasks")?),
+            "error-rate" => a.error_rate = Some(decimal(p, "--error-rate")?),
+            "sample-error" => a.sample_error = Some(string(p.value()?, "--sample-error")?),
+            "uptime-secs" => a.uptime_secs = Some(number(p, "--uptime-secs")?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?
+    else {
+        return Ok(help("heartbeat"));
+    };
+    Ok(Command::Heartbeat(a))
+}
+
+fn parse_status(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Command, UsageError> {
+    let Some(_) = sub_args(parser, g, "status", 0, |_, _| Ok(false))? else {
+        return Ok(help("status"));
+    };
+    Ok(Command::Status)
+}
+
+fn parse_doctor(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Command, UsageError> {
+    let mut a = DoctorArgs::default();
+    let Some(_) = sub_args(parser, g, "doctor", 0, |name, p| {
+        match name {
+            "backend" => a.backend = Some(string(p.value()?, "--backend")?),
+            "backend-opt" => a.backend_opts.push(string(p.value()?, "--backend-opt")?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?
+    else {
+        return Ok(help("doctor"));
+    };
+    Ok(Command::Doctor(a))
+}
+
+fn decimal(parser: &mut lexopt::Parser, flag: &str) -> Result<f64, UsageError> {
+    let raw = string(parser.value()?, flag)?;
+    raw.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| UsageError(format!("{flag}: {raw:?} is not a number")))
 }
 
 fn string(v: OsString, what: &str) -> Result<String, UsageError> {
@@ -291,8 +626,22 @@ Usage: molecule [GLOBAL OPTIONS] <COMMAND> [OPTIONS]
 Commands:
   connect <workspace-id>   run the connector: register, heartbeat, poll the inbox,
                            hand each message to a backend, post the reply
+  send <peer-id> TEXT|-    send one message to a peer; print its reply (or queued)
+  peers                    list the workspaces this one may talk to
+  discover <peer-id>       check that a peer exists and may be talked to
+  info [<workspace-id>]    show a workspace's platform record (default: own)
+  delegate <target-id> TEXT|-
+                           hand a task to another workspace; --wait for the result
+  delegations              list delegations sent and received
+  notify TEXT|-            send a message to the human on the canvas
+  heartbeat                send one heartbeat (agents driven by cron)
+  status                   show what the connector's state file says
+  doctor                   check configuration, reachability, auth and poll support
   help [COMMAND]           show help for a command
   version                  print the version
+
+The agent-side commands (send ... doctor) act for the workspace given by --workspace
+or MOLECULE_WORKSPACE_ID.
 
 Global options (accepted before or after the command; flag > env > default):
   --api-url URL            platform base URL                  [env MOLECULE_API_URL]
@@ -315,6 +664,232 @@ Exit codes: 0 done or clean stop; 1 runtime failure; 2 usage or configuration er
 3 credentials rejected; 4 workspace removed or unknown; 5 platform too old (no poll mode);
 75 platform unreachable after the retry budget (try again later).
 ";
+
+/// The environment every agent-side command reads, for the per-command help.
+macro_rules! agent_env {
+    () => {
+        "
+Environment (or the matching global option, see 'molecule --help'):
+  MOLECULE_API_URL               platform base URL                   (--api-url)
+  MOLECULE_WORKSPACE_ID          own workspace id (UUID)             (--workspace)
+  MOLECULE_WORKSPACE_TOKEN_FILE  file holding the workspace token    (--token-file)
+  MOLECULE_WORKSPACE_TOKEN       the token itself
+  MOLECULE_ORG_ID                X-Molecule-Org-Id for SaaS          (--org-id)
+  MOLECULE_LOG                   log level on stderr                 (-v / -q)
+A 401 re-reads the token file once and retries; if the token did not change the
+command exits 3 with how to rotate it (4 if the workspace was removed).
+--json prints exactly one JSON document on stdout, also on failure:
+{\"ok\":false,\"error\":\"...\",\"exit_code\":N}. Logs and errors go to stderr.
+"
+    };
+}
+
+/// `molecule send --help`.
+pub const SEND_HELP: &str = concat!(
+    "\
+molecule send: send one A2A message to a peer workspace and print its reply
+
+Usage: molecule send <peer-id> TEXT [OPTIONS]
+       molecule send <peer-id> - [OPTIONS]      (read the message from stdin)
+
+Posts a JSON-RPC message/send (role user, kind text parts) to the peer through the
+platform's A2A proxy. A push-mode peer's reply text is printed. A poll-mode or busy
+peer makes the platform queue the message: that is success, printed as \"queued\",
+and the peer's answer arrives later as a new message to this workspace.
+
+Transport errors, timeouts, 429, 5xx (a 503 for a restarting or waking peer) are
+retried with exponential backoff (1, 2, 4, 8, 16 s, +-25 % jitter; Retry-After is
+honoured as a minimum) inside the --budget; every retry reuses the same messageId, so
+the platform drops duplicates. Never retried: a 502 with delivery_confirmed (the peer
+got it), a busy 503, and every other 4xx. Stdin is read up to 16 MiB; one trailing
+newline is dropped.
+
+Options:
+  --message-id ID          messageId to use (default: a fresh UUID); reuse it when
+                           re-running a send so the platform deduplicates it
+  --budget SECS            total time for all attempts, waits included [default: 600]
+
+Exit codes: 0 reply printed or queued; 1 the peer or platform refused (JSON-RPC error,
+403 hierarchy rules, 404 no such workspace, busy 503, 502 delivered but the answer was
+lost, other 4xx); 2 bad input (not a UUID, empty text, over 16 MiB or 413, unreadable
+stdin); 3 token rejected; 4 workspace removed (410); 75 still failing when the budget
+ran out (the last error is printed).
+",
+    agent_env!()
+);
+
+/// `molecule peers --help`.
+pub const PEERS_HELP: &str = concat!(
+    "\
+molecule peers: list the workspaces this one may talk to
+
+Usage: molecule peers [--query TEXT]
+
+Lists siblings, children and the parent (GET /registry/<own>/peers). An empty list
+says why; a failure says what the platform answered (401, 403, 404, 5xx, unreachable).
+With --json the output is the platform's array as is.
+
+Options:
+  --query TEXT             only peers whose name or role contains TEXT
+",
+    agent_env!()
+);
+
+/// `molecule discover --help`.
+pub const DISCOVER_HELP: &str = concat!(
+    "\
+molecule discover: check that a peer exists and that this workspace may talk to it
+
+Usage: molecule discover <peer-id>
+
+Asks GET /registry/discover/<peer-id>. Exit 0 if the peer exists and the hierarchy
+rules allow talking to it; 1 if it does not exist (404) or may not be reached (403);
+75 if it is not available right now or the platform is unreachable. The URL in the
+answer is informational: messages always go through the platform (molecule send).
+",
+    agent_env!()
+);
+
+/// `molecule info --help`.
+pub const INFO_HELP: &str = concat!(
+    "\
+molecule info: show a workspace's platform record
+
+Usage: molecule info [<workspace-id>]
+
+GET /workspaces/<id> for the given id, or this workspace. A removed workspace prints
+\"removed\" with the platform's hint and exits 4; an unknown one exits 4 too.
+",
+    agent_env!()
+);
+
+/// `molecule delegate --help`.
+pub const DELEGATE_HELP: &str = concat!(
+    "\
+molecule delegate: hand a task to another workspace through the platform
+
+Usage: molecule delegate <target-id> TEXT|- [OPTIONS]
+
+POST /workspaces/<own>/delegate. Prints the delegation id (and \"idempotent_hit\" when
+the --idempotency-key matched an earlier delegation that has not failed). With --wait,
+polls GET /workspaces/<own>/delegations every 1-2 s until the delegation is completed
+or failed (\"stuck\" is still in flight) and prints the result.
+
+Options:
+  --idempotency-key KEY    the platform returns the existing delegation for a repeated
+                           KEY instead of starting a new one (unless it failed)
+  --wait                   wait for the result
+  --timeout SECS           how long --wait waits               [default: 600]
+
+Exit codes: 0 delegated, or with --wait completed (the result is printed); 1 the
+delegation failed (its error is printed) or the platform refused it; 2 bad input;
+3 token rejected; 4 own workspace removed or unknown; 75 --wait timed out (the
+delegation may still finish: see molecule delegations) or the platform is unreachable.
+",
+    agent_env!()
+);
+
+/// `molecule delegations --help`.
+pub const DELEGATIONS_HELP: &str = concat!(
+    "\
+molecule delegations: list this workspace's delegations, newest first
+
+Usage: molecule delegations [--status STATUS]
+
+GET /workspaces/<own>/delegations (the platform keeps the newest 50). A table for
+people; with --json the platform's array as is.
+
+Options:
+  --status STATUS          only entries with this status (pending, dispatched,
+                           queued, in_progress, stuck, completed, failed)
+",
+    agent_env!()
+);
+
+/// `molecule notify --help`.
+pub const NOTIFY_HELP: &str = concat!(
+    "\
+molecule notify: send a message to the human on the canvas
+
+Usage: molecule notify TEXT|- [--attach URI[,NAME]]...
+
+POST /workspaces/<own>/notify. Every call is a new chat message (no dedupe).
+
+Options:
+  --attach URI[,NAME]      attach a file already uploaded to the platform, by URI;
+                           NAME defaults to the last part of the URI (repeatable;
+                           everything after the first comma is the name)
+
+Exit codes: 0 sent; 1 refused (403 talk_to_user_disabled prints the platform's hint:
+forward the update to a parent workspace with molecule delegate); 2 bad input;
+3 token rejected; 4 own workspace unknown; 75 platform unreachable.
+",
+    agent_env!()
+);
+
+/// `molecule heartbeat --help`.
+pub const HEARTBEAT_HELP: &str = concat!(
+    "\
+molecule heartbeat: send one heartbeat for this workspace
+
+Usage: molecule heartbeat [OPTIONS]
+
+POST /registry/heartbeat once, with runtime_metadata and only the fields given (no
+runtime_state): for agents that run from cron instead of molecule connect. The
+platform marks a workspace awaiting_agent 180 s after its last heartbeat.
+
+Options:
+  --current-task TEXT      what the agent is working on (empty = idle)
+  --active-tasks N         tasks in progress
+  --error-rate R           recent failure rate, 0.0 to 1.0 (>= 0.5 shows degraded)
+  --sample-error TEXT      the last error, shown for a degraded workspace
+  --uptime-secs N          seconds the agent has been up (omitted unless given)
+",
+    agent_env!()
+);
+
+/// `molecule status --help`.
+pub const STATUS_HELP: &str = "\
+molecule status: show what the connector last saved for this workspace
+
+Usage: molecule status
+
+Reads <state-dir>/<workspace-id>.json, the state file molecule connect writes after
+every handled message: the cursor (last_since_id), the highest handled seq, how many
+handled message ids the ledger holds, and when the file was last saved. No network.
+The connector does not write a live status file yet (last poll, heartbeat, error
+counts): the output says so instead of guessing.
+
+Exit codes: 0 state file read; 1 no state file (the connector never saved state for
+this workspace in this state dir); 2 corrupt state file or bad configuration.
+
+Environment: MOLECULE_WORKSPACE_ID (--workspace), MOLECULE_STATE_DIR (--state-dir),
+XDG_CONFIG_HOME, HOME. --json prints one JSON document on stdout.
+";
+
+/// `molecule doctor --help`.
+pub const DOCTOR_HELP: &str = concat!(
+    "\
+molecule doctor: check that this host can run molecule connect for the workspace
+
+Usage: molecule doctor [--backend NAME] [--backend-opt KEY=VALUE]...
+
+One line per check, \"ok   name: detail\" or \"FAIL name: detail\" (\"skip\" when an
+earlier failure makes a check meaningless):
+  config     URL, workspace id, token and state dir are present and sane
+  dns, tcp   the platform's host resolves and its port accepts a connection
+  tls/http   GET /health answers
+  auth       the token is accepted (GET /workspaces/<id>/activity)
+  poll-mode  register answers delivery_mode \"poll\" (register is idempotent: it is
+             what molecule connect does on start)
+  cursor     an unknown since_id answers 410, as poll mode needs
+  state-dir  the state dir is writable (a temporary file is created and removed)
+  backend    only with --backend/--backend-opt: the backend's command is found
+
+Exit codes: 0 every check passed; 1 at least one failed.
+",
+    agent_env!()
+);
 
 /// `molecule connect --help`.
 pub const CONNECT_HELP: &str = "\
@@ -344,6 +919,8 @@ Options:
   --heartbeat-secs N       heartbeat period                              [default: 20]
   --max-attempts N         backend tries per message before giving up    [default: 3]
   --drain-timeout SECS     on SIGTERM, let a running backend finish this long [default: 30]
+  --concurrency N          backend runs at once, across different senders (messages from
+                           one sender stay strictly in order)                [default: 1]
   --reply-to-replies       also post answers to messages that are themselves replies
                            (off by default: two auto-replying agents would loop forever)
   --dry-run                check configuration and backend, print a summary, exit
@@ -366,6 +943,16 @@ pub fn help_for(topic: Option<&str>) -> Option<&'static str> {
     match topic {
         None | Some("help") | Some("version") => Some(HELP),
         Some("connect") => Some(CONNECT_HELP),
+        Some("send") => Some(SEND_HELP),
+        Some("peers") => Some(PEERS_HELP),
+        Some("discover") => Some(DISCOVER_HELP),
+        Some("info") => Some(INFO_HELP),
+        Some("delegate") => Some(DELEGATE_HELP),
+        Some("delegations") => Some(DELEGATIONS_HELP),
+        Some("notify") => Some(NOTIFY_HELP),
+        Some("heartbeat") => Some(HEARTBEAT_HELP),
+        Some("status") => Some(STATUS_HELP),
+        Some("doctor") => Some(DOCTOR_HELP),
         Some(_) => None,
     }
 }
@@ -431,6 +1018,97 @@ mod tests {
         assert_eq!(c.interval_ms, Some(250));
         assert_eq!(c.since_secs, Some(60));
         assert!(c.dry_run);
+    }
+
+    #[test]
+    fn agent_commands_parse() {
+        let a = p(&[
+            "send",
+            "peer",
+            "-",
+            "--budget=3",
+            "--json",
+            "--message-id",
+            "m",
+        ])
+        .unwrap();
+        assert!(a.global.json);
+        assert_eq!(
+            a.command,
+            Command::Send(SendArgs {
+                peer: Some("peer".into()),
+                text: Some("-".into()),
+                message_id: Some("m".into()),
+                budget_secs: Some(3),
+            })
+        );
+        // Text that starts with a dash goes after `--`.
+        let Command::Send(s) = p(&["send", "peer", "--", "-5 degrees"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(s.text.as_deref(), Some("-5 degrees"));
+        let Command::Delegate(d) = p(&[
+            "delegate",
+            "t",
+            "task",
+            "--wait",
+            "--timeout",
+            "9",
+            "--idempotency-key",
+            "k",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        assert!(d.wait);
+        assert_eq!(
+            (d.timeout_secs, d.idempotency_key.as_deref()),
+            (Some(9), Some("k"))
+        );
+        let Command::Heartbeat(h) = p(&["heartbeat", "--error-rate", "0.5", "--active-tasks", "2"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!((h.error_rate, h.active_tasks), (Some(0.5), Some(2)));
+        let Command::Notify(n) = p(&["notify", "hi", "--attach", "u,n", "--attach", "v"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(n.attach, ["u,n", "v"]);
+        assert_eq!(p(&["status"]).unwrap().command, Command::Status);
+        assert_eq!(
+            p(&["info"]).unwrap().command,
+            Command::Info(InfoArgs::default())
+        );
+        for cmd in ["send", "peers", "delegate", "doctor", "status"] {
+            assert_eq!(
+                p(&[cmd, "--help"]).unwrap().command,
+                Command::Help(Some(cmd.into()))
+            );
+            assert!(help_for(Some(cmd)).is_some());
+        }
+    }
+
+    #[test]
+    fn agent_command_errors() {
+        assert!(
+            p(&["send", "a", "b", "c"])
+                .unwrap_err()
+                .0
+                .contains("unexpected argument")
+        );
+        assert!(p(&["peers", "x"]).is_err());
+        assert!(p(&["peers", "--nope"]).unwrap_err().0.contains("--nope"));
+        assert!(p(&["heartbeat", "--error-rate", "lots"]).is_err());
+        assert!(p(&["heartbeat", "--error-rate", "NaN"]).is_err());
+        assert!(p(&["send", "a", "b", "--budget", "-1"]).is_err());
+        assert!(p(&["delegate", "a", "b", "--wait=yes"]).is_err());
     }
 
     #[test]

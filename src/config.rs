@@ -99,6 +99,8 @@ pub struct ConnectConfig {
     pub max_attempts: u32,
     /// Post answers to inbound replies too (loop guard off).
     pub reply_to_replies: bool,
+    /// Backend runs at once (across senders).
+    pub concurrency: usize,
     /// Check and print, do not run.
     pub dry_run: bool,
 }
@@ -180,6 +182,12 @@ pub fn connect_config(
             "--max-attempts {max_attempts}: must be between 1 and 100"
         )));
     }
+    let concurrency = a.concurrency.unwrap_or(1);
+    if !(1..=64).contains(&concurrency) {
+        return Err(ConfigError(format!(
+            "--concurrency {concurrency}: must be between 1 and 64"
+        )));
+    }
     Ok(ConnectConfig {
         common,
         workspace_id,
@@ -191,6 +199,7 @@ pub fn connect_config(
         drain_timeout: Duration::from_secs(drain_secs),
         max_attempts,
         reply_to_replies: a.reply_to_replies,
+        concurrency,
         dry_run: a.dry_run,
     })
 }
@@ -266,6 +275,72 @@ fn resolve_token(
     Err(ConfigError(
         "no workspace token: pass --token-file PATH or set MOLECULE_WORKSPACE_TOKEN".into(),
     ))
+}
+
+/// Settings for the agent-side commands (`send`, `peers`, ...): platform access plus
+/// our own workspace id.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// URL, token, state dir.
+    pub common: Common,
+    /// Own workspace id (UUID).
+    pub workspace_id: String,
+}
+
+/// Resolves an agent-side command's configuration: `--workspace` /
+/// `MOLECULE_WORKSPACE_ID` (a UUID) and the common platform settings.
+pub fn agent_config(
+    g: &GlobalArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<AgentConfig, ConfigError> {
+    let workspace_id = workspace_id(g, env)?;
+    let common = common(g, None, env)?;
+    Ok(AgentConfig {
+        common,
+        workspace_id,
+    })
+}
+
+/// Own workspace id from `--workspace` or `MOLECULE_WORKSPACE_ID`, trimmed and
+/// checked to be a UUID.
+pub fn workspace_id(
+    g: &GlobalArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let raw = g
+        .workspace
+        .clone()
+        .or_else(|| non_empty(env("MOLECULE_WORKSPACE_ID")))
+        .ok_or_else(|| {
+            ConfigError("no workspace id: pass --workspace ID or set MOLECULE_WORKSPACE_ID".into())
+        })?;
+    let id = raw.trim().to_string();
+    if !is_uuid(&id) {
+        return Err(ConfigError(format!("workspace id {id:?} is not a UUID")));
+    }
+    Ok(id)
+}
+
+/// The state directory alone (flag, env, XDG, HOME), for commands that need no
+/// platform access.
+pub fn resolve_state_dir(
+    g: &GlobalArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<PathBuf, ConfigError> {
+    state_dir(g, env)
+}
+
+/// `--backend-opt KEY=VALUE` pairs as a map (later keys win), for `doctor`.
+pub fn backend_opts(pairs: &[String]) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut opts = BTreeMap::new();
+    for kv in pairs {
+        let (k, v) = kv
+            .split_once('=')
+            .filter(|(k, _)| !k.trim().is_empty())
+            .ok_or_else(|| ConfigError(format!("--backend-opt: {kv:?} is not KEY=VALUE")))?;
+        opts.insert(k.trim().to_string(), v.to_string());
+    }
+    Ok(opts)
 }
 
 /// Reads and checks a token file (whitespace around the token is ignored).
@@ -533,6 +608,41 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn agent_config_needs_a_uuid_workspace() {
+        let env = [
+            ("MOLECULE_API_URL", "https://x"),
+            ("MOLECULE_WORKSPACE_TOKEN", "t"),
+            ("HOME", "/h"),
+        ];
+        let g = GlobalArgs::default();
+        let e = agent_config(&g, &env_of(&env)).unwrap_err();
+        assert!(e.0.contains("MOLECULE_WORKSPACE_ID"), "{e}");
+        let mut with_ws = env.to_vec();
+        with_ws.push((
+            "MOLECULE_WORKSPACE_ID",
+            " 11111111-2222-4333-8444-555555555555 ",
+        ));
+        let c = agent_config(&g, &env_of(&with_ws)).unwrap();
+        assert_eq!(c.workspace_id, WS);
+        let g = GlobalArgs {
+            workspace: Some("nope".into()),
+            ..GlobalArgs::default()
+        };
+        assert!(
+            agent_config(&g, &env_of(&with_ws))
+                .unwrap_err()
+                .0
+                .contains("not a UUID")
+        );
+        assert_eq!(
+            resolve_state_dir(&GlobalArgs::default(), &env_of(&env)).unwrap(),
+            PathBuf::from("/h/.config/molecule/state")
+        );
+        assert!(backend_opts(&["cmd=cat".into(), "x".into()]).is_err());
+        assert_eq!(backend_opts(&["cmd=a=b".into()]).unwrap()["cmd"], "a=b");
     }
 
     #[test]

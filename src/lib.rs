@@ -17,6 +17,7 @@ pub mod api;
 pub mod backend;
 pub mod backoff;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod duration;
 pub mod error;
@@ -59,6 +60,7 @@ pub fn run(
             let cfg = config::connect_config(&args.global, &c, env)?;
             runner::connect(cfg, out)
         }
+        agent_side => commands::run(&args.global, agent_side, env, out),
     }
 }
 

@@ -23,10 +23,13 @@ pub enum StopReason {
     ThreadDied(String),
 }
 
+type Hook = Box<dyn Fn() + Send>;
+
 /// Cheap to clone; clones share one flag.
 #[derive(Clone, Default)]
 pub struct Shutdown {
     inner: Arc<(Mutex<Option<StopReason>>, Condvar)>,
+    hooks: Arc<Mutex<Vec<Hook>>>,
 }
 
 impl Shutdown {
@@ -37,12 +40,34 @@ impl Shutdown {
 
     /// Requests a stop. Only the first reason is kept; later calls still wake waiters.
     pub fn trigger(&self, reason: StopReason) {
-        let (lock, cv) = &*self.inner;
-        let mut guard = lock.lock().unwrap_or_else(PoisonError::into_inner);
-        if guard.is_none() {
-            *guard = Some(reason);
+        {
+            let (lock, cv) = &*self.inner;
+            let mut guard = lock.lock().unwrap_or_else(PoisonError::into_inner);
+            if guard.is_none() {
+                *guard = Some(reason);
+            }
+            cv.notify_all();
         }
-        cv.notify_all();
+        for hook in self
+            .hooks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            hook();
+        }
+    }
+
+    /// Runs `hook` on every trigger (and at once if already triggered): for waits
+    /// that are not on this condvar, e.g. a thread blocked on a channel.
+    pub fn on_trigger(&self, hook: impl Fn() + Send + 'static) {
+        if self.is_triggered() {
+            hook();
+        }
+        self.hooks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Box::new(hook));
     }
 
     /// Has a stop been requested?
@@ -123,6 +148,18 @@ mod tests {
         s.trigger(StopReason::Signal);
         assert!(t.join().unwrap());
         assert_eq!(s.wait(), StopReason::Signal);
+    }
+
+    #[test]
+    fn hooks_run_on_trigger() {
+        let s = Shutdown::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        s.on_trigger(move || {
+            let _ = tx.send(());
+        });
+        assert!(rx.try_recv().is_err());
+        s.trigger(StopReason::Signal);
+        assert!(rx.try_recv().is_ok());
     }
 
     #[test]

@@ -1,21 +1,29 @@
-//! The per-workspace state file: cursor and handled-message ledger, loaded at start
-//! and saved atomically (temp file in the same directory, fsync, rename, fsync of the
-//! directory; file 0600, directory 0700). Same path and core fields as the Go CLI
-//! (`<state-dir>/<workspace-id>.json` with `workspace_id`, `last_since_id`), so users
-//! can switch. Also the single-instance lock. No network.
+//! The per-workspace state: cursor, handled-message ledger and pending replies. The
+//! state file is saved atomically (temp file in the same directory, fsync, rename,
+//! fsync of the directory; file 0600, directory 0700) with the Go CLI's path and core
+//! fields (`<state-dir>/<workspace-id>.json` with `workspace_id`, `last_since_id`), so
+//! users can switch; between checkpoints changes go to an fsynced append-only
+//! journal. Also the single-instance lock. No network.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::lru::Lru;
 
 /// How many handled ids the ledger remembers.
 pub const LEDGER_CAPACITY: usize = 2048;
+/// Journal lines before a checkpoint is forced.
+const JOURNAL_MAX_LINES: u32 = 1024;
+/// A moved cursor is checkpointed at most this late.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// Larger state files are refused rather than read into memory.
 const MAX_STATE_BYTES: u64 = 16 * 1024 * 1024;
 
@@ -68,7 +76,8 @@ impl std::error::Error for StateError {}
 pub struct StateFile {
     /// The workspace this state belongs to.
     pub workspace_id: String,
-    /// Id of the newest handled activity row (the cursor); empty = cold start.
+    /// Id of the newest row below which everything is handled (the cursor); empty =
+    /// cold start.
     #[serde(default)]
     pub last_since_id: String,
     /// Highest handled `seq`, for acks.
@@ -77,19 +86,50 @@ pub struct StateFile {
     /// Recently handled keys, oldest first (activity ids and message ids).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub handled: Vec<String>,
+    /// Replies produced by the backend but not yet confirmed posted, by activity id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pending: BTreeMap<String, PendingReply>,
 }
 
-/// The loaded state: cursor plus an LRU of handled keys.
-#[derive(Debug, Clone)]
-pub struct State {
+/// A backend reply saved before it is posted, so a crash re-posts it (same
+/// `messageId`) instead of running the backend again.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PendingReply {
+    /// Reply text.
+    pub text: String,
+    /// Extra parts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<Value>,
+}
+
+/// One line of the journal: what happened since the last checkpoint.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+enum Record {
+    /// The backend produced this reply for `row`; it is about to be posted.
+    Reply { row: String, reply: PendingReply },
+    /// `row` is finished (answered, skipped on purpose, or dead-lettered).
+    Done { row: String, keys: Vec<String> },
+}
+
+/// The connector's durable memory: cursor, handled-message ledger and pending
+/// replies. Changes are appended to a journal (`<id>.journal`, one fsynced line
+/// each) and folded into the state file at checkpoints, so a message costs two small
+/// appends instead of two rewrites of the whole file.
+#[derive(Debug)]
+pub struct Store {
     path: PathBuf,
+    journal_path: PathBuf,
+    journal: File,
+    journal_lines: u32,
+    dirty: bool,
+    last_checkpoint: Instant,
     /// Workspace id.
     pub workspace_id: String,
-    /// Cursor; `None` = cold start.
-    pub cursor: Option<String>,
-    /// Highest handled `seq`.
-    pub last_seq: Option<i64>,
+    cursor: Option<String>,
+    last_seq: Option<i64>,
     handled: Lru<String, ()>,
+    pending: BTreeMap<String, PendingReply>,
 }
 
 /// `<dir>/<workspace-id>.json`.
@@ -97,60 +137,177 @@ pub fn state_path(dir: &Path, workspace_id: &str) -> PathBuf {
     dir.join(format!("{workspace_id}.json"))
 }
 
-impl State {
-    /// Loads the state for `workspace_id` from `dir`, or a fresh one if there is no
-    /// file. A file that does not parse, or belongs to another workspace, is an error.
-    pub fn load(dir: &Path, workspace_id: &str) -> Result<State, StateError> {
+/// Reads and checks a state file; `Ok(None)` when there is none.
+pub fn read_state_file(path: &Path, workspace_id: &str) -> Result<Option<StateFile>, StateError> {
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(StateError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let corrupt = |detail: String| StateError::Corrupt {
+        path: path.to_path_buf(),
+        detail,
+    };
+    if meta.len() > MAX_STATE_BYTES {
+        return Err(corrupt(format!("{} bytes is too large", meta.len())));
+    }
+    let raw = fs::read(path).map_err(|source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let file: StateFile = serde_json::from_slice(&raw).map_err(|e| corrupt(e.to_string()))?;
+    if file.workspace_id != workspace_id {
+        return Err(corrupt(format!(
+            "it belongs to workspace {:?}",
+            file.workspace_id
+        )));
+    }
+    if !file.last_since_id.is_empty() && !crate::uuid::is_uuid(&file.last_since_id) {
+        return Err(corrupt(format!(
+            "cursor {:?} is not a UUID",
+            file.last_since_id
+        )));
+    }
+    Ok(Some(file))
+}
+
+impl Store {
+    /// Opens the state of `workspace_id` in `dir`: the state file (if any) plus
+    /// whatever the journal recorded after it, then checkpoints so the journal starts
+    /// empty. A state file that does not parse or belongs to another workspace is an
+    /// error; a torn last journal line (crash mid-write) is ignored.
+    pub fn open(dir: &Path, workspace_id: &str) -> Result<Store, StateError> {
         let path = state_path(dir, workspace_id);
-        let mut state = State {
-            path: path.clone(),
+        let journal_path = dir.join(format!("{workspace_id}.journal"));
+        let file = read_state_file(&path, workspace_id)?.unwrap_or_default();
+        let io_err = |p: &Path| {
+            let p = p.to_path_buf();
+            move |source| StateError::Io { path: p, source }
+        };
+        let journal = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&journal_path)
+            .map_err(io_err(&journal_path))?;
+        let mut store = Store {
+            path,
+            journal_path: journal_path.clone(),
+            journal,
+            journal_lines: 0,
+            dirty: false,
+            last_checkpoint: Instant::now(),
             workspace_id: workspace_id.to_string(),
-            cursor: None,
-            last_seq: None,
+            cursor: Some(file.last_since_id).filter(|c| !c.is_empty()),
+            last_seq: file.last_seq,
             handled: Lru::new(LEDGER_CAPACITY),
+            pending: file.pending,
         };
-        let meta = match fs::metadata(&path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(state),
-            Err(source) => return Err(StateError::Io { path, source }),
-        };
-        if meta.len() > MAX_STATE_BYTES {
-            return Err(StateError::Corrupt {
-                path,
-                detail: format!("{} bytes is too large", meta.len()),
-            });
-        }
-        let raw = fs::read(&path).map_err(|source| StateError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let file: StateFile = serde_json::from_slice(&raw).map_err(|e| StateError::Corrupt {
-            path: path.clone(),
-            detail: e.to_string(),
-        })?;
-        if file.workspace_id != workspace_id {
-            return Err(StateError::Corrupt {
-                path,
-                detail: format!("it belongs to workspace {:?}", file.workspace_id),
-            });
-        }
-        if !file.last_since_id.is_empty() && !crate::uuid::is_uuid(&file.last_since_id) {
-            return Err(StateError::Corrupt {
-                path,
-                detail: format!("cursor {:?} is not a UUID", file.last_since_id),
-            });
-        }
-        state.cursor = Some(file.last_since_id).filter(|c| !c.is_empty());
-        state.last_seq = file.last_seq;
         for key in file.handled {
-            state.handled.insert(key, ());
+            store.handled.insert(key, ());
         }
-        Ok(state)
+        let raw = fs::read(&journal_path).map_err(io_err(&journal_path))?;
+        let mut replayed = 0usize;
+        for line in raw.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            match serde_json::from_slice::<Record>(line) {
+                Ok(record) => {
+                    store.apply(record);
+                    replayed += 1;
+                }
+                // Only a crash mid-append can leave a bad line, and only as the last.
+                Err(_) => log::warn!("{}: ignoring a torn journal line", journal_path.display()),
+            }
+        }
+        if replayed > 0 {
+            log::info!(
+                "recovered {replayed} journal record(s) from {}",
+                journal_path.display()
+            );
+        }
+        store.checkpoint()?;
+        Ok(store)
     }
 
-    /// The file this state saves to.
-    pub fn path(&self) -> &Path {
-        &self.path
+    fn apply(&mut self, record: Record) {
+        match record {
+            Record::Reply { row, reply } => {
+                self.pending.insert(row, reply);
+            }
+            Record::Done { row, keys } => {
+                self.pending.remove(&row);
+                for key in keys {
+                    self.handled.insert(key, ());
+                }
+            }
+        }
+    }
+
+    fn append(&mut self, record: Record) -> Result<(), StateError> {
+        let mut line = serde_json::to_vec(&record).map_err(|e| StateError::Io {
+            path: self.journal_path.clone(),
+            source: io::Error::other(e),
+        })?;
+        line.push(b'\n');
+        self.journal
+            .write_all(&line)
+            .and_then(|()| self.journal.sync_data())
+            .map_err(|source| StateError::Io {
+                path: self.journal_path.clone(),
+                source,
+            })?;
+        self.journal_lines = self.journal_lines.saturating_add(1);
+        self.apply(record);
+        Ok(())
+    }
+
+    /// Durably records a reply that is about to be posted for `row`.
+    pub fn record_reply(&mut self, row: &str, reply: PendingReply) -> Result<(), StateError> {
+        self.append(Record::Reply {
+            row: row.to_string(),
+            reply,
+        })
+    }
+
+    /// Durably records that `row` is finished; `keys` go into the ledger.
+    pub fn record_done(&mut self, row: &str, keys: Vec<String>) -> Result<(), StateError> {
+        self.append(Record::Done {
+            row: row.to_string(),
+            keys,
+        })
+    }
+
+    /// The reply saved for `row` and not yet confirmed posted, if any.
+    pub fn pending_reply(&self, row: &str) -> Option<PendingReply> {
+        self.pending.get(row).cloned()
+    }
+
+    /// The cursor: the newest row below which everything is handled.
+    pub fn cursor(&self) -> Option<&str> {
+        self.cursor.as_deref()
+    }
+
+    /// Highest handled `seq`.
+    pub fn last_seq(&self) -> Option<i64> {
+        self.last_seq
+    }
+
+    /// Moves the cursor (in memory; the next checkpoint saves it). A cursor is
+    /// always a UUID: the platform answers anything else with a 500.
+    pub fn set_cursor(&mut self, id: Option<String>, seq: Option<i64>) {
+        let id = id.filter(|i| crate::uuid::is_uuid(i));
+        if id != self.cursor {
+            self.cursor = id;
+            self.dirty = true;
+        }
+        if let Some(seq) = seq {
+            self.last_seq = Some(self.last_seq.map_or(seq, |s| s.max(seq)));
+        }
     }
 
     /// Has `key` been handled recently?
@@ -158,23 +315,32 @@ impl State {
         self.handled.contains(&key.to_string())
     }
 
-    /// Records `key` as handled (in memory; [`State::save`] persists).
-    pub fn mark_handled(&mut self, key: String) {
-        self.handled.insert(key, ());
-    }
-
     /// Number of keys in the ledger.
     pub fn handled_len(&self) -> usize {
         self.handled.len()
     }
 
-    /// Writes the state atomically.
-    pub fn save(&self) -> Result<(), StateError> {
+    /// The state file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Checkpoints when the journal has grown or the cursor moved a while ago.
+    pub fn maybe_checkpoint(&mut self) -> Result<(), StateError> {
+        let due = self.journal_lines >= JOURNAL_MAX_LINES
+            || ((self.dirty || self.journal_lines > 0)
+                && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY);
+        if due { self.checkpoint() } else { Ok(()) }
+    }
+
+    /// Writes the whole state atomically, then empties the journal.
+    pub fn checkpoint(&mut self) -> Result<(), StateError> {
         let file = StateFile {
             workspace_id: self.workspace_id.clone(),
             last_since_id: self.cursor.clone().unwrap_or_default(),
             last_seq: self.last_seq,
             handled: self.handled.keys_oldest_first().cloned().collect(),
+            pending: self.pending.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&file).map_err(|e| StateError::Io {
             path: self.path.clone(),
@@ -183,7 +349,20 @@ impl State {
         write_atomic(&self.path, &bytes).map_err(|source| StateError::Io {
             path: self.path.clone(),
             source,
-        })
+        })?;
+        // Replaying records already in the state file is harmless, so a crash
+        // between the rename and the truncation loses nothing.
+        self.journal
+            .set_len(0)
+            .and_then(|()| self.journal.sync_data())
+            .map_err(|source| StateError::Io {
+                path: self.journal_path.clone(),
+                source,
+            })?;
+        self.journal_lines = 0;
+        self.dirty = false;
+        self.last_checkpoint = Instant::now();
+        Ok(())
     }
 }
 
@@ -276,11 +455,18 @@ mod tests {
         d
     }
 
+    fn reply(t: &str) -> PendingReply {
+        PendingReply {
+            text: t.into(),
+            parts: vec![],
+        }
+    }
+
     #[test]
     fn missing_file_is_fresh() {
         let d = tmpdir();
-        let s = State::load(&d, WS).unwrap();
-        assert!(s.cursor.is_none());
+        let s = Store::open(&d, WS).unwrap();
+        assert!(s.cursor().is_none());
         assert_eq!(s.handled_len(), 0);
     }
 
@@ -292,28 +478,61 @@ mod tests {
             fs::metadata(&d).unwrap().permissions().mode() & 0o777,
             0o700
         );
-        let mut s = State::load(&d, WS).unwrap();
-        s.cursor = Some(ROW.into());
-        s.last_seq = Some(42);
-        s.mark_handled("a:1".into());
-        s.mark_handled("m:2".into());
-        s.save().unwrap();
+        let mut s = Store::open(&d, WS).unwrap();
+        s.set_cursor(Some(ROW.into()), Some(42));
+        s.record_done("r1", vec!["a:1".into(), "m:2".into()])
+            .unwrap();
+        s.checkpoint().unwrap();
         let mode = fs::metadata(s.path()).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let back = State::load(&d, WS).unwrap();
-        assert_eq!(back.cursor.as_deref(), Some(ROW));
-        assert_eq!(back.last_seq, Some(42));
+        drop(s);
+        let back = Store::open(&d, WS).unwrap();
+        assert_eq!(back.cursor(), Some(ROW));
+        assert_eq!(back.last_seq(), Some(42));
         assert!(back.is_handled("a:1") && back.is_handled("m:2"));
         // Go-CLI compatible field names.
-        let v: serde_json::Value = serde_json::from_slice(&fs::read(s.path()).unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&fs::read(back.path()).unwrap()).unwrap();
         assert_eq!(v["workspace_id"], WS);
         assert_eq!(v["last_since_id"], ROW);
-        // No temp files left behind.
-        let names: Vec<_> = fs::read_dir(&d)
+        // No temp files left behind; the journal is empty after a checkpoint.
+        let mut names: Vec<_> = fs::read_dir(&d)
             .unwrap()
-            .map(|e| e.unwrap().file_name())
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert_eq!(names.len(), 1, "{names:?}");
+        names.sort();
+        assert_eq!(names, [format!("{WS}.journal"), format!("{WS}.json")]);
+        assert_eq!(
+            fs::metadata(d.join(format!("{WS}.journal"))).unwrap().len(),
+            0
+        );
+    }
+
+    #[test]
+    fn journal_survives_a_crash_before_checkpoint() {
+        let d = tmpdir();
+        let mut s = Store::open(&d, WS).unwrap();
+        s.record_reply("r1", reply("hello")).unwrap();
+        s.record_reply("r2", reply("bye")).unwrap();
+        s.record_done("r2", vec!["a:r2".into()]).unwrap();
+        // Crash: no checkpoint, and a torn half line at the end of the journal.
+        let mut j = OpenOptions::new()
+            .append(true)
+            .open(d.join(format!("{WS}.journal")))
+            .unwrap();
+        j.write_all(b"{\"t\":\"done\",\"row\":\"r1").unwrap();
+        drop(s);
+        let back = Store::open(&d, WS).unwrap();
+        assert_eq!(back.pending_reply("r1"), Some(reply("hello")));
+        assert_eq!(back.pending_reply("r2"), None);
+        assert!(back.is_handled("a:r2"));
+        assert!(!back.is_handled("a:r1"));
+        // Recovery checkpointed: the pending reply now lives in the state file.
+        drop(back);
+        fs::write(d.join(format!("{WS}.journal")), b"").unwrap();
+        assert_eq!(
+            Store::open(&d, WS).unwrap().pending_reply("r1"),
+            Some(reply("hello"))
+        );
     }
 
     #[test]
@@ -324,7 +543,7 @@ mod tests {
             format!(r#"{{"workspace_id":"{WS}","last_since_id":"{ROW}"}}"#),
         )
         .unwrap();
-        assert_eq!(State::load(&d, WS).unwrap().cursor.as_deref(), Some(ROW));
+        assert_eq!(Store::open(&d, WS).unwrap().cursor(), Some(ROW));
     }
 
     #[test]
@@ -337,23 +556,33 @@ mod tests {
             String::new(),
         ] {
             fs::write(state_path(&d, WS), &bad).unwrap();
-            let e = State::load(&d, WS).unwrap_err();
+            let e = Store::open(&d, WS).unwrap_err();
             assert!(matches!(e, StateError::Corrupt { .. }), "{bad}: {e}");
             assert!(e.to_string().contains("corrupt"));
         }
     }
 
     #[test]
+    fn non_uuid_cursor_is_never_kept() {
+        let d = tmpdir();
+        let mut s = Store::open(&d, WS).unwrap();
+        s.set_cursor(Some("act-1".into()), None);
+        assert_eq!(s.cursor(), None);
+    }
+
+    #[test]
     fn ledger_is_bounded() {
         let d = tmpdir();
-        let mut s = State::load(&d, WS).unwrap();
+        let mut s = Store::open(&d, WS).unwrap();
         for i in 0..(LEDGER_CAPACITY + 10) {
-            s.mark_handled(format!("a:{i}"));
+            s.record_done(&format!("r{i}"), vec![format!("a:{i}")])
+                .unwrap();
         }
         assert_eq!(s.handled_len(), LEDGER_CAPACITY);
         assert!(!s.is_handled("a:0"));
-        s.save().unwrap();
-        let back = State::load(&d, WS).unwrap();
+        s.checkpoint().unwrap();
+        drop(s);
+        let back = Store::open(&d, WS).unwrap();
         assert!(back.is_handled(&format!("a:{}", LEDGER_CAPACITY + 9)));
         assert_eq!(back.handled_len(), LEDGER_CAPACITY);
     }

@@ -112,6 +112,63 @@ pub struct NotifyRequest<'a> {
     pub attachments: Vec<Value>,
 }
 
+/// A heartbeat sent by `molecule heartbeat` (§API-2.2): only the fields the operator
+/// gave, plus `runtime_metadata`; never `runtime_state`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ManualHeartbeat {
+    /// Our workspace id.
+    pub workspace_id: String,
+    /// Failure rate, 0.0 to 1.0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_rate: Option<f64>,
+    /// Last error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_error: Option<String>,
+    /// Tasks in progress.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub active_tasks: Option<u32>,
+    /// What the agent is working on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_task: Option<String>,
+    /// Seconds since the agent started, when it knows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uptime_seconds: Option<u64>,
+    /// Sent every time: omitting it clears declared overrides (§API-2.2).
+    pub runtime_metadata: Value,
+}
+
+/// `POST /workspaces/:id/delegate` body (§API-2.14).
+#[derive(Debug, Serialize)]
+pub struct DelegateRequest<'a> {
+    /// Target workspace (UUID).
+    pub target_id: &'a str,
+    /// The task text.
+    pub task: &'a str,
+    /// Replay key: a repeated key returns the existing delegation unless it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// `POST /workspaces/:id/delegate` answer (202 new, 200 idempotent replay).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct DelegateResponse {
+    /// The delegation id.
+    #[serde(default)]
+    pub delegation_id: String,
+    /// `delegated`, or the current status on a replay.
+    #[serde(default)]
+    pub status: Option<String>,
+    /// Target workspace.
+    #[serde(default)]
+    pub target_id: Option<String>,
+    /// The key matched an earlier delegation that has not failed.
+    #[serde(default)]
+    pub idempotent_hit: bool,
+    /// e.g. "delegation dispatched but status tracking unavailable".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
 /// The platform's error body: `{"error": ..., "hint"?: ..., ...}` (§API-1.5).
 #[derive(Debug, Default, Deserialize)]
 pub struct ErrorBody {
@@ -180,6 +237,40 @@ mod tests {
         assert!(v.get("runtime_state").is_none());
         assert_eq!(v["uptime_seconds"], 5);
         assert!(v.get("runtime_metadata").is_some());
+    }
+
+    #[test]
+    fn manual_heartbeat_sends_only_given_fields() {
+        let hb = ManualHeartbeat {
+            workspace_id: "w".into(),
+            error_rate: None,
+            sample_error: None,
+            active_tasks: Some(2),
+            current_task: Some("x".into()),
+            uptime_seconds: None,
+            runtime_metadata: serde_json::json!({"a": 1}),
+        };
+        let v = serde_json::to_value(&hb).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"workspace_id":"w","active_tasks":2,"current_task":"x","runtime_metadata":{"a":1}})
+        );
+        let d: DelegateResponse = serde_json::from_str(
+            r#"{"delegation_id":"d","status":"queued","idempotent_hit":true,"z":0}"#,
+        )
+        .unwrap();
+        assert!(d.idempotent_hit);
+        let r = DelegateRequest {
+            target_id: "t",
+            task: "do",
+            idempotency_key: None,
+        };
+        assert!(
+            serde_json::to_value(&r)
+                .unwrap()
+                .get("idempotency_key")
+                .is_none()
+        );
     }
 
     #[test]

@@ -4,14 +4,20 @@
 //! to mint a new token: that would get around an operator's revocation.
 
 use crate::api::Client;
-use crate::config::{TokenSource, read_token_file};
+use std::time::{Duration, Instant};
+
+use crate::config::{Secret, TokenSource, read_token_file};
 use crate::error::{EXIT_CREDENTIALS, EXIT_REMOVED};
+use crate::shutdown::Shutdown;
 
 /// The answer to a 401.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AuthVerdict {
-    /// A new token was loaded: retry the request once.
+    /// A new token is in place (loaded now, or by another thread meanwhile): retry.
     RetryWithNewToken,
+    /// The platform could not be asked whether the workspace still exists: treat
+    /// the 401 like a transient error and try again later.
+    Unknown,
     /// Stop the process with this exit code and message.
     Fatal(u8, String),
 }
@@ -36,13 +42,33 @@ pub fn reload_token(client: &Client, source: &TokenSource) -> bool {
     }
 }
 
-/// Decides what a 401 means.
-pub fn after_unauthorized(client: &Client, source: &TokenSource) -> AuthVerdict {
-    if reload_token(client, source) {
+/// How long a rejected token file is watched for the rotated token to appear: an
+/// operator rotates on the platform first and writes the file a moment later.
+const ROTATION_GRACE: Duration = Duration::from_secs(5);
+
+/// Decides what a 401 means for a request made with the token `used`.
+pub fn after_unauthorized(
+    client: &Client,
+    source: &TokenSource,
+    used: &Secret,
+    shutdown: &Shutdown,
+) -> AuthVerdict {
+    // Another thread (or SIGHUP) may have loaded a new token since that request.
+    if client.token() != *used || reload_token(client, source) {
         return AuthVerdict::RetryWithNewToken;
     }
     let ws = client.workspace_id();
-    match client.workspace_info(ws) {
+    let info = client.workspace_info(ws);
+    if info.is_ok() && matches!(source, TokenSource::File(_)) {
+        let deadline = Instant::now() + ROTATION_GRACE;
+        log::warn!("the workspace token was rejected; watching the token file for a rotated one");
+        while !shutdown.wait_timeout(Duration::from_millis(250)) && Instant::now() < deadline {
+            if client.token() != *used || reload_token(client, source) {
+                return AuthVerdict::RetryWithNewToken;
+            }
+        }
+    }
+    match info {
         Err(e) if e.status() == Some(410) => {
             let hint = match &e {
                 crate::api::ApiError::Status { hint: Some(h), .. } => format!(" Hint: {h}"),
@@ -60,6 +86,10 @@ pub fn after_unauthorized(client: &Client, source: &TokenSource) -> AuthVerdict 
                 client.api_url()
             ),
         ),
+        Err(e) if e.is_retryable() => {
+            log::warn!("401, and the workspace check failed too ({e}); will try again");
+            AuthVerdict::Unknown
+        }
         _ => {
             let how = match source {
                 TokenSource::File(p) => {

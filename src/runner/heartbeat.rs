@@ -1,6 +1,7 @@
 //! The heartbeat thread: one beat at start, then every `--heartbeat-secs`, with the
 //! live `RuntimeStatus`. Transient failures are logged and the next beat comes on
-//! schedule; a 401 goes through the credential check once (never a spin).
+//! schedule; after an outage the workspace is registered again (§API-4.1.5); a 401
+//! goes through the credential check (never a spin).
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,11 @@ use crate::config::TokenSource;
 use crate::shutdown::{Shutdown, StopReason};
 
 use super::auth::{AuthVerdict, after_unauthorized};
+use super::register::agent_card;
 use super::status::{RuntimeStatus, SharedStatus};
+
+/// Failed beats in a row after which the next good one also re-registers.
+const REREGISTER_AFTER: u32 = 3;
 
 /// Runs until shutdown.
 pub fn run(
@@ -29,12 +34,14 @@ pub fn run(
             .checked_add(every)
             .unwrap_or_else(Instant::now);
         let hb = RuntimeStatus::heartbeat(&status, client.workspace_id(), Instant::now());
+        let used = client.token();
         let mut result = client.heartbeat(&hb);
         if let Err(e) = &result
             && e.is_unauthorized()
         {
-            match after_unauthorized(&client, &source) {
+            match after_unauthorized(&client, &source, &used, &shutdown) {
                 AuthVerdict::RetryWithNewToken => result = client.heartbeat(&hb),
+                AuthVerdict::Unknown => {}
                 AuthVerdict::Fatal(code, message) => {
                     shutdown.trigger(StopReason::Fatal { code, message });
                     return;
@@ -43,14 +50,22 @@ pub fn run(
         }
         match result {
             Ok(()) => {
+                if failures >= REREGISTER_AFTER {
+                    // The platform may have marked us offline meanwhile; register is
+                    // cheap and idempotent.
+                    match client.register(agent_card(client.workspace_id())) {
+                        Ok(_) => log::info!("registered again after {failures} failed heartbeats"),
+                        Err(e) => log::warn!("re-register after the outage failed: {e}"),
+                    }
+                }
                 if failures > 0 {
                     log::info!("heartbeat recovered after {failures} failed attempt(s)");
                 }
                 failures = 0;
                 log::debug!(
-                    "heartbeat sent (active_tasks={}, wedged={})",
+                    "heartbeat sent (active_tasks={}, runtime_state={:?})",
                     hb.active_tasks,
-                    hb.runtime_state.is_some()
+                    hb.runtime_state
                 );
             }
             Err(e) => {

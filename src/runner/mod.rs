@@ -1,34 +1,32 @@
-//! `connect`: start-up (backend, state, lock, register), the heartbeat, poll and
-//! signal-watcher threads, the drain on SIGTERM, and the stop reason that `main`
-//! turns into an exit code. The only module that spawns threads or waits between
-//! attempts.
+//! `connect`: start-up (backend, lock, state, register), the threads (heartbeat,
+//! poll, `--concurrency` workers, signal watcher), the drain on SIGTERM, and the stop
+//! reason that `main` turns into an exit code. The only module that spawns threads
+//! or waits between attempts.
 
 mod auth;
+mod dispatch;
 mod heartbeat;
+mod order;
 mod poll;
+mod register;
 mod status;
 
 use std::io::Write;
-use std::sync::Arc;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
-use crate::api::{ApiError, Client, ClientConfig};
+use crate::api::{Client, ClientConfig};
 use crate::backend::{self, Backend, RunHandle};
-use crate::backoff::Backoff;
 use crate::config::{ConnectConfig, TokenSource};
-use crate::error::{EXIT_TOO_OLD, Error};
+use crate::error::Error;
 use crate::shutdown::{Shutdown, StopReason, ThreadGuard};
 use crate::signal::{self, Signal};
-use crate::state::{self, InstanceLock, State};
+use crate::state::{self, InstanceLock, Store};
 
 pub use status::{RuntimeStatus, SharedStatus, WEDGE_AFTER};
 
-/// Register attempts on transient errors before giving up with exit 75.
-const REGISTER_ATTEMPTS: u32 = 8;
-/// After the drain timeout: time between SIGTERM and SIGKILL of the backend.
+/// After the drain timeout: time between SIGTERM and SIGKILL of the backends.
 const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs `molecule connect` until a signal or a fatal error.
@@ -37,35 +35,39 @@ pub fn connect(cfg: ConnectConfig, out: &mut dyn Write) -> Result<(), Error> {
     if cfg.dry_run {
         let check = backend.check()?;
         let summary = format!(
-            "molecule connect (dry run): workspace {} at {}\n  backend: {check}\n  state: {}\n  poll every {} ms, cold-start window {} s, heartbeat every {} s\n",
+            "molecule connect (dry run): workspace {} at {}\n  backend: {check}\n  state: {}\n  poll every {} ms, cold-start window {} s, heartbeat every {} s, concurrency {}\n",
             cfg.workspace_id,
             cfg.common.api_url,
             state::state_path(&cfg.common.state_dir, &cfg.workspace_id).display(),
             cfg.poll_interval.as_millis(),
             cfg.since_secs,
             cfg.heartbeat_every.as_secs(),
+            cfg.concurrency,
         );
         return write_out(out, &summary);
     }
     state::ensure_dir(&cfg.common.state_dir)?;
     let lock = InstanceLock::acquire(&cfg.common.state_dir, &cfg.workspace_id)?;
-    let state = State::load(&cfg.common.state_dir, &cfg.workspace_id)?;
     log::debug!("lock held on {}", lock.path().display());
+    let store = Arc::new(Mutex::new(Store::open(
+        &cfg.common.state_dir,
+        &cfg.workspace_id,
+    )?));
 
     let mut client_cfg = ClientConfig::new(&cfg.common.api_url, &cfg.workspace_id);
     client_cfg.org_id = cfg.common.org_id.clone();
     let client = Client::new(client_cfg, cfg.common.token.clone());
     let shutdown = Shutdown::new();
-    let run_handle = RunHandle::new();
+    let run_handles: Vec<RunHandle> = (0..cfg.concurrency).map(|_| RunHandle::new()).collect();
     let (done_tx, done_rx) = mpsc::channel::<&'static str>();
 
     let signals = signal::install()
         .map_err(|e| Error::Runtime(format!("installing signal handlers: {e}")))?;
     let watcher = {
-        let (shutdown, run_handle, client) = (shutdown.clone(), run_handle.clone(), client.clone());
+        let (shutdown, handles, client) = (shutdown.clone(), run_handles.clone(), client.clone());
         let (source, done_tx) = (cfg.common.token_source.clone(), done_tx.clone());
         spawn("signals", move || {
-            watch_signals(signals, shutdown, run_handle, client, source, done_tx)
+            watch_signals(signals, shutdown, handles, client, source, done_tx)
         })?
     };
 
@@ -73,9 +75,9 @@ pub fn connect(cfg: ConnectConfig, out: &mut dyn Write) -> Result<(), Error> {
         &cfg,
         client,
         backend,
-        state,
+        store,
         &shutdown,
-        &run_handle,
+        &run_handles,
         done_tx,
         &done_rx,
     );
@@ -90,14 +92,14 @@ fn run_connected(
     cfg: &ConnectConfig,
     client: Client,
     backend: Arc<dyn Backend>,
-    state: State,
+    store: Arc<Mutex<Store>>,
     shutdown: &Shutdown,
-    run_handle: &RunHandle,
+    run_handles: &[RunHandle],
     done_tx: mpsc::Sender<&'static str>,
     done_rx: &mpsc::Receiver<&'static str>,
 ) -> Result<(), Error> {
     let started = Instant::now();
-    if !register(&client, &cfg.common.token_source, shutdown)? {
+    if !register::register(&client, &cfg.common.token_source, shutdown)? {
         return Ok(()); // stopped by a signal while registering
     }
     log::info!(
@@ -109,64 +111,102 @@ fn run_connected(
     );
 
     let status = RuntimeStatus::new(started);
-    let heartbeat = {
+    let mut threads = Vec::new();
+    {
         let (client, status, shutdown) = (client.clone(), status.clone(), shutdown.clone());
         let (every, source, done) = (
             cfg.heartbeat_every,
             cfg.common.token_source.clone(),
             done_tx.clone(),
         );
-        spawn("heartbeat", move || {
+        threads.push(spawn("heartbeat", move || {
             let _guard = ThreadGuard::new(&shutdown, "heartbeat");
             let _done = DoneOnDrop(done, "heartbeat");
             heartbeat::run(client, every, status, source, shutdown.clone());
-        })?
-    };
+        })?);
+    }
+
+    let ctx = Arc::new(dispatch::Context {
+        client: client.clone(),
+        backend,
+        store: store.clone(),
+        status,
+        shutdown: shutdown.clone(),
+        max_attempts: cfg.max_attempts,
+        reply_to_replies: cfg.reply_to_replies,
+        token_source: cfg.common.token_source.clone(),
+        dead_letter_path: cfg
+            .common
+            .state_dir
+            .join(format!("{}.deadletter.jsonl", cfg.workspace_id)),
+    });
+    let (events_tx, events_rx) = poll::event_channel(shutdown);
+    let (jobs_tx, jobs_rx) = mpsc::sync_channel::<poll::Job>(cfg.concurrency);
+    let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+    for (i, handle) in run_handles.iter().enumerate() {
+        let (ctx, handle, jobs, events) = (
+            ctx.clone(),
+            handle.clone(),
+            jobs_rx.clone(),
+            events_tx.clone(),
+        );
+        let (shutdown, done) = (shutdown.clone(), done_tx.clone());
+        threads.push(spawn(&format!("worker-{i}"), move || {
+            let _guard = ThreadGuard::new(&shutdown, "worker");
+            let _done = DoneOnDrop(done, "worker");
+            let mut worker = dispatch::Worker::new(ctx, handle);
+            loop {
+                // Only the lock holder waits on the channel; a closed channel ends the worker.
+                let job = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                let Ok(job) = job else { return };
+                let finish = worker.handle(&job.msg);
+                let _ = events.send(poll::Event::Finished {
+                    ticket: job.ticket,
+                    sender: job.sender,
+                    finish,
+                });
+            }
+        })?);
+    }
+    drop(events_tx);
     let poller = poll::Poller::new(
         client,
-        backend,
         poll::PollSettings {
             interval: cfg.poll_interval,
             since_secs: cfg.since_secs,
-            max_attempts: cfg.max_attempts,
-            reply_to_replies: cfg.reply_to_replies,
+            concurrency: cfg.concurrency,
             token_source: cfg.common.token_source.clone(),
-            dead_letter_path: cfg
-                .common
-                .state_dir
-                .join(format!("{}.deadletter.jsonl", cfg.workspace_id)),
         },
-        state,
-        status,
-        run_handle.clone(),
+        store,
         shutdown.clone(),
     );
-    let poll = {
+    {
         let (shutdown, done) = (shutdown.clone(), done_tx);
-        spawn("poll", move || {
+        threads.push(spawn("poll", move || {
             let _guard = ThreadGuard::new(&shutdown, "poll");
             let _done = DoneOnDrop(done, "poll");
-            poller.run();
-        })?
-    };
+            poller.run(jobs_tx, events_rx);
+        })?);
+    }
 
     let reason = shutdown.wait();
     let clean = matches!(reason, StopReason::Signal | StopReason::Finished);
     if clean {
         log::info!(
-            "stopping: waiting up to {}s for a running backend",
+            "stopping: waiting up to {}s for running backends",
             cfg.drain_timeout.as_secs()
         );
     } else {
-        run_handle.cancel(signal::SIGTERM);
+        cancel_all(run_handles, signal::SIGTERM);
     }
     let drain = if clean { cfg.drain_timeout } else { KILL_GRACE };
-    if wait_for_threads(done_rx, 2, drain, run_handle) {
-        let _ = heartbeat.join();
-        let _ = poll.join();
+    if wait_for_threads(done_rx, threads.len(), drain, run_handles) {
+        for t in threads {
+            let _ = t.join();
+        }
     } else {
         log::warn!(
-            "a loop thread did not stop in time; exiting anyway (state is saved after every message)"
+            "a thread did not stop in time; exiting anyway (state is journaled after every message)"
         );
     }
     match reason {
@@ -179,20 +219,26 @@ fn run_connected(
     }
 }
 
-/// Waits for `n` thread-exit notices: `drain` for a running backend to finish, then
-/// SIGTERM to its process group, a grace period, SIGKILL. `false` if they did not
+fn cancel_all(handles: &[RunHandle], sig: i32) {
+    for h in handles {
+        h.cancel(sig);
+    }
+}
+
+/// Waits for `n` thread-exit notices: `drain` for running backends to finish, then
+/// SIGTERM to their process groups, a grace period, SIGKILL. `false` if they did not
 /// all arrive (a thread stuck in a network call) or a second signal forced the stop.
 fn wait_for_threads(
     done: &mpsc::Receiver<&'static str>,
     n: usize,
     drain: Duration,
-    run: &RunHandle,
+    run: &[RunHandle],
 ) -> bool {
     let mut remaining = n;
     let phases = [
-        (drain, None),
-        (KILL_GRACE, Some(signal::SIGTERM)),
+        (drain, Some(signal::SIGTERM)),
         (KILL_GRACE, Some(signal::SIGKILL)),
+        (KILL_GRACE, None),
     ];
     for (wait, then_send) in phases {
         let deadline = Instant::now()
@@ -217,7 +263,7 @@ fn wait_for_threads(
                     "SIGTERM"
                 }
             );
-            run.cancel(sig);
+            cancel_all(run, sig);
         }
     }
     false
@@ -233,11 +279,11 @@ impl Drop for DoneOnDrop {
 }
 
 /// The signal watcher: the first SIGTERM/SIGINT asks for a clean stop, a second one
-/// kills the backend and stops at once; SIGHUP re-reads the token file.
+/// kills the backends and stops at once; SIGHUP re-reads the token file.
 fn watch_signals(
     mut signals: signal::Signals,
     shutdown: Shutdown,
-    run_handle: RunHandle,
+    run_handles: Vec<RunHandle>,
     client: Client,
     source: TokenSource,
     done: mpsc::Sender<&'static str>,
@@ -246,7 +292,7 @@ fn watch_signals(
         match sig {
             Signal::Stop if shutdown.is_triggered() => {
                 log::warn!("second signal: stopping now");
-                run_handle.cancel(signal::SIGKILL);
+                cancel_all(&run_handles, signal::SIGKILL);
                 let _ = done.send("forced");
             }
             Signal::Stop => {
@@ -261,90 +307,6 @@ fn watch_signals(
             Signal::Wake => return,
         }
     }
-}
-
-/// Registers in poll mode, retrying transient failures with backoff. `Ok(false)` if
-/// a stop was requested meanwhile.
-fn register(client: &Client, source: &TokenSource, shutdown: &Shutdown) -> Result<bool, Error> {
-    let card = json!({
-        // A name equal to the id is replaced by the workspace's display name (§API-2.1).
-        "name": client.workspace_id(),
-        "description": "",
-        "version": env!("CARGO_PKG_VERSION"),
-        "skills": [],
-        "capabilities": {"streaming": false, "pushNotifications": false},
-    });
-    let backoff = Backoff::default();
-    let seed = crate::uuid::random_u64();
-    let mut reauthed = false;
-    let mut attempt: u32 = 0;
-    loop {
-        attempt += 1;
-        let err = match client.register(card.clone()) {
-            Ok(resp) => {
-                match resp.delivery_mode.as_deref() {
-                    Some("poll") => {}
-                    other => {
-                        return Err(Error::PlatformTooOld(format!(
-                            "the platform at {} answered register with delivery_mode {:?}, not \"poll\": it is too old for poll mode",
-                            client.api_url(),
-                            other.unwrap_or("(none)")
-                        )));
-                    }
-                }
-                if resp.auth_token.is_some() {
-                    log::info!(
-                        "the platform issued a new workspace token at register (not shown); keeping the configured one"
-                    );
-                }
-                return Ok(true);
-            }
-            Err(e) => e,
-        };
-        if err.is_unauthorized() && !reauthed {
-            reauthed = true;
-            match auth::after_unauthorized(client, source) {
-                auth::AuthVerdict::RetryWithNewToken => continue,
-                auth::AuthVerdict::Fatal(code, message) => {
-                    return Err(Error::from_code(code, message));
-                }
-            }
-        }
-        if err.is_unauthorized() {
-            return Err(Error::Credentials(format!("register: {err}")));
-        }
-        if is_pre_poll_platform(&err) {
-            return Err(Error::from_code(
-                EXIT_TOO_OLD,
-                format!(
-                    "{err}: the platform at {} does not support poll mode",
-                    client.api_url()
-                ),
-            ));
-        }
-        if !err.is_retryable() {
-            return Err(Error::Api(err));
-        }
-        if attempt >= REGISTER_ATTEMPTS {
-            return Err(Error::Unreachable(format!(
-                "{err} (gave up after {attempt} attempts)"
-            )));
-        }
-        let delay = backoff.delay(attempt, seed.wrapping_add(u64::from(attempt)));
-        let delay = err.retry_after().map_or(delay, |r| delay.max(r));
-        log::warn!(
-            "{err}; retrying in {:.1}s ({attempt}/{REGISTER_ATTEMPTS})",
-            delay.as_secs_f64()
-        );
-        if shutdown.wait_timeout(delay) {
-            return Ok(false);
-        }
-    }
-}
-
-/// A platform from before poll mode demands a URL on register (§API-0.1).
-fn is_pre_poll_platform(e: &ApiError) -> bool {
-    matches!(e, ApiError::Status { status: 400, message, .. } if message.contains("url is required") && !message.contains("push-mode"))
 }
 
 fn spawn<F: FnOnce() + Send + 'static>(

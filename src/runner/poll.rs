@@ -1,28 +1,26 @@
-//! The poll thread: fetch a page of the inbox → filter → dedupe → run the backend →
-//! reply → record the row as handled and save the cursor. It owns the state file.
-//! A failure on one row is retried a bounded number of times and then
-//! dead-lettered; it never stops intake.
+//! The poll thread: fetch pages of the inbox, filter and dedupe the rows, hand
+//! messages to the worker threads (at most one per sender at a time, up to
+//! `--concurrency` at once), and move the cursor to the low-water mark as they
+//! finish. It owns the fetch position and the cursor; workers own their messages.
 
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::collections::HashMap;
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::api::{ApiError, Client, Since};
-use crate::backend::{Backend, BackendError, Outcome, RunHandle};
 use crate::backoff::Backoff;
 use crate::config::TokenSource;
+use crate::error::EXIT_REMOVED;
 use crate::inbox::{self, Inbound, Skip};
 use crate::shutdown::{Shutdown, StopReason};
-use crate::state::State;
+use crate::state::Store;
 use crate::wire::ActivityRow;
 
 use super::auth::{AuthVerdict, after_unauthorized};
-use super::status::{RuntimeStatus, SharedStatus};
+use super::dispatch::Finish;
 
 /// Rows per page. A full page means more is waiting: fetch again at once.
 const PAGE_LIMIT: u32 = 100;
@@ -30,10 +28,8 @@ const PAGE_LIMIT: u32 = 100;
 const COLD_LIMIT: u32 = 500;
 /// Bytes accepted for one page; above it the page size is halved.
 const PAGE_BYTES: u64 = 32 * 1024 * 1024;
-/// "Retry later" (exit 75) runs allowed per message before it counts as a failure.
-const MAX_RETRY_LATER: u32 = 20;
-/// How long a reply may keep failing transiently before it is dead-lettered.
-const REPLY_BUDGET: Duration = Duration::from_secs(120);
+/// Fetched rows not yet behind the cursor before fetching pauses (bounds memory).
+const MAX_OUTSTANDING: usize = 1000;
 
 /// Settings the poll thread needs.
 pub struct PollSettings {
@@ -41,60 +37,81 @@ pub struct PollSettings {
     pub interval: Duration,
     /// Cold-start window.
     pub since_secs: u64,
-    /// Backend tries per message.
-    pub max_attempts: u32,
-    /// Post replies to messages that are themselves replies.
-    pub reply_to_replies: bool,
+    /// Workers.
+    pub concurrency: usize,
     /// Where the token came from (re-read on 401).
     pub token_source: TokenSource,
-    /// `<state-dir>/<id>.deadletter.jsonl`.
-    pub dead_letter_path: PathBuf,
 }
 
-/// What happened to one row.
-enum RowResult {
-    /// Handled (answered, skipped or dead-lettered): advance the cursor past it.
-    Done,
-    /// Shutdown came first: leave the cursor before it.
-    Interrupted,
+/// A message for a worker.
+pub struct Job {
+    /// Tracker ticket.
+    pub ticket: u64,
+    /// Sender key.
+    pub sender: String,
+    /// The message.
+    pub msg: Inbound,
 }
 
-/// The poll loop and everything it owns.
+/// What the poll thread waits for.
+pub enum Event {
+    /// A worker finished (or was interrupted on) a job.
+    Finished {
+        /// Tracker ticket.
+        ticket: u64,
+        /// Sender key.
+        sender: String,
+        /// How it ended.
+        finish: Finish,
+    },
+    /// Shutdown was requested: stop waiting.
+    Wake,
+}
+
+/// The poll loop and what it owns.
 pub struct Poller {
     client: Client,
-    backend: Arc<dyn Backend>,
     settings: PollSettings,
-    state: State,
-    status: SharedStatus,
-    run_handle: RunHandle,
+    store: Arc<Mutex<Store>>,
     shutdown: Shutdown,
+    order: super::order::Order,
+    jobs: HashMap<u64, Inbound>,
+    running: usize,
+    fetch_from: Option<String>,
+    page_limit: u32,
     backoff: Backoff,
     seed: u64,
-    page_limit: u32,
     /// The cold-start window is counted back from here: start-up, or the last good
     /// poll before a 410. A slow first poll (platform down) must not shrink it.
     window_anchor: Instant,
+    last_good_poll: Instant,
+    failures: u32,
+    logged_first_poll: bool,
 }
 
 impl Poller {
-    /// Assembles a poller; `run` starts it.
+    /// A poller starting from the store's cursor.
     pub fn new(
         client: Client,
-        backend: Arc<dyn Backend>,
         settings: PollSettings,
-        state: State,
-        status: SharedStatus,
-        run_handle: RunHandle,
+        store: Arc<Mutex<Store>>,
         shutdown: Shutdown,
     ) -> Self {
+        let fetch_from = store
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .cursor()
+            .map(str::to_string);
         Poller {
             client,
-            backend,
             settings,
-            state,
-            status,
-            run_handle,
+            store,
             shutdown,
+            order: super::order::Order::new(),
+            jobs: HashMap::new(),
+            running: 0,
+            fetch_from,
+            page_limit: PAGE_LIMIT,
             // Polls give up waiting sooner than other calls: a long pause after an
             // outage is added straight to message latency.
             backoff: Backoff {
@@ -102,414 +119,314 @@ impl Poller {
                 ..Backoff::default()
             },
             seed: crate::uuid::random_u64(),
-            page_limit: PAGE_LIMIT,
             window_anchor: Instant::now(),
+            last_good_poll: Instant::now(),
+            failures: 0,
+            logged_first_poll: false,
         }
     }
 
-    /// Polls until shutdown.
-    pub fn run(mut self) {
-        let mut failures: u32 = 0;
-        let mut logged_first_poll = false;
-        let mut last_good_poll = Instant::now();
-        loop {
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs until shutdown, then waits for running jobs (main cancels them when the
+    /// drain time is up), saves the state and returns.
+    pub fn run(mut self, jobs_tx: SyncSender<Job>, events: Receiver<Event>) {
+        let mut next_fetch = Instant::now();
+        while !self.shutdown.is_triggered() {
+            while let Ok(ev) = events.try_recv() {
+                self.on_event(ev);
+            }
+            self.release(&jobs_tx);
+            self.advance_cursor();
             if self.shutdown.is_triggered() {
-                return;
+                break;
             }
-            let since = match &self.state.cursor {
-                Some(c) => Since::Cursor(c.clone()),
-                None => Since::Secs(
-                    self.settings
-                        .since_secs
-                        .saturating_add(self.window_anchor.elapsed().as_secs_f64().ceil() as u64),
-                ),
+            let can_fetch = self.order.outstanding() < MAX_OUTSTANDING;
+            if can_fetch && Instant::now() >= next_fetch {
+                next_fetch = match self.fetch() {
+                    Fetched::More => Instant::now(),
+                    Fetched::Idle => Instant::now() + self.settings.interval,
+                    Fetched::RetryIn(d) => Instant::now() + d,
+                };
+                continue;
+            }
+            let wait = if can_fetch {
+                next_fetch.saturating_duration_since(Instant::now())
+            } else {
+                Duration::from_secs(3600)
             };
-            let limit = match since {
-                Since::Secs(_) => COLD_LIMIT.min(self.page_limit.max(1) * 5),
-                Since::Cursor(_) => self.page_limit,
-            };
-            match self.client.activity(&since, limit, PAGE_BYTES) {
-                Ok(mut rows) => {
-                    last_good_poll = Instant::now();
-                    if !logged_first_poll {
-                        log::info!("inbox reachable; first poll returned {} row(s)", rows.len());
-                        logged_first_poll = true;
-                    }
-                    if failures > 0 {
-                        log::info!("polling recovered after {failures} failed attempt(s)");
-                        failures = 0;
-                    }
-                    let full = rows.len() >= limit as usize;
-                    if let Since::Secs(secs) = since {
-                        // Without a cursor the page is newest first (§API-4.2).
-                        rows.reverse();
-                        if full {
-                            log::warn!(
-                                "more than {limit} messages in the last {secs}s: older ones in that window are skipped"
-                            );
-                        }
-                    }
-                    let interrupted = self.handle_page(rows);
-                    if interrupted {
-                        return;
-                    }
-                    if full {
-                        continue;
-                    }
-                    if self.shutdown.wait_timeout(self.settings.interval) {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    if e.status() == Some(410) {
-                        self.window_anchor = last_good_poll;
-                    }
-                    if self.on_poll_error(&e, &mut failures) {
-                        return;
-                    }
-                }
+            if let Ok(ev) = events.recv_timeout(wait) {
+                self.on_event(ev);
             }
         }
-    }
-
-    /// Handles the rows of one page in order. Returns `true` if shutdown interrupted it.
-    fn handle_page(&mut self, rows: Vec<ActivityRow>) -> bool {
-        for row in rows {
-            if self.shutdown.is_triggered() {
-                return true;
-            }
-            match self.handle_row(&row) {
-                RowResult::Done => self.advance(&row),
-                RowResult::Interrupted => return true,
+        // Drain: nothing new starts; running jobs finish or are cancelled by main.
+        drop(jobs_tx);
+        while self.running > 0 {
+            match events.recv() {
+                Ok(ev) => self.on_event(ev),
+                Err(_) => break,
             }
         }
-        false
-    }
-
-    /// Marks `row` handled and moves the cursor past it, durably.
-    fn advance(&mut self, row: &ActivityRow) {
-        if !crate::uuid::is_uuid(&row.id) {
-            // Never a cursor: the platform answers a non-UUID since_id with a 500.
-            self.state.mark_handled(format!("a:{}", row.id));
-            return;
-        }
-        self.state.mark_handled(format!("a:{}", row.id));
-        self.state.cursor = Some(row.id.clone());
-        if let Some(seq) = row.seq {
-            self.state.last_seq = Some(self.state.last_seq.map_or(seq, |s| s.max(seq)));
-        }
-        if let Err(e) = self.state.save() {
-            // The row is handled; a lost save only means a re-delivery after a crash,
-            // which the reply id makes harmless.
+        self.advance_cursor();
+        if let Err(e) = self.store().checkpoint() {
             log::error!("{e}");
         }
     }
 
-    /// Returns `true` if the loop must stop.
-    fn on_poll_error(&mut self, e: &ApiError, failures: &mut u32) -> bool {
+    fn on_event(&mut self, ev: Event) {
+        if let Event::Finished {
+            ticket,
+            sender,
+            finish,
+        } = ev
+        {
+            self.running = self.running.saturating_sub(1);
+            self.jobs.remove(&ticket);
+            self.order.complete(ticket, &sender, finish == Finish::Done);
+        }
+    }
+
+    /// Hands waiting messages to free workers, one per sender at a time.
+    fn release(&mut self, jobs_tx: &SyncSender<Job>) {
+        while self.running < self.settings.concurrency {
+            let Some((ticket, sender)) = self.order.next_job() else {
+                return;
+            };
+            let Some(msg) = self.jobs.get(&ticket).cloned() else {
+                self.order.complete(ticket, &sender, true);
+                continue;
+            };
+            // The channel holds `concurrency` jobs and at most that many are out.
+            if jobs_tx
+                .send(Job {
+                    ticket,
+                    sender,
+                    msg,
+                })
+                .is_err()
+            {
+                return;
+            }
+            self.running += 1;
+        }
+    }
+
+    fn advance_cursor(&mut self) {
+        let moved = self.order.advance();
+        let mut store = self.store();
+        if let Some((id, seq)) = moved {
+            store.set_cursor(Some(id), seq);
+        }
+        if let Err(e) = store.maybe_checkpoint() {
+            log::error!("{e}");
+        }
+    }
+
+    fn fetch(&mut self) -> Fetched {
+        let since = match &self.fetch_from {
+            Some(c) => Since::Cursor(c.clone()),
+            None => Since::Secs(
+                self.settings
+                    .since_secs
+                    .saturating_add(self.window_anchor.elapsed().as_secs_f64().ceil() as u64),
+            ),
+        };
+        let limit = match since {
+            Since::Secs(_) => COLD_LIMIT.min(self.page_limit.saturating_mul(5)),
+            Since::Cursor(_) => self.page_limit,
+        };
+        let used = self.client.token();
+        match self.client.activity_raw(&since, limit, PAGE_BYTES) {
+            Ok(mut rows) => {
+                self.last_good_poll = Instant::now();
+                if !self.logged_first_poll {
+                    log::info!("inbox reachable; first poll returned {} row(s)", rows.len());
+                    self.logged_first_poll = true;
+                }
+                if self.failures > 0 {
+                    log::info!(
+                        "polling recovered after {} failed attempt(s)",
+                        self.failures
+                    );
+                    self.failures = 0;
+                }
+                let full = rows.len() >= limit as usize;
+                if let Since::Secs(secs) = since {
+                    // Without a cursor the page is newest first (§API-4.2).
+                    rows.reverse();
+                    if full {
+                        log::warn!(
+                            "more than {limit} messages in the last {secs}s: older ones in that window are skipped"
+                        );
+                    }
+                }
+                let before = self.fetch_from.clone();
+                self.take_page(rows);
+                // A full page that did not move the fetch position (rows without
+                // usable ids) must not be fetched again in a hot loop.
+                if full && self.fetch_from != before {
+                    Fetched::More
+                } else {
+                    Fetched::Idle
+                }
+            }
+            Err(e) => self.on_poll_error(&e, &used),
+        }
+    }
+
+    /// Sorts one page's rows into "done already" and "for the backend".
+    fn take_page(&mut self, rows: Vec<Value>) {
+        let own = self.client.workspace_id().to_string();
+        for raw in rows {
+            let row: ActivityRow = match serde_json::from_value(raw.clone()) {
+                Ok(r) => r,
+                Err(e) => {
+                    // One odd row must not block the inbox: skip it, keep its id.
+                    let id = raw
+                        .get("id")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string();
+                    log::warn!("row {id}: skipped: malformed row: {e}");
+                    self.note_done(&id, raw.get("seq").and_then(Value::as_i64));
+                    continue;
+                }
+            };
+            if row.id.is_empty() || self.order.contains(&row.id) {
+                continue;
+            }
+            if !crate::uuid::is_uuid(&row.id) {
+                log::warn!("row {:?}: skipped: its id is not a UUID", row.id);
+                continue;
+            }
+            self.fetch_from = Some(row.id.clone());
+            if self.store().is_handled(&format!("a:{}", row.id)) {
+                log::debug!("row {}: already handled", row.id);
+                self.order.push_done(&row.id, row.seq);
+                continue;
+            }
+            let msg = match inbox::classify(&row, &own) {
+                Ok(m) => m,
+                Err(skip) => {
+                    log_skip(&row.id, &skip);
+                    self.order.push_done(&row.id, row.seq);
+                    continue;
+                }
+            };
+            if let Some(key) = msg.message_key()
+                && self.store().is_handled(&key)
+            {
+                log::info!(
+                    "row {}: message {key} was already answered; skipping the duplicate",
+                    row.id
+                );
+                self.order.push_done(&row.id, row.seq);
+                continue;
+            }
+            let sender = msg
+                .source_id
+                .clone()
+                .unwrap_or_else(|| "canvas".to_string());
+            let ticket = self.order.push_job(&row.id, row.seq, &sender);
+            self.jobs.insert(ticket, msg);
+        }
+    }
+
+    fn note_done(&mut self, id: &str, seq: Option<i64>) {
+        if crate::uuid::is_uuid(id) && !self.order.contains(id) {
+            self.fetch_from = Some(id.to_string());
+            self.order.push_done(id, seq);
+        }
+    }
+
+    fn on_poll_error(&mut self, e: &ApiError, used: &crate::config::Secret) -> Fetched {
         if e.status() == Some(410) {
             log::warn!(
                 "inbox cursor {} is gone (pruned, or state from another workspace): restarting from the last {}s",
-                self.state.cursor.as_deref().unwrap_or("-"),
+                self.fetch_from.as_deref().unwrap_or("-"),
                 self.settings.since_secs
             );
-            self.state.cursor = None;
-            if let Err(e) = self.state.save() {
-                log::error!("{e}");
-            }
-            return false;
+            self.fetch_from = None;
+            self.window_anchor = self.last_good_poll;
+            return Fetched::More;
         }
         if e.is_unauthorized() {
-            return match after_unauthorized(&self.client, &self.settings.token_source) {
-                AuthVerdict::RetryWithNewToken => false,
+            match after_unauthorized(
+                &self.client,
+                &self.settings.token_source,
+                used,
+                &self.shutdown,
+            ) {
+                AuthVerdict::RetryWithNewToken => return Fetched::More,
+                AuthVerdict::Unknown => {}
                 AuthVerdict::Fatal(code, message) => {
                     self.shutdown.trigger(StopReason::Fatal { code, message });
-                    true
+                    return Fetched::Idle;
                 }
-            };
+            }
         }
-        if let ApiError::TooLarge { .. } = e
-            && self.page_limit > 1
-        {
+        if matches!(e, ApiError::TooLarge { .. }) && self.page_limit > 1 {
             self.page_limit = (self.page_limit / 2).max(1);
             log::warn!("{e}: asking for {} rows per page", self.page_limit);
-            return false;
+            return Fetched::More;
         }
-        *failures = failures.saturating_add(1);
+        if e.status() == Some(404) && self.workspace_is_gone() {
+            return Fetched::Idle;
+        }
+        self.failures = self.failures.saturating_add(1);
         let hint = match e.status() {
-            Some(400) | Some(404) if !e.is_retryable() => {
+            Some(400) | Some(404) => {
                 " (on a SaaS tenant this usually means the Origin/X-Molecule-Org-Id header is rejected: check --api-url and --org-id)"
             }
             _ => "",
         };
-        if *failures == 1 || failures.is_multiple_of(10) {
-            log::warn!("{e}{hint} (attempt {failures})");
+        if self.failures == 1 || self.failures.is_multiple_of(10) {
+            log::warn!("{e}{hint} (attempt {})", self.failures);
         }
         // Permanent errors are retried too, slowly: intake must never stop for good.
         let attempt = if e.is_retryable() {
-            *failures
+            self.failures
         } else {
-            failures.saturating_add(5)
+            self.failures.saturating_add(5)
         };
-        self.wait_backoff(attempt, e.retry_after())
-    }
-
-    /// Waits the backoff for `attempt` (at least `retry_after`). `true` = stop requested.
-    fn wait_backoff(&mut self, attempt: u32, retry_after: Option<Duration>) -> bool {
         self.seed = self.seed.wrapping_add(1);
-        let mut d = self.backoff.delay(attempt, self.seed);
-        if let Some(r) = retry_after {
-            d = d.max(r);
-        }
-        self.shutdown.wait_timeout(d)
+        let d = self.backoff.delay(attempt, self.seed);
+        Fetched::RetryIn(e.retry_after().map_or(d, |r| d.max(r)))
     }
 
-    fn handle_row(&mut self, row: &ActivityRow) -> RowResult {
-        if self.state.is_handled(&format!("a:{}", row.id)) {
-            log::debug!("row {} already handled", row.id);
-            return RowResult::Done;
-        }
-        let own = self.client.workspace_id().to_string();
-        let msg = match inbox::classify(row, &own) {
-            Ok(m) => m,
-            Err(skip) => {
-                log_skip(&row.id, &skip);
-                return RowResult::Done;
+    /// After a 404 on our own inbox: is the workspace itself gone? Stops the process
+    /// (exit 4) if so.
+    fn workspace_is_gone(&mut self) -> bool {
+        let ws = self.client.workspace_id().to_string();
+        match self.client.workspace_info(&ws) {
+            Err(e) if matches!(e.status(), Some(404) | Some(410)) => {
+                let hint = match &e {
+                    ApiError::Status { hint: Some(h), .. } => format!(" Hint: {h}"),
+                    _ => String::new(),
+                };
+                self.shutdown.trigger(StopReason::Fatal {
+                    code: EXIT_REMOVED,
+                    message: format!(
+                        "workspace {ws} no longer exists on the platform ({e}).{hint}"
+                    ),
+                });
+                true
             }
-        };
-        if let Some(key) = msg.message_key()
-            && self.state.is_handled(&key)
-        {
-            log::info!(
-                "row {}: message {key} was already answered; skipping the duplicate",
-                row.id
-            );
-            return RowResult::Done;
-        }
-        let result = self.dispatch(&msg);
-        if let (RowResult::Done, Some(key)) = (&result, msg.message_key()) {
-            self.state.mark_handled(key);
-        }
-        result
-    }
-
-    /// Runs the backend (with retries) and delivers its outcome.
-    fn dispatch(&mut self, msg: &Inbound) -> RowResult {
-        let summary = msg.summary();
-        log::info!("row {}: {summary}", msg.activity_id);
-        let mut attempt: u32 = 0;
-        let mut retry_later: u32 = 0;
-        let mut last_error;
-        loop {
-            attempt = attempt.saturating_add(1);
-            let req = msg.to_request(self.client.workspace_id(), self.client.api_url(), attempt);
-            RuntimeStatus::begin_task(&self.status, &summary);
-            let started = Instant::now();
-            let outcome = self.backend.handle(&req, &self.run_handle);
-            let elapsed = started.elapsed();
-            match outcome {
-                Ok(outcome) => {
-                    RuntimeStatus::end_task(&self.status, None);
-                    log::debug!(
-                        "row {}: backend done in {} ms",
-                        msg.activity_id,
-                        elapsed.as_millis()
-                    );
-                    return self.deliver(msg, outcome);
-                }
-                Err(BackendError::Cancelled) => {
-                    RuntimeStatus::end_task(&self.status, None);
-                    return RowResult::Interrupted;
-                }
-                Err(e) if e.is_retry_later() && retry_later < MAX_RETRY_LATER => {
-                    RuntimeStatus::end_task(&self.status, None);
-                    retry_later += 1;
-                    attempt = attempt.saturating_sub(1);
-                    log::info!("row {}: {e}; trying again later", msg.activity_id);
-                    if self.wait_backoff(retry_later, None) {
-                        return RowResult::Interrupted;
-                    }
-                }
-                Err(e) => {
-                    last_error = e.to_string();
-                    RuntimeStatus::end_task(&self.status, Some(&last_error));
-                    if attempt >= self.settings.max_attempts {
-                        break;
-                    }
-                    log::warn!(
-                        "row {}: {e} (attempt {attempt}/{})",
-                        msg.activity_id,
-                        self.settings.max_attempts
-                    );
-                    if self.wait_backoff(attempt, None) {
-                        return RowResult::Interrupted;
-                    }
-                }
-            }
-        }
-        log::error!(
-            "row {}: giving up after {attempt} attempt(s): {last_error}",
-            msg.activity_id
-        );
-        self.dead_letter(msg, &last_error, None);
-        self.tell_sender_of_failure(msg, &last_error)
-    }
-
-    /// Posts the backend's outcome to whoever sent the message.
-    fn deliver(&mut self, msg: &Inbound, outcome: Outcome) -> RowResult {
-        let reply = match outcome {
-            Outcome::NoReply => {
-                log::info!("row {}: backend chose not to reply", msg.activity_id);
-                return RowResult::Done;
-            }
-            Outcome::Reply(r) => r,
-        };
-        if msg.in_reply_to.is_some() && !self.settings.reply_to_replies {
-            // Loop guard: the inbound message is itself a reply; answering it
-            // automatically lets two agents ping-pong forever.
-            log::info!(
-                "row {}: inbound message is a reply; not posting the backend's answer (--reply-to-replies to change)",
-                msg.activity_id
-            );
-            return RowResult::Done;
-        }
-        match self.post_reply(msg, &reply.text, &reply.parts, false) {
-            Ok(()) => RowResult::Done,
-            Err(ReplyFailure::Interrupted) => RowResult::Interrupted,
-            Err(ReplyFailure::Failed(e)) => {
-                log::error!("row {}: reply not delivered: {e}", msg.activity_id);
-                self.dead_letter(msg, &e, Some(&reply.text));
-                RowResult::Done
-            }
-        }
-    }
-
-    /// Sends `text` to the peer (new `message/send`) or the canvas user (`/notify`).
-    /// Transient failures are retried within [`REPLY_BUDGET`].
-    fn post_reply(
-        &mut self,
-        msg: &Inbound,
-        text: &str,
-        parts: &[Value],
-        is_error: bool,
-    ) -> Result<(), ReplyFailure> {
-        let deadline = Instant::now().checked_add(REPLY_BUDGET);
-        let mut attempt: u32 = 0;
-        let mut reauthed = false;
-        loop {
-            attempt = attempt.saturating_add(1);
-            let result = match &msg.source_id {
-                Some(peer) => {
-                    let id = inbox::reply_message_id(self.client.workspace_id(), &msg.activity_id);
-                    let mut env =
-                        inbox::reply_envelope(&id, text, parts, msg.message_id.as_deref());
-                    if is_error {
-                        env["params"]["message"]["metadata"]["molecule_error"] = json!(true);
-                    }
-                    self.client.send_a2a(peer, &env).map(|answer| {
-                        if answer.is_queued() {
-                            log::info!(
-                                "row {}: reply {id} queued for peer {peer}",
-                                msg.activity_id
-                            );
-                        } else if let Some(err) = answer.body.get("error") {
-                            log::warn!(
-                                "row {}: peer {peer} answered our reply with an error: {err}",
-                                msg.activity_id
-                            );
-                        } else {
-                            log::info!(
-                                "row {}: reply {id} delivered to peer {peer}",
-                                msg.activity_id
-                            );
-                        }
-                    })
-                }
-                None => self
-                    .client
-                    .notify(text, inbox::attachments_of(parts))
-                    .map(|()| log::info!("row {}: reply sent to the canvas", msg.activity_id)),
-            };
-            let e = match result {
-                Ok(()) => return Ok(()),
-                Err(e) => e,
-            };
-            if e.is_unauthorized() && !reauthed {
-                reauthed = true;
-                match after_unauthorized(&self.client, &self.settings.token_source) {
-                    AuthVerdict::RetryWithNewToken => continue,
-                    AuthVerdict::Fatal(code, message) => {
-                        self.shutdown.trigger(StopReason::Fatal { code, message });
-                        return Err(ReplyFailure::Interrupted);
-                    }
-                }
-            }
-            let out_of_time = deadline.is_none_or(|d| Instant::now() >= d);
-            if !e.is_retryable() || out_of_time {
-                return Err(ReplyFailure::Failed(e.to_string()));
-            }
-            log::warn!(
-                "row {}: {e}; retrying the reply (attempt {attempt})",
-                msg.activity_id
-            );
-            if self.wait_backoff(attempt, e.retry_after()) {
-                return Err(ReplyFailure::Interrupted);
-            }
-        }
-    }
-
-    /// The backend gave up on a message: tell the sender instead of staying silent.
-    fn tell_sender_of_failure(&mut self, msg: &Inbound, error: &str) -> RowResult {
-        let text = format!(
-            "Sorry, the agent could not handle this message ({}).",
-            short(error, 160)
-        );
-        match self.post_reply(msg, &text, &[], true) {
-            Ok(()) | Err(ReplyFailure::Failed(_)) => RowResult::Done,
-            Err(ReplyFailure::Interrupted) => RowResult::Interrupted,
-        }
-    }
-
-    /// Appends the message to the dead-letter file (0600, one JSON object per line).
-    fn dead_letter(&self, msg: &Inbound, error: &str, reply: Option<&str>) {
-        let at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let line = json!({
-            "at_unix": at,
-            "activity_id": msg.activity_id,
-            "source_id": msg.source_id,
-            "message_id": msg.message_id,
-            "origin": msg.origin().as_str(),
-            "text": msg.text,
-            "error": error,
-            "reply": reply,
-        });
-        let path = &self.settings.dead_letter_path;
-        let result = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)
-            .and_then(|mut f| {
-                f.write_all(format!("{line}\n").as_bytes())?;
-                f.sync_all()
-            });
-        match result {
-            Ok(()) => log::warn!("row {}: written to {}", msg.activity_id, path.display()),
-            Err(e) => log::error!(
-                "row {}: cannot write {}: {e}",
-                msg.activity_id,
-                path.display()
-            ),
+            _ => false,
         }
     }
 }
 
-enum ReplyFailure {
-    Interrupted,
-    Failed(String),
+/// What a fetch means for the next one.
+enum Fetched {
+    /// A full page: fetch again at once.
+    More,
+    /// Nothing more for now: wait the poll interval.
+    Idle,
+    /// Failed: wait this long.
+    RetryIn(Duration),
 }
 
 fn log_skip(id: &str, skip: &Skip) {
@@ -520,11 +437,12 @@ fn log_skip(id: &str, skip: &Skip) {
     }
 }
 
-fn short(s: &str, n: usize) -> String {
-    let one: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
-    if one.chars().count() <= n {
-        one
-    } else {
-        one.chars().take(n).collect::<String>() + "..."
-    }
+/// Creates the worker → poll-thread event channel, woken on shutdown.
+pub fn event_channel(shutdown: &Shutdown) -> (Sender<Event>, Receiver<Event>) {
+    let (tx, rx) = mpsc::channel();
+    let wake = tx.clone();
+    shutdown.on_trigger(move || {
+        let _ = wake.send(Event::Wake);
+    });
+    (tx, rx)
 }

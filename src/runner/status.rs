@@ -26,6 +26,7 @@ pub struct RuntimeStatus {
     recent: VecDeque<bool>,
     sample_error: String,
     consecutive_failures: u32,
+    was_wedged: bool,
 }
 
 /// Shared handle.
@@ -41,17 +42,21 @@ impl RuntimeStatus {
             recent: VecDeque::with_capacity(WINDOW),
             sample_error: String::new(),
             consecutive_failures: 0,
+            was_wedged: false,
         }))
     }
 
-    /// A backend run started.
+    /// A message went to the backend.
     pub fn begin_task(shared: &SharedStatus, summary: &str) {
         let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
         s.active_tasks = s.active_tasks.saturating_add(1);
         s.current_task = clip(summary);
     }
 
-    /// A backend run ended (`error` is `None` on success).
+    /// A message left the backend: `Some(error)` if the backend gave up on it,
+    /// `None` if it succeeded (or was interrupted: that says nothing about health).
+    /// Counted once per message, not per attempt, so one bad message does not look
+    /// like a wedged backend.
     pub fn end_task(shared: &SharedStatus, error: Option<&str>) {
         let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
         s.active_tasks = s.active_tasks.saturating_sub(1);
@@ -66,6 +71,9 @@ impl RuntimeStatus {
             Some(e) => {
                 s.consecutive_failures = s.consecutive_failures.saturating_add(1);
                 s.sample_error = clip(e);
+                if s.consecutive_failures >= WEDGE_AFTER {
+                    s.was_wedged = true;
+                }
             }
             None => {
                 s.consecutive_failures = 0;
@@ -101,7 +109,15 @@ impl RuntimeStatus {
             active_tasks: s.active_tasks,
             current_task: s.current_task.clone(),
             uptime_seconds: now.saturating_duration_since(s.started).as_secs(),
-            runtime_state: (s.consecutive_failures >= WEDGE_AFTER).then(|| "wedged".to_string()),
+            // Absent while healthy; "wedged" while failing; and after a wedge the
+            // explicit empty value the platform needs to recover (§API-2.2).
+            runtime_state: if s.consecutive_failures >= WEDGE_AFTER {
+                Some("wedged".to_string())
+            } else if s.was_wedged {
+                Some(String::new())
+            } else {
+                None
+            },
             runtime_metadata: json!({
                 "capabilities": {"streaming": false, "pushNotifications": false},
                 "connector": concat!("molecule/", env!("CARGO_PKG_VERSION")),
@@ -157,7 +173,7 @@ mod tests {
         RuntimeStatus::begin_task(&s, "t");
         RuntimeStatus::end_task(&s, None);
         let hb = RuntimeStatus::heartbeat(&s, "w", Instant::now());
-        assert!(hb.runtime_state.is_none());
+        assert_eq!(hb.runtime_state.as_deref(), Some(""));
         assert!(hb.error_rate > 0.0 && hb.error_rate < 1.0);
     }
 }

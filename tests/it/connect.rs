@@ -85,16 +85,19 @@ fn peer_round_trip_with_type_parts_and_exec_backend() {
             "cmd=printf 'got:'; cat; printf ' from %s' \"$MOLECULE_ORIGIN\"",
         ],
     );
-    emu.enqueue(
+    let inbound = emu.enqueue(
         &a.id,
         json!({"from": b.id, "text": "typed", "part_key": "type"}),
     );
     let got = wait_received(&emu, &b.id, 1, &c);
     assert_eq!(got[0]["text"], "got:typed from peer");
-    assert_eq!(
-        got[0]["body"]["params"]["message"]["parts"][0]["kind"],
-        "text"
-    );
+    assert_eq!(got[0]["from"], a.id.as_str());
+    let msg = &got[0]["body"]["params"]["message"];
+    assert_eq!(msg["parts"][0]["kind"], "text");
+    assert_eq!(msg["role"], "user");
+    assert_eq!(msg["metadata"]["in_reply_to"], inbound["message_id"]);
+    let id = molecule::inbox::reply_message_id(&a.id, inbound["activity_id"].as_str().unwrap());
+    assert_eq!(msg["messageId"], id.as_str());
 }
 
 #[test]
@@ -471,4 +474,267 @@ fn platform_without_poll_mode_exits_5() {
     let dir = Arc::new(TempDir::new());
     let mut c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
     assert_eq!(c.wait_exit(WAIT).code(), Some(5), "{}", c.stderr());
+}
+
+#[test]
+fn failing_agents_do_not_ping_pong_error_replies() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let (da, db) = (Arc::new(TempDir::new()), Arc::new(TempDir::new()));
+    let args = [
+        "--backend",
+        "exec",
+        "--backend-opt",
+        "cmd=exit 3",
+        "--max-attempts",
+        "1",
+    ];
+    let ca = Connector::start(&emu, &a, &da, &args);
+    let cb = Connector::start(&emu, &b, &db, &args);
+    emu.say(&a.id, Some(&b.id), "start");
+    // A fails and tells B; B fails on that error reply and must stay quiet.
+    wait_received(&emu, &b.id, 1, &ca);
+    emu.wait_polls(10, &cb);
+    assert_eq!(emu.received(&b.id).len(), 1, "{}", cb.stderr());
+    assert_eq!(
+        emu.received(&a.id).len(),
+        0,
+        "error reply answered: {}",
+        cb.stderr()
+    );
+}
+
+#[test]
+fn a_row_with_a_wrongly_typed_field_does_not_block_the_inbox() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let rows = format!("/_admin/workspaces/{}/rows", a.id);
+    emu.post(
+        &rows,
+        json!({"method": 5, "source_id": b.id, "summary": {"odd": true}}),
+    );
+    emu.say(&a.id, Some(&b.id), "after the odd row");
+    let dir = Arc::new(TempDir::new());
+    let c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    let got = wait_received(&emu, &b.id, 1, &c);
+    assert_eq!(texts(&got), ["echo: after the odd row"]);
+}
+
+#[test]
+fn saved_reply_is_posted_after_a_crash_without_running_the_backend_again() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let inbound = emu.enqueue(&a.id, json!({"from": b.id, "text": "hi"}));
+    let row = inbound["activity_id"].as_str().unwrap();
+    // State as a crash would leave it: the backend's reply saved, not yet posted.
+    let dir = Arc::new(TempDir::new());
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    std::fs::write(
+        dir.path().join("state").join(format!("{}.journal", a.id)),
+        format!(
+            "{}\n",
+            json!({"t": "reply", "row": row, "reply": {"text": "saved answer"}})
+        ),
+    )
+    .unwrap();
+    let marker = dir.path().join("backend-ran");
+    let cmd = format!("cmd=touch {}; echo should-not-run", marker.display());
+    let c = Connector::start(
+        &emu,
+        &a,
+        &dir,
+        &["--backend", "exec", "--backend-opt", &cmd],
+    );
+    let got = wait_received(&emu, &b.id, 1, &c);
+    assert_eq!(got[0]["text"], "saved answer");
+    let id = molecule::inbox::reply_message_id(&a.id, row);
+    assert_eq!(
+        got[0]["body"]["params"]["message"]["messageId"],
+        id.as_str()
+    );
+    assert!(!marker.exists(), "the backend ran again");
+}
+
+#[test]
+fn concurrency_runs_senders_in_parallel_and_each_sender_in_order() {
+    let emu = Emulator::start();
+    let (root, _) = emu.workspace(json!({"name": "root"}));
+    let (a, ta) = emu.workspace(json!({"parent_id": root}));
+    let a = Ws { id: a, token: ta };
+    let peers: Vec<String> = (0..3)
+        .map(|_| {
+            emu.workspace(json!({"parent_id": root, "delivery_mode": "poll"}))
+                .0
+        })
+        .collect();
+    let dir = Arc::new(TempDir::new());
+    let log = dir.path().join("runs.log");
+    let cmd = format!(
+        "cmd=x=$(cat); echo \"start $x\" >> {l}; sleep 0.4; echo \"end $x\" >> {l}; echo \"$x\"",
+        l = log.display()
+    );
+    for i in 0..3 {
+        for p in &peers {
+            emu.say(&a.id, Some(p), &format!("{}-{i}", &p[..8]));
+        }
+    }
+    let c = Connector::start(
+        &emu,
+        &a,
+        &dir,
+        &[
+            "--backend",
+            "exec",
+            "--backend-opt",
+            &cmd,
+            "--concurrency",
+            "3",
+        ],
+    );
+    for p in &peers {
+        let got = wait_received(&emu, p, 3, &c);
+        let expected: Vec<String> = (0..3).map(|i| format!("{}-{i}", &p[..8])).collect();
+        assert_eq!(texts(&got), expected, "per-sender order");
+    }
+    let lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let mut running: Vec<String> = Vec::new();
+    let mut max_parallel = 0;
+    for l in &lines {
+        let (what, text) = l.split_once(' ').unwrap();
+        let sender = text.split('-').next().unwrap().to_string();
+        if what == "start" {
+            assert!(
+                !running.contains(&sender),
+                "two runs of one sender at once: {lines:?}"
+            );
+            running.push(sender);
+            max_parallel = max_parallel.max(running.len());
+        } else {
+            running.retain(|s| *s != sender);
+        }
+    }
+    assert!(max_parallel >= 2, "runs never overlapped: {lines:?}");
+}
+
+#[test]
+fn crash_with_a_slow_message_in_flight_loses_nothing() {
+    let emu = Emulator::start();
+    let (root, _) = emu.workspace(json!({"name": "root"}));
+    let (a, ta) = emu.workspace(json!({"parent_id": root}));
+    let a = Ws { id: a, token: ta };
+    let (slow_peer, _) = emu.workspace(json!({"parent_id": root, "delivery_mode": "poll"}));
+    let (fast_peer, _) = emu.workspace(json!({"parent_id": root, "delivery_mode": "poll"}));
+    emu.say(&a.id, Some(&slow_peer), "slow");
+    emu.say(&a.id, Some(&fast_peer), "fast");
+    let dir = Arc::new(TempDir::new());
+    let cmd = "cmd=x=$(cat); if [ \"$x\" = slow ]; then sleep 300; fi; echo \"done $x\"";
+    let c = Connector::start(
+        &emu,
+        &a,
+        &dir,
+        &[
+            "--backend",
+            "exec",
+            "--backend-opt",
+            cmd,
+            "--concurrency",
+            "2",
+        ],
+    );
+    wait_received(&emu, &fast_peer, 1, &c);
+    c.signal("KILL");
+    drop(c);
+    // The fast row finished but the slow one did not: after a restart the slow one
+    // is answered and the fast one is not answered again.
+    let c2 = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    let got = wait_received(&emu, &slow_peer, 1, &c2);
+    assert_eq!(texts(&got), ["echo: slow"]);
+    emu.wait_polls(3, &c2);
+    assert_eq!(emu.received(&fast_peer).len(), 1, "{}", c2.stderr());
+}
+
+#[test]
+fn sigterm_lets_a_running_backend_finish_and_a_second_signal_forces() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let started = dir.path().join("started");
+    let cmd = format!("cmd=touch {}; sleep 1; echo finished", started.display());
+    let mut c = Connector::start(
+        &emu,
+        &a,
+        &dir,
+        &["--backend", "exec", "--backend-opt", &cmd],
+    );
+    emu.say(&a.id, Some(&b.id), "work");
+    wait_until(WAIT, "the backend to start", &c, || {
+        started.exists().then_some(())
+    });
+    c.signal("TERM");
+    let status = c.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "{}", c.stderr());
+    assert_eq!(texts(&emu.received(&b.id)), ["finished"], "drained reply");
+
+    // Second signal: a backend that would run for minutes is killed at once.
+    let dir = Arc::new(TempDir::new());
+    let started = dir.path().join("started");
+    let cmd = format!("cmd=touch {}; sleep 300", started.display());
+    let mut c = Connector::start(
+        &emu,
+        &a,
+        &dir,
+        &["--backend", "exec", "--backend-opt", &cmd],
+    );
+    emu.say(&a.id, Some(&b.id), "long");
+    wait_until(WAIT, "the backend to start", &c, || {
+        started.exists().then_some(())
+    });
+    c.signal("TERM");
+    c.signal("TERM");
+    let status = c.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "{}", c.stderr());
+    assert!(c.stderr().contains("second signal"), "{}", c.stderr());
+}
+
+#[test]
+fn wedged_is_reported_and_cleared() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let cmd = "cmd=x=$(cat); case \"$x\" in bad*) exit 4;; esac; echo ok";
+    let c = Connector::start(
+        &emu,
+        &a,
+        &dir,
+        &[
+            "--backend",
+            "exec",
+            "--backend-opt",
+            cmd,
+            "--max-attempts",
+            "1",
+        ],
+    );
+    for i in 0..3 {
+        emu.say(&a.id, Some(&b.id), &format!("bad {i}"));
+    }
+    wait_until(WAIT, "a wedged heartbeat", &c, || {
+        let h = emu.heartbeats(&a.id);
+        (h["last"]["runtime_state"] == "wedged").then_some(())
+    });
+    let last = emu.heartbeats(&a.id)["last"].clone();
+    assert!(
+        last["sample_error"].as_str().unwrap().contains("status 4"),
+        "{last}"
+    );
+    assert!((last["error_rate"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+    emu.say(&a.id, Some(&b.id), "good");
+    wait_until(WAIT, "the wedge to clear", &c, || {
+        let h = emu.heartbeats(&a.id);
+        (h["last"]["runtime_state"] == "").then_some(())
+    });
 }

@@ -5,4 +5,6 @@
 mod support;
 
 mod cli;
+mod commands;
 mod connect;
+mod fault;

@@ -20,6 +20,9 @@ pub struct FaultAction {
     pub delay_ms: u64,
     /// Close the connection without answering.
     pub drop: bool,
+    /// Handle the request, then close the connection without answering: the
+    /// "delivered, but the answer was lost" case a client must not double up.
+    pub drop_after: bool,
     /// Answer with this status (and `body`, `headers`) instead of handling.
     pub status: Option<u16>,
     pub body: Value,
@@ -78,6 +81,10 @@ impl Faults {
         let action = FaultAction {
             delay_ms: spec.get("delay_ms").and_then(Value::as_u64).unwrap_or(0),
             drop: spec.get("drop").and_then(Value::as_bool).unwrap_or(false),
+            drop_after: spec
+                .get("drop_after")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             status,
             body: spec
                 .get("body")
@@ -117,6 +124,7 @@ impl Faults {
                         "status": f.action.status,
                         "delay_ms": f.action.delay_ms,
                         "drop": f.action.drop,
+                        "drop_after": f.action.drop_after,
                     })
                 })
                 .collect(),

@@ -175,7 +175,9 @@ fn log(app: &App, req: &Request, status: u16, started: Instant) {
 
 fn platform(app: &Arc<App>, req: &Request, route: &routes::Route<'_>) -> Option<Response> {
     let fault = app.faults().take(&req.method, &req.path);
+    let mut drop_after = false;
     if let Some(action) = fault {
+        drop_after = action.drop_after;
         if action.delay_ms > 0 {
             std::thread::sleep(Duration::from_millis(action.delay_ms));
         }
@@ -206,6 +208,9 @@ fn platform(app: &Arc<App>, req: &Request, route: &routes::Route<'_>) -> Option<
         Some(rejected) => rejected,
         None => routes::handle(app, req, route),
     };
+    if drop_after {
+        return None;
+    }
     Some(match decision {
         Some(d) => d.decorate(resp),
         None => resp,

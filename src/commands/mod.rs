@@ -1,0 +1,554 @@
+//! The one-shot agent-side commands for shell scripts (`send`, `peers`, `discover`,
+//! `info`, `delegate`, `delegations`, `notify`, `heartbeat`, `status`, `doctor`) and
+//! what they share: the platform context with its 401 handling, message text from an
+//! argument or stdin, the error-to-diagnostic mapping, and output. Output is either
+//! human text or, with `--json`, exactly one JSON document on stdout, failures
+//! included (`{"ok":false,"error":…,"exit_code":N}`); logs and errors go to stderr.
+//! No threads; a send's retries wait with a plain sleep (one-shot process).
+
+mod delegate;
+mod doctor;
+mod messaging;
+mod registry;
+mod send;
+mod status;
+
+use std::cell::Cell;
+use std::io::{Read, Write};
+
+use serde_json::{Map, Value, json};
+
+use crate::api::{ApiError, Client, ClientConfig};
+use crate::backend::BackendError;
+use crate::cli::{Command, GlobalArgs};
+use crate::config::{self, AgentConfig, ConfigError, TokenSource, read_token_file};
+use crate::error::Error;
+use crate::state::StateError;
+
+/// The platform's `/a2a` cap (§API-2.7.2), also applied to text read from stdin.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Runs one agent-side command and writes its output to `out`: human text, or one
+/// JSON document with `--json` (also when the command fails). The error is returned
+/// for `main` to print on stderr and turn into the exit code.
+pub fn run(
+    global: &GlobalArgs,
+    command: Command,
+    env: &dyn Fn(&str) -> Option<String>,
+    out: &mut dyn Write,
+) -> Result<(), Error> {
+    let result = match command {
+        Command::Send(a) => Ctx::new(global, env).and_then(|c| send::run(&c, &a)),
+        Command::Peers(a) => Ctx::new(global, env).and_then(|c| registry::peers(&c, &a)),
+        Command::Discover(a) => Ctx::new(global, env).and_then(|c| registry::discover(&c, &a)),
+        Command::Info(a) => Ctx::new(global, env).and_then(|c| registry::info(&c, &a)),
+        Command::Delegate(a) => Ctx::new(global, env).and_then(|c| delegate::delegate(&c, &a)),
+        Command::Delegations(a) => {
+            Ctx::new(global, env).and_then(|c| delegate::delegations(&c, &a))
+        }
+        Command::Notify(a) => Ctx::new(global, env).and_then(|c| messaging::notify(&c, &a)),
+        Command::Heartbeat(a) => Ctx::new(global, env).and_then(|c| messaging::heartbeat(&c, &a)),
+        Command::Status => status::run(global, env),
+        Command::Doctor(a) => doctor::run(global, env, &a),
+        Command::Help(_) | Command::Version | Command::Connect(_) => Err(Failure::new(
+            Error::Runtime("internal: not an agent-side command".into()),
+        )),
+    };
+    match result {
+        Ok(report) => {
+            let text = if global.json {
+                document(&report.json)
+            } else {
+                report.human
+            };
+            crate::write_quiet(out, &text)
+        }
+        Err(failure) => {
+            let text = if global.json {
+                Some(document(&failure.to_json()))
+            } else {
+                failure.human.clone()
+            };
+            if let Some(text) = text {
+                crate::write_quiet(out, &text)?;
+            }
+            Err(*failure.error)
+        }
+    }
+}
+
+/// One JSON document on one line.
+fn document(v: &Value) -> String {
+    format!("{v}\n")
+}
+
+/// What a successful command prints.
+#[derive(Debug)]
+struct Report {
+    /// The `--json` document.
+    json: Value,
+    /// Text for people.
+    human: String,
+}
+
+/// A failed command: the error (its text goes to stderr, its exit code to `main`),
+/// fields for the `--json` failure document, and text that still belongs on stdout
+/// (`doctor`'s check lines). The error is boxed to keep `Result`s small.
+#[derive(Debug)]
+struct Failure {
+    error: Box<Error>,
+    extra: Map<String, Value>,
+    human: Option<String>,
+}
+
+impl Failure {
+    fn new(error: Error) -> Failure {
+        Failure {
+            error: Box::new(error),
+            extra: Map::new(),
+            human: None,
+        }
+    }
+
+    /// Adds a field to the `--json` failure document.
+    fn with(mut self, key: &str, value: impl Into<Value>) -> Failure {
+        self.extra.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Bad input or configuration (exit 2).
+    fn input(msg: impl Into<String>) -> Failure {
+        Failure::new(Error::Config(ConfigError(msg.into())))
+    }
+
+    /// A failure of the command itself (exit 1).
+    fn runtime(msg: impl Into<String>) -> Failure {
+        Failure::new(Error::Runtime(msg.into()))
+    }
+
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("ok".into(), Value::Bool(false));
+        m.insert("error".into(), Value::from(self.error.to_string()));
+        m.insert("exit_code".into(), Value::from(self.error.exit_code()));
+        for (k, v) in &self.extra {
+            m.insert(k.clone(), v.clone());
+        }
+        Value::Object(m)
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::new(e)
+    }
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure::new(Error::Config(e))
+    }
+}
+
+impl From<StateError> for Failure {
+    fn from(e: StateError) -> Self {
+        Failure::new(Error::State(e))
+    }
+}
+
+impl From<BackendError> for Failure {
+    fn from(e: BackendError) -> Self {
+        Failure::new(Error::Backend(e))
+    }
+}
+
+/// A platform command's context: the client for our workspace and where the token
+/// came from (re-read once after a 401).
+struct Ctx {
+    client: Client,
+    cfg: AgentConfig,
+    reauthed: Cell<bool>,
+}
+
+impl Ctx {
+    fn new(g: &GlobalArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Ctx, Failure> {
+        let cfg = config::agent_config(g, env)?;
+        Ok(Ctx::from_config(cfg))
+    }
+
+    fn from_config(cfg: AgentConfig) -> Ctx {
+        let mut client_cfg = ClientConfig::new(&cfg.common.api_url, &cfg.workspace_id);
+        client_cfg.org_id = cfg.common.org_id.clone();
+        let client = Client::new(client_cfg, cfg.common.token.clone());
+        Ctx {
+            client,
+            cfg,
+            reauthed: Cell::new(false),
+        }
+    }
+
+    fn workspace_id(&self) -> &str {
+        &self.cfg.workspace_id
+    }
+
+    fn api_url(&self) -> &str {
+        &self.cfg.common.api_url
+    }
+
+    /// Runs one platform call; a 401 goes through [`Ctx::unauthorized`] (one retry
+    /// with a re-read token), any other error through `describe`.
+    fn call<T>(
+        &self,
+        mut f: impl FnMut(&Client) -> Result<T, ApiError>,
+        describe: impl Fn(&Ctx, ApiError) -> Failure,
+    ) -> Result<T, Failure> {
+        loop {
+            match f(&self.client) {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_unauthorized() => self.unauthorized(&e)?,
+                Err(e) => return Err(describe(self, e)),
+            }
+        }
+    }
+
+    /// After a 401 (§API-4.4): `Ok(())` means the token file held a new token, now
+    /// installed: retry once. Otherwise the open `GET /workspaces/<own>` tells a
+    /// removed workspace (exit 4) from a rejected token (exit 3, with how to rotate).
+    fn unauthorized(&self, e: &ApiError) -> Result<(), Failure> {
+        if !self.reauthed.replace(true)
+            && let TokenSource::File(path) = &self.cfg.common.token_source
+        {
+            match read_token_file(path) {
+                Ok(token) if token != self.client.token() => {
+                    log::info!("loaded a new workspace token from {}", path.display());
+                    self.client.set_token(token);
+                    return Ok(());
+                }
+                Ok(_) => {}
+                Err(err) => log::warn!("re-reading the token: {err}"),
+            }
+        }
+        let ws = self.workspace_id();
+        match self.client.workspace_info(ws) {
+            Err(info) if info.status() == Some(410) => Err(removed_failure(ws, &info)),
+            Err(info) if info.status() == Some(404) => Err(Failure::new(Error::Removed(format!(
+                "{e}: workspace {ws} is unknown to the platform at {}",
+                self.api_url()
+            )))
+            .with("http_status", 401)),
+            _ => {
+                let how = match &self.cfg.common.token_source {
+                    TokenSource::File(p) => format!("write it to {}", p.display()),
+                    TokenSource::Env => "set MOLECULE_WORKSPACE_TOKEN to it".into(),
+                    TokenSource::Arg => "pass it with --token-file".into(),
+                };
+                Err(Failure::new(Error::Credentials(format!(
+                    "{e}: the platform rejected the workspace token (revoked or rotated, or \
+                     not the token of workspace {ws}). Get a new one (canvas: Settings → \
+                     Workspace Tokens, or POST /workspaces/{ws}/external/rotate), then {how}"
+                )))
+                .with("http_status", 401))
+            }
+        }
+    }
+}
+
+/// "Workspace removed" from a 410 answer, with the platform's hint (exit 4).
+fn removed_failure(id: &str, e: &ApiError) -> Failure {
+    let hint = match e {
+        ApiError::Status { hint: Some(h), .. } => Some(h.clone()),
+        _ => None,
+    };
+    let mut msg = format!("removed: workspace {id} was removed from the platform");
+    if let Some(h) = &hint {
+        msg.push_str(&format!(". Hint: {h}"));
+    }
+    let mut f = Failure::new(Error::Removed(msg))
+        .with("removed", true)
+        .with("id", id)
+        .with("http_status", 410);
+    if let Some(h) = hint {
+        f = f.with("hint", h);
+    }
+    f
+}
+
+/// The fallback diagnostic for a platform error, in words: unreachable, rate limited
+/// or platform trouble (exit 75, try again later), a missing org header (exit 2),
+/// anything else (exit 1). The platform's `hint` is appended when it sent one.
+fn describe(ctx: &Ctx, e: ApiError) -> Failure {
+    let url = ctx.api_url();
+    let (status, hint) = match &e {
+        ApiError::Status { status, hint, .. } => (Some(*status), hint.clone()),
+        _ => (None, None),
+    };
+    let with_hint = |msg: String| match &hint {
+        Some(h) => format!("{msg}. Hint: {h}"),
+        None => msg,
+    };
+    let mut f = match &e {
+        ApiError::Transport { .. } | ApiError::Timeout { .. } => Failure::new(Error::Unreachable(
+            format!("{e} (platform at {url}); check the URL and the network, or try again later"),
+        )),
+        ApiError::Status {
+            status: 400,
+            code: Some(code),
+            ..
+        } if code == "TENANT_ORG_HEADER_REQUIRED" => Failure::input(format!(
+            "{e}: this platform needs its org id: pass --org-id or set MOLECULE_ORG_ID"
+        )),
+        ApiError::Status { status: 429, .. } => Failure::new(Error::Unreachable(format!(
+            "{e}: rate limited by the platform; try again later"
+        ))),
+        ApiError::Status { status: s, .. } if *s >= 500 => Failure::new(Error::Unreachable(
+            with_hint(format!("{e}: platform error; try again later")),
+        )),
+        ApiError::Status {
+            status: 404,
+            message,
+            ..
+        } if message.is_empty() => Failure::runtime(format!(
+            "{e}: an empty 404 usually means a wrong --org-id / MOLECULE_ORG_ID, or a URL that \
+             is not the platform's"
+        )),
+        ApiError::Invalid { .. } => Failure::input(e.to_string()),
+        _ => Failure::runtime(with_hint(e.to_string())),
+    };
+    if let Some(s) = status {
+        f = f.with("http_status", s);
+    }
+    if let Some(h) = hint {
+        f = f.with("hint", h);
+    }
+    f
+}
+
+/// A workspace id given on the command line: present and a UUID (exit 2 otherwise),
+/// checked before any URL is built.
+fn require_uuid(value: Option<&str>, cmd: &str, what: &str) -> Result<String, Failure> {
+    let Some(raw) = value else {
+        return Err(Failure::input(format!(
+            "{cmd}: the {what} is required (see 'molecule {cmd} --help')"
+        )));
+    };
+    let id = raw.trim();
+    if !crate::uuid::is_uuid(id) {
+        return Err(Failure::input(format!(
+            "{cmd}: {what} {raw:?} is not a UUID"
+        )));
+    }
+    Ok(id.to_string())
+}
+
+/// Message text from the argument, or from stdin for `-`: at most 16 MiB, UTF-8,
+/// not blank. One trailing newline from stdin is dropped (`echo hi | molecule …`).
+fn message_text(arg: Option<&str>, cmd: &str) -> Result<String, Failure> {
+    let text = match arg {
+        None => {
+            return Err(Failure::input(format!(
+                "{cmd}: the message text is required (or - to read it from stdin)"
+            )));
+        }
+        Some("-") => {
+            let mut t = read_limited(std::io::stdin().lock(), MAX_MESSAGE_BYTES)
+                .map_err(|e| Failure::input(format!("{cmd}: stdin: {e}")))?;
+            if t.ends_with('\n') {
+                t.pop();
+                if t.ends_with('\r') {
+                    t.pop();
+                }
+            }
+            t
+        }
+        Some(t) => t.to_string(),
+    };
+    if text.len() > MAX_MESSAGE_BYTES {
+        return Err(Failure::input(format!(
+            "{cmd}: the message is too large: {} bytes, the platform accepts at most {MAX_MESSAGE_BYTES}",
+            text.len()
+        )));
+    }
+    if text.trim().is_empty() {
+        return Err(Failure::input(format!("{cmd}: the message is empty")));
+    }
+    Ok(text)
+}
+
+/// Reads all of `r` as UTF-8, refusing more than `limit` bytes without reading
+/// further than one byte past it.
+fn read_limited(r: impl Read, limit: usize) -> Result<String, String> {
+    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+    let mut buf = Vec::new();
+    r.take(cap)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if buf.len() > limit {
+        return Err(format!(
+            "the message is too large: more than {limit} bytes (the platform's limit)"
+        ));
+    }
+    String::from_utf8(buf).map_err(|_| "the message is not UTF-8 text".to_string())
+}
+
+/// Text parts (`kind` or `type` = `text`) of a parts array, joined with newlines.
+fn text_of_parts(parts: &Value) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    for p in parts.as_array().into_iter().flatten() {
+        let kind = p
+            .get("kind")
+            .or_else(|| p.get("type"))
+            .and_then(Value::as_str);
+        if kind == Some("text")
+            && let Some(t) = p.get("text").and_then(Value::as_str)
+        {
+            out.push(t);
+        }
+    }
+    out.join("\n")
+}
+
+/// A string field of a JSON object, if present and a string.
+fn str_of<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(Value::as_str)
+}
+
+/// Lays out rows as left-aligned columns separated by two spaces; the last column is
+/// not padded. Control characters from the platform are shown as `?` so a name cannot
+/// drive the terminal.
+fn table(rows: &[Vec<String>]) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect()
+    };
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| clean(c)).collect())
+        .collect();
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0usize; cols];
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(c);
+            } else {
+                let w = widths.get(i).copied().unwrap_or(0);
+                line.push_str(c);
+                line.push_str(&" ".repeat(w.saturating_sub(c.chars().count()) + 2));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// At most `max` characters of `s` on one line, with `…` when cut.
+fn clip(s: &str, max: usize) -> String {
+    let one_line = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() <= max {
+        one_line
+    } else {
+        let mut t: String = one_line.chars().take(max.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// Text that ends with exactly one newline (for human output).
+fn line(s: &str) -> String {
+    if s.ends_with('\n') {
+        s.to_string()
+    } else {
+        format!("{s}\n")
+    }
+}
+
+/// The `runtime_metadata` the connector sends, so a manual heartbeat does not clear
+/// what the connector declared (§API-2.2).
+fn runtime_metadata() -> Value {
+    json!({
+        "capabilities": {"streaming": false, "pushNotifications": false},
+        "connector": concat!("molecule/", env!("CARGO_PKG_VERSION")),
+        "delivery_mode": "poll",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_limited_caps_and_checks_utf8() {
+        assert_eq!(read_limited(&b"hello"[..], 5).unwrap(), "hello");
+        assert!(
+            read_limited(&b"hello!"[..], 5)
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert!(
+            read_limited(&[0xff, 0xfe][..], 5)
+                .unwrap_err()
+                .contains("UTF-8")
+        );
+    }
+
+    #[test]
+    fn message_text_rules() {
+        assert!(message_text(None, "send").is_err());
+        let e = message_text(Some("  \n\t"), "send").unwrap_err();
+        assert_eq!(e.error.exit_code(), 2);
+        assert!(e.error.to_string().contains("empty"));
+        assert_eq!(message_text(Some("hi"), "send").unwrap(), "hi");
+    }
+
+    #[test]
+    fn uuid_required() {
+        let e = require_uuid(Some("../etc"), "send", "peer id").unwrap_err();
+        assert_eq!(e.error.exit_code(), 2);
+        assert!(e.error.to_string().contains("not a UUID"));
+        assert!(require_uuid(None, "send", "peer id").is_err());
+        assert_eq!(
+            require_uuid(Some(" 11111111-2222-4333-8444-555555555555 "), "x", "id").unwrap(),
+            "11111111-2222-4333-8444-555555555555"
+        );
+    }
+
+    #[test]
+    fn parts_text() {
+        let parts = json!([{"kind":"text","text":"a"},{"type":"text","text":"b"},
+                           {"kind":"file","file":{}},{"kind":"text"}]);
+        assert_eq!(text_of_parts(&parts), "a\nb");
+        assert_eq!(text_of_parts(&json!("x")), "");
+    }
+
+    #[test]
+    fn table_layout_and_sanitising() {
+        let t = table(&[
+            vec!["ID".into(), "NAME".into(), "ROLE".into()],
+            vec!["1".into(), "a\u{1b}[31m".into(), "".into()],
+        ]);
+        assert_eq!(t, "ID  NAME    ROLE\n1   a?[31m\n");
+        assert_eq!(clip("a  b\nc", 10), "a b c");
+        assert_eq!(clip("abcdef", 4), "abc…");
+    }
+
+    #[test]
+    fn failure_document() {
+        let f = Failure::runtime("boom").with("http_status", 403);
+        let v = f.to_json();
+        assert_eq!(
+            v,
+            json!({"ok": false, "error": "boom", "exit_code": 1, "http_status": 403})
+        );
+    }
+}

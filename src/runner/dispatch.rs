@@ -1,0 +1,440 @@
+//! One message, start to finish, on a worker thread: run the backend (with bounded
+//! retries), save its reply durably, post it to the sender, record the row as done.
+//! A message that keeps failing is dead-lettered and its sender told; it never
+//! stops intake.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use crate::api::{ApiError, Client};
+use crate::backend::{Backend, BackendError, Outcome, RunHandle};
+use crate::backoff::Backoff;
+use crate::config::TokenSource;
+use crate::inbox::{self, Inbound};
+use crate::shutdown::{Shutdown, StopReason};
+use crate::state::{PendingReply, Store};
+
+use super::auth::{AuthVerdict, after_unauthorized};
+use super::status::{RuntimeStatus, SharedStatus};
+
+/// "Retry later" (exit 75) runs allowed per message before it counts as a failure.
+const MAX_RETRY_LATER: u32 = 20;
+/// How long a reply may keep failing with an error the platform reports about the
+/// target (5xx) before it is dead-lettered. Network errors and 429 are retried for
+/// as long as it takes: the platform itself is unreachable then, and polling waits
+/// too.
+const REPLY_TARGET_BUDGET: Duration = Duration::from_secs(600);
+
+/// What every worker shares.
+pub struct Context {
+    /// The platform client.
+    pub client: Client,
+    /// The backend.
+    pub backend: Arc<dyn Backend>,
+    /// Durable state.
+    pub store: Arc<Mutex<Store>>,
+    /// Heartbeat numbers.
+    pub status: SharedStatus,
+    /// Stop flag.
+    pub shutdown: Shutdown,
+    /// Backend tries per message.
+    pub max_attempts: u32,
+    /// Post answers to inbound replies too.
+    pub reply_to_replies: bool,
+    /// Where the token came from.
+    pub token_source: TokenSource,
+    /// `<state-dir>/<id>.deadletter.jsonl`.
+    pub dead_letter_path: PathBuf,
+}
+
+/// How a message ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// Done for good (answered, not answered on purpose, or dead-lettered).
+    Done,
+    /// Shutdown came first; the row stays unfinished and is redelivered.
+    Interrupted,
+}
+
+enum ReplyFailure {
+    Interrupted,
+    Failed(String),
+}
+
+/// One worker's view: the shared context plus its own run handle and jitter seed.
+pub struct Worker {
+    ctx: Arc<Context>,
+    run: RunHandle,
+    seed: u64,
+}
+
+impl Worker {
+    /// A worker whose backend runs can be cancelled through `run`.
+    pub fn new(ctx: Arc<Context>, run: RunHandle) -> Self {
+        Worker {
+            ctx,
+            run,
+            seed: crate::uuid::random_u64(),
+        }
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.ctx
+            .store
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Handles one message.
+    pub fn handle(&mut self, msg: &Inbound) -> Finish {
+        // A reply saved before a crash is posted again (same messageId), without
+        // running the backend a second time.
+        let saved = self.store().pending_reply(&msg.activity_id);
+        if let Some(reply) = saved {
+            log::info!(
+                "row {}: posting the reply saved before a restart",
+                msg.activity_id
+            );
+            return self.post_and_finish(msg, reply);
+        }
+        let summary = msg.summary();
+        log::info!("row {}: {summary}", msg.activity_id);
+        RuntimeStatus::begin_task(&self.ctx.status, &summary);
+        let result = self.run_backend(msg);
+        // The heartbeat carries the kind of failure only, not the backend's stderr.
+        let failure = match &result {
+            Err(Some(e)) => Some(failure_class(e)),
+            _ => None,
+        };
+        RuntimeStatus::end_task(&self.ctx.status, failure.as_deref());
+        match result {
+            Ok(Outcome::NoReply) => {
+                log::info!("row {}: backend chose not to reply", msg.activity_id);
+                self.finish(msg)
+            }
+            Ok(Outcome::Reply(_)) if msg.in_reply_to.is_some() && !self.ctx.reply_to_replies => {
+                // Loop guard: the inbound message is itself a reply; answering it
+                // automatically lets two agents ping-pong forever.
+                log::info!(
+                    "row {}: inbound message is a reply; not posting the answer (--reply-to-replies to change)",
+                    msg.activity_id
+                );
+                self.finish(msg)
+            }
+            Ok(Outcome::Reply(r)) => {
+                let reply = PendingReply {
+                    text: r.text,
+                    parts: r.parts,
+                };
+                let saved = self.store().record_reply(&msg.activity_id, reply.clone());
+                if let Err(e) = saved {
+                    // Posting anyway is right: losing the reply is worse than the small
+                    // chance of running the backend again after a crash.
+                    log::error!("{e}");
+                }
+                self.post_and_finish(msg, reply)
+            }
+            Err(None) => Finish::Interrupted,
+            Err(Some(error)) => {
+                log::error!("row {}: giving up: {error}", msg.activity_id);
+                self.dead_letter(msg, &error, None);
+                self.tell_sender_of_failure(msg, &error)
+            }
+        }
+    }
+
+    /// Runs the backend until it succeeds or the attempts run out. `Err(None)` means
+    /// interrupted by shutdown; `Err(Some(e))` means it gave up.
+    fn run_backend(&mut self, msg: &Inbound) -> Result<Outcome, Option<String>> {
+        let max = self.ctx.max_attempts;
+        let mut attempt: u32 = 0;
+        let mut retry_later: u32 = 0;
+        loop {
+            attempt = attempt.saturating_add(1);
+            let req = msg.to_request(
+                self.ctx.client.workspace_id(),
+                self.ctx.client.api_url(),
+                attempt,
+            );
+            let started = Instant::now();
+            let result = self.ctx.backend.handle(&req, &self.run);
+            log::debug!(
+                "row {}: backend attempt {attempt} took {} ms",
+                msg.activity_id,
+                started.elapsed().as_millis()
+            );
+            let e = match result {
+                Ok(outcome) => return Ok(outcome),
+                Err(BackendError::Cancelled) => return Err(None),
+                Err(e) => e,
+            };
+            if self.ctx.shutdown.is_triggered() {
+                return Err(None);
+            }
+            if e.is_retry_later() && retry_later < MAX_RETRY_LATER {
+                retry_later += 1;
+                attempt -= 1;
+                log::info!("row {}: {e}; trying again later", msg.activity_id);
+                if self.wait_backoff(retry_later, None) {
+                    return Err(None);
+                }
+                continue;
+            }
+            if attempt >= max {
+                return Err(Some(e.to_string()));
+            }
+            log::warn!("row {}: {e} (attempt {attempt}/{max})", msg.activity_id);
+            if self.wait_backoff(attempt, None) {
+                return Err(None);
+            }
+        }
+    }
+
+    fn post_and_finish(&mut self, msg: &Inbound, reply: PendingReply) -> Finish {
+        match self.post_reply(msg, &reply.text, &reply.parts, false) {
+            Ok(()) => self.finish(msg),
+            Err(ReplyFailure::Interrupted) => Finish::Interrupted,
+            Err(ReplyFailure::Failed(e)) => {
+                log::error!("row {}: reply not delivered: {e}", msg.activity_id);
+                self.dead_letter(msg, &e, Some(&reply.text));
+                self.finish(msg)
+            }
+        }
+    }
+
+    /// Records the row as done (activity id and message id into the ledger).
+    fn finish(&mut self, msg: &Inbound) -> Finish {
+        let mut keys = Vec::with_capacity(2);
+        if !msg.activity_id.is_empty() {
+            keys.push(format!("a:{}", msg.activity_id));
+        }
+        keys.extend(msg.message_key());
+        let recorded = self.store().record_done(&msg.activity_id, keys);
+        if let Err(e) = recorded {
+            log::error!("{e}");
+        }
+        Finish::Done
+    }
+
+    /// Sends `text` to the peer (new `message/send`) or the canvas user (`/notify`).
+    fn post_reply(
+        &mut self,
+        msg: &Inbound,
+        text: &str,
+        parts: &[Value],
+        is_error: bool,
+    ) -> Result<(), ReplyFailure> {
+        let started = Instant::now();
+        let mut attempt: u32 = 0;
+        loop {
+            attempt = attempt.saturating_add(1);
+            let used = self.ctx.client.token();
+            let e = match self.post_once(msg, text, parts, is_error) {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if e.is_unauthorized() {
+                match after_unauthorized(
+                    &self.ctx.client,
+                    &self.ctx.token_source,
+                    &used,
+                    &self.ctx.shutdown,
+                ) {
+                    AuthVerdict::RetryWithNewToken => continue,
+                    AuthVerdict::Unknown => {}
+                    AuthVerdict::Fatal(code, message) => {
+                        self.ctx
+                            .shutdown
+                            .trigger(StopReason::Fatal { code, message });
+                        return Err(ReplyFailure::Interrupted);
+                    }
+                }
+            } else if !e.is_retryable() {
+                return Err(ReplyFailure::Failed(e.to_string()));
+            } else if e.status().is_some_and(|s| s >= 500)
+                && started.elapsed() >= REPLY_TARGET_BUDGET
+            {
+                return Err(ReplyFailure::Failed(format!(
+                    "{e} (still failing after {} s)",
+                    REPLY_TARGET_BUDGET.as_secs()
+                )));
+            }
+            if attempt == 1 || attempt.is_multiple_of(10) {
+                log::warn!(
+                    "row {}: {e}; retrying the reply (attempt {attempt})",
+                    msg.activity_id
+                );
+            }
+            if self.wait_backoff(attempt, e.retry_after()) {
+                return Err(ReplyFailure::Interrupted);
+            }
+        }
+    }
+
+    fn post_once(
+        &self,
+        msg: &Inbound,
+        text: &str,
+        parts: &[Value],
+        is_error: bool,
+    ) -> Result<(), ApiError> {
+        let client = &self.ctx.client;
+        match &msg.source_id {
+            Some(peer) => {
+                let id = inbox::reply_message_id(client.workspace_id(), &msg.activity_id);
+                let mut env = inbox::reply_envelope(&id, text, parts, msg.message_id.as_deref());
+                if is_error {
+                    env["params"]["message"]["metadata"]["molecule_error"] = json!(true);
+                }
+                let answer = client.send_a2a(peer, &env)?;
+                if answer.is_queued() {
+                    log::info!("row {}: reply {id} queued for peer {peer}", msg.activity_id);
+                } else if let Some(err) = answer.body.get("error") {
+                    log::warn!(
+                        "row {}: peer {peer} answered our reply with an error: {err}",
+                        msg.activity_id
+                    );
+                } else {
+                    log::info!(
+                        "row {}: reply {id} delivered to peer {peer}",
+                        msg.activity_id
+                    );
+                }
+                Ok(())
+            }
+            None => {
+                let attachments = inbox::attachments_of(parts);
+                // /notify needs a non-empty message, even for a files-only reply.
+                let text = if text.trim().is_empty() {
+                    attachment_names(&attachments)
+                } else {
+                    text.to_string()
+                };
+                client.notify(&text, attachments)?;
+                log::info!("row {}: reply sent to the canvas", msg.activity_id);
+                Ok(())
+            }
+        }
+    }
+
+    /// The backend gave up on a message: tell the sender instead of staying silent.
+    /// Only the kind of failure goes out (the backend's stderr may hold secrets), and
+    /// never in answer to a reply or another error: two failing agents would loop.
+    fn tell_sender_of_failure(&mut self, msg: &Inbound, error: &str) -> Finish {
+        let is_error_reply = msg
+            .raw
+            .pointer("/params/message/metadata/molecule_error")
+            .is_some();
+        if msg.in_reply_to.is_some() || is_error_reply {
+            log::info!(
+                "row {}: not telling the sender: its message was itself a reply",
+                msg.activity_id
+            );
+            return self.finish(msg);
+        }
+        let text = format!(
+            "Sorry, the agent could not handle this message ({}).",
+            failure_class(error)
+        );
+        match self.post_reply(msg, &text, &[], true) {
+            Ok(()) | Err(ReplyFailure::Failed(_)) => self.finish(msg),
+            Err(ReplyFailure::Interrupted) => Finish::Interrupted,
+        }
+    }
+
+    /// Appends the message to the dead-letter file (0600, one JSON object per line).
+    fn dead_letter(&self, msg: &Inbound, error: &str, reply: Option<&str>) {
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let line = json!({
+            "at_unix": at,
+            "activity_id": msg.activity_id,
+            "source_id": msg.source_id,
+            "message_id": msg.message_id,
+            "origin": msg.origin().as_str(),
+            "text": msg.text,
+            "error": error,
+            "reply": reply,
+        });
+        let path = &self.ctx.dead_letter_path;
+        let result = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .and_then(|mut f| {
+                f.write_all(format!("{line}\n").as_bytes())?;
+                f.sync_all()
+            });
+        match result {
+            Ok(()) => log::warn!("row {}: written to {}", msg.activity_id, path.display()),
+            Err(e) => log::error!(
+                "row {}: cannot write {}: {e}",
+                msg.activity_id,
+                path.display()
+            ),
+        }
+    }
+
+    /// Waits the backoff for `attempt` (at least `retry_after`). `true` = stop requested.
+    fn wait_backoff(&mut self, attempt: u32, retry_after: Option<Duration>) -> bool {
+        self.seed = self.seed.wrapping_add(1);
+        let mut d = Backoff::default().delay(attempt, self.seed);
+        if let Some(r) = retry_after {
+            d = d.max(r);
+        }
+        self.ctx.shutdown.wait_timeout(d)
+    }
+}
+
+/// The kind of a backend failure, without its output.
+fn failure_class(error: &str) -> String {
+    let head = error.split(" (stderr:").next().unwrap_or(error);
+    head.strip_prefix("backend: ").unwrap_or(head).to_string()
+}
+
+fn attachment_names(attachments: &[Value]) -> String {
+    let names: Vec<&str> = attachments
+        .iter()
+        .filter_map(|a| a.get("name")?.as_str())
+        .collect();
+    if names.is_empty() {
+        "(empty reply)".to_string()
+    } else {
+        format!("Attached: {}", names.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_class_drops_stderr() {
+        assert_eq!(
+            failure_class("backend: command exited with status 3 (stderr: API_KEY=sk-123 boom)"),
+            "command exited with status 3"
+        );
+        assert_eq!(
+            failure_class("backend: command timed out after 1s"),
+            "command timed out after 1s"
+        );
+    }
+
+    #[test]
+    fn files_only_canvas_reply_has_text() {
+        assert_eq!(
+            attachment_names(&[json!({"uri":"u","name":"a.png"})]),
+            "Attached: a.png"
+        );
+        assert_eq!(attachment_names(&[]), "(empty reply)");
+    }
+}
