@@ -80,6 +80,14 @@ pub struct ConnectArgs {
     pub reply_to_replies: bool,
     /// `--concurrency`.
     pub concurrency: Option<usize>,
+    /// `--once`.
+    pub once: bool,
+    /// `--max-messages`.
+    pub max_messages: Option<u64>,
+    /// `--idle-exit` (seconds).
+    pub idle_exit_secs: Option<u64>,
+    /// `--lock-wait` (seconds).
+    pub lock_wait_secs: Option<u64>,
     /// `--dry-run`.
     pub dry_run: bool,
 }
@@ -199,7 +207,10 @@ pub enum Command {
     /// Send one heartbeat.
     Heartbeat(HeartbeatArgs),
     /// Show what the connector's state file says.
-    Status,
+    Status {
+        /// `--stale-after` (seconds).
+        stale_after: Option<u64>,
+    },
     /// Check configuration, reachability, auth and poll support.
     Doctor(DoctorArgs),
 }
@@ -386,6 +397,10 @@ fn parse_connect(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Comm
             ("max-attempts", _) => a.max_attempts = Some(number(parser, "--max-attempts")?),
             ("reply-to-replies", _) => a.reply_to_replies = true,
             ("concurrency", _) => a.concurrency = Some(number(parser, "--concurrency")?),
+            ("once", _) => a.once = true,
+            ("max-messages", _) => a.max_messages = Some(number(parser, "--max-messages")?),
+            ("idle-exit", _) => a.idle_exit_secs = Some(number(parser, "--idle-exit")?),
+            ("lock-wait", _) => a.lock_wait_secs = Some(number(parser, "--lock-wait")?),
             ("dry-run", _) => a.dry_run = true,
             (_, Value(v)) if a.workspace.is_none() => {
                 a.workspace = Some(string(v, "workspace id")?)
@@ -570,10 +585,18 @@ fn parse_heartbeat(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Co
 }
 
 fn parse_status(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Command, UsageError> {
-    let Some(_) = sub_args(parser, g, "status", 0, |_, _| Ok(false))? else {
+    let mut stale_after = None;
+    let Some(_) = sub_args(parser, g, "status", 0, |name, p| {
+        match name {
+            "stale-after" => stale_after = Some(number(p, "--stale-after")?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?
+    else {
         return Ok(help("status"));
     };
-    Ok(Command::Status)
+    Ok(Command::Status { stale_after })
 }
 
 fn parse_doctor(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Command, UsageError> {
@@ -850,18 +873,25 @@ Options:
 
 /// `molecule status --help`.
 pub const STATUS_HELP: &str = "\
-molecule status: show what the connector last saved for this workspace
+molecule status: is the connector for this workspace alive and working?
 
-Usage: molecule status
+Usage: molecule status [--stale-after SECS] [--json]
 
-Reads <state-dir>/<workspace-id>.json, the state file molecule connect writes after
-every handled message: the cursor (last_since_id), the highest handled seq, how many
-handled message ids the ledger holds, and when the file was last saved. No network.
-The connector does not write a live status file yet (last poll, heartbeat, error
-counts): the output says so instead of guessing.
+Reads <state-dir>/<workspace-id>.status.json, which molecule connect rewrites about once
+a second: state (running or stopped, and why), last successful poll and heartbeat, the
+cursor, handled / failed / dead-lettered counts, messages in flight, the last error and
+the wedged flag; plus the saved cursor from <workspace-id>.json. No network.
 
-Exit codes: 0 state file read; 1 no state file (the connector never saved state for
-this workspace in this state dir); 2 corrupt state file or bad configuration.
+The connector counts as stale when it is not running (its process is gone or it
+stopped), or its last successful poll is older than --stale-after seconds (default:
+three poll intervals, at least 3 s). Use it as a health check from cron, a systemd
+timer or a Kubernetes exec probe.
+
+Options:
+  --stale-after SECS   how old the last successful poll may be
+
+Exit codes: 0 running and fresh; 1 stale, stopped or no status file; 2 bad
+configuration or corrupt state file.
 
 Environment: MOLECULE_WORKSPACE_ID (--workspace), MOLECULE_STATE_DIR (--state-dir),
 XDG_CONFIG_HOME, HOME. --json prints one JSON document on stdout.
@@ -899,9 +929,20 @@ Usage: molecule connect <workspace-id> [OPTIONS]
 
 Registers the workspace in poll mode, sends a heartbeat on its own thread, polls the
 workspace's inbox for A2A messages, hands each one to the backend and posts the reply:
-to a peer agent as a new message/send, to the user on the canvas through /notify. The
-cursor is saved (atomically, 0600) only after a message is handled, so a crash never
-loses a message. SIGTERM or SIGINT stops cleanly (exit 0); a second signal forces.
+to a peer agent as a new message/send, to the user on the canvas through /notify. A
+message counts as handled only once its reply is posted (or it was deliberately not
+answered, or dead-lettered), and that is journaled (fsync) before the cursor moves, so a
+crash never loses a message. SIGTERM or SIGINT stops cleanly (exit 0); a second signal
+forces.
+
+Modes:
+  long-running (default)   under systemd, runit, s6 or a container: answers as messages
+                           arrive; the supervisor restarts it on exit 1 or 75
+  --once                   from cron: register, heartbeat once, answer everything that is
+                           pending (all pages), save, exit 0; a run that finds another
+                           connector holding the lock exits 0 at once (see --lock-wait)
+  --max-messages N         stop (exit 0) after N messages
+  --idle-exit SECS         stop (exit 0) after SECS without any message
 
 Options:
   --backend NAME           exec | claude-code | mock              [default: claude-code]
@@ -918,11 +959,13 @@ Options:
   --since-secs N           first start (no cursor): look back N seconds  [default: 30]
   --heartbeat-secs N       heartbeat period                              [default: 20]
   --max-attempts N         backend tries per message before giving up    [default: 3]
-  --drain-timeout SECS     on SIGTERM, let a running backend finish this long [default: 30]
+  --drain-timeout SECS     on SIGTERM, let running backends finish this long [default: 30]
   --concurrency N          backend runs at once, across different senders (messages from
                            one sender stay strictly in order)                [default: 1]
   --reply-to-replies       also post answers to messages that are themselves replies
                            (off by default: two auto-replying agents would loop forever)
+  --lock-wait SECS         if another connector holds this workspace's lock, wait up to
+                           SECS for it instead of stopping at once            [default: 0]
   --dry-run                check configuration and backend, print a summary, exit
 
 The exec backend runs `/bin/sh -c CMD` in its own process group with the message on
@@ -932,8 +975,10 @@ Its environment has MOLECULE_WORKSPACE_ID, MOLECULE_API_URL, MOLECULE_CALLER_ID,
 MOLECULE_CALLER_NAME, MOLECULE_CALLER_ROLE, MOLECULE_ORIGIN (peer|canvas),
 MOLECULE_MESSAGE_ID, MOLECULE_ACTIVITY_ID, MOLECULE_CONTEXT_ID, MOLECULE_ATTEMPT.
 
-Files: <state-dir>/<workspace-id>.json holds the cursor (workspace_id, last_since_id)
-and the ids of recently handled messages.
+Files in the state dir: <id>.json (cursor: workspace_id, last_since_id; handled ids;
+pending replies), <id>.journal (changes since the last checkpoint), <id>.lock (one
+connector per workspace), <id>.status.json (for 'molecule status' and watchdogs),
+<id>.deadletter.jsonl (messages given up on).
 
 Global options (--api-url, --token-file, --state-dir, ...): see 'molecule --help'.
 ";
@@ -1081,7 +1126,16 @@ mod tests {
             panic!()
         };
         assert_eq!(n.attach, ["u,n", "v"]);
-        assert_eq!(p(&["status"]).unwrap().command, Command::Status);
+        assert_eq!(
+            p(&["status"]).unwrap().command,
+            Command::Status { stale_after: None }
+        );
+        assert_eq!(
+            p(&["status", "--stale-after", "9"]).unwrap().command,
+            Command::Status {
+                stale_after: Some(9)
+            }
+        );
         assert_eq!(
             p(&["info"]).unwrap().command,
             Command::Info(InfoArgs::default())

@@ -101,6 +101,14 @@ pub struct ConnectConfig {
     pub reply_to_replies: bool,
     /// Backend runs at once (across senders).
     pub concurrency: usize,
+    /// Cron mode: drain what is pending, then exit.
+    pub once: bool,
+    /// Stop after this many messages.
+    pub max_messages: Option<u64>,
+    /// Stop after this long without messages.
+    pub idle_exit: Option<Duration>,
+    /// Wait this long for another connector's lock instead of giving up at once.
+    pub lock_wait: Duration,
     /// Check and print, do not run.
     pub dry_run: bool,
 }
@@ -188,6 +196,18 @@ pub fn connect_config(
             "--concurrency {concurrency}: must be between 1 and 64"
         )));
     }
+    let max_messages = a.max_messages;
+    if max_messages == Some(0) {
+        return Err(ConfigError("--max-messages 0: must be at least 1".into()));
+    }
+    if a.idle_exit_secs == Some(0) {
+        return Err(ConfigError(
+            "--idle-exit 0: must be at least 1 second".into(),
+        ));
+    }
+    if a.lock_wait_secs.is_some_and(|s| s > 86_400) {
+        return Err(ConfigError("--lock-wait: at most 86400 seconds".into()));
+    }
     Ok(ConnectConfig {
         common,
         workspace_id,
@@ -200,6 +220,10 @@ pub fn connect_config(
         max_attempts,
         reply_to_replies: a.reply_to_replies,
         concurrency,
+        once: a.once,
+        max_messages,
+        idle_exit: a.idle_exit_secs.map(Duration::from_secs),
+        lock_wait: Duration::from_secs(a.lock_wait_secs.unwrap_or(0)),
         dry_run: a.dry_run,
     })
 }

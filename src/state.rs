@@ -381,6 +381,12 @@ pub fn ensure_dir(dir: &Path) -> Result<(), StateError> {
 /// Temp file in the same directory, fsync, rename over `path`, fsync the directory:
 /// a crash leaves either the old or the new file, never half of one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_file(path, bytes, true)
+}
+
+/// Replaces `path` by rename (mode 0600) so readers never see half a file;
+/// `durable` adds the fsyncs that make the new content survive a power cut.
+pub fn write_file(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -395,8 +401,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
             .mode(0o600)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
+        if !durable {
+            return Ok(());
+        }
         // The rename is durable only once the directory entry is.
         File::open(dir)?.sync_all()
     })();
@@ -432,6 +443,45 @@ impl InstanceLock {
             Ok(()) => Ok(InstanceLock { _file: file, path }),
             Err(fs::TryLockError::WouldBlock) => Err(StateError::Locked { path }),
             Err(fs::TryLockError::Error(source)) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    /// Like [`InstanceLock::acquire`], but waits up to `wait` for the holder to let go.
+    pub fn acquire_wait(
+        dir: &Path,
+        workspace_id: &str,
+        wait: Duration,
+    ) -> Result<InstanceLock, StateError> {
+        match Self::acquire(dir, workspace_id) {
+            Err(StateError::Locked { path }) if !wait.is_zero() => {
+                log::info!(
+                    "waiting up to {} s for the lock on {}",
+                    wait.as_secs(),
+                    path.display()
+                );
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|source| StateError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                // A blocking lock on a helper thread: the wait is a channel timeout,
+                // not a sleep-and-retry loop. If it times out the thread stays blocked
+                // until the process exits, which it is about to.
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    let got = file.lock().map(|()| file);
+                    let _ = tx.send(got);
+                });
+                match rx.recv_timeout(wait) {
+                    Ok(Ok(file)) => Ok(InstanceLock { _file: file, path }),
+                    Ok(Err(source)) => Err(StateError::Io { path, source }),
+                    Err(_) => Err(StateError::Locked { path }),
+                }
+            }
+            other => other,
         }
     }
 

@@ -48,7 +48,7 @@ pub fn run(
         }
         Command::Notify(a) => Ctx::new(global, env).and_then(|c| messaging::notify(&c, &a)),
         Command::Heartbeat(a) => Ctx::new(global, env).and_then(|c| messaging::heartbeat(&c, &a)),
-        Command::Status => status::run(global, env),
+        Command::Status { stale_after } => status::run(global, env, stale_after),
         Command::Doctor(a) => doctor::run(global, env, &a),
         Command::Help(_) | Command::Version | Command::Connect(_) => Err(Failure::new(
             Error::Runtime("internal: not an agent-side command".into()),

@@ -1,12 +1,11 @@
-//! `molecule status`: what the connector last saved for this workspace, read from
-//! `<state-dir>/<id>.json` (and its journal, when there is one). No network. There is
-//! no live status file yet (last poll, heartbeat, counters): the output says so
-//! rather than inventing numbers.
+//! `molecule status`: is the connector for this workspace alive and working? Reads
+//! the status file the connector rewrites about once a second
+//! (`<state-dir>/<id>.status.json`) and the saved cursor from the state file. A
+//! health check: exit 0 only when the connector runs and polled recently. No network.
 
 use std::fs;
-use std::io::{self, Read};
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
@@ -14,136 +13,183 @@ use super::{Failure, Report, table};
 use crate::cli::GlobalArgs;
 use crate::config;
 use crate::error::Error;
-use crate::state::{self, StateError, StateFile};
+use crate::state;
 
-/// The honest answer for everything the state file does not hold.
-pub const NO_LIVE_STATUS: &str =
-    "no live status file (connector status reporting comes with the operations work)";
-/// State files larger than this are refused rather than read.
-const MAX_STATE_BYTES: u64 = 16 * 1024 * 1024;
+/// Status files larger than this are not a status file.
+const MAX_STATUS_BYTES: u64 = 1024 * 1024;
 
-pub(super) fn run(g: &GlobalArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Report, Failure> {
+pub(super) fn run(
+    g: &GlobalArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+    stale_after: Option<u64>,
+) -> Result<Report, Failure> {
     let ws = config::workspace_id(g, env)?;
     let dir = config::resolve_state_dir(g, env)?;
-    let path = state::state_path(&dir, &ws);
-    let (file, extra, saved) = match read(&path, &ws)? {
-        Some(found) => found,
-        None => {
-            return Err(Failure::new(Error::Runtime(format!(
-                "status: no state file at {}: molecule connect has not saved state for workspace \
-                 {ws} in this state dir (check --state-dir / MOLECULE_STATE_DIR)",
-                path.display()
-            )))
-            .with("state_file", path.display().to_string()));
+    let status_path = crate::runner::status_path(&dir, &ws);
+    let saved = state::read_state_file(&state::state_path(&dir, &ws), &ws)?;
+    let saved_cursor = saved
+        .as_ref()
+        .map(|s| s.last_since_id.clone())
+        .filter(|c| !c.is_empty());
+    let Some(doc) = read_status(&status_path)? else {
+        return Err(Failure::new(Error::Runtime(format!(
+            "status: no status file at {}: molecule connect is not running for workspace {ws} \
+             with this state dir (or never ran; check --state-dir / MOLECULE_STATE_DIR)",
+            status_path.display()
+        )))
+        .with("status_file", status_path.display().to_string())
+        .with("saved_cursor", saved_cursor));
+    };
+
+    let now = unix_now();
+    let num = |k: &str| doc.get(k).and_then(Value::as_u64);
+    let interval_ms = num("poll_interval_ms").unwrap_or(1000);
+    let limit = stale_after.unwrap_or_else(|| (3 * interval_ms).div_ceil(1000).max(3));
+    let last_poll = num("last_poll_ok");
+    let poll_age = last_poll.map(|t| now.saturating_sub(t));
+    let running = doc.get("state").and_then(Value::as_str) == Some("running");
+    let alive = num("pid").is_some_and(process_alive);
+    let problem = if !running {
+        Some(format!(
+            "the connector stopped ({})",
+            doc.get("stop_reason")
+                .and_then(Value::as_str)
+                .unwrap_or("no reason recorded")
+        ))
+    } else if !alive {
+        Some("the connector's process is gone (killed or crashed)".to_string())
+    } else {
+        match poll_age {
+            None => Some("the connector has not completed a poll yet".to_string()),
+            Some(age) if age > limit => Some(format!(
+                "last successful poll was {age} s ago (limit {limit} s)"
+            )),
+            Some(_) => None,
         }
     };
-    let now = SystemTime::now();
-    let age = |t: SystemTime| now.duration_since(t).unwrap_or(Duration::ZERO).as_secs();
-    let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let cursor = Some(file.last_since_id.clone()).filter(|c| !c.is_empty());
-    let pending = extra
-        .get("pending")
-        .and_then(Value::as_object)
-        .map_or(0, |m| m.len());
-    let journal_path = dir.join(format!("{ws}.journal"));
-    let journal = journal_info(&journal_path);
 
+    let ago = |k: &str| {
+        num(k).map_or("never".to_string(), |t| {
+            format!("{} s ago", now.saturating_sub(t))
+        })
+    };
+    let text = |k: &str| doc.get(k).and_then(Value::as_str).unwrap_or("").to_string();
     let mut rows = vec![
         vec!["workspace:".to_string(), ws.clone()],
-        vec!["state file:".to_string(), path.display().to_string()],
         vec![
-            "saved:".to_string(),
-            saved.map_or("unknown".to_string(), |t| format!("{} s ago", age(t))),
+            "state:".to_string(),
+            match &problem {
+                None => "running".to_string(),
+                Some(p) => format!("STALE: {p}"),
+            },
         ],
+        vec!["last poll:".to_string(), ago("last_poll_ok")],
+        vec!["last heartbeat:".to_string(), ago("last_heartbeat_ok")],
         vec![
             "cursor:".to_string(),
-            cursor.clone().unwrap_or_else(|| {
-                "none (cold start: the connector begins with its --since-secs window)".to_string()
-            }),
+            doc.get("cursor")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .or(saved_cursor.clone())
+                .unwrap_or_else(|| "none (cold start)".to_string()),
         ],
         vec![
-            "last seq:".to_string(),
-            file.last_seq.map_or("none".to_string(), |s| s.to_string()),
+            "messages:".to_string(),
+            format!(
+                "{} handled, {} failed, {} dead-lettered, {} in flight",
+                num("handled").unwrap_or(0),
+                num("failed").unwrap_or(0),
+                num("dead_lettered").unwrap_or(0),
+                num("in_flight").unwrap_or(0)
+            ),
         ],
         vec![
-            "handled:".to_string(),
-            format!("{} recent message id(s) in the ledger", file.handled.len()),
+            "wedged:".to_string(),
+            if doc.get("wedged").and_then(Value::as_bool) == Some(true) {
+                "yes"
+            } else {
+                "no"
+            }
+            .to_string(),
         ],
     ];
-    if pending > 0 {
-        rows.push(vec![
-            "pending:".to_string(),
-            format!("{pending} reply(ies) produced but not yet confirmed posted"),
-        ]);
+    let last_error = text("last_error");
+    if !last_error.is_empty() {
+        rows.push(vec!["last error:".to_string(), last_error]);
     }
-    if let Some((lines, modified)) = journal {
-        rows.push(vec![
-            "journal:".to_string(),
-            format!(
-                "{lines} change(s) since the last save{}",
-                modified.map_or(String::new(), |t| format!(
-                    ", last written {} s ago",
-                    age(t)
-                ))
-            ),
-        ]);
+    let mut out = doc.clone();
+    if let Some(m) = out.as_object_mut() {
+        m.insert("ok".into(), Value::Bool(problem.is_none()));
+        m.insert("stale".into(), Value::Bool(problem.is_some()));
+        m.insert("stale_after_secs".into(), json!(limit));
+        m.insert("last_poll_age_secs".into(), json!(poll_age));
+        m.insert("process_alive".into(), json!(alive));
+        m.insert("saved_cursor".into(), json!(saved_cursor));
+        m.insert(
+            "status_file".into(),
+            json!(status_path.display().to_string()),
+        );
     }
-    rows.push(vec!["live status:".to_string(), NO_LIVE_STATUS.to_string()]);
-    Ok(Report {
-        json: json!({
-            "ok": true,
-            "workspace_id": ws,
-            "state_file": path.display().to_string(),
-            "saved_at_unix": saved.map(unix),
-            "saved_secs_ago": saved.map(age),
-            "cursor": cursor,
-            "last_seq": file.last_seq,
-            "handled": file.handled.len(),
-            "pending_replies": pending,
-            "journal_records": journal.map(|(n, _)| n),
-            "live_status": Value::Null,
-            "note": NO_LIVE_STATUS,
+    match problem {
+        None => Ok(Report {
+            json: out,
+            human: table(&rows),
         }),
-        human: table(&rows),
-    })
+        Some(p) => {
+            let mut f = Failure::new(Error::Runtime(format!("status: workspace {ws}: {p}")));
+            if let Value::Object(m) = out {
+                for (k, v) in m {
+                    f = f.with(&k, v);
+                }
+            }
+            f.human = Some(table(&rows));
+            Err(f)
+        }
+    }
 }
 
-type Found = (StateFile, Value, Option<SystemTime>);
-
-/// The state file parsed the way the connector parses it, plus the raw JSON (for
-/// fields newer than `StateFile`) and its modification time; `None` if absent.
-fn read(path: &Path, ws: &str) -> Result<Option<Found>, Failure> {
-    let io_err = |source: io::Error| StateError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let corrupt = |detail: String| StateError::Corrupt {
-        path: path.to_path_buf(),
-        detail,
-    };
+/// The status file as JSON; `None` if there is none.
+fn read_status(path: &Path) -> Result<Option<Value>, Failure> {
     let meta = match fs::metadata(path) {
         Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(e).into()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(Failure::runtime(format!(
+                "status file {}: {e}",
+                path.display()
+            )));
+        }
     };
-    if meta.len() > MAX_STATE_BYTES {
-        return Err(corrupt(format!("{} bytes is too large", meta.len())).into());
+    if meta.len() > MAX_STATUS_BYTES {
+        return Err(Failure::runtime(format!(
+            "status file {}: too large",
+            path.display()
+        )));
     }
-    let raw = fs::read(path).map_err(io_err)?;
-    let file: StateFile = serde_json::from_slice(&raw).map_err(|e| corrupt(e.to_string()))?;
-    if file.workspace_id != ws {
-        return Err(corrupt(format!("it belongs to workspace {:?}", file.workspace_id)).into());
-    }
-    let value: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-    Ok(Some((file, value, meta.modified().ok())))
+    let raw = fs::read(path)
+        .map_err(|e| Failure::runtime(format!("status file {}: {e}", path.display())))?;
+    serde_json::from_slice(&raw)
+        .map(Some)
+        .map_err(|e| Failure::runtime(format!("status file {}: not JSON: {e}", path.display())))
 }
 
-/// Line count and modification time of the connector's journal, if it has one.
-fn journal_info(path: &Path) -> Option<(usize, Option<SystemTime>)> {
-    let f = fs::File::open(path).ok()?;
-    let modified = f.metadata().ok().and_then(|m| m.modified().ok());
-    let mut buf = Vec::new();
-    f.take(MAX_STATE_BYTES).read_to_end(&mut buf).ok()?;
-    let lines = buf.iter().filter(|b| **b == b'\n').count();
-    Some((lines, modified))
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Is there a process with this pid? (`/proc`, so Linux only; elsewhere assume yes.)
+fn process_alive(pid: u64) -> bool {
+    let proc = Path::new("/proc");
+    if !proc.is_dir() {
+        return true;
+    }
+    match fs::read_to_string(proc.join(pid.to_string()).join("stat")) {
+        // A zombie (state Z) has exited already.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_none_or(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
 }

@@ -143,6 +143,7 @@ impl Worker {
             Err(None) => Finish::Interrupted,
             Err(Some(error)) => {
                 log::error!("row {}: giving up: {error}", msg.activity_id);
+                RuntimeStatus::count(&self.ctx.status, |c| c.failed += 1);
                 self.dead_letter(msg, &error, None);
                 self.tell_sender_of_failure(msg, &error)
             }
@@ -210,6 +211,7 @@ impl Worker {
 
     /// Records the row as done (activity id and message id into the ledger).
     fn finish(&mut self, msg: &Inbound) -> Finish {
+        RuntimeStatus::count(&self.ctx.status, |c| c.handled += 1);
         let mut keys = Vec::with_capacity(2);
         if !msg.activity_id.is_empty() {
             keys.push(format!("a:{}", msg.activity_id));
@@ -350,6 +352,11 @@ impl Worker {
 
     /// Appends the message to the dead-letter file (0600, one JSON object per line).
     fn dead_letter(&self, msg: &Inbound, error: &str, reply: Option<&str>) {
+        RuntimeStatus::count(&self.ctx.status, |c| c.dead_lettered += 1);
+        RuntimeStatus::note_error(
+            &self.ctx.status,
+            &format!("row {}: {}", msg.activity_id, failure_class(error)),
+        );
         let at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())

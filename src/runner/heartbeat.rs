@@ -3,7 +3,7 @@
 //! schedule; after an outage the workspace is registered again (§API-4.1.5); a 401
 //! goes through the credential check (never a spin).
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::api::Client;
 use crate::config::TokenSource;
@@ -50,6 +50,7 @@ pub fn run(
         }
         match result {
             Ok(()) => {
+                RuntimeStatus::count(&status, |c| c.last_heartbeat_ok = Some(SystemTime::now()));
                 if failures >= REREGISTER_AFTER {
                     // The platform may have marked us offline meanwhile; register is
                     // cheap and idempotent.
@@ -69,6 +70,7 @@ pub fn run(
                 );
             }
             Err(e) => {
+                RuntimeStatus::note_error(&status, &e.to_string());
                 failures = failures.saturating_add(1);
                 // First failure and then every tenth: the platform marks us offline
                 // after 180 s without beats, which the operator sees anyway.

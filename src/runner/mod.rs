@@ -9,6 +9,7 @@ mod heartbeat;
 mod order;
 mod poll;
 mod register;
+mod report;
 mod status;
 
 use std::io::Write;
@@ -22,8 +23,9 @@ use crate::config::{ConnectConfig, TokenSource};
 use crate::error::Error;
 use crate::shutdown::{Shutdown, StopReason, ThreadGuard};
 use crate::signal::{self, Signal};
-use crate::state::{self, InstanceLock, Store};
+use crate::state::{self, InstanceLock, StateError, Store};
 
+pub use report::status_path;
 pub use status::{RuntimeStatus, SharedStatus, WEDGE_AFTER};
 
 /// After the drain timeout: time between SIGTERM and SIGKILL of the backends.
@@ -47,7 +49,20 @@ pub fn connect(cfg: ConnectConfig, out: &mut dyn Write) -> Result<(), Error> {
         return write_out(out, &summary);
     }
     state::ensure_dir(&cfg.common.state_dir)?;
-    let lock = InstanceLock::acquire(&cfg.common.state_dir, &cfg.workspace_id)?;
+    let lock =
+        match InstanceLock::acquire_wait(&cfg.common.state_dir, &cfg.workspace_id, cfg.lock_wait) {
+            Ok(lock) => lock,
+            // Overlapping cron runs: the one already running does the work.
+            Err(StateError::Locked { path }) if cfg.once => {
+                log::info!(
+                    "another connector is running for workspace {} (lock {}); nothing to do",
+                    cfg.workspace_id,
+                    path.display()
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
     log::debug!("lock held on {}", lock.path().display());
     let store = Arc::new(Mutex::new(Store::open(
         &cfg.common.state_dir,
@@ -111,6 +126,16 @@ fn run_connected(
     );
 
     let status = RuntimeStatus::new(started);
+    if cfg.once {
+        // Cron mode may finish before the heartbeat thread's first beat: beat now.
+        let hb = RuntimeStatus::heartbeat(&status, &cfg.workspace_id, Instant::now());
+        match client.heartbeat(&hb) {
+            Ok(()) => RuntimeStatus::count(&status, |c| {
+                c.last_heartbeat_ok = Some(std::time::SystemTime::now())
+            }),
+            Err(e) => log::warn!("{e}"),
+        }
+    }
     let mut threads = Vec::new();
     {
         let (client, status, shutdown) = (client.clone(), status.clone(), shutdown.clone());
@@ -122,6 +147,7 @@ fn run_connected(
         threads.push(spawn("heartbeat", move || {
             let _guard = ThreadGuard::new(&shutdown, "heartbeat");
             let _done = DoneOnDrop(done, "heartbeat");
+            debug_panic_hook("heartbeat");
             heartbeat::run(client, every, status, source, shutdown.clone());
         })?);
     }
@@ -130,7 +156,7 @@ fn run_connected(
         client: client.clone(),
         backend,
         store: store.clone(),
-        status,
+        status: status.clone(),
         shutdown: shutdown.clone(),
         max_attempts: cfg.max_attempts,
         reply_to_replies: cfg.reply_to_replies,
@@ -176,15 +202,21 @@ fn run_connected(
             since_secs: cfg.since_secs,
             concurrency: cfg.concurrency,
             token_source: cfg.common.token_source.clone(),
+            once: cfg.once,
+            max_messages: cfg.max_messages,
+            idle_exit: cfg.idle_exit,
         },
         store,
         shutdown.clone(),
+        status,
+        report::Reporter::new(&cfg.common.state_dir, &cfg.workspace_id, cfg.poll_interval),
     );
     {
         let (shutdown, done) = (shutdown.clone(), done_tx);
         threads.push(spawn("poll", move || {
             let _guard = ThreadGuard::new(&shutdown, "poll");
             let _done = DoneOnDrop(done, "poll");
+            debug_panic_hook("poll");
             poller.run(jobs_tx, events_rx);
         })?);
     }
@@ -217,6 +249,18 @@ fn run_connected(
         StopReason::Fatal { code, message } => Err(Error::from_code(code, message)),
         StopReason::ThreadDied(m) => Err(Error::Runtime(m)),
     }
+}
+
+/// Debug builds only: `MOLECULE_DEBUG_PANIC=<thread>` panics that thread at start,
+/// so the tests can prove a dead thread stops the whole process. Compiled out of
+/// release builds (where a panic aborts the process anyway).
+fn debug_panic_hook(thread: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var("MOLECULE_DEBUG_PANIC").is_ok_and(|v| v == thread) {
+        panic!("MOLECULE_DEBUG_PANIC: injected panic in the {thread} thread");
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = thread;
 }
 
 fn cancel_all(handles: &[RunHandle], sig: i32) {

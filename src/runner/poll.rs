@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
@@ -21,6 +21,8 @@ use crate::wire::ActivityRow;
 
 use super::auth::{AuthVerdict, after_unauthorized};
 use super::dispatch::Finish;
+use super::report::Reporter;
+use super::status::{RuntimeStatus, SharedStatus};
 
 /// Rows per page. A full page means more is waiting: fetch again at once.
 const PAGE_LIMIT: u32 = 100;
@@ -41,6 +43,12 @@ pub struct PollSettings {
     pub concurrency: usize,
     /// Where the token came from (re-read on 401).
     pub token_source: TokenSource,
+    /// Cron mode: stop once the inbox is drained.
+    pub once: bool,
+    /// Stop after this many messages.
+    pub max_messages: Option<u64>,
+    /// Stop after this long without messages.
+    pub idle_exit: Option<Duration>,
 }
 
 /// A message for a worker.
@@ -87,6 +95,13 @@ pub struct Poller {
     last_good_poll: Instant,
     failures: u32,
     logged_first_poll: bool,
+    status: SharedStatus,
+    reporter: Reporter,
+    /// Messages handed to workers so far (for `--max-messages`).
+    released: u64,
+    /// The last fetch returned a short page: nothing more is waiting.
+    caught_up: bool,
+    last_activity: Instant,
 }
 
 impl Poller {
@@ -96,6 +111,8 @@ impl Poller {
         settings: PollSettings,
         store: Arc<Mutex<Store>>,
         shutdown: Shutdown,
+        status: SharedStatus,
+        reporter: Reporter,
     ) -> Self {
         let fetch_from = store
             .lock()
@@ -123,6 +140,11 @@ impl Poller {
             last_good_poll: Instant::now(),
             failures: 0,
             logged_first_poll: false,
+            status,
+            reporter,
+            released: 0,
+            caught_up: false,
+            last_activity: Instant::now(),
         }
     }
 
@@ -140,6 +162,11 @@ impl Poller {
             }
             self.release(&jobs_tx);
             self.advance_cursor();
+            self.report("running", None);
+            if let Some(why) = self.finished() {
+                log::info!("{why}: stopping");
+                self.shutdown.trigger(StopReason::Finished);
+            }
             if self.shutdown.is_triggered() {
                 break;
             }
@@ -152,11 +179,14 @@ impl Poller {
                 };
                 continue;
             }
-            let wait = if can_fetch {
+            let mut wait = if can_fetch {
                 next_fetch.saturating_duration_since(Instant::now())
             } else {
                 Duration::from_secs(3600)
             };
+            if let Some(idle) = self.settings.idle_exit {
+                wait = wait.min(idle.saturating_sub(self.last_activity.elapsed()));
+            }
             if let Ok(ev) = events.recv_timeout(wait) {
                 self.on_event(ev);
             }
@@ -173,6 +203,52 @@ impl Poller {
         if let Err(e) = self.store().checkpoint() {
             log::error!("{e}");
         }
+        let reason = match self.shutdown.reason() {
+            Some(StopReason::Fatal { message, .. }) => Some(message),
+            Some(StopReason::ThreadDied(m)) => Some(m),
+            Some(StopReason::Finished) => Some("finished".to_string()),
+            Some(StopReason::Signal) => Some("signal".to_string()),
+            None => None,
+        };
+        self.report("stopped", reason.as_deref());
+    }
+
+    fn report(&mut self, state: &str, stop_reason: Option<&str>) {
+        let cursor = self.store().cursor().map(str::to_string);
+        let in_flight = self.order.outstanding();
+        if state == "running" {
+            self.reporter
+                .maybe_write(&self.status, cursor.as_deref(), in_flight);
+        } else {
+            self.reporter.write(
+                &self.status,
+                cursor.as_deref(),
+                in_flight,
+                state,
+                stop_reason,
+            );
+        }
+    }
+
+    /// Why a bounded run (`--once`, `--max-messages`, `--idle-exit`) is over, if it is.
+    fn finished(&self) -> Option<String> {
+        let idle = self.running == 0 && self.order.outstanding() == 0;
+        if self.settings.once && idle && self.caught_up {
+            return Some("--once: the inbox is drained".into());
+        }
+        if let Some(max) = self.settings.max_messages
+            && self.released >= max
+            && self.running == 0
+        {
+            return Some(format!("--max-messages: {max} message(s) handled"));
+        }
+        if let Some(limit) = self.settings.idle_exit
+            && idle
+            && self.last_activity.elapsed() >= limit
+        {
+            return Some(format!("--idle-exit: no message for {} s", limit.as_secs()));
+        }
+        None
     }
 
     fn on_event(&mut self, ev: Event) {
@@ -182,6 +258,7 @@ impl Poller {
             finish,
         } = ev
         {
+            self.last_activity = Instant::now();
             self.running = self.running.saturating_sub(1);
             self.jobs.remove(&ticket);
             self.order.complete(ticket, &sender, finish == Finish::Done);
@@ -191,6 +268,13 @@ impl Poller {
     /// Hands waiting messages to free workers, one per sender at a time.
     fn release(&mut self, jobs_tx: &SyncSender<Job>) {
         while self.running < self.settings.concurrency {
+            if self
+                .settings
+                .max_messages
+                .is_some_and(|max| self.released >= max)
+            {
+                return;
+            }
             let Some((ticket, sender)) = self.order.next_job() else {
                 return;
             };
@@ -210,6 +294,8 @@ impl Poller {
                 return;
             }
             self.running += 1;
+            self.released += 1;
+            self.last_activity = Instant::now();
         }
     }
 
@@ -241,6 +327,7 @@ impl Poller {
         match self.client.activity_raw(&since, limit, PAGE_BYTES) {
             Ok(mut rows) => {
                 self.last_good_poll = Instant::now();
+                RuntimeStatus::count(&self.status, |c| c.last_poll_ok = Some(SystemTime::now()));
                 if !self.logged_first_poll {
                     log::info!("inbox reachable; first poll returned {} row(s)", rows.len());
                     self.logged_first_poll = true;
@@ -262,6 +349,7 @@ impl Poller {
                         );
                     }
                 }
+                self.caught_up = !full;
                 let before = self.fetch_from.clone();
                 self.take_page(rows);
                 // A full page that did not move the fetch position (rows without
@@ -342,6 +430,7 @@ impl Poller {
     }
 
     fn on_poll_error(&mut self, e: &ApiError, used: &crate::config::Secret) -> Fetched {
+        RuntimeStatus::note_error(&self.status, &e.to_string());
         if e.status() == Some(410) {
             log::warn!(
                 "inbox cursor {} is gone (pruned, or state from another workspace): restarting from the last {}s",

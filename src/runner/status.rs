@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use serde_json::json;
 
@@ -27,6 +27,25 @@ pub struct RuntimeStatus {
     sample_error: String,
     consecutive_failures: u32,
     was_wedged: bool,
+    /// Counters and times for the status file.
+    pub counters: Counters,
+}
+
+/// What the status file reports besides the heartbeat numbers.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    /// Messages answered or deliberately not answered.
+    pub handled: u64,
+    /// Messages the backend gave up on.
+    pub failed: u64,
+    /// Messages written to the dead-letter file.
+    pub dead_lettered: u64,
+    /// Last error of any kind, short.
+    pub last_error: String,
+    /// When the last poll succeeded.
+    pub last_poll_ok: Option<SystemTime>,
+    /// When the last heartbeat succeeded.
+    pub last_heartbeat_ok: Option<SystemTime>,
 }
 
 /// Shared handle.
@@ -43,6 +62,7 @@ impl RuntimeStatus {
             sample_error: String::new(),
             consecutive_failures: 0,
             was_wedged: false,
+            counters: Counters::default(),
         }))
     }
 
@@ -82,6 +102,29 @@ impl RuntimeStatus {
                 }
             }
         }
+    }
+
+    /// Updates the counters under the lock.
+    pub fn count(shared: &SharedStatus, f: impl FnOnce(&mut Counters)) {
+        f(&mut shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .counters);
+    }
+
+    /// Records an error for the status file (one line, clipped).
+    pub fn note_error(shared: &SharedStatus, error: &str) {
+        Self::count(shared, |c| c.last_error = clip(error));
+    }
+
+    /// A copy of the counters, the active task count and the wedge flag.
+    pub fn snapshot(shared: &SharedStatus) -> (Counters, u32, bool) {
+        let s = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        (
+            s.counters.clone(),
+            s.active_tasks,
+            s.consecutive_failures >= WEDGE_AFTER,
+        )
     }
 
     /// Is the backend failing repeatedly?

@@ -217,7 +217,10 @@ fn every_command_has_help_with_options_and_env() {
                 "--uptime-secs",
             ],
         ),
-        ("status", &["MOLECULE_STATE_DIR", "live status file"]),
+        (
+            "status",
+            &["MOLECULE_STATE_DIR", "status.json", "--stale-after"],
+        ),
         ("doctor", &["--backend", "--backend-opt", "cursor", "FAIL"]),
     ];
     for (cmd, needles) in cases {
@@ -1024,53 +1027,6 @@ fn heartbeat_sends_only_the_given_fields() {
 }
 
 // ------------------------------------------------------------------ status, doctor
-
-#[test]
-fn status_reads_the_state_file_and_says_what_it_lacks() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
-    let agent = Agent::new(&emu, &a);
-    let o = agent.run(&["status"]);
-    o.fails(1, "no state file");
-    agent
-        .run(&["--json", "status"])
-        .json_failure(1, "no state file");
-    let cursor = molecule::uuid::new_v4();
-    std::fs::create_dir_all(agent.state_dir()).unwrap();
-    let state_file = agent.state_dir().join(format!("{}.json", a.id));
-    std::fs::write(
-        &state_file,
-        json!({"workspace_id": a.id, "last_since_id": cursor, "last_seq": 17,
-               "handled": ["x", "y", "z"]})
-        .to_string(),
-    )
-    .unwrap();
-    let o = agent.run(&["status"]);
-    assert_eq!(o.code, 0, "{o:?}");
-    for needle in [
-        cursor.as_str(),
-        "17",
-        "3 recent message id(s)",
-        "no live status file (connector status reporting comes with the operations work)",
-    ] {
-        assert!(o.out.contains(needle), "{needle:?} not in:\n{}", o.out);
-    }
-    let v = agent.run(&["--json", "status"]).json();
-    assert_eq!(v["cursor"], cursor.as_str());
-    assert_eq!(v["last_seq"], 17);
-    assert_eq!(v["handled"], 3);
-    assert!(v["live_status"].is_null());
-    assert!(v["saved_secs_ago"].as_u64().unwrap() < 60);
-    // Works without a token or URL: it is a local file.
-    let o = molecule()
-        .args(["status", "--workspace", &a.id, "--state-dir"])
-        .arg(agent.state_dir())
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(0));
-    std::fs::write(&state_file, "{oops").unwrap();
-    agent.run(&["status"]).fails(2, "corrupt");
-}
 
 #[test]
 fn doctor_passes_against_the_emulator_and_flags_a_bad_token() {

@@ -738,3 +738,26 @@ fn wedged_is_reported_and_cleared() {
         (h["last"]["runtime_state"] == "").then_some(())
     });
 }
+
+#[test]
+fn a_dead_loop_thread_stops_the_process_with_a_failure() {
+    let emu = Emulator::start();
+    let (a, _) = emu.pair();
+    for thread in ["heartbeat", "poll"] {
+        let dir = Arc::new(TempDir::new());
+        let mut c = Connector::start_with_env(
+            &emu,
+            &a,
+            &dir,
+            &["--backend", "mock"],
+            &[("MOLECULE_DEBUG_PANIC", thread)],
+        );
+        let status = c.wait_exit(WAIT);
+        assert_eq!(status.code(), Some(1), "{thread}: {}", c.stderr());
+        assert!(
+            c.stderr().contains(&format!("{thread} thread panicked")),
+            "{}",
+            c.stderr()
+        );
+    }
+}

@@ -5,7 +5,8 @@
 //! message must have been answered, and none answered twice.
 //!
 //! Scale comes from the environment so `scripts/chaos.sh` can run a soak:
-//! `CHAOS_MESSAGES` (default 300), `CHAOS_KILLS` (default 5), `CHAOS_SEED`.
+//! `CHAOS_MESSAGES` (default 300), `CHAOS_RATE` (messages per second, default 33),
+//! `CHAOS_KILLS` (default 5), `CHAOS_SEED`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -79,8 +80,9 @@ fn pending_faults(emu: &Emulator) -> usize {
 fn faults_and_crashes_lose_nothing_and_answer_nothing_twice() {
     let total = env_num("CHAOS_MESSAGES", 300) as usize;
     let kills = env_num("CHAOS_KILLS", 5).max(1) as usize;
+    let rate = env_num("CHAOS_RATE", 33).max(1);
     let seed = env_num("CHAOS_SEED", molecule::uuid::random_u64() >> 1);
-    eprintln!("fault test: {total} messages, {kills} kills, seed {seed}");
+    eprintln!("fault test: {total} messages at ~{rate}/s, {kills} kills, seed {seed}");
     let mut rng = Rng(seed);
     let emu = Emulator::start();
     let (root, _) = emu.workspace(json!({"name": "root"}));
@@ -130,7 +132,7 @@ fn faults_and_crashes_lose_nothing_and_answer_nothing_twice() {
         if rng.below(2) == 0 && pending_faults(&emu) == 0 {
             emu.fault(random_fault(&mut rng, &a.id, &peers));
         }
-        std::thread::sleep(Duration::from_millis(rng.below(60)));
+        std::thread::sleep(Duration::from_millis(rng.below(2000 / rate)));
         if i > 0 && i % kill_every == 0 && killed < kills {
             // Kill at a random moment within the next few milliseconds of work.
             std::thread::sleep(Duration::from_millis(rng.below(60)));

@@ -8,3 +8,4 @@ mod cli;
 mod commands;
 mod connect;
 mod fault;
+mod ops;

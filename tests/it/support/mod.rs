@@ -220,6 +220,17 @@ pub struct Connector {
 impl Connector {
     /// `molecule connect <ws>` against `emu` with a token file and state dir in `dir`.
     pub fn start(emu: &Emulator, ws: &Ws, dir: &Arc<TempDir>, args: &[&str]) -> Connector {
+        Self::start_with_env(emu, ws, dir, args, &[])
+    }
+
+    /// Like [`Connector::start`] with extra environment variables.
+    pub fn start_with_env(
+        emu: &Emulator,
+        ws: &Ws,
+        dir: &Arc<TempDir>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Connector {
         let token_file = dir.path().join("token");
         if !token_file.exists() {
             write_secret(&token_file, &ws.token);
@@ -234,6 +245,7 @@ impl Connector {
             .arg(dir.path().join("state"))
             .args(["--interval-ms", "100", "--heartbeat-secs", "1", "-v"])
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

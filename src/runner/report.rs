@@ -1,0 +1,90 @@
+//! The status file `<state-dir>/<id>.status.json`: what a watchdog or `molecule
+//! status` needs to tell a healthy connector from a stuck one (last good poll and
+//! heartbeat, cursor, counters, in-flight, last error, wedged). Rewritten atomically
+//! at most once a second; advisory, so not fsynced.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+
+use super::status::{RuntimeStatus, SharedStatus};
+
+/// How often the file is rewritten while running.
+const EVERY: Duration = Duration::from_secs(1);
+
+/// `<dir>/<workspace-id>.status.json`.
+pub fn status_path(dir: &Path, workspace_id: &str) -> PathBuf {
+    dir.join(format!("{workspace_id}.status.json"))
+}
+
+/// Writes the status file on a schedule.
+pub struct Reporter {
+    path: PathBuf,
+    workspace_id: String,
+    poll_interval: Duration,
+    started: SystemTime,
+    last_write: Option<Instant>,
+}
+
+impl Reporter {
+    /// A reporter for `workspace_id` in `dir`.
+    pub fn new(dir: &Path, workspace_id: &str, poll_interval: Duration) -> Self {
+        Reporter {
+            path: status_path(dir, workspace_id),
+            workspace_id: workspace_id.to_string(),
+            poll_interval,
+            started: SystemTime::now(),
+            last_write: None,
+        }
+    }
+
+    /// Rewrites the file if a second has passed since the last write.
+    pub fn maybe_write(&mut self, status: &SharedStatus, cursor: Option<&str>, in_flight: usize) {
+        if self.last_write.is_some_and(|t| t.elapsed() < EVERY) {
+            return;
+        }
+        self.write(status, cursor, in_flight, "running", None);
+    }
+
+    /// Rewrites the file now; `state` is `running` or `stopped`.
+    pub fn write(
+        &mut self,
+        status: &SharedStatus,
+        cursor: Option<&str>,
+        in_flight: usize,
+        state: &str,
+        stop_reason: Option<&str>,
+    ) {
+        let (c, active, wedged) = RuntimeStatus::snapshot(status);
+        let doc = json!({
+            "workspace_id": self.workspace_id,
+            "pid": std::process::id(),
+            "state": state,
+            "stop_reason": stop_reason,
+            "started_at": unix(Some(self.started)),
+            "updated_at": unix(Some(SystemTime::now())),
+            "poll_interval_ms": u64::try_from(self.poll_interval.as_millis()).unwrap_or(u64::MAX),
+            "last_poll_ok": unix(c.last_poll_ok),
+            "last_heartbeat_ok": unix(c.last_heartbeat_ok),
+            "cursor": cursor,
+            "handled": c.handled,
+            "failed": c.failed,
+            "dead_lettered": c.dead_lettered,
+            "in_flight": in_flight,
+            "active_tasks": active,
+            "last_error": c.last_error,
+            "wedged": wedged,
+        });
+        let bytes = format!("{doc:#}\n");
+        if let Err(e) = crate::state::write_file(&self.path, bytes.as_bytes(), false) {
+            log::warn!("status file {}: {e}", self.path.display());
+        }
+        self.last_write = Some(Instant::now());
+    }
+}
+
+fn unix(t: Option<SystemTime>) -> Option<u64> {
+    t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+}
