@@ -216,6 +216,27 @@ impl ClientConfig {
     }
 }
 
+/// The HTTP agent (connection pool, TLS roots, timeouts) behind one or more clients.
+#[derive(Clone)]
+pub struct Transport(ureq::Agent);
+
+impl Transport {
+    /// One agent with `cfg`'s timeouts, statuses left to us, and no redirects (the
+    /// token must not follow one).
+    pub fn new(cfg: &ClientConfig) -> Self {
+        Transport(
+            ureq::Agent::config_builder()
+                .timeout_global(Some(cfg.timeout))
+                .timeout_connect(Some(cfg.connect_timeout))
+                .http_status_as_error(false)
+                .max_redirects(0)
+                .user_agent(concat!("molecule/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .into(),
+        )
+    }
+}
+
 /// The platform client. Cheap to clone: clones share the connection pool and token.
 #[derive(Clone)]
 pub struct Client {
@@ -228,18 +249,17 @@ pub struct Client {
 impl Client {
     /// Builds the one agent. `HTTP(S)_PROXY`/`ALL_PROXY`/`NO_PROXY` from the
     /// environment are honoured (ureq's default).
-    pub fn new(cfg: ClientConfig, token: Secret) -> Self {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(cfg.timeout))
-            .timeout_connect(Some(cfg.connect_timeout))
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .user_agent(concat!("molecule/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
+pub fn new(cfg: ClientConfig, token: Secret) -> Self {
+        let transport = Transport::new(&cfg);
+        Self::with_transport(&transport, cfg, token)
+    }
+
+    /// A client that shares `transport` (its connection pool and TLS set-up) with
+    /// other clients: many workspaces in one process need one, not one each.
+    pub fn with_transport(transport: &Transport, cfg: ClientConfig, token: Secret) -> Self {
         let origin: Arc<str> = origin_of(&cfg.api_url).into();
         Self {
-            agent,
+            agent: transport.0.clone(),
             cfg: Arc::new(cfg),
             origin,
             token: Arc::new(RwLock::new(token)),
@@ -442,6 +462,23 @@ impl Client {
         let op = "discover";
         check_uuid(op, "peer id", target)?;
         let resp = self.get(op, &format!("/registry/discover/{target}"), &[], true)?;
+        read_value(op, resp, SMALL_BODY_LIMIT)
+    }
+
+    /// [`Client::discover`] with a whole-request limit of `timeout` for this call: a
+    /// background peer-name lookup gives up fast, a slow registry only delays names.
+    pub fn discover_within(&self, target: &str, timeout: Duration) -> Result<Value, ApiError> {
+        let op = "discover";
+        check_uuid(op, "peer id", target)?;
+        let path = format!("/registry/discover/{target}");
+        let resp = self
+            .with_headers(self.agent.get(self.url(&path)), true)
+            .config()
+            .timeout_global(Some(timeout))
+            .build()
+            .call()
+            .map_err(|e| transport_error(op, e))?;
+        let resp = check_status(op, resp)?;
         read_value(op, resp, SMALL_BODY_LIMIT)
     }
 

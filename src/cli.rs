@@ -88,6 +88,12 @@ pub struct ConnectArgs {
     pub idle_exit_secs: Option<u64>,
     /// `--lock-wait` (seconds).
     pub lock_wait_secs: Option<u64>,
+    /// `--delegations-secs` (0 = tracker off).
+    pub delegations_secs: Option<u64>,
+    /// `--delegations-capacity` (delivered ids remembered).
+    pub delegations_capacity: Option<usize>,
+    /// `--workspaces FILE`.
+    pub workspaces: Option<PathBuf>,
     /// `--dry-run`.
     pub dry_run: bool,
 }
@@ -182,6 +188,9 @@ pub struct DoctorArgs {
 }
 
 /// What to do.
+// Built once per process and moved once: the size of the `connect` variant costs
+// nothing, and boxing it would only add noise to every match.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     /// Print help: general, or for the named command.
@@ -401,6 +410,13 @@ fn parse_connect(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Comm
             ("max-messages", _) => a.max_messages = Some(number(parser, "--max-messages")?),
             ("idle-exit", _) => a.idle_exit_secs = Some(number(parser, "--idle-exit")?),
             ("lock-wait", _) => a.lock_wait_secs = Some(number(parser, "--lock-wait")?),
+            ("delegations-secs", _) => {
+                a.delegations_secs = Some(number(parser, "--delegations-secs")?)
+            }
+            ("delegations-capacity", _) => {
+                a.delegations_capacity = Some(number(parser, "--delegations-capacity")?)
+            }
+            ("workspaces", _) => a.workspaces = Some(PathBuf::from(parser.value()?)),
             ("dry-run", _) => a.dry_run = true,
             (_, Value(v)) if a.workspace.is_none() => {
                 a.workspace = Some(string(v, "workspace id")?)
@@ -943,6 +959,12 @@ Modes:
                            connector holding the lock exits 0 at once (see --lock-wait)
   --max-messages N         stop (exit 0) after N messages
   --idle-exit SECS         stop (exit 0) after SECS without any message
+  --workspaces FILE        many workspaces in one process, instead of <workspace-id>: FILE
+                           is a JSON list of {id, token_file, api_url?, backend?,
+                           backend_opts?: {KEY: VALUE}}; the other options apply to all.
+                           Each workspace has its own threads, state file, lock and
+                           backend; one that stops (token revoked, removed) does not stop
+                           the others
 
 Options:
   --backend NAME           exec | claude-code | mock              [default: claude-code]
@@ -966,19 +988,28 @@ Options:
                            (off by default: two auto-replying agents would loop forever)
   --lock-wait SECS         if another connector holds this workspace's lock, wait up to
                            SECS for it instead of stopping at once            [default: 0]
+  --delegations-secs SECS  check the results of delegations this workspace sent every
+                           SECS (and at once when a delegate_result row arrives); each
+                           completed/failed one is logged and handed to the backend once;
+                           0 = off                                            [default: 30]
+  --delegations-capacity N delivered delegation ids remembered across restarts (oldest
+                           forgotten first; at least 64)                    [default: 1024]
   --dry-run                check configuration and backend, print a summary, exit
 
 The exec backend runs `/bin/sh -c CMD` in its own process group with the message on
 stdin; stdout (trailing newline trimmed) is the reply. Exit 0 = reply (empty output =
 no reply), 100 = handled, post nothing, 75 = retry later, anything else = failure.
 Its environment has MOLECULE_WORKSPACE_ID, MOLECULE_API_URL, MOLECULE_CALLER_ID,
-MOLECULE_CALLER_NAME, MOLECULE_CALLER_ROLE, MOLECULE_ORIGIN (peer|canvas),
-MOLECULE_MESSAGE_ID, MOLECULE_ACTIVITY_ID, MOLECULE_CONTEXT_ID, MOLECULE_ATTEMPT.
+MOLECULE_CALLER_NAME, MOLECULE_CALLER_ROLE (when known), MOLECULE_ORIGIN
+(peer|canvas|delegation_result), MOLECULE_MESSAGE_ID, MOLECULE_ACTIVITY_ID,
+MOLECULE_CONTEXT_ID, MOLECULE_ATTEMPT, and MOLECULE_DELEGATION_ID for a delegation
+result (whose output is not posted anywhere).
 
 Files in the state dir: <id>.json (cursor: workspace_id, last_since_id; handled ids;
 pending replies), <id>.journal (changes since the last checkpoint), <id>.lock (one
 connector per workspace), <id>.status.json (for 'molecule status' and watchdogs),
-<id>.deadletter.jsonl (messages given up on).
+<id>.deadletter.jsonl (messages given up on), <id>.delegations.jsonl (one line per
+delegation result), <id>.delegations.state.json (results delivered or pending).
 
 Global options (--api-url, --token-file, --state-dir, ...): see 'molecule --help'.
 ";

@@ -109,6 +109,10 @@ pub struct ConnectConfig {
     pub idle_exit: Option<Duration>,
     /// Wait this long for another connector's lock instead of giving up at once.
     pub lock_wait: Duration,
+    /// Delegation-result tracker cadence; zero = tracker off.
+    pub delegations_every: Duration,
+    /// Delivered delegation ids remembered (persisted LRU).
+    pub delegations_capacity: usize,
     /// Check and print, do not run.
     pub dry_run: bool,
 }
@@ -208,6 +212,20 @@ pub fn connect_config(
     if a.lock_wait_secs.is_some_and(|s| s > 86_400) {
         return Err(ConfigError("--lock-wait: at most 86400 seconds".into()));
     }
+    let delegations_secs = a.delegations_secs.unwrap_or(30);
+    if delegations_secs > 86_400 {
+        return Err(ConfigError(format!(
+            "--delegations-secs {delegations_secs}: at most 86400 (0 turns the tracker off)"
+        )));
+    }
+    let delegations_capacity = a.delegations_capacity.unwrap_or(1024);
+    // The platform lists up to 50 delegations: remembering fewer delivered ids could
+    // forget one that is still listed and deliver it again.
+    if !(64..=1_000_000).contains(&delegations_capacity) {
+        return Err(ConfigError(format!(
+            "--delegations-capacity {delegations_capacity}: must be between 64 and 1000000"
+        )));
+    }
     Ok(ConnectConfig {
         common,
         workspace_id,
@@ -224,8 +242,101 @@ pub fn connect_config(
         max_messages,
         idle_exit: a.idle_exit_secs.map(Duration::from_secs),
         lock_wait: Duration::from_secs(a.lock_wait_secs.unwrap_or(0)),
+        delegations_every: Duration::from_secs(delegations_secs),
+        delegations_capacity,
         dry_run: a.dry_run,
     })
+}
+
+/// Largest `--workspaces` file read.
+const MAX_WORKSPACES_FILE: u64 = 4 * 1024 * 1024;
+
+/// Resolves `connect --workspaces FILE`: one `ConnectConfig` per entry of the JSON
+/// list `[{"id", "token_file", "api_url"?, "backend"?, "backend_opts"?}]`; every
+/// other option comes from the command line and applies to all.
+pub fn workspaces_config(
+    g: &GlobalArgs,
+    a: &ConnectArgs,
+    file: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<ConnectConfig>, ConfigError> {
+    let what = format!("--workspaces {}", file.display());
+    if a.workspace.is_some() {
+        return Err(ConfigError(format!(
+            "{what}: give either a workspace id or --workspaces, not both"
+        )));
+    }
+    if a.token.is_some() || g.token_file.is_some() {
+        return Err(ConfigError(format!(
+            "{what}: each workspace names its own token_file; drop --token/--token-file"
+        )));
+    }
+    let meta = std::fs::metadata(file).map_err(|e| ConfigError(format!("{what}: {e}")))?;
+    if meta.len() > MAX_WORKSPACES_FILE {
+        return Err(ConfigError(format!("{what}: file too large")));
+    }
+    let raw = std::fs::read(file).map_err(|e| ConfigError(format!("{what}: {e}")))?;
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&raw)
+        .map_err(|e| ConfigError(format!("{what}: not a JSON list of workspaces: {e}")))?;
+    if entries.is_empty() {
+        return Err(ConfigError(format!("{what}: the list is empty")));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, e) in entries.iter().enumerate() {
+        let at = format!("{what}: entry {i}");
+        let field = |k: &str| -> Result<Option<String>, ConfigError> {
+            match e.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(ConfigError(format!("{at}: {k} must be a string"))),
+            }
+        };
+        if !e.is_object() {
+            return Err(ConfigError(format!("{at}: must be an object")));
+        }
+        let id = field("id")?.ok_or_else(|| ConfigError(format!("{at}: id is required")))?;
+        let token_file = field("token_file")?
+            .ok_or_else(|| ConfigError(format!("{at}: token_file is required")))?;
+        if !seen.insert(id.trim().to_ascii_lowercase()) {
+            return Err(ConfigError(format!("{at}: workspace {id} is listed twice")));
+        }
+        let mut ge = g.clone();
+        ge.token_file = Some(PathBuf::from(token_file));
+        if let Some(url) = field("api_url")? {
+            ge.api_url = Some(url);
+        }
+        let mut ae = a.clone();
+        ae.workspaces = None;
+        ae.workspace = Some(id);
+        if let Some(backend) = field("backend")? {
+            // A different backend takes only its own options.
+            ae.backend = Some(backend);
+            ae.backend_opts.clear();
+        }
+        match e.get("backend_opts") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::Object(m)) => {
+                ae.backend_opts.clear();
+                for (k, v) in m {
+                    let v = match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    ae.backend_opts.push(format!("{k}={v}"));
+                }
+            }
+            Some(_) => {
+                return Err(ConfigError(format!(
+                    "{at}: backend_opts must be an object of KEY: VALUE"
+                )));
+            }
+        }
+        let cfg =
+            connect_config(&ge, &ae, env).map_err(|err| ConfigError(format!("{at}: {err}")))?;
+        out.push(cfg);
+    }
+    Ok(out)
 }
 
 /// URL, org, state dir and token, shared by every platform command.
@@ -383,8 +494,9 @@ pub fn read_token_file(path: &Path) -> Result<Secret, ConfigError> {
     {
         use std::os::unix::fs::PermissionsExt;
         if let Ok(meta) = std::fs::metadata(path)
-            && meta.permissions().mode() & 0o077 != 0
+            && meta.permissions().mode() & 0o007 != 0
         {
+            // Group access is common on purpose (a Kubernetes Secret with fsGroup).
             log::warn!(
                 "token file {} is readable by other users; chmod 600 it",
                 path.display()
@@ -604,6 +716,40 @@ mod tests {
             ("HOME", "/h"),
         ];
         assert!(connect(&["connect", WS], &bad_tok).is_err());
+    }
+
+    #[test]
+    fn delegation_tracker_flags() {
+        let env = [
+            ("MOLECULE_API_URL", "https://x"),
+            ("MOLECULE_WORKSPACE_TOKEN", "t"),
+            ("HOME", "/h"),
+        ];
+        let c = connect(&["connect", WS], &env).unwrap();
+        assert_eq!(c.delegations_every, Duration::from_secs(30));
+        assert_eq!(c.delegations_capacity, 1024);
+        let c = connect(
+            &[
+                "connect",
+                WS,
+                "--delegations-secs",
+                "0",
+                "--delegations-capacity",
+                "64",
+            ],
+            &env,
+        )
+        .unwrap();
+        assert!(c.delegations_every.is_zero(), "0 turns the tracker off");
+        assert_eq!(c.delegations_capacity, 64);
+        for bad in [
+            &["--delegations-capacity", "63"][..],
+            &["--delegations-capacity", "0"],
+            &["--delegations-secs", "86401"],
+        ] {
+            let args: Vec<&str> = ["connect", WS].iter().chain(bad).copied().collect();
+            assert!(connect(&args, &env).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

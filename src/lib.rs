@@ -23,6 +23,7 @@ pub mod duration;
 pub mod error;
 pub mod inbox;
 pub mod lru;
+pub mod peers;
 pub mod runner;
 pub mod shutdown;
 pub mod signal;
@@ -56,10 +57,16 @@ pub fn run(
         cli::Command::Version => {
             write_quiet(out, &format!("molecule {}\n", env!("CARGO_PKG_VERSION")))
         }
-        cli::Command::Connect(c) => {
-            let cfg = config::connect_config(&args.global, &c, env)?;
-            runner::connect(cfg, out)
-        }
+        cli::Command::Connect(c) => match &c.workspaces {
+            Some(file) => {
+                let cfgs = config::workspaces_config(&args.global, &c, file, env)?;
+                runner::connect_many(cfgs, out)
+            }
+            None => {
+                let cfg = config::connect_config(&args.global, &c, env)?;
+                runner::connect(cfg, out)
+            }
+        },
         agent_side => commands::run(&args.global, agent_side, env, out),
     }
 }

@@ -1,11 +1,13 @@
 //! A bounded least-recently-used map. Pure: no I/O, no clocks, no logging. Callers
-//! that need expiry store their own timestamps in the value.
+//! that need expiry store a [`Stamped`] value and pass the current time in, so tests
+//! control time without sleeping.
 //!
 //! Invariant: `map` and `order` hold the same keys; each key's tick in `map` is its
 //! key in `order`; `map.len() <= capacity`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
+use std::time::{Duration, Instant};
 
 /// Bounded LRU map. `get` and `insert` make an entry the most recent; inserting past
 /// the capacity evicts the least recent. Capacity 0 stores nothing.
@@ -103,6 +105,34 @@ impl<K: Eq + Hash + Clone, V> Lru<K, V> {
     }
 }
 
+/// A cached value and the time it was stored, for maps with expiry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stamped<V> {
+    /// The value.
+    pub value: V,
+    /// When it was stored (fetched, for a cache).
+    pub at: Instant,
+}
+
+impl<K: Eq + Hash + Clone, V> Lru<K, Stamped<V>> {
+    /// Stores `value` for `k` as fetched at `now`, as the most recent entry.
+    pub fn insert_at(&mut self, k: K, value: V, now: Instant) -> Option<(K, Stamped<V>)> {
+        self.insert(k, Stamped { value, at: now })
+    }
+
+    /// The value for `k` if it is younger than `ttl` at `now`, made most recent. An
+    /// expired entry is removed, so it neither answers nor holds a slot. A stamp later
+    /// than `now` counts as fresh.
+    pub fn get_fresh(&mut self, k: &K, now: Instant, ttl: Duration) -> Option<&V> {
+        let at = self.peek(k)?.at;
+        if now.saturating_duration_since(at) >= ttl {
+            self.remove(k);
+            return None;
+        }
+        self.get(k).map(|s| &s.value)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +201,49 @@ mod tests {
             assert!(l.len() <= 100);
         }
         assert_eq!(l.keys_oldest_first().next(), Some(&9900));
+    }
+
+    #[test]
+    fn ttl_expiry_without_sleeping() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(300);
+        let mut l = Lru::new(4);
+        l.insert_at("a", 1, t0);
+        assert_eq!(
+            l.get_fresh(&"a", t0 + Duration::from_secs(299), ttl),
+            Some(&1)
+        );
+        // Exactly at the TTL the entry is stale, and it is dropped, not kept.
+        assert_eq!(l.get_fresh(&"a", t0 + ttl, ttl), None);
+        assert!(!l.contains(&"a"));
+        assert_eq!(l.get_fresh(&"missing", t0, ttl), None);
+    }
+
+    #[test]
+    fn refresh_restarts_the_ttl_in_place() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(10);
+        let mut l = Lru::new(2);
+        l.insert_at("a", 1, t0);
+        l.insert_at("b", 2, t0);
+        assert!(l.insert_at("a", 3, t0 + Duration::from_secs(8)).is_none());
+        assert_eq!(l.len(), 2);
+        assert_eq!(
+            l.get_fresh(&"a", t0 + Duration::from_secs(15), ttl),
+            Some(&3)
+        );
+        assert_eq!(l.get_fresh(&"b", t0 + Duration::from_secs(15), ttl), None);
+    }
+
+    #[test]
+    fn get_fresh_promotes() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(10);
+        let mut l = Lru::new(2);
+        l.insert_at("a", 1, t0);
+        l.insert_at("b", 2, t0);
+        assert_eq!(l.get_fresh(&"a", t0, ttl), Some(&1));
+        let evicted = l.insert_at("c", 3, t0).map(|(k, _)| k);
+        assert_eq!(evicted, Some("b"));
     }
 }

@@ -446,42 +446,23 @@ impl InstanceLock {
         }
     }
 
-    /// Like [`InstanceLock::acquire`], but waits up to `wait` for the holder to let go.
-    pub fn acquire_wait(
-        dir: &Path,
-        workspace_id: &str,
-        wait: Duration,
-    ) -> Result<InstanceLock, StateError> {
-        match Self::acquire(dir, workspace_id) {
-            Err(StateError::Locked { path }) if !wait.is_zero() => {
-                log::info!(
-                    "waiting up to {} s for the lock on {}",
-                    wait.as_secs(),
-                    path.display()
-                );
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&path)
-                    .map_err(|source| StateError::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
-                // A blocking lock on a helper thread: the wait is a channel timeout,
-                // not a sleep-and-retry loop. If it times out the thread stays blocked
-                // until the process exits, which it is about to.
-                let (tx, rx) = std::sync::mpsc::channel();
-                std::thread::spawn(move || {
-                    let got = file.lock().map(|()| file);
-                    let _ = tx.send(got);
-                });
-                match rx.recv_timeout(wait) {
-                    Ok(Ok(file)) => Ok(InstanceLock { _file: file, path }),
-                    Ok(Err(source)) => Err(StateError::Io { path, source }),
-                    Err(_) => Err(StateError::Locked { path }),
-                }
-            }
-            other => other,
+    /// Like [`InstanceLock::acquire`], but blocks until the holder lets go.
+    pub fn acquire_blocking(dir: &Path, workspace_id: &str) -> Result<InstanceLock, StateError> {
+        let path = dir.join(format!("{workspace_id}.lock"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| StateError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        match file.lock() {
+            Ok(()) => Ok(InstanceLock { _file: file, path }),
+            Err(source) => Err(StateError::Io { path, source }),
         }
     }
 

@@ -48,8 +48,20 @@ pub(super) fn run(
     let last_poll = num("last_poll_ok");
     let poll_age = last_poll.map(|t| now.saturating_sub(t));
     let running = doc.get("state").and_then(Value::as_str) == Some("running");
+    // A bounded run (--once, --max-messages, --idle-exit) that finished cleanly is
+    // healthy as long as its last poll is recent: cron runs it again.
+    let finished = doc.get("state").and_then(Value::as_str) == Some("stopped")
+        && doc.get("stop_reason").and_then(Value::as_str) == Some("finished");
     let alive = num("pid").is_some_and(process_alive);
-    let problem = if !running {
+    let problem = if finished {
+        match poll_age {
+            Some(age) if age <= limit => None,
+            Some(age) => Some(format!(
+                "last run finished; its last successful poll was {age} s ago (limit {limit} s)"
+            )),
+            None => Some("the last run finished without a successful poll".to_string()),
+        }
+    } else if !running {
         Some(format!(
             "the connector stopped ({})",
             doc.get("stop_reason")
@@ -79,6 +91,7 @@ pub(super) fn run(
         vec![
             "state:".to_string(),
             match &problem {
+                None if finished => "finished a bounded run (cron)".to_string(),
                 None => "running".to_string(),
                 Some(p) => format!("STALE: {p}"),
             },

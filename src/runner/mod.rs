@@ -4,6 +4,7 @@
 //! or waits between attempts.
 
 mod auth;
+mod delegations;
 mod dispatch;
 mod heartbeat;
 mod order;
@@ -17,7 +18,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::api::{Client, ClientConfig};
+use crate::api::{Client, ClientConfig, Transport};
 use crate::backend::{self, Backend, RunHandle};
 use crate::config::{ConnectConfig, TokenSource};
 use crate::error::Error;
@@ -31,26 +32,184 @@ pub use status::{RuntimeStatus, SharedStatus, WEDGE_AFTER};
 /// After the drain timeout: time between SIGTERM and SIGKILL of the backends.
 const KILL_GRACE: Duration = Duration::from_secs(2);
 
-/// Runs `molecule connect` until a signal or a fatal error.
+/// Runs `molecule connect` for one workspace until a signal or a fatal error.
 pub fn connect(cfg: ConnectConfig, out: &mut dyn Write) -> Result<(), Error> {
     let backend: Arc<dyn Backend> = Arc::from(backend::build(&cfg.backend, &cfg.backend_opts)?);
     if cfg.dry_run {
-        let check = backend.check()?;
-        let summary = format!(
-            "molecule connect (dry run): workspace {} at {}\n  backend: {check}\n  state: {}\n  poll every {} ms, cold-start window {} s, heartbeat every {} s, concurrency {}\n",
-            cfg.workspace_id,
-            cfg.common.api_url,
-            state::state_path(&cfg.common.state_dir, &cfg.workspace_id).display(),
-            cfg.poll_interval.as_millis(),
-            cfg.since_secs,
-            cfg.heartbeat_every.as_secs(),
-            cfg.concurrency,
-        );
-        return write_out(out, &summary);
+        return write_out(out, &dry_run_summary(&cfg, backend.as_ref())?);
     }
+    let process = Process::start()?;
+    let result = run_workspace(&cfg, backend, &process, Duration::ZERO);
+    process.finish();
+    result
+}
+
+/// Runs `molecule connect --workspaces FILE`: every workspace with its own threads,
+/// state file, lock, ledger and backend, in one process. One workspace that stops
+/// (revoked token, removed, bad lock) is logged and shows in its status file; the
+/// others go on. Start-up is staggered and jittered so the polls do not align.
+pub fn connect_many(cfgs: Vec<ConnectConfig>, out: &mut dyn Write) -> Result<(), Error> {
+    let mut backends = Vec::with_capacity(cfgs.len());
+    for cfg in &cfgs {
+        let backend: Arc<dyn Backend> = Arc::from(
+            backend::build(&cfg.backend, &cfg.backend_opts).map_err(|e| {
+                Error::Config(crate::config::ConfigError(format!(
+                    "workspace {}: {e}",
+                    cfg.workspace_id
+                )))
+            })?,
+        );
+        backends.push(backend);
+    }
+    if cfgs.iter().any(|c| c.dry_run) {
+        let mut text = String::new();
+        for (cfg, backend) in cfgs.iter().zip(&backends) {
+            text.push_str(&dry_run_summary(cfg, backend.as_ref())?);
+        }
+        return write_out(out, &text);
+    }
+    let process = Process::start()?;
+    let seed = crate::uuid::random_u64();
+    let mut threads = Vec::with_capacity(cfgs.len());
+    for (i, (cfg, backend)) in cfgs.into_iter().zip(backends).enumerate() {
+        // Spread the first polls over one interval.
+        let interval_ms = u64::try_from(cfg.poll_interval.as_millis())
+            .unwrap_or(1000)
+            .max(1);
+        let jitter = Duration::from_millis(
+            crate::uuid::splitmix64(seed.wrapping_add(i as u64)) % interval_ms,
+        );
+        let process = process.clone();
+        let name = format!("ws-{}", cfg.workspace_id.get(..8).unwrap_or("x"));
+        threads.push(spawn(&name, move || {
+            let ws = cfg.workspace_id.clone();
+            let result = run_workspace(&cfg, backend, &process, jitter);
+            match &result {
+                Ok(()) => log::info!("workspace {ws}: stopped"),
+                Err(e) => log::error!("workspace {ws}: stopped: {e}"),
+            }
+            result
+        })?);
+    }
+    let mut errors = Vec::new();
+    for t in threads {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push(Error::Runtime("a workspace thread panicked".into())),
+        }
+    }
+    let signalled = process.shutdown.is_triggered();
+    process.finish();
+    match errors.into_iter().next() {
+        // Stopped by a signal, or every workspace finished its bounded run.
+        _ if signalled => Ok(()),
+        None => Ok(()),
+        // Every workspace ended on its own and at least one failed: report the first.
+        Some(e) => Err(e),
+    }
+}
+
+fn dry_run_summary(cfg: &ConnectConfig, backend: &dyn Backend) -> Result<String, Error> {
+    let check = backend.check()?;
+    Ok(format!(
+        "molecule connect (dry run): workspace {} at {}\n  backend: {check}\n  state: {}\n  poll every {} ms, cold-start window {} s, heartbeat every {} s, concurrency {}\n",
+        cfg.workspace_id,
+        cfg.common.api_url,
+        state::state_path(&cfg.common.state_dir, &cfg.workspace_id).display(),
+        cfg.poll_interval.as_millis(),
+        cfg.since_secs,
+        cfg.heartbeat_every.as_secs(),
+        cfg.concurrency,
+    ))
+}
+
+/// What the signal watcher acts on for one running workspace.
+struct Target {
+    handles: Vec<RunHandle>,
+    client: Client,
+    source: TokenSource,
+    done: mpsc::Sender<&'static str>,
+}
+
+/// Process-wide parts: the signal watcher and the stop flag every workspace follows.
+#[derive(Clone)]
+struct Process {
+    shutdown: Shutdown,
+    /// One connection pool and TLS set-up for every workspace in the process.
+    transport: Transport,
+    targets: Arc<Mutex<Vec<Target>>>,
+    watcher: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl Process {
+    fn start() -> Result<Process, Error> {
+        let signals = signal::install()
+            .map_err(|e| Error::Runtime(format!("installing signal handlers: {e}")))?;
+        let shutdown = Shutdown::new();
+        let targets: Arc<Mutex<Vec<Target>>> = Arc::default();
+        let watcher = {
+            let (shutdown, targets) = (shutdown.clone(), targets.clone());
+            spawn("signals", move || watch_signals(signals, shutdown, targets))?
+        };
+Ok(Process {
+            shutdown,
+            transport: Transport::new(&ClientConfig::new("", "")),
+            targets,
+            watcher: Arc::new(Mutex::new(Some(watcher))),
+        })
+    }
+
+    fn add(&self, target: Target) {
+        self.targets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(target);
+    }
+
+    /// Stops the watcher and waits for it.
+    fn finish(self) {
+        signal::wake();
+        let handle = self
+            .watcher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Takes the workspace's lock, waiting up to `--lock-wait` for another connector to
+/// let go: a blocking lock on a helper thread and a channel timeout, not a
+/// sleep-and-retry loop. If the wait times out the helper stays blocked until the
+/// process exits, which it is about to.
+fn acquire_lock(cfg: &ConnectConfig) -> Result<InstanceLock, StateError> {
+    let (dir, ws) = (&cfg.common.state_dir, &cfg.workspace_id);
+    match InstanceLock::acquire(dir, ws) {
+        Err(StateError::Locked { path }) if !cfg.lock_wait.is_zero() => {
+            log::info!("waiting up to {} s for the lock on {}", cfg.lock_wait.as_secs(), path.display());
+            let (tx, rx) = mpsc::channel();
+            let (dir, ws) = (dir.clone(), ws.clone());
+            std::thread::spawn(move || {
+                let _ = tx.send(InstanceLock::acquire_blocking(&dir, &ws));
+            });
+            rx.recv_timeout(cfg.lock_wait).unwrap_or(Err(StateError::Locked { path }))
+        }
+        other => other,
+    }
+}
+
+/// One workspace from lock to stop. Its own `Shutdown` follows the process's.
+fn run_workspace(
+    cfg: &ConnectConfig,
+    backend: Arc<dyn Backend>,
+    process: &Process,
+    start_delay: Duration,
+) -> Result<(), Error> {
     state::ensure_dir(&cfg.common.state_dir)?;
-    let lock =
-        match InstanceLock::acquire_wait(&cfg.common.state_dir, &cfg.workspace_id, cfg.lock_wait) {
+let lock = match acquire_lock(cfg) {
             Ok(lock) => lock,
             // Overlapping cron runs: the one already running does the work.
             Err(StateError::Locked { path }) if cfg.once => {
@@ -69,25 +228,29 @@ pub fn connect(cfg: ConnectConfig, out: &mut dyn Write) -> Result<(), Error> {
         &cfg.workspace_id,
     )?));
 
-    let mut client_cfg = ClientConfig::new(&cfg.common.api_url, &cfg.workspace_id);
+let mut client_cfg = ClientConfig::new(&cfg.common.api_url, &cfg.workspace_id);
     client_cfg.org_id = cfg.common.org_id.clone();
-    let client = Client::new(client_cfg, cfg.common.token.clone());
+    let client = Client::with_transport(&process.transport, client_cfg, cfg.common.token.clone());
     let shutdown = Shutdown::new();
+    {
+        let ws_shutdown = shutdown.clone();
+        process
+            .shutdown
+            .on_trigger(move || ws_shutdown.trigger(StopReason::Signal));
+    }
     let run_handles: Vec<RunHandle> = (0..cfg.concurrency).map(|_| RunHandle::new()).collect();
     let (done_tx, done_rx) = mpsc::channel::<&'static str>();
-
-    let signals = signal::install()
-        .map_err(|e| Error::Runtime(format!("installing signal handlers: {e}")))?;
-    let watcher = {
-        let (shutdown, handles, client) = (shutdown.clone(), run_handles.clone(), client.clone());
-        let (source, done_tx) = (cfg.common.token_source.clone(), done_tx.clone());
-        spawn("signals", move || {
-            watch_signals(signals, shutdown, handles, client, source, done_tx)
-        })?
-    };
-
+    process.add(Target {
+        handles: run_handles.clone(),
+        client: client.clone(),
+        source: cfg.common.token_source.clone(),
+        done: done_tx.clone(),
+    });
+    if !start_delay.is_zero() && shutdown.wait_timeout(start_delay) {
+        return Ok(());
+    }
     let result = run_connected(
-        &cfg,
+        cfg,
         client,
         backend,
         store,
@@ -96,8 +259,6 @@ pub fn connect(cfg: ConnectConfig, out: &mut dyn Write) -> Result<(), Error> {
         done_tx,
         &done_rx,
     );
-    signal::wake();
-    let _ = watcher.join();
     drop(lock);
     result
 }
@@ -136,6 +297,32 @@ fn run_connected(
             Err(e) => log::warn!("{e}"),
         }
     }
+    // Peer names and delegation results (issue 5). The tracker's state is read before
+    // any thread starts: a corrupt file stops start-up, not a half-started process.
+    let peer_cache = Arc::new(crate::peers::PeerCache::new(
+        crate::peers::CAPACITY,
+        crate::peers::TTL,
+    ));
+    let delegation_counters = Arc::new(delegations::Counters::default());
+    let tracker = if cfg.delegations_every.is_zero() {
+        None
+    } else {
+        let t = delegations::Tracker::open(
+            &cfg.common.state_dir,
+            &cfg.workspace_id,
+            cfg.delegations_capacity,
+            delegation_counters.clone(),
+            Instant::now(),
+        );
+        Some(t.map_err(delegations::open_error)?)
+    };
+    // The tracker's backend runs drain and are cancelled like the workers'.
+    let tracker_run = RunHandle::new();
+    let all_runs: Vec<RunHandle> = run_handles
+        .iter()
+        .cloned()
+        .chain([tracker_run.clone()])
+        .collect();
     let mut threads = Vec::new();
     {
         let (client, status, shutdown) = (client.clone(), status.clone(), shutdown.clone());
@@ -151,6 +338,48 @@ fn run_connected(
             heartbeat::run(client, every, status, source, shutdown.clone());
         })?);
     }
+    // The lookup worker ends when the poll thread drops its end of the queue.
+    let (enrichment, lookups) = crate::peers::channel(peer_cache.clone());
+    {
+        let (client, cache) = (client.clone(), peer_cache.clone());
+        let (shutdown, done) = (shutdown.clone(), done_tx.clone());
+        threads.push(spawn("peers", move || {
+            let _guard = ThreadGuard::new(&shutdown, "peers");
+            let _done = DoneOnDrop(done, "peers");
+            debug_panic_hook("peers");
+            crate::peers::run_worker(lookups, &cache, &shutdown, |id| {
+                client
+                    .discover_within(id, crate::peers::LOOKUP_TIMEOUT)
+                    .map(|body| crate::peers::info_from_discover(&body))
+                    .map_err(|e| e.to_string())
+            });
+        })?);
+    }
+    let tracker_on = tracker.is_some();
+    let delegation_wake = match tracker {
+        None => None,
+        Some(tracker) => {
+            let (waker, wake_rx) = delegations::wake_channel(shutdown);
+            let dctx = delegations::Context {
+                client: client.clone(),
+                backend: backend.clone(),
+                status: status.clone(),
+                shutdown: shutdown.clone(),
+                run: tracker_run,
+                every: cfg.delegations_every,
+                concurrency: cfg.concurrency,
+                peers: Some(peer_cache.clone()),
+            };
+            let (shutdown, done) = (shutdown.clone(), done_tx.clone());
+            threads.push(spawn("delegations", move || {
+                let _guard = ThreadGuard::new(&shutdown, "delegations");
+                let _done = DoneOnDrop(done, "delegations");
+                debug_panic_hook("delegations");
+                delegations::run(tracker, dctx, wake_rx);
+            })?);
+            Some(waker)
+        }
+    };
 
     let ctx = Arc::new(dispatch::Context {
         client: client.clone(),
@@ -209,8 +438,10 @@ fn run_connected(
         store,
         shutdown.clone(),
         status,
-        report::Reporter::new(&cfg.common.state_dir, &cfg.workspace_id, cfg.poll_interval),
-    );
+        report::Reporter::new(&cfg.common.state_dir, &cfg.workspace_id, cfg.poll_interval)
+            .with_extras(Some(peer_cache), tracker_on.then_some(delegation_counters)),
+    )
+    .with_hooks(Some(enrichment), delegation_wake);
     {
         let (shutdown, done) = (shutdown.clone(), done_tx);
         threads.push(spawn("poll", move || {
@@ -229,10 +460,10 @@ fn run_connected(
             cfg.drain_timeout.as_secs()
         );
     } else {
-        cancel_all(run_handles, signal::SIGTERM);
+        cancel_all(&all_runs, signal::SIGTERM);
     }
     let drain = if clean { cfg.drain_timeout } else { KILL_GRACE };
-    if wait_for_threads(done_rx, threads.len(), drain, run_handles) {
+    if wait_for_threads(done_rx, threads.len(), drain, &all_runs) {
         for t in threads {
             let _ = t.join();
         }
@@ -322,30 +553,36 @@ impl Drop for DoneOnDrop {
     }
 }
 
-/// The signal watcher: the first SIGTERM/SIGINT asks for a clean stop, a second one
-/// kills the backends and stops at once; SIGHUP re-reads the token file.
+/// The signal watcher: the first SIGTERM/SIGINT asks every workspace for a clean
+/// stop, a second one kills the backends and stops at once; SIGHUP re-reads the token
+/// files.
 fn watch_signals(
     mut signals: signal::Signals,
     shutdown: Shutdown,
-    run_handles: Vec<RunHandle>,
-    client: Client,
-    source: TokenSource,
-    done: mpsc::Sender<&'static str>,
+    targets: Arc<Mutex<Vec<Target>>>,
 ) {
+    let targets = || targets.lock().unwrap_or_else(PoisonError::into_inner);
     while let Some(sig) = signals.wait() {
         match sig {
             Signal::Stop if shutdown.is_triggered() => {
                 log::warn!("second signal: stopping now");
-                cancel_all(&run_handles, signal::SIGKILL);
-                let _ = done.send("forced");
+                for t in targets().iter() {
+                    cancel_all(&t.handles, signal::SIGKILL);
+                    let _ = t.done.send("forced");
+                }
             }
             Signal::Stop => {
                 log::info!("signal received: stopping");
                 shutdown.trigger(StopReason::Signal);
             }
             Signal::Reload => {
-                if !auth::reload_token(&client, &source) {
-                    log::info!("SIGHUP: token unchanged");
+                for t in targets().iter() {
+                    if !auth::reload_token(&t.client, &t.source) {
+                        log::info!(
+                            "SIGHUP: token unchanged for workspace {}",
+                            t.client.workspace_id()
+                        );
+                    }
                 }
             }
             Signal::Wake => return,
@@ -353,10 +590,11 @@ fn watch_signals(
     }
 }
 
-fn spawn<F: FnOnce() + Send + 'static>(
-    name: &str,
-    f: F,
-) -> Result<std::thread::JoinHandle<()>, Error> {
+fn spawn<T, F>(name: &str, f: F) -> Result<std::thread::JoinHandle<T>, Error>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
     std::thread::Builder::new()
         .name(name.to_string())
         .spawn(f)

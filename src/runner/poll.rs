@@ -102,6 +102,10 @@ pub struct Poller {
     /// The last fetch returned a short page: nothing more is waiting.
     caught_up: bool,
     last_activity: Instant,
+    /// Names senders from the peer cache and queues lookups (never blocks).
+    peers: Option<crate::peers::Enrichment>,
+    /// Wakes the delegation tracker when a `delegate_result` row arrives.
+    delegation_wake: Option<super::delegations::Waker>,
 }
 
 impl Poller {
@@ -145,7 +149,20 @@ impl Poller {
             released: 0,
             caught_up: false,
             last_activity: Instant::now(),
+            peers: None,
+            delegation_wake: None,
         }
+    }
+
+    /// Adds sender naming and the delegation tracker's wake-up (each optional).
+    pub fn with_hooks(
+        mut self,
+        peers: Option<crate::peers::Enrichment>,
+        delegation_wake: Option<super::delegations::Waker>,
+    ) -> Self {
+        self.peers = peers;
+        self.delegation_wake = delegation_wake;
+        self
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
@@ -395,9 +412,14 @@ impl Poller {
                 self.order.push_done(&row.id, row.seq);
                 continue;
             }
-            let msg = match inbox::classify(&row, &own) {
+            let mut msg = match inbox::classify(&row, &own) {
                 Ok(m) => m,
                 Err(skip) => {
+                    if skip == Skip::DelegationResult
+                        && let Some(wake) = &self.delegation_wake
+                    {
+                        wake.wake();
+                    }
                     log_skip(&row.id, &skip);
                     self.order.push_done(&row.id, row.seq);
                     continue;
@@ -412,6 +434,9 @@ impl Poller {
                 );
                 self.order.push_done(&row.id, row.seq);
                 continue;
+            }
+            if let Some(peers) = &self.peers {
+                peers.apply(&mut msg, Instant::now());
             }
             let sender = msg
                 .source_id

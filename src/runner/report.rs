@@ -1,9 +1,11 @@
 //! The status file `<state-dir>/<id>.status.json`: what a watchdog or `molecule
 //! status` needs to tell a healthy connector from a stuck one (last good poll and
-//! heartbeat, cursor, counters, in-flight, last error, wedged). Rewritten atomically
-//! at most once a second; advisory, so not fsynced.
+//! heartbeat, cursor, counters, in-flight, last error, wedged; the peer cache's size
+//! and the delegation tracker's counters). Rewritten atomically at most once a
+//! second; advisory, so not fsynced.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
@@ -25,6 +27,8 @@ pub struct Reporter {
     poll_interval: Duration,
     started: SystemTime,
     last_write: Option<Instant>,
+    peers: Option<Arc<crate::peers::PeerCache>>,
+    delegations: Option<Arc<super::delegations::Counters>>,
 }
 
 impl Reporter {
@@ -36,7 +40,20 @@ impl Reporter {
             poll_interval,
             started: SystemTime::now(),
             last_write: None,
+            peers: None,
+            delegations: None,
         }
+    }
+
+    /// Also reports the peer cache's size and the delegation tracker's counters.
+    pub fn with_extras(
+        mut self,
+        peers: Option<Arc<crate::peers::PeerCache>>,
+        delegations: Option<Arc<super::delegations::Counters>>,
+    ) -> Self {
+        self.peers = peers;
+        self.delegations = delegations;
+        self
     }
 
     /// Rewrites the file if a second has passed since the last write.
@@ -57,7 +74,7 @@ impl Reporter {
         stop_reason: Option<&str>,
     ) {
         let (c, active, wedged) = RuntimeStatus::snapshot(status);
-        let doc = json!({
+        let mut doc = json!({
             "workspace_id": self.workspace_id,
             "pid": std::process::id(),
             "state": state,
@@ -76,6 +93,17 @@ impl Reporter {
             "last_error": c.last_error,
             "wedged": wedged,
         });
+        if let Some(p) = &self.peers {
+            doc["peer_cache"] = json!({
+                "size": p.len(),
+                "capacity": p.capacity(),
+                "high_water": p.high_water(),
+                "in_flight": p.in_flight(),
+            });
+        }
+        if let Some(d) = &self.delegations {
+            doc["delegations"] = d.to_json();
+        }
         let bytes = format!("{doc:#}\n");
         if let Err(e) = crate::state::write_file(&self.path, bytes.as_bytes(), false) {
             log::warn!("status file {}: {e}", self.path.display());

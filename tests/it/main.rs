@@ -7,5 +7,6 @@ mod support;
 mod cli;
 mod commands;
 mod connect;
+mod delegations;
 mod fault;
 mod ops;

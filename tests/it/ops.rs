@@ -239,3 +239,129 @@ fn status_is_fresh_while_running_and_stale_after_a_stop_or_crash() {
     });
     assert!(err.contains("last successful poll"), "{err}");
 }
+
+#[test]
+fn many_workspaces_in_one_process_and_a_revoked_one_stops_alone() {
+    let emu = Emulator::start();
+    let (root, _) = emu.workspace(json!({"name": "root"}));
+    let (peer, _) =
+        emu.workspace(json!({"name": "peer", "parent_id": root, "delivery_mode": "poll"}));
+    let dir = Arc::new(TempDir::new());
+    let mut entries = Vec::new();
+    let mut wss = Vec::new();
+    for i in 0..20 {
+        let (id, token) = emu.workspace(json!({"name": format!("agent{i}"), "parent_id": root}));
+        let token_file = dir.path().join(format!("token-{i}"));
+        write_secret(&token_file, &token);
+        // Half use the command line's backend, half their own.
+        let mut e = json!({"id": id, "token_file": token_file});
+        if i % 2 == 1 {
+            e["backend"] = json!("mock");
+            e["backend_opts"] = json!({"reply": format!("ws{i}: %s")});
+        }
+        entries.push(e);
+        wss.push(id);
+    }
+    let list = dir.path().join("workspaces.json");
+    std::fs::write(&list, serde_json::to_vec(&entries).unwrap()).unwrap();
+    let state = dir.path().join("state");
+    let mut child = molecule()
+        .args([
+            "connect",
+            "--workspaces",
+            list.to_str().unwrap(),
+            "--api-url",
+            &emu.url,
+        ])
+        .args(["--state-dir", state.to_str().unwrap(), "--backend", "mock"])
+        .args(["--interval-ms", "100", "--heartbeat-secs", "1"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut guard = ChildGuard(Some(child.id()));
+    for (i, ws) in wss.iter().enumerate() {
+        emu.say(ws, Some(&peer), &format!("hello {i}"));
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    while emu.received(&peer).len() < 20 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let got = texts(&emu.received(&peer));
+    assert_eq!(got.len(), 20, "{got:?}");
+    for i in 0..20 {
+        let want = if i % 2 == 1 {
+            format!("ws{i}: hello {i}")
+        } else {
+            format!("echo: hello {i}")
+        };
+        assert!(got.contains(&want), "{want} missing from {got:?}");
+    }
+    // Revoke one workspace's token: it stops (exit-3 reason in its status file), the
+    // others keep answering.
+    let revoked = &wss[3];
+    emu.post(&format!("/_admin/workspaces/{revoked}/revoke"), json!({}));
+    let status_of = |ws: &str| {
+        let r = run(&[
+            "status",
+            "--json",
+            "--workspace",
+            ws,
+            "--state-dir",
+            state.to_str().unwrap(),
+        ]);
+        serde_json::from_str::<Value>(&r.1).unwrap_or(Value::Null)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while status_of(revoked)["state"] != "stopped" && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let st = status_of(revoked);
+    assert_eq!(st["state"], "stopped", "{st}");
+    assert!(
+        st["stop_reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("rejected"),
+        "{st}"
+    );
+    for (i, ws) in wss.iter().enumerate() {
+        emu.say(ws, Some(&peer), &format!("again {i}"));
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    while emu.received(&peer).len() < 39 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let got = texts(&emu.received(&peer));
+    assert_eq!(got.len(), 39, "19 workspaces still answer: {got:?}");
+    assert!(!got.iter().any(|t| t.ends_with("again 3")));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the process must keep running"
+    );
+    assert_eq!(status_of(&wss[0])["ok"], true);
+    // SIGTERM stops all of them cleanly.
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    guard.0 = None; // reaped: never signal a pid that may be reused
+    assert_eq!(status.code(), Some(0));
+}
+
+/// Kills a child by pid on drop (for processes not run through `Connector`).
+struct ChildGuard(Option<u32>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}

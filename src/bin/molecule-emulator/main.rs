@@ -30,6 +30,7 @@ Options:
   --org-id UUID              enable the SaaS tenant guard for this org id
   --rate-limit N             requests per 60 s window per bucket (default: unlimited)
   --delegation-result-push   write delegate_result rows into the delegator's inbox
+  --no-peer-info             ignore include=peer_info (an older server): no peer_name/role
   --admin-token T            accept T as the platform ADMIN_TOKEN bearer
   --quiet                    no per-request log lines on stderr
   -h, --help                 print this help
@@ -75,6 +76,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Config>, 
                 cfg.admin_token = (!v.is_empty()).then_some(v);
             }
             "--delegation-result-push" if inline.is_none() => cfg.delegation_result_push = true,
+            "--no-peer-info" if inline.is_none() => cfg.no_peer_info = true,
             "--quiet" if inline.is_none() => cfg.quiet = true,
             other => return Err(format!("unknown argument: {other}")),
         }
@@ -148,6 +150,7 @@ mod tests {
             "5",
             "--quiet",
             "--delegation-result-push",
+            "--no-peer-info",
             "--admin-token",
             "t",
         ])
@@ -156,7 +159,7 @@ mod tests {
         assert_eq!(c.port, 8080);
         assert_eq!(c.org_id.as_deref(), Some("o"));
         assert_eq!(c.rate_limit, Some(5));
-        assert!(c.quiet && c.delegation_result_push);
+        assert!(c.quiet && c.delegation_result_push && c.no_peer_info);
         assert_eq!(c.admin_token.as_deref(), Some("t"));
         assert!(args(&["--help"]).unwrap().is_none());
         assert!(args(&["--port"]).is_err());

@@ -615,7 +615,8 @@ fn activity(app: &App, req: &Request, id: &str) -> Handled {
         .workspaces
         .get(id)
         .ok_or_else(|| err(404, "workspace not found"))?;
-    let (q, peer_info) = activity_query(req, ws)?;
+    let (q, asked_peer_info) = activity_query(req, ws)?;
+    let peer_info = asked_peer_info && !app.cfg.no_peer_info;
     let base = if peer_info {
         app.base_url(req)
     } else {

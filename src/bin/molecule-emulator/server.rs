@@ -27,6 +27,8 @@ pub struct Config {
     pub org_id: Option<String>,
     pub rate_limit: Option<u64>,
     pub delegation_result_push: bool,
+    /// Behave like a server from before `include=peer_info`: never add sender fields.
+    pub no_peer_info: bool,
     pub quiet: bool,
     pub admin_token: Option<String>,
 }

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Benchmark of `molecule connect` against the local platform emulator (issue 6, DESIGN.md §7).
+#
+# Builds the release binaries (host: molecule, molecule-emulator; and the static musl
+# molecule), starts molecule-emulator on 127.0.0.1 and runs scripts/bench.py, which
+# measures, each phase repeated (--repeat K, default 3) and reported as median/min/max:
+#   - backlog throughput: --messages N (default 2000) queued from 4 peers + the canvas
+#     before the connector starts (behind a pre-written cursor), time from start until
+#     every reply reached the platform; backends mock and exec cat, sequential and
+#     --concurrency 4;
+#   - single-message latency at the default 1000 ms interval (--latency-samples, default
+#     50, randomly spaced): enqueue -> reply at the emulator, p50/p95, split into
+#     poll-phase wait and handling with the emulator's request log;
+#   - idle footprint over --idle-secs (default 60): VmRSS, VmHWM, threads, CPU seconds,
+#     requests per minute;
+#   - start-up (spawn -> register -> first poll) and SIGTERM -> exit when idle;
+#   - static musl binary size (stripped);
+#   - the emulator's own raw request rate (keep-alive Python client), and molecule's
+#     throughput as a fraction of it.
+# Every phase counts lost, duplicated and wrong-text replies; any of them fails the phase.
+# `--vs 'CMD {url} {workspace} {token} {token_file} {state_dir}'` (optional {backend_args},
+# {concurrency}, {interval_ms}) runs a second connector through the same phases in the
+# same run; `--vs-name NAME` labels it.
+#
+# Output: one JSON document in --out FILE (default bench-results.json) and on stdout, a
+# short table and PASS/FAIL per target of issue 6 on stderr. Exit 0 when every target
+# passes, 1 otherwise, 2 on a set-up error.
+#
+# Run:   scripts/bench.sh                 # full run, several minutes
+#        scripts/bench.sh --quick         # smoke test (~1 minute)
+#        scripts/bench.sh --help          # all options
+# Set BENCH_NO_BUILD=1 to skip the cargo builds. Needs cargo, python3 (stdlib only), Linux /proc.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+command -v python3 >/dev/null 2>&1 || { echo "bench: needs python3" >&2; exit 2; }
+
+if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
+  echo "bench: building release binaries" >&2
+  cargo build --release --quiet --bins
+  if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+    cargo build --release --quiet --target x86_64-unknown-linux-musl --bin molecule
+  else
+    echo "bench: the x86_64-unknown-linux-musl target is not installed; the size phase uses an existing binary or fails" >&2
+  fi
+fi
+
+exec python3 scripts/bench.py "$@"
