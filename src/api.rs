@@ -249,7 +249,7 @@ pub struct Client {
 impl Client {
     /// Builds the one agent. `HTTP(S)_PROXY`/`ALL_PROXY`/`NO_PROXY` from the
     /// environment are honoured (ureq's default).
-pub fn new(cfg: ClientConfig, token: Secret) -> Self {
+    pub fn new(cfg: ClientConfig, token: Secret) -> Self {
         let transport = Transport::new(&cfg);
         Self::with_transport(&transport, cfg, token)
     }

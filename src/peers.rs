@@ -309,17 +309,20 @@ pub fn run_worker(
             continue;
         }
         let started = Instant::now();
-        let entry = match lookup(&key) {
-            Ok(info) => Entry::Found(info),
+        let result = lookup(&key);
+        let ms = started.elapsed().as_millis();
+        let entry = match result {
+            Ok(info) => {
+                log::debug!("peer {key}: looked up in {ms} ms");
+                Entry::Found(info)
+            }
             Err(e) => {
-                log::debug!("peer {key}: no name ({e}); not asking again for a while");
+                log::debug!(
+                    "peer {key}: no name after {ms} ms ({e}); not asking again for a while"
+                );
                 Entry::Failed
             }
         };
-        log::debug!(
-            "peer {key}: looked up in {} ms",
-            started.elapsed().as_millis()
-        );
         cache.complete(&key, entry, Instant::now());
     }
 }

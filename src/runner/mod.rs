@@ -152,7 +152,7 @@ impl Process {
             let (shutdown, targets) = (shutdown.clone(), targets.clone());
             spawn("signals", move || watch_signals(signals, shutdown, targets))?
         };
-Ok(Process {
+        Ok(Process {
             shutdown,
             transport: Transport::new(&ClientConfig::new("", "")),
             targets,
@@ -189,13 +189,18 @@ fn acquire_lock(cfg: &ConnectConfig) -> Result<InstanceLock, StateError> {
     let (dir, ws) = (&cfg.common.state_dir, &cfg.workspace_id);
     match InstanceLock::acquire(dir, ws) {
         Err(StateError::Locked { path }) if !cfg.lock_wait.is_zero() => {
-            log::info!("waiting up to {} s for the lock on {}", cfg.lock_wait.as_secs(), path.display());
+            log::info!(
+                "waiting up to {} s for the lock on {}",
+                cfg.lock_wait.as_secs(),
+                path.display()
+            );
             let (tx, rx) = mpsc::channel();
             let (dir, ws) = (dir.clone(), ws.clone());
             std::thread::spawn(move || {
                 let _ = tx.send(InstanceLock::acquire_blocking(&dir, &ws));
             });
-            rx.recv_timeout(cfg.lock_wait).unwrap_or(Err(StateError::Locked { path }))
+            rx.recv_timeout(cfg.lock_wait)
+                .unwrap_or(Err(StateError::Locked { path }))
         }
         other => other,
     }
@@ -209,26 +214,26 @@ fn run_workspace(
     start_delay: Duration,
 ) -> Result<(), Error> {
     state::ensure_dir(&cfg.common.state_dir)?;
-let lock = match acquire_lock(cfg) {
-            Ok(lock) => lock,
-            // Overlapping cron runs: the one already running does the work.
-            Err(StateError::Locked { path }) if cfg.once => {
-                log::info!(
-                    "another connector is running for workspace {} (lock {}); nothing to do",
-                    cfg.workspace_id,
-                    path.display()
-                );
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
-        };
+    let lock = match acquire_lock(cfg) {
+        Ok(lock) => lock,
+        // Overlapping cron runs: the one already running does the work.
+        Err(StateError::Locked { path }) if cfg.once => {
+            log::info!(
+                "another connector is running for workspace {} (lock {}); nothing to do",
+                cfg.workspace_id,
+                path.display()
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     log::debug!("lock held on {}", lock.path().display());
     let store = Arc::new(Mutex::new(Store::open(
         &cfg.common.state_dir,
         &cfg.workspace_id,
     )?));
 
-let mut client_cfg = ClientConfig::new(&cfg.common.api_url, &cfg.workspace_id);
+    let mut client_cfg = ClientConfig::new(&cfg.common.api_url, &cfg.workspace_id);
     client_cfg.org_id = cfg.common.org_id.clone();
     let client = Client::with_transport(&process.transport, client_cfg, cfg.common.token.clone());
     let shutdown = Shutdown::new();
@@ -238,7 +243,9 @@ let mut client_cfg = ClientConfig::new(&cfg.common.api_url, &cfg.workspace_id);
             .shutdown
             .on_trigger(move || ws_shutdown.trigger(StopReason::Signal));
     }
-    let run_handles: Vec<RunHandle> = (0..cfg.concurrency).map(|_| RunHandle::new()).collect();
+    // One run handle per worker plus the delegation tracker's (last), so a second
+    // signal can kill every backend run.
+    let run_handles: Vec<RunHandle> = (0..=cfg.concurrency).map(|_| RunHandle::new()).collect();
     let (done_tx, done_rx) = mpsc::channel::<&'static str>();
     process.add(Target {
         handles: run_handles.clone(),
@@ -317,12 +324,9 @@ fn run_connected(
         Some(t.map_err(delegations::open_error)?)
     };
     // The tracker's backend runs drain and are cancelled like the workers'.
-    let tracker_run = RunHandle::new();
-    let all_runs: Vec<RunHandle> = run_handles
-        .iter()
-        .cloned()
-        .chain([tracker_run.clone()])
-        .collect();
+    let (worker_runs, tracker_runs) = run_handles.split_at(cfg.concurrency.min(run_handles.len()));
+    let tracker_run = tracker_runs.first().cloned().unwrap_or_default();
+    let all_runs = run_handles;
     let mut threads = Vec::new();
     {
         let (client, status, shutdown) = (client.clone(), status.clone(), shutdown.clone());
@@ -398,7 +402,7 @@ fn run_connected(
     let (events_tx, events_rx) = poll::event_channel(shutdown);
     let (jobs_tx, jobs_rx) = mpsc::sync_channel::<poll::Job>(cfg.concurrency);
     let jobs_rx = Arc::new(Mutex::new(jobs_rx));
-    for (i, handle) in run_handles.iter().enumerate() {
+    for (i, handle) in worker_runs.iter().enumerate() {
         let (ctx, handle, jobs, events) = (
             ctx.clone(),
             handle.clone(),
@@ -460,10 +464,10 @@ fn run_connected(
             cfg.drain_timeout.as_secs()
         );
     } else {
-        cancel_all(&all_runs, signal::SIGTERM);
+        cancel_all(all_runs, signal::SIGTERM);
     }
     let drain = if clean { cfg.drain_timeout } else { KILL_GRACE };
-    if wait_for_threads(done_rx, threads.len(), drain, &all_runs) {
+    if wait_for_threads(done_rx, threads.len(), drain, all_runs) {
         for t in threads {
             let _ = t.join();
         }

@@ -17,17 +17,18 @@ const DISCOVER_ROUTE: &str = "GET /registry/discover/:id";
 const SEND_ROUTE: &str = "POST /workspaces/:id/a2a";
 const NOTIFY_ROUTE: &str = "POST /workspaces/:id/notify";
 
-/// An exec backend that appends `$MOLECULE_ORIGIN $MOLECULE_DELEGATION_ID` to
-/// `calls` (and its input to `input`) and replies nothing.
+/// An exec backend that appends its input to `input`, then
+/// `$MOLECULE_ORIGIN $MOLECULE_DELEGATION_ID` to `calls` (so a line in `calls` means
+/// the input is complete), and replies nothing.
 fn recording_backend(calls: &Path, input: &Path) -> Vec<String> {
     vec![
         "--backend".into(),
         "exec".into(),
         "--backend-opt".into(),
         format!(
-            "cmd=printf '%s %s\\n' \"$MOLECULE_ORIGIN\" \"$MOLECULE_DELEGATION_ID\" >> {}; cat >> {}",
-            calls.display(),
-            input.display()
+            "cmd=cat >> {}; printf '%s %s\\n' \"$MOLECULE_ORIGIN\" \"$MOLECULE_DELEGATION_ID\" >> {}",
+            input.display(),
+            calls.display()
         ),
     ]
 }
