@@ -720,10 +720,11 @@ class Bench:
             senders = fx.peers + [None]
             strict = conn.kind == "molecule"
             # Random spacing so samples do not align with the poll phase. A reply goes out
-            # right after the poll that fetched it, so the pause after a reply sets the phase
-            # of the next sample; stratified (one random pause per 1/S slice of the interval,
-            # shuffled) the phases cover the interval evenly and p50/p95 are not dominated by
-            # sampling noise (plain uniform pauses give p50 a ~70 ms standard error at S=50).
+            # right after the poll that fetched it, so the next sample is enqueued at a chosen
+            # offset after the previous reply's emulator timestamp: one random offset per 1/S
+            # slice of the interval, shuffled (stratified sampling). The offsets then cover the
+            # poll cycle evenly and p50/p95 are not dominated by sampling noise (plain uniform
+            # pauses give p50 a ~70 ms standard error at S=50).
             n = a.latency_samples
             pauses = [(k + self.rng.random()) * a.interval_ms / 1000 / n for k in range(n)]
             self.rng.shuffle(pauses)
@@ -769,7 +770,12 @@ class Bench:
                     wrong += 1
                 samples.append({"i": i, "enqueued_ms": enq, "reply_at_ms": at,
                                 "latency_ms": round(at - enq, 2), "canvas": sender is None})
-                time.sleep(pauses[i])
+                target = at + pauses[i] * 1000
+                for _ in range(100):  # detection took longer than the offset: next cycle
+                    if target >= now_ms() + 1:
+                        break
+                    target += a.interval_ms
+                time.sleep(max(0.0, target - now_ms()) / 1000)
             time.sleep(0.3)
             stats = emu.stats()
             noise = self.contention()

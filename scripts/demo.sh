@@ -64,6 +64,15 @@ wait_for() { # wait_for PATH KEY COUNT: poll the admin API until KEY has COUNT e
   echo "demo: timed out waiting for $1; connector log:" >&2; cat "$WORK/connect.log" >&2; exit 1
 }
 
+# Until the connector has registered, the platform still treats the workspace as push
+# mode and could not deliver to it: wait for `molecule status` to report it healthy.
+for _ in $(seq 1 150); do
+  "$BIN/molecule" status --workspace "$AGENT" --state-dir "$WORK/state" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+"$BIN/molecule" status --workspace "$AGENT" --state-dir "$WORK/state" | sed 's/^/    /' \
+  || { echo "demo: the connector did not come up; its log:" >&2; cat "$WORK/connect.log" >&2; exit 1; }
+
 echo "==> the peer agent sends a message through the platform's A2A proxy"
 curl -fsS -X POST "$URL/workspaces/$AGENT/a2a" \
   -H "Authorization: Bearer $PEER_TOKEN" -H "X-Workspace-ID: $PEER" -H 'Content-Type: application/json' \

@@ -78,6 +78,8 @@ pub struct ConnectArgs {
     pub max_attempts: Option<u32>,
     /// `--reply-to-replies`.
     pub reply_to_replies: bool,
+    /// `--max-auto-replies`.
+    pub max_auto_replies: Option<u32>,
     /// `--concurrency`.
     pub concurrency: Option<usize>,
     /// `--once`.
@@ -405,6 +407,9 @@ fn parse_connect(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Comm
             ("drain-timeout", _) => a.drain_timeout_secs = Some(number(parser, "--drain-timeout")?),
             ("max-attempts", _) => a.max_attempts = Some(number(parser, "--max-attempts")?),
             ("reply-to-replies", _) => a.reply_to_replies = true,
+            ("max-auto-replies", _) => {
+                a.max_auto_replies = Some(number(parser, "--max-auto-replies")?)
+            }
             ("concurrency", _) => a.concurrency = Some(number(parser, "--concurrency")?),
             ("once", _) => a.once = true,
             ("max-messages", _) => a.max_messages = Some(number(parser, "--max-messages")?),
@@ -985,7 +990,10 @@ Options:
   --concurrency N          backend runs at once, across different senders (messages from
                            one sender stay strictly in order)                [default: 1]
   --reply-to-replies       also post answers to messages that are themselves replies
-                           (off by default: two auto-replying agents would loop forever)
+(off by default: two auto-replying agents would loop forever)
+  --max-auto-replies N     second loop guard: at most N automatic replies in a row to one
+                           peer conversation (peer + contextId) without a 10-minute pause;
+                           0 = no cap                                        [default: 20]
   --lock-wait SECS         if another connector holds this workspace's lock, wait up to
                            SECS for it instead of stopping at once            [default: 0]
   --delegations-secs SECS  check the results of delegations this workspace sent every

@@ -11,7 +11,8 @@ use crate::cli::{ConnectArgs, GlobalArgs};
 use crate::uuid::is_uuid;
 
 /// A token. `Debug` and `Display` print `***`; use [`Secret::expose`] to send it.
-#[derive(Clone, PartialEq, Eq, Default)]
+#[derive(Clone, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {
@@ -99,6 +100,8 @@ pub struct ConnectConfig {
     pub max_attempts: u32,
     /// Post answers to inbound replies too (loop guard off).
     pub reply_to_replies: bool,
+    /// Automatic replies in a row to one peer conversation (0 = no cap).
+    pub max_auto_replies: u32,
     /// Backend runs at once (across senders).
     pub concurrency: usize,
     /// Cron mode: drain what is pending, then exit.
@@ -133,7 +136,9 @@ pub fn connect_config(
                 "connect: a workspace id is required (molecule connect <workspace-id>)".into(),
             )
         })?;
-    let workspace_id = workspace_id.trim().to_string();
+    // One spelling per workspace: file names, the lock and the reply ids derive
+    // from it, so `ABC…` and `abc…` must not become two connectors.
+    let workspace_id = workspace_id.trim().to_ascii_lowercase();
     if !is_uuid(&workspace_id) {
         return Err(ConfigError(format!(
             "connect: workspace id {workspace_id:?} is not a UUID"
@@ -237,6 +242,7 @@ pub fn connect_config(
         drain_timeout: Duration::from_secs(drain_secs),
         max_attempts,
         reply_to_replies: a.reply_to_replies,
+        max_auto_replies: a.max_auto_replies.unwrap_or(20),
         concurrency,
         once: a.once,
         max_messages,
@@ -449,7 +455,7 @@ pub fn workspace_id(
         .ok_or_else(|| {
             ConfigError("no workspace id: pass --workspace ID or set MOLECULE_WORKSPACE_ID".into())
         })?;
-    let id = raw.trim().to_string();
+    let id = raw.trim().to_ascii_lowercase();
     if !is_uuid(&id) {
         return Err(ConfigError(format!("workspace id {id:?} is not a UUID")));
     }

@@ -33,6 +33,8 @@ pub struct Inbound {
     pub peer_role: Option<String>,
     /// The envelope.
     pub raw: Value,
+    /// Which successful inbox fetch brought it (for the conversation loop guard).
+    pub fetched_epoch: u64,
 }
 
 impl Inbound {
@@ -52,13 +54,18 @@ impl Inbound {
             .map(|m| format!("m:{}:{m}", self.source_id.as_deref().unwrap_or("canvas")))
     }
 
-    /// A short, single-line summary for `current_task` and logs.
-    pub fn summary(&self) -> String {
-        let who = match (&self.peer_name, &self.source_id) {
+    /// Who sent it, for logs: the peer's name, a short peer id, or the canvas user.
+    pub fn sender_label(&self) -> String {
+        match (&self.peer_name, &self.source_id) {
             (Some(n), _) => n.clone(),
             (None, Some(s)) => format!("peer {}", short_id(s)),
             (None, None) => "canvas user".to_string(),
-        };
+        }
+    }
+
+    /// A short, single-line summary for `current_task` (and debug logs).
+    pub fn summary(&self) -> String {
+        let who = self.sender_label();
         let mut text: String = self.text.split_whitespace().collect::<Vec<_>>().join(" ");
         if text.chars().count() > 80 {
             text = text.chars().take(77).collect::<String>() + "...";
@@ -189,6 +196,7 @@ pub fn classify(row: &ActivityRow, own_id: &str) -> Result<Inbound, Skip> {
         peer_name: row.peer_name.clone().filter(|s| !s.is_empty()),
         peer_role: row.peer_role.clone().filter(|s| !s.is_empty()),
         raw: body.clone(),
+        fetched_epoch: 0,
     })
 }
 

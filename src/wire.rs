@@ -24,9 +24,9 @@ pub struct RegisterResponse {
     /// The effective mode; must be `"poll"`.
     #[serde(default)]
     pub delivery_mode: Option<String>,
-    /// Only when the platform minted a token (bootstrap). Never logged.
+    /// Only when the platform minted a token (bootstrap). Prints as `***`.
     #[serde(default)]
-    pub auth_token: Option<String>,
+    pub auth_token: Option<crate::config::Secret>,
 }
 
 /// `POST /registry/heartbeat` body (§API-2.2).

@@ -7,6 +7,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -31,6 +32,71 @@ const MAX_RETRY_LATER: u32 = 20;
 /// too.
 const REPLY_TARGET_BUDGET: Duration = Duration::from_secs(600);
 
+/// A conversation that has been quiet this long starts counting from zero again.
+const QUIET_RESET: Duration = Duration::from_secs(600);
+/// Conversations remembered for the guard (bounded like every cache).
+const CONVERSATIONS: usize = 1024;
+
+/// The second loop guard: counts automatic replies in a row per peer conversation
+/// (peer id + `contextId`), for peers that do not mark replies with `in_reply_to`
+/// (or when `--reply-to-replies` is on). Only a message fetched after our last reply
+/// to that conversation counts (it may be an answer to it): a backlog the peer queued
+/// up is answered in full. Invariant: one lock; bounded LRU; `epoch` only grows.
+pub struct Conversations {
+    max: u32,
+    /// Successful inbox fetches so far (bumped by the poll thread).
+    epoch: Arc<AtomicU64>,
+    /// conversation -> (replies in a row, fetch epoch of our last reply, when).
+    seen: Mutex<crate::lru::Lru<String, (u32, u64, Instant)>>,
+}
+
+impl Conversations {
+    /// A guard allowing `max` replies in a row (0 = no cap).
+    pub fn new(max: u32) -> Self {
+        Conversations {
+            max,
+            epoch: Arc::new(AtomicU64::new(0)),
+            seen: Mutex::new(crate::lru::Lru::new(CONVERSATIONS)),
+        }
+    }
+
+    /// The fetch counter the poll thread bumps after every successful fetch.
+    pub fn epoch(&self) -> Arc<AtomicU64> {
+        self.epoch.clone()
+    }
+
+    /// Counts one more automatic reply to `msg`'s conversation; `false` once the cap
+    /// is reached. Canvas users are never capped: a notify cannot loop back.
+    pub fn may_reply(&self, msg: &Inbound, now: Instant) -> bool {
+        let Some(peer) = &msg.source_id else {
+            return true;
+        };
+        if self.max == 0 {
+            return true;
+        }
+        let key = format!("{peer}:{}", msg.context_id.as_deref().unwrap_or(""));
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let (count, answered_at) = match seen.peek(&key) {
+            Some((n, at, last)) if now.saturating_duration_since(*last) < QUIET_RESET => (*n, *at),
+            _ => (0, 0),
+        };
+        // Fetched before our last reply was posted: not an answer to it.
+        let count = if count > 0 && msg.fetched_epoch <= answered_at {
+            count
+        } else {
+            count + 1
+        };
+        if count > self.max {
+            // Keep the window open while the peer keeps talking.
+            seen.insert(key, (count - 1, answered_at, now));
+            return false;
+        }
+        seen.insert(key, (count, epoch, now));
+        true
+    }
+}
+
 /// What every worker shares.
 pub struct Context {
     /// The platform client.
@@ -47,6 +113,8 @@ pub struct Context {
     pub max_attempts: u32,
     /// Post answers to inbound replies too.
     pub reply_to_replies: bool,
+    /// The second loop guard.
+    pub conversations: Conversations,
     /// Where the token came from.
     pub token_source: TokenSource,
     /// `<state-dir>/<id>.deadletter.jsonl`.
@@ -104,18 +172,27 @@ impl Worker {
             return self.post_and_finish(msg, reply);
         }
         let summary = msg.summary();
-        log::info!("row {}: {summary}", msg.activity_id);
+        // Message text stays out of info logs (journald keeps them); debug has it.
+        log::info!(
+            "row {}: message from {} ({} chars)",
+            msg.activity_id,
+            msg.sender_label(),
+            msg.text.chars().count()
+        );
+        log::debug!("row {}: {summary}", msg.activity_id);
         RuntimeStatus::begin_task(&self.ctx.status, &summary);
         let result = self.run_backend(msg);
-        // The heartbeat carries the kind of failure only, not the backend's stderr.
-        let failure = match &result {
-            Err(Some(e)) => Some(failure_class(e)),
-            _ => None,
-        };
-        RuntimeStatus::end_task(&self.ctx.status, failure.as_deref());
+        match &result {
+            // Interrupted by shutdown: says nothing about the backend's health.
+            Err(None) => RuntimeStatus::abandon_task(&self.ctx.status),
+            // The heartbeat carries the kind of failure only, not the backend's stderr.
+            Err(Some(e)) => RuntimeStatus::end_task(&self.ctx.status, Some(&failure_class(e))),
+            Ok(_) => RuntimeStatus::end_task(&self.ctx.status, None),
+        }
         match result {
             Ok(Outcome::NoReply) => {
                 log::info!("row {}: backend chose not to reply", msg.activity_id);
+                self.count_handled();
                 self.finish(msg)
             }
             Ok(Outcome::Reply(_)) if msg.in_reply_to.is_some() && !self.ctx.reply_to_replies => {
@@ -125,6 +202,18 @@ impl Worker {
                     "row {}: inbound message is a reply; not posting the answer (--reply-to-replies to change)",
                     msg.activity_id
                 );
+                self.count_handled();
+                self.finish(msg)
+            }
+            Ok(Outcome::Reply(_)) if !self.ctx.conversations.may_reply(msg, Instant::now()) => {
+                log::warn!(
+                    "row {}: {} automatic replies in a row to {} in this conversation; not posting more until it pauses for {} min (--max-auto-replies)",
+                    msg.activity_id,
+                    self.ctx.conversations.max,
+                    msg.sender_label(),
+                    QUIET_RESET.as_secs() / 60
+                );
+                self.count_handled();
                 self.finish(msg)
             }
             Ok(Outcome::Reply(r)) => {
@@ -199,7 +288,10 @@ impl Worker {
 
     fn post_and_finish(&mut self, msg: &Inbound, reply: PendingReply) -> Finish {
         match self.post_reply(msg, &reply.text, &reply.parts, false) {
-            Ok(()) => self.finish(msg),
+            Ok(()) => {
+                self.count_handled();
+                self.finish(msg)
+            }
             Err(ReplyFailure::Interrupted) => Finish::Interrupted,
             Err(ReplyFailure::Failed(e)) => {
                 log::error!("row {}: reply not delivered: {e}", msg.activity_id);
@@ -209,9 +301,14 @@ impl Worker {
         }
     }
 
+    /// One more message answered (or deliberately not answered) for the status file;
+    /// dead-lettered ones are counted there instead.
+    fn count_handled(&self) {
+        RuntimeStatus::count(&self.ctx.status, |c| c.handled += 1);
+    }
+
     /// Records the row as done (activity id and message id into the ledger).
     fn finish(&mut self, msg: &Inbound) -> Finish {
-        RuntimeStatus::count(&self.ctx.status, |c| c.handled += 1);
         let mut keys = Vec::with_capacity(2);
         if !msg.activity_id.is_empty() {
             keys.push(format!("a:{}", msg.activity_id));
@@ -257,6 +354,19 @@ impl Worker {
                         return Err(ReplyFailure::Interrupted);
                     }
                 }
+            } else if matches!(
+                e,
+                ApiError::Status {
+                    delivery_confirmed: true,
+                    ..
+                }
+            ) {
+                // The target got it; only the answer was lost (§API-2.7.5).
+                log::info!(
+                    "row {}: {e}; the platform confirms delivery",
+                    msg.activity_id
+                );
+                return Ok(());
             } else if !e.is_retryable() {
                 return Err(ReplyFailure::Failed(e.to_string()));
             } else if e.status().is_some_and(|s| s >= 500)
@@ -423,6 +533,51 @@ fn attachment_names(attachments: &[Value]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conversation_guard_caps_and_resets() {
+        let g = Conversations::new(2);
+        let mut msg = crate::inbox::classify(
+            &serde_json::from_value(json!({"id":"r","method":"message/send",
+                "source_id":"22222222-2222-4222-8222-222222222222",
+                "request_body":{"params":{"message":{"contextId":"c","parts":[{"kind":"text","text":"x"}]}}}}))
+            .unwrap(),
+            "11111111-1111-4111-8111-111111111111",
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        // Answers to our replies: each was fetched after the previous reply.
+        let answer = |g: &Conversations, msg: &mut Inbound, at: Instant| {
+            msg.fetched_epoch = g.epoch.fetch_add(1, Ordering::Relaxed) + 1;
+            g.may_reply(msg, at)
+        };
+        assert!(answer(&g, &mut msg, t0));
+        assert!(answer(&g, &mut msg, t0));
+        assert!(!answer(&g, &mut msg, t0 + Duration::from_secs(60)));
+        // A backlog fetched before our replies went out is answered in full.
+        let backlog = Conversations::new(2);
+        msg.fetched_epoch = 0;
+        for _ in 0..10 {
+            assert!(backlog.may_reply(&msg, t0));
+        }
+        msg.fetched_epoch = g.epoch.load(Ordering::Relaxed) + 1;
+        // Another conversation with the same peer is counted apart.
+        msg.context_id = Some("other".into());
+        assert!(g.may_reply(&msg, t0));
+        msg.context_id = Some("c".into());
+        // A quiet spell resets it.
+        assert!(g.may_reply(&msg, t0 + Duration::from_secs(60) + QUIET_RESET));
+        // Canvas users and a cap of 0 are never limited.
+        msg.source_id = None;
+        for _ in 0..5 {
+            assert!(g.may_reply(&msg, t0));
+        }
+        let off = Conversations::new(0);
+        msg.source_id = Some("22222222-2222-4222-8222-222222222222".into());
+        for _ in 0..5 {
+            assert!(off.may_reply(&msg, t0));
+        }
+    }
 
     #[test]
     fn failure_class_drops_stderr() {

@@ -265,8 +265,18 @@ fn run_workspace(
         &run_handles,
         done_tx,
         &done_rx,
+        lock,
     );
-    drop(lock);
+    if let Err(e) = &result {
+        // A workspace that stops before its poll thread ran (register refused, bad
+        // state) must still show why in its status file.
+        report::record_stop(
+            &cfg.common.state_dir,
+            &cfg.workspace_id,
+            cfg.poll_interval,
+            &e.to_string(),
+        );
+    }
     result
 }
 
@@ -280,6 +290,7 @@ fn run_connected(
     run_handles: &[RunHandle],
     done_tx: mpsc::Sender<&'static str>,
     done_rx: &mpsc::Receiver<&'static str>,
+    lock: InstanceLock,
 ) -> Result<(), Error> {
     let started = Instant::now();
     if !register::register(&client, &cfg.common.token_source, shutdown)? {
@@ -393,6 +404,7 @@ fn run_connected(
         shutdown: shutdown.clone(),
         max_attempts: cfg.max_attempts,
         reply_to_replies: cfg.reply_to_replies,
+        conversations: dispatch::Conversations::new(cfg.max_auto_replies),
         token_source: cfg.common.token_source.clone(),
         dead_letter_path: cfg
             .common
@@ -438,6 +450,7 @@ fn run_connected(
             once: cfg.once,
             max_messages: cfg.max_messages,
             idle_exit: cfg.idle_exit,
+            fetch_epoch: ctx.conversations.epoch(),
         },
         store,
         shutdown.clone(),
@@ -475,6 +488,9 @@ fn run_connected(
         log::warn!(
             "a thread did not stop in time; exiting anyway (state is journaled after every message)"
         );
+        // That thread may still write the state: keep the lock until the process
+        // exits, so no other connector starts on this workspace meanwhile.
+        std::mem::forget(lock);
     }
     match reason {
         StopReason::Signal | StopReason::Finished => {

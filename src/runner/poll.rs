@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::api::{ApiError, Client, Since};
 use crate::backoff::Backoff;
 use crate::config::TokenSource;
-use crate::error::EXIT_REMOVED;
+use crate::error::{EXIT_CREDENTIALS, EXIT_REMOVED, EXIT_UNREACHABLE, EXIT_USAGE};
 use crate::inbox::{self, Inbound, Skip};
 use crate::shutdown::{Shutdown, StopReason};
 use crate::state::Store;
@@ -30,6 +30,10 @@ const PAGE_LIMIT: u32 = 100;
 const COLD_LIMIT: u32 = 500;
 /// Bytes accepted for one page; above it the page size is halved.
 const PAGE_BYTES: u64 = 32 * 1024 * 1024;
+/// Failed polls after which a `--once` run gives up (exit 75; about 15 s of backoff).
+const ONCE_POLL_ATTEMPTS: u32 = 5;
+/// Consecutive permanent poll errors after which the connector stops (a few minutes).
+const MAX_PERMANENT_POLL_FAILURES: u32 = 12;
 /// Fetched rows not yet behind the cursor before fetching pauses (bounds memory).
 const MAX_OUTSTANDING: usize = 1000;
 
@@ -49,6 +53,8 @@ pub struct PollSettings {
     pub max_messages: Option<u64>,
     /// Stop after this long without messages.
     pub idle_exit: Option<Duration>,
+    /// Bumped after every successful fetch (see `dispatch::Conversations`).
+    pub fetch_epoch: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A message for a worker.
@@ -94,6 +100,8 @@ pub struct Poller {
     window_anchor: Instant,
     last_good_poll: Instant,
     failures: u32,
+    /// Consecutive failures that retrying cannot fix (4xx other than 401/410).
+    permanent_failures: u32,
     logged_first_poll: bool,
     status: SharedStatus,
     reporter: Reporter,
@@ -143,6 +151,7 @@ impl Poller {
             window_anchor: Instant::now(),
             last_good_poll: Instant::now(),
             failures: 0,
+            permanent_failures: 0,
             logged_first_poll: false,
             status,
             reporter,
@@ -201,7 +210,12 @@ impl Poller {
             } else {
                 Duration::from_secs(3600)
             };
-            if let Some(idle) = self.settings.idle_exit {
+            // The idle deadline only matters when nothing is running: a long backend
+            // run must not turn this wait into a spin.
+            if let Some(idle) = self.settings.idle_exit
+                && self.running == 0
+                && self.order.outstanding() == 0
+            {
                 wait = wait.min(idle.saturating_sub(self.last_activity.elapsed()));
             }
             if let Ok(ev) = events.recv_timeout(wait) {
@@ -343,12 +357,16 @@ impl Poller {
         let used = self.client.token();
         match self.client.activity_raw(&since, limit, PAGE_BYTES) {
             Ok(mut rows) => {
+                self.settings
+                    .fetch_epoch
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.last_good_poll = Instant::now();
                 RuntimeStatus::count(&self.status, |c| c.last_poll_ok = Some(SystemTime::now()));
                 if !self.logged_first_poll {
                     log::info!("inbox reachable; first poll returned {} row(s)", rows.len());
                     self.logged_first_poll = true;
                 }
+                self.permanent_failures = 0;
                 if self.failures > 0 {
                     log::info!(
                         "polling recovered after {} failed attempt(s)",
@@ -425,6 +443,10 @@ impl Poller {
                     continue;
                 }
             };
+            msg.fetched_epoch = self
+                .settings
+                .fetch_epoch
+                .load(std::sync::atomic::Ordering::Relaxed);
             if let Some(key) = msg.message_key()
                 && self.store().is_handled(&key)
             {
@@ -490,6 +512,13 @@ impl Poller {
             return Fetched::Idle;
         }
         self.failures = self.failures.saturating_add(1);
+        if !e.is_retryable() && !e.is_unauthorized() {
+            self.permanent_failures = self.permanent_failures.saturating_add(1);
+        }
+        if let Some(stop) = self.give_up(e) {
+            self.shutdown.trigger(stop);
+            return Fetched::Idle;
+        }
         let hint = match e.status() {
             Some(400) | Some(404) => {
                 " (on a SaaS tenant this usually means the Origin/X-Molecule-Org-Id header is rejected: check --api-url and --org-id)"
@@ -508,6 +537,40 @@ impl Poller {
         self.seed = self.seed.wrapping_add(1);
         let d = self.backoff.delay(attempt, self.seed);
         Fetched::RetryIn(e.retry_after().map_or(d, |r| d.max(r)))
+    }
+
+    /// Whether polling should stop for good after `e`. A `--once` run must not hang
+    /// on an unreachable platform (the next cron run could not start); and an inbox
+    /// that keeps refusing us with the same 4xx while heartbeats keep the workspace
+    /// online is the Go connector's half-dead state (§API-5.8), so it ends the process
+    /// with an exit code the supervisor will not restart-loop on.
+    fn give_up(&self, e: &ApiError) -> Option<StopReason> {
+        if self.settings.once && self.failures >= ONCE_POLL_ATTEMPTS {
+            return Some(StopReason::Fatal {
+                code: EXIT_UNREACHABLE,
+                message: format!(
+                    "--once: the inbox could not be read after {} attempts: {e}",
+                    self.failures
+                ),
+            });
+        }
+        if self.permanent_failures < MAX_PERMANENT_POLL_FAILURES {
+            return None;
+        }
+        let (code, why) = match e.status() {
+            Some(403) => (
+                EXIT_CREDENTIALS,
+                "the platform refuses this token access to the workspace's inbox",
+            ),
+            _ => (
+                EXIT_USAGE,
+                "the platform keeps rejecting the inbox request (on a SaaS tenant: check --api-url and --org-id)",
+            ),
+        };
+        Some(StopReason::Fatal {
+            code,
+            message: format!("{why}: {e} ({} attempts in a row)", self.permanent_failures),
+        })
     }
 
     /// After a 404 on our own inbox: is the workspace itself gone? Stops the process

@@ -67,7 +67,10 @@ pub fn register(client: &Client, source: &TokenSource, shutdown: &Shutdown) -> R
                 // The workspace check failed too: back off like a transient error.
                 auth::AuthVerdict::Unknown if attempt < REGISTER_ATTEMPTS => {}
                 auth::AuthVerdict::Unknown => {
-                    return Err(Error::Credentials(format!("register: {err}")));
+                    // Could not tell revocation from an outage: retryable, not exit 3.
+                    return Err(Error::Unreachable(format!(
+                        "register: {err}, and the workspace check kept failing"
+                    )));
                 }
             }
         }

@@ -112,6 +112,32 @@ impl Reporter {
     }
 }
 
+/// Records in the status file that the workspace stopped with `reason`, unless this
+/// process's poll thread already wrote its own final status (which has the counters).
+pub fn record_stop(dir: &Path, workspace_id: &str, poll_interval: Duration, reason: &str) {
+    let path = status_path(dir, workspace_id);
+    let already = std::fs::read(&path)
+        .ok()
+        .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
+        .is_some_and(|v| {
+            v.get("state").and_then(serde_json::Value::as_str) == Some("stopped")
+                && v.get("pid").and_then(serde_json::Value::as_u64)
+                    == Some(u64::from(std::process::id()))
+        });
+    if already {
+        return;
+    }
+    let status = RuntimeStatus::new(Instant::now());
+    RuntimeStatus::note_error(&status, reason);
+    Reporter::new(dir, workspace_id, poll_interval).write(
+        &status,
+        None,
+        0,
+        "stopped",
+        Some(reason),
+    );
+}
+
 fn unix(t: Option<SystemTime>) -> Option<u64> {
     t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_secs())

@@ -104,6 +104,16 @@ impl RuntimeStatus {
         }
     }
 
+    /// A message left the backend because of shutdown: one task fewer, no verdict on
+    /// the backend's health.
+    pub fn abandon_task(shared: &SharedStatus) {
+        let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        s.active_tasks = s.active_tasks.saturating_sub(1);
+        if s.active_tasks == 0 {
+            s.current_task.clear();
+        }
+    }
+
     /// Updates the counters under the lock.
     pub fn count(shared: &SharedStatus, f: impl FnOnce(&mut Counters)) {
         f(&mut shared

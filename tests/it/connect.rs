@@ -761,3 +761,35 @@ fn a_dead_loop_thread_stops_the_process_with_a_failure() {
         );
     }
 }
+
+#[test]
+fn two_exec_cat_connectors_do_not_ping_pong() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let cat = ["--backend", "exec", "--backend-opt", "cmd=cat"];
+    // Default: a reply is never answered automatically.
+    let (da, db) = (Arc::new(TempDir::new()), Arc::new(TempDir::new()));
+    let ca = Connector::start(&emu, &a, &da, &cat);
+    let cb = Connector::start(&emu, &b, &db, &cat);
+    emu.say(&a.id, Some(&b.id), "ping");
+    wait_received(&emu, &b.id, 1, &ca);
+    emu.wait_polls(10, &cb);
+    assert_eq!(emu.received(&b.id).len(), 1);
+    assert_eq!(emu.received(&a.id).len(), 0, "{}", cb.stderr());
+    drop((ca, cb));
+
+    // With --reply-to-replies on both sides, the per-conversation cap ends it.
+    let (a, b) = emu.pair();
+    let (da, db) = (Arc::new(TempDir::new()), Arc::new(TempDir::new()));
+    let args = [&cat[..], &["--reply-to-replies", "--max-auto-replies", "3"]].concat();
+    let ca = Connector::start(&emu, &a, &da, &args);
+    let cb = Connector::start(&emu, &b, &db, &args);
+    emu.enqueue(&a.id, json!({"from": b.id, "text": "ping", "metadata": {}}));
+    wait_until(WAIT, "the cap to stop the exchange", &ca, || {
+        (ca.stderr().contains("--max-auto-replies") || cb.stderr().contains("--max-auto-replies"))
+            .then_some(())
+    });
+    emu.wait_polls(10, &ca);
+    let total = emu.received(&a.id).len() + emu.received(&b.id).len();
+    assert!(total <= 6, "{total} messages exchanged");
+}
