@@ -32,17 +32,18 @@
 # Set BENCH_NO_BUILD=1 to skip the cargo builds. Needs cargo, python3 (stdlib only), Linux /proc.
 set -euo pipefail
 
-cd "$(dirname "$0")/.."
+ROOT=$(cd "$(dirname "$0")/.." && pwd)   # no cd: a relative --out stays relative to the caller
 command -v python3 >/dev/null 2>&1 || { echo "bench: needs python3" >&2; exit 2; }
 
 if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
   echo "bench: building release binaries" >&2
-  cargo build --release --quiet --bins
+  cargo build --manifest-path "$ROOT/Cargo.toml" --release --quiet --bins
   if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
-    cargo build --release --quiet --target x86_64-unknown-linux-musl --bin molecule
+    cargo build --manifest-path "$ROOT/Cargo.toml" --release --quiet \
+      --target x86_64-unknown-linux-musl --bin molecule
   else
-    echo "bench: the x86_64-unknown-linux-musl target is not installed; the size phase uses an existing binary or fails" >&2
+    echo "bench: the x86_64-unknown-linux-musl target is not installed; using an existing static binary if any" >&2
   fi
 fi
 
-exec python3 scripts/bench.py "$@"
+exec python3 "$ROOT/scripts/bench.py" "$@"

@@ -122,6 +122,14 @@ impl ApiError {
         }
     }
 
+    /// The body's `hint`, when the platform gave one (410 on `/workspaces/:id`).
+    pub fn hint(&self) -> Option<&str> {
+        match self {
+            ApiError::Status { hint, .. } => hint.as_deref(),
+            _ => None,
+        }
+    }
+
     /// 401: the token was rejected.
     pub fn is_unauthorized(&self) -> bool {
         self.status() == Some(401)

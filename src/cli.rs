@@ -983,7 +983,8 @@ Options:
                            env MOLECULE_WORKSPACE_TOKEN)
   --mode poll              delivery mode; only poll is supported
   --interval-ms N          pause between polls when the inbox is empty   [default: 1000]
-  --since-secs N           first start (no cursor): look back N seconds  [default: 30]
+  --since-secs N           first start (no cursor) or after a pruned cursor (410): look
+                           back N seconds                                [default: 30]
   --heartbeat-secs N       heartbeat period                              [default: 20]
   --max-attempts N         backend tries per message before giving up    [default: 3]
   --drain-timeout SECS     on SIGTERM, let running backends finish this long [default: 30]
@@ -995,7 +996,8 @@ Options:
                            peer conversation (peer + contextId) without a 10-minute pause;
                            0 = no cap                                        [default: 20]
   --lock-wait SECS         if another connector holds this workspace's lock, wait up to
-                           SECS for it instead of stopping at once            [default: 0]
+                           SECS for it; then (or at once, by default) a --once run exits
+                           0 and a long-running one exits 2                 [default: 0]
   --delegations-secs SECS  check the results of delegations this workspace sent every
                            SECS (and at once when a delegate_result row arrives); each
                            completed/failed one is logged and handed to the backend once;

@@ -201,6 +201,28 @@ pub struct ErrorBody {
     pub code: Option<String>,
 }
 
+/// The agent card we register with (§API-2.1). A name equal to the id is replaced
+/// by the workspace's display name, so the operator's name is kept.
+pub fn agent_card(workspace_id: &str) -> Value {
+    serde_json::json!({
+        "name": workspace_id,
+        "description": "",
+        "version": env!("CARGO_PKG_VERSION"),
+        "skills": [],
+        "capabilities": {"streaming": false, "pushNotifications": false},
+    })
+}
+
+/// The `runtime_metadata` sent with every heartbeat: omitting it would clear what
+/// was declared before (§API-2.2).
+pub fn runtime_metadata() -> Value {
+    serde_json::json!({
+        "capabilities": {"streaming": false, "pushNotifications": false},
+        "connector": concat!("molecule/", env!("CARGO_PKG_VERSION")),
+        "delivery_mode": "poll",
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -268,14 +268,7 @@ fn tcp_connect(addrs: &[SocketAddr]) -> Result<String, String> {
 /// Register in poll mode (idempotent; what `connect` does on start) and check the
 /// echo (§API-2.1, §API-4.1).
 fn poll_mode(ctx: &Ctx) -> Result<String, String> {
-    let card = json!({
-        // A name equal to the id is replaced by the workspace's display name (§API-2.1).
-        "name": ctx.workspace_id(),
-        "description": "",
-        "version": env!("CARGO_PKG_VERSION"),
-        "skills": [],
-        "capabilities": {"streaming": false, "pushNotifications": false},
-    });
+    let card = crate::wire::agent_card(ctx.workspace_id());
     match ctx.client.register(card) {
         Ok(r) => match r.delivery_mode.as_deref() {
             Some("poll") => Ok("register echoed delivery_mode \"poll\"".to_string()),

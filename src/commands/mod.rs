@@ -16,7 +16,7 @@ mod status;
 use std::cell::Cell;
 use std::io::{Read, Write};
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::api::{ApiError, Client, ClientConfig};
 use crate::backend::BackendError;
@@ -255,10 +255,7 @@ impl Ctx {
 
 /// "Workspace removed" from a 410 answer, with the platform's hint (exit 4).
 fn removed_failure(id: &str, e: &ApiError) -> Failure {
-    let hint = match e {
-        ApiError::Status { hint: Some(h), .. } => Some(h.clone()),
-        _ => None,
-    };
+    let hint = e.hint().map(str::to_string);
     let mut msg = format!("removed: workspace {id} was removed from the platform");
     if let Some(h) = &hint {
         msg.push_str(&format!(". Hint: {h}"));
@@ -476,16 +473,13 @@ fn line(s: &str) -> String {
 /// The `runtime_metadata` the connector sends, so a manual heartbeat does not clear
 /// what the connector declared (§API-2.2).
 fn runtime_metadata() -> Value {
-    json!({
-        "capabilities": {"streaming": false, "pushNotifications": false},
-        "connector": concat!("molecule/", env!("CARGO_PKG_VERSION")),
-        "delivery_mode": "poll",
-    })
+    crate::wire::runtime_metadata()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn read_limited_caps_and_checks_utf8() {

@@ -70,10 +70,7 @@ pub fn after_unauthorized(
     }
     match info {
         Err(e) if e.status() == Some(410) => {
-            let hint = match &e {
-                crate::api::ApiError::Status { hint: Some(h), .. } => format!(" Hint: {h}"),
-                _ => String::new(),
-            };
+            let hint = e.hint().map(|h| format!(" Hint: {h}")).unwrap_or_default();
             AuthVerdict::Fatal(
                 EXIT_REMOVED,
                 format!("workspace {ws} was removed from the platform.{hint}"),

@@ -579,10 +579,7 @@ impl Poller {
         let ws = self.client.workspace_id().to_string();
         match self.client.workspace_info(&ws) {
             Err(e) if matches!(e.status(), Some(404) | Some(410)) => {
-                let hint = match &e {
-                    ApiError::Status { hint: Some(h), .. } => format!(" Hint: {h}"),
-                    _ => String::new(),
-                };
+                let hint = e.hint().map(|h| format!(" Hint: {h}")).unwrap_or_default();
                 self.shutdown.trigger(StopReason::Fatal {
                     code: EXIT_REMOVED,
                     message: format!(

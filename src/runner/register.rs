@@ -2,8 +2,6 @@
 //! transient errors, the echoed mode checked, a freshly minted token noted (never
 //! shown) and not used.
 
-use serde_json::{Value, json};
-
 use crate::api::{ApiError, Client};
 use crate::backoff::Backoff;
 use crate::config::TokenSource;
@@ -15,17 +13,7 @@ use super::auth;
 /// Register attempts on transient errors before giving up with exit 75.
 const REGISTER_ATTEMPTS: u32 = 8;
 
-/// The agent card we register with.
-pub fn agent_card(workspace_id: &str) -> Value {
-    json!({
-        // A name equal to the id is replaced by the workspace's display name (§API-2.1).
-        "name": workspace_id,
-        "description": "",
-        "version": env!("CARGO_PKG_VERSION"),
-        "skills": [],
-        "capabilities": {"streaming": false, "pushNotifications": false},
-    })
-}
+pub use crate::wire::agent_card;
 
 /// Registers in poll mode, retrying transient failures with backoff. `Ok(false)` if
 /// a stop was requested meanwhile.

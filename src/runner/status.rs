@@ -6,8 +6,6 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime};
 
-use serde_json::json;
-
 use crate::wire::Heartbeat;
 
 /// Outcomes kept for the rolling error rate.
@@ -171,11 +169,7 @@ impl RuntimeStatus {
             } else {
                 None
             },
-            runtime_metadata: json!({
-                "capabilities": {"streaming": false, "pushNotifications": false},
-                "connector": concat!("molecule/", env!("CARGO_PKG_VERSION")),
-                "delivery_mode": "poll",
-            }),
+            runtime_metadata: crate::wire::runtime_metadata(),
         }
     }
 }
