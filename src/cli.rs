@@ -905,7 +905,8 @@ the wedged flag; plus the saved cursor from <workspace-id>.json. No network.
 
 The connector counts as stale when it is not running (its process is gone or it
 stopped), or its last successful poll is older than --stale-after seconds (default:
-three poll intervals, at least 3 s). Use it as a health check from cron, a systemd
+three poll intervals, at least 3 s, plus the 5 s the connector may take to refresh the
+file while idle). Use it as a health check from cron, a systemd
 timer or a Kubernetes exec probe.
 
 Options:

@@ -44,7 +44,11 @@ pub(super) fn run(
     let now = unix_now();
     let num = |k: &str| doc.get(k).and_then(Value::as_u64);
     let interval_ms = num("poll_interval_ms").unwrap_or(1000);
-    let limit = stale_after.unwrap_or_else(|| (3 * interval_ms).div_ceil(1000).max(3));
+    // Three poll intervals (at least 3 s), plus the time the connector may take to
+    // refresh the file while idle.
+    let limit = stale_after.unwrap_or_else(|| {
+        (3 * interval_ms).div_ceil(1000).max(3) + crate::runner::STATUS_IDLE_REFRESH.as_secs()
+    });
     let last_poll = num("last_poll_ok");
     let poll_age = last_poll.map(|t| now.saturating_sub(t));
     let running = doc.get("state").and_then(Value::as_str) == Some("running");

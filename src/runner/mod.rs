@@ -26,7 +26,7 @@ use crate::shutdown::{Shutdown, StopReason, ThreadGuard};
 use crate::signal::{self, Signal};
 use crate::state::{self, InstanceLock, StateError, Store};
 
-pub use report::status_path;
+pub use report::{IDLE_EVERY as STATUS_IDLE_REFRESH, status_path};
 pub use status::{RuntimeStatus, SharedStatus, WEDGE_AFTER};
 
 /// After the drain timeout: time between SIGTERM and SIGKILL of the backends.

@@ -14,6 +14,9 @@ use super::status::{RuntimeStatus, SharedStatus};
 
 /// How often the file is rewritten while running.
 const EVERY: Duration = Duration::from_secs(1);
+/// How often the file is rewritten when nothing but the times changed; `molecule
+/// status` adds this to its staleness limit.
+pub const IDLE_EVERY: Duration = Duration::from_secs(5);
 
 /// `<dir>/<workspace-id>.status.json`.
 pub fn status_path(dir: &Path, workspace_id: &str) -> PathBuf {
@@ -27,6 +30,8 @@ pub struct Reporter {
     poll_interval: Duration,
     started: SystemTime,
     last_write: Option<Instant>,
+    /// What the last write said, minus the times.
+    fingerprint: String,
     peers: Option<Arc<crate::peers::PeerCache>>,
     delegations: Option<Arc<super::delegations::Counters>>,
 }
@@ -40,6 +45,7 @@ impl Reporter {
             poll_interval,
             started: SystemTime::now(),
             last_write: None,
+            fingerprint: String::new(),
             peers: None,
             delegations: None,
         }
@@ -56,12 +62,26 @@ impl Reporter {
         self
     }
 
-    /// Rewrites the file if a second has passed since the last write.
+    /// Rewrites the file: within a second of a change (counters, cursor, in flight,
+    /// error, wedge), and every [`IDLE_EVERY`] otherwise so the poll and heartbeat
+    /// times stay fresh for `molecule status`. Idle, that is one small write per
+    /// 5 s instead of one per poll.
     pub fn maybe_write(&mut self, status: &SharedStatus, cursor: Option<&str>, in_flight: usize) {
-        if self.last_write.is_some_and(|t| t.elapsed() < EVERY) {
-            return;
+        let (c, active, wedged) = RuntimeStatus::snapshot(status);
+        let fingerprint = format!(
+            "{}/{}/{}/{in_flight}/{active}/{wedged}/{cursor:?}/{}",
+            c.handled, c.failed, c.dead_lettered, c.last_error
+        );
+        let since = self.last_write.map(|t| t.elapsed());
+        let due = match since {
+            None => true,
+            Some(s) if fingerprint != self.fingerprint => s >= EVERY,
+            Some(s) => s >= IDLE_EVERY,
+        };
+        if due {
+            self.fingerprint = fingerprint;
+            self.write(status, cursor, in_flight, "running", None);
         }
-        self.write(status, cursor, in_flight, "running", None);
     }
 
     /// Rewrites the file now; `state` is `running` or `stopped`.
