@@ -417,6 +417,20 @@ pub fn write_file(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     result
 }
 
+/// Opens (creating, 0600) `<dir>/<workspace-id>.lock`.
+fn open_lock_file(dir: &Path, workspace_id: &str) -> Result<(File, PathBuf), StateError> {
+    let path = dir.join(format!("{workspace_id}.lock"));
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map(|file| (file, path.clone()))
+        .map_err(|source| StateError::Io { path, source })
+}
+
 /// An exclusive lock on `<dir>/<workspace-id>.lock`, held while the value lives.
 #[derive(Debug)]
 pub struct InstanceLock {
@@ -427,18 +441,7 @@ pub struct InstanceLock {
 impl InstanceLock {
     /// Takes the lock or fails at once with [`StateError::Locked`].
     pub fn acquire(dir: &Path, workspace_id: &str) -> Result<InstanceLock, StateError> {
-        let path = dir.join(format!("{workspace_id}.lock"));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|source| StateError::Io {
-                path: path.clone(),
-                source,
-            })?;
+        let (file, path) = open_lock_file(dir, workspace_id)?;
         match file.try_lock() {
             Ok(()) => Ok(InstanceLock { _file: file, path }),
             Err(fs::TryLockError::WouldBlock) => Err(StateError::Locked { path }),
@@ -448,18 +451,7 @@ impl InstanceLock {
 
     /// Like [`InstanceLock::acquire`], but blocks until the holder lets go.
     pub fn acquire_blocking(dir: &Path, workspace_id: &str) -> Result<InstanceLock, StateError> {
-        let path = dir.join(format!("{workspace_id}.lock"));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|source| StateError::Io {
-                path: path.clone(),
-                source,
-            })?;
+        let (file, path) = open_lock_file(dir, workspace_id)?;
         match file.lock() {
             Ok(()) => Ok(InstanceLock { _file: file, path }),
             Err(source) => Err(StateError::Io { path, source }),

@@ -1,5 +1,5 @@
 //! `molecule status`: is the connector for this workspace alive and working? Reads
-//! the status file the connector rewrites about once a second
+//! the status file the connector rewrites on change and every few seconds
 //! (`<state-dir>/<id>.status.json`) and the saved cursor from the state file. A
 //! health check: exit 0 only when the connector runs and polled recently. No network.
 
