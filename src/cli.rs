@@ -993,9 +993,10 @@ Options:
                            one sender stay strictly in order)                [default: 1]
   --reply-to-replies       also post answers to messages that are themselves replies
 (off by default: two auto-replying agents would loop forever)
-  --max-auto-replies N     second loop guard: at most N automatic replies in a row to one
-                           peer conversation (peer + contextId) without a 10-minute pause;
-                           0 = no cap                                        [default: 20]
+  --max-auto-replies N     second loop guard, for --reply-to-replies: at most N answers in
+                           a row to replies, per peer conversation (peer + contextId); a
+                           fresh message or 10 quiet minutes reset it; 0 = no cap
+                                                                             [default: 20]
   --lock-wait SECS         if another connector holds this workspace's lock, wait up to
                            SECS for it; then (or at once, by default) a --once run exits
                            0 and a long-running one exits 2                 [default: 0]

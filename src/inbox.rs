@@ -33,8 +33,6 @@ pub struct Inbound {
     pub peer_role: Option<String>,
     /// The envelope.
     pub raw: Value,
-    /// Which successful inbox fetch brought it (for the conversation loop guard).
-    pub fetched_epoch: u64,
 }
 
 impl Inbound {
@@ -196,7 +194,6 @@ pub fn classify(row: &ActivityRow, own_id: &str) -> Result<Inbound, Skip> {
         peer_name: row.peer_name.clone().filter(|s| !s.is_empty()),
         peer_role: row.peer_role.clone().filter(|s| !s.is_empty()),
         raw: body.clone(),
-        fetched_epoch: 0,
     })
 }
 

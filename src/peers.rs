@@ -352,7 +352,6 @@ mod tests {
             peer_name: name.map(str::to_string),
             peer_role: None,
             raw: Value::Null,
-            fetched_epoch: 0,
         }
     }
 

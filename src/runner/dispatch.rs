@@ -7,7 +7,6 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -37,32 +36,24 @@ const QUIET_RESET: Duration = Duration::from_secs(600);
 /// Conversations remembered for the guard (bounded like every cache).
 const CONVERSATIONS: usize = 1024;
 
-/// The second loop guard: counts automatic replies in a row per peer conversation
-/// (peer id + `contextId`), for peers that do not mark replies with `in_reply_to`
-/// (or when `--reply-to-replies` is on). Only a message fetched after our last reply
-/// to that conversation counts (it may be an answer to it): a backlog the peer queued
-/// up is answered in full. Invariant: one lock; bounded LRU; `epoch` only grows.
+/// The second loop guard, for `--reply-to-replies`: counts automatic replies in a
+/// row to messages that are themselves replies (`metadata.in_reply_to`), per peer
+/// conversation (peer id + `contextId`). A fresh message from the peer breaks the
+/// chain; so does 10 minutes of quiet. Fresh messages are never capped: a peer that
+/// sends a steady stream must get every answer. Invariant: one lock; bounded LRU.
 pub struct Conversations {
     max: u32,
-    /// Successful inbox fetches so far (bumped by the poll thread).
-    epoch: Arc<AtomicU64>,
-    /// conversation -> (replies in a row, fetch epoch of our last reply, when).
-    seen: Mutex<crate::lru::Lru<String, (u32, u64, Instant)>>,
+    /// conversation -> (replies to replies in a row, when the last one went out).
+    seen: Mutex<crate::lru::Lru<String, (u32, Instant)>>,
 }
 
 impl Conversations {
-    /// A guard allowing `max` replies in a row (0 = no cap).
+    /// A guard allowing `max` replies to replies in a row (0 = no cap).
     pub fn new(max: u32) -> Self {
         Conversations {
             max,
-            epoch: Arc::new(AtomicU64::new(0)),
             seen: Mutex::new(crate::lru::Lru::new(CONVERSATIONS)),
         }
-    }
-
-    /// The fetch counter the poll thread bumps after every successful fetch.
-    pub fn epoch(&self) -> Arc<AtomicU64> {
-        self.epoch.clone()
     }
 
     /// Counts one more automatic reply to `msg`'s conversation; `false` once the cap
@@ -75,24 +66,21 @@ impl Conversations {
             return true;
         }
         let key = format!("{peer}:{}", msg.context_id.as_deref().unwrap_or(""));
-        let epoch = self.epoch.load(Ordering::Relaxed);
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        let (count, answered_at) = match seen.peek(&key) {
-            Some((n, at, last)) if now.saturating_duration_since(*last) < QUIET_RESET => (*n, *at),
-            _ => (0, 0),
+        if msg.in_reply_to.is_none() {
+            seen.remove(&key);
+            return true;
+        }
+        let count = match seen.peek(&key) {
+            Some((n, last)) if now.saturating_duration_since(*last) < QUIET_RESET => *n,
+            _ => 0,
         };
-        // Fetched before our last reply was posted: not an answer to it.
-        let count = if count > 0 && msg.fetched_epoch <= answered_at {
-            count
-        } else {
-            count + 1
-        };
-        if count > self.max {
-            // Keep the window open while the peer keeps talking.
-            seen.insert(key, (count - 1, answered_at, now));
+        if count >= self.max {
+            // Keep the window open while the peer keeps answering.
+            seen.insert(key, (count, now));
             return false;
         }
-        seen.insert(key, (count, epoch, now));
+        seen.insert(key, (count + 1, now));
         true
     }
 }
@@ -207,7 +195,7 @@ impl Worker {
             }
             Ok(Outcome::Reply(_)) if !self.ctx.conversations.may_reply(msg, Instant::now()) => {
                 log::warn!(
-                    "row {}: {} automatic replies in a row to {} in this conversation; not posting more until it pauses for {} min (--max-auto-replies)",
+                    "row {}: {} answers in a row to replies from {} in this conversation; not posting more until it sends something fresh or pauses for {} min (--max-auto-replies)",
                     msg.activity_id,
                     self.ctx.conversations.max,
                     msg.sender_label(),
@@ -535,7 +523,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn conversation_guard_caps_and_resets() {
+    fn conversation_guard_caps_replies_to_replies_only() {
         let g = Conversations::new(2);
         let mut msg = crate::inbox::classify(
             &serde_json::from_value(json!({"id":"r","method":"message/send",
@@ -546,27 +534,27 @@ mod tests {
         )
         .unwrap();
         let t0 = Instant::now();
-        // Answers to our replies: each was fetched after the previous reply.
-        let answer = |g: &Conversations, msg: &mut Inbound, at: Instant| {
-            msg.fetched_epoch = g.epoch.fetch_add(1, Ordering::Relaxed) + 1;
-            g.may_reply(msg, at)
-        };
-        assert!(answer(&g, &mut msg, t0));
-        assert!(answer(&g, &mut msg, t0));
-        assert!(!answer(&g, &mut msg, t0 + Duration::from_secs(60)));
-        // A backlog fetched before our replies went out is answered in full.
-        let backlog = Conversations::new(2);
-        msg.fetched_epoch = 0;
-        for _ in 0..10 {
-            assert!(backlog.may_reply(&msg, t0));
+        // A steady stream of fresh messages is always answered.
+        for _ in 0..50 {
+            assert!(g.may_reply(&msg, t0));
         }
-        msg.fetched_epoch = g.epoch.load(Ordering::Relaxed) + 1;
-        // Another conversation with the same peer is counted apart.
+        // Replies to our replies are capped...
+        msg.in_reply_to = Some("ours".into());
+        assert!(g.may_reply(&msg, t0));
+        assert!(g.may_reply(&msg, t0));
+        assert!(!g.may_reply(&msg, t0 + Duration::from_secs(60)));
+        // ...per conversation...
         msg.context_id = Some("other".into());
         assert!(g.may_reply(&msg, t0));
         msg.context_id = Some("c".into());
-        // A quiet spell resets it.
+        // ...until the peer says something fresh, or the conversation goes quiet.
         assert!(g.may_reply(&msg, t0 + Duration::from_secs(60) + QUIET_RESET));
+        assert!(g.may_reply(&msg, t0 + Duration::from_secs(61) + QUIET_RESET));
+        assert!(!g.may_reply(&msg, t0 + Duration::from_secs(62) + QUIET_RESET));
+        msg.in_reply_to = None;
+        assert!(g.may_reply(&msg, t0));
+        msg.in_reply_to = Some("ours".into());
+        assert!(g.may_reply(&msg, t0));
         // Canvas users and a cap of 0 are never limited.
         msg.source_id = None;
         for _ in 0..5 {

@@ -450,7 +450,6 @@ fn run_connected(
             once: cfg.once,
             max_messages: cfg.max_messages,
             idle_exit: cfg.idle_exit,
-            fetch_epoch: ctx.conversations.epoch(),
         },
         store,
         shutdown.clone(),

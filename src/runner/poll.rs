@@ -53,8 +53,6 @@ pub struct PollSettings {
     pub max_messages: Option<u64>,
     /// Stop after this long without messages.
     pub idle_exit: Option<Duration>,
-    /// Bumped after every successful fetch (see `dispatch::Conversations`).
-    pub fetch_epoch: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A message for a worker.
@@ -357,9 +355,6 @@ impl Poller {
         let used = self.client.token();
         match self.client.activity_raw(&since, limit, PAGE_BYTES) {
             Ok(mut rows) => {
-                self.settings
-                    .fetch_epoch
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.last_good_poll = Instant::now();
                 RuntimeStatus::count(&self.status, |c| c.last_poll_ok = Some(SystemTime::now()));
                 if !self.logged_first_poll {
@@ -443,10 +438,6 @@ impl Poller {
                     continue;
                 }
             };
-            msg.fetched_epoch = self
-                .settings
-                .fetch_epoch
-                .load(std::sync::atomic::Ordering::Relaxed);
             if let Some(key) = msg.message_key()
                 && self.store().is_handled(&key)
             {

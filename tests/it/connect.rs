@@ -790,6 +790,7 @@ fn two_exec_cat_connectors_do_not_ping_pong() {
             .then_some(())
     });
     emu.wait_polls(10, &ca);
+    // A's answer to the fresh "ping", then at most 3 answers to replies on each side.
     let total = emu.received(&a.id).len() + emu.received(&b.id).len();
-    assert!(total <= 6, "{total} messages exchanged");
+    assert!(total <= 7, "{total} messages exchanged");
 }
