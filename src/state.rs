@@ -417,6 +417,20 @@ pub fn write_file(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     result
 }
 
+/// Appends `record` as one JSON line to `path` (created 0600) and fsyncs: for the
+/// dead-letter and delegation-result files, where every line must survive a crash.
+pub fn append_line(path: &Path, record: &serde_json::Value) -> io::Result<()> {
+    let mut line = record.to_string().into_bytes();
+    line.push(b'\n');
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(&line)?;
+    f.sync_all()
+}
+
 /// Opens (creating, 0600) `<dir>/<workspace-id>.lock`.
 fn open_lock_file(dir: &Path, workspace_id: &str) -> Result<(File, PathBuf), StateError> {
     let path = dir.join(format!("{workspace_id}.lock"));

@@ -26,9 +26,8 @@
 //! the JSONL file): one bad result must not be retried forever.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -504,9 +503,10 @@ impl Tracker {
             }
             // Unreadable tail: appending could duplicate the line, so wait.
             Err(e) => Err(e),
-            Ok(false) => append_line(&self.log_path, &result.to_record(unix_now())).map(|()| {
-                Counters::add(&self.counters.logged);
-            }),
+            Ok(false) => crate::state::append_line(&self.log_path, &result.to_record(unix_now()))
+                .map(|()| {
+                    Counters::add(&self.counters.logged);
+                }),
         };
         if let Err(e) = written {
             log::error!(
@@ -679,19 +679,6 @@ fn already_logged(path: &Path, id: &str) -> io::Result<bool> {
             })
             .unwrap_or(false)
     }))
-}
-
-/// Appends one line and fsyncs (the file is created 0600).
-fn append_line(path: &Path, record: &Value) -> io::Result<()> {
-    let mut line = record.to_string().into_bytes();
-    line.push(b'\n');
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(&line)?;
-    f.sync_all()
 }
 
 fn result_of(e: &Value, did: &str) -> DelegationResult {
@@ -899,7 +886,7 @@ fn run_backend(ctx: &Context, r: &DelegationResult, attempt: u32) -> Run {
         Err(e) => {
             let text = e.to_string();
             // The heartbeat carries the kind of failure, not the backend's stderr.
-            let class = text.split(" (stderr:").next().unwrap_or(&text).to_string();
+            let class = super::dispatch::failure_class(&text);
             (Run::Failed(text), Some(class))
         }
     };
@@ -1069,7 +1056,7 @@ mod tests {
         let saved = json!({"workspace_id": OWN, "delivered": [],
             "pending": [{"result": r, "logged": "intent"}]});
         std::fs::write(state_path(&dir.0, OWN), saved.to_string()).unwrap();
-        append_line(&log_path(&dir.0, OWN), &r.to_record(1)).unwrap();
+        crate::state::append_line(&log_path(&dir.0, OWN), &r.to_record(1)).unwrap();
         let mut t = dir.open(64);
         assert_eq!(drive(&mut t, Instant::now(), false), [D1]);
         assert_eq!(dir.lines().len(), 1);

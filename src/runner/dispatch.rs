@@ -3,9 +3,6 @@
 //! A message that keeps failing is dead-lettered and its sender told; it never
 //! stops intake.
 
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -470,15 +467,7 @@ impl Worker {
             "reply": reply,
         });
         let path = &self.ctx.dead_letter_path;
-        let result = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)
-            .and_then(|mut f| {
-                f.write_all(format!("{line}\n").as_bytes())?;
-                f.sync_all()
-            });
+        let result = crate::state::append_line(path, &line);
         match result {
             Ok(()) => log::warn!("row {}: written to {}", msg.activity_id, path.display()),
             Err(e) => log::error!(
@@ -501,7 +490,7 @@ impl Worker {
 }
 
 /// The kind of a backend failure, without its output.
-fn failure_class(error: &str) -> String {
+pub(super) fn failure_class(error: &str) -> String {
     let head = error.split(" (stderr:").next().unwrap_or(error);
     head.strip_prefix("backend: ").unwrap_or(head).to_string()
 }
