@@ -161,14 +161,7 @@ pub fn connect_config(
     }
     let common = common(g, a.token.as_deref(), env)?;
     let backend = a.backend.clone().unwrap_or_else(|| "claude-code".into());
-    let mut backend_opts = BTreeMap::new();
-    for kv in &a.backend_opts {
-        let (k, v) = kv
-            .split_once('=')
-            .filter(|(k, _)| !k.trim().is_empty())
-            .ok_or_else(|| ConfigError(format!("--backend-opt: {kv:?} is not KEY=VALUE")))?;
-        backend_opts.insert(k.trim().to_string(), v.to_string());
-    }
+    let backend_opts = backend_opts(&a.backend_opts)?;
     let interval_ms = a.interval_ms.unwrap_or(1000);
     if !(10..=3_600_000).contains(&interval_ms) {
         return Err(ConfigError(format!(

@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 use crate::api::{ApiError, Client, ClientConfig};
 use crate::backend::BackendError;
 use crate::cli::{Command, GlobalArgs};
-use crate::config::{self, AgentConfig, ConfigError, TokenSource, read_token_file};
+use crate::config::{self, AgentConfig, ConfigError, TokenSource};
 use crate::error::Error;
 use crate::state::StateError;
 
@@ -216,17 +216,9 @@ impl Ctx {
     /// removed workspace (exit 4) from a rejected token (exit 3, with how to rotate).
     fn unauthorized(&self, e: &ApiError) -> Result<(), Failure> {
         if !self.reauthed.replace(true)
-            && let TokenSource::File(path) = &self.cfg.common.token_source
+            && crate::runner::reload_token(&self.client, &self.cfg.common.token_source)
         {
-            match read_token_file(path) {
-                Ok(token) if token != self.client.token() => {
-                    log::info!("loaded a new workspace token from {}", path.display());
-                    self.client.set_token(token);
-                    return Ok(());
-                }
-                Ok(_) => {}
-                Err(err) => log::warn!("re-reading the token: {err}"),
-            }
+            return Ok(());
         }
         let ws = self.workspace_id();
         match self.client.workspace_info(ws) {
