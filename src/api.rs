@@ -467,10 +467,7 @@ impl Client {
     /// `GET /registry/discover/<target>` with our `X-Workspace-ID` (§API-2.9): an
     /// existence and access check. Never dial the URL it returns.
     pub fn discover(&self, target: &str) -> Result<Value, ApiError> {
-        let op = "discover";
-        check_uuid(op, "peer id", target)?;
-        let resp = self.get(op, &format!("/registry/discover/{target}"), &[], true)?;
-        read_value(op, resp, SMALL_BODY_LIMIT)
+        self.discover_within(target, self.cfg.timeout)
     }
 
     /// [`Client::discover`] with a whole-request limit of `timeout` for this call: a
