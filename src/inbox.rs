@@ -228,24 +228,35 @@ pub fn reply_message_id(own_id: &str, activity_id: &str) -> String {
     crate::uuid::v5(own_id, &format!("reply:{activity_id}"))
 }
 
-/// The `message/send` envelope of a reply to a peer (§API-2.7.6).
-pub fn reply_envelope(
-    message_id: &str,
-    text: &str,
-    extra_parts: &[Value],
-    in_reply_to: Option<&str>,
-) -> Value {
+/// Where a message sits in a conversation: the A2A `contextId` that threads it and
+/// the `messageId` it answers (our `metadata.in_reply_to` convention, §API-2.7.6).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Thread<'a> {
+    /// The conversation; a reply carries the inbound message's.
+    pub context_id: Option<&'a str>,
+    /// The inbound `messageId` this answers.
+    pub in_reply_to: Option<&'a str>,
+}
+
+/// A JSON-RPC `message/send` envelope holding one A2A v0.3.0 `Message`
+/// (`kind:"message"`, `role:"user"` as the platform's runtimes send to peers,
+/// `kind`-tagged parts). The only place that builds a message we send.
+pub fn message_send(message_id: &str, text: &str, extra_parts: &[Value], thread: Thread) -> Value {
     let mut parts = Vec::with_capacity(1 + extra_parts.len());
     if !text.is_empty() {
         parts.push(json!({"kind": "text", "text": text}));
     }
     parts.extend(extra_parts.iter().cloned());
     let mut message = json!({
+        "kind": "message",
         "role": "user",
         "messageId": message_id,
         "parts": parts,
     });
-    if let Some(id) = in_reply_to {
+    if let Some(c) = thread.context_id {
+        message["contextId"] = json!(c);
+    }
+    if let Some(id) = thread.in_reply_to {
         message["metadata"] = json!({"in_reply_to": id});
     }
     json!({
@@ -254,6 +265,16 @@ pub fn reply_envelope(
         "method": "message/send",
         "params": {"message": message},
     })
+}
+
+/// The `message/send` envelope of our reply to `msg` (§API-2.7.6): threaded by the
+/// inbound `contextId` and marked as answering its `messageId`.
+pub fn reply_envelope(message_id: &str, text: &str, extra_parts: &[Value], msg: &Inbound) -> Value {
+    let thread = Thread {
+        context_id: msg.context_id.as_deref(),
+        in_reply_to: msg.message_id.as_deref(),
+    };
+    message_send(message_id, text, extra_parts, thread)
 }
 
 /// File parts of a reply as `/notify` attachments (`uri` and `name` required).
@@ -389,16 +410,23 @@ mod tests {
 
     #[test]
     fn envelope_shape() {
-        let e = reply_envelope("mid", "pong", &[], Some("m-1"));
+        let r = msg_row(Some(PEER), json!([{"kind":"text","text":"ping"}]));
+        let inbound = classify(&r, OWN).unwrap();
+        let e = reply_envelope("mid", "pong", &[], &inbound);
         assert_eq!(e["method"], "message/send");
         assert_eq!(e["jsonrpc"], "2.0");
         let m = &e["params"]["message"];
+        assert_eq!(m["kind"], "message");
         assert_eq!(m["role"], "user");
         assert_eq!(m["messageId"], "mid");
+        assert_eq!(m["contextId"], "c-1");
         assert_eq!(m["parts"], json!([{"kind":"text","text":"pong"}]));
         assert_eq!(m["metadata"]["in_reply_to"], "m-1");
-        let e = reply_envelope("mid", "x", &[], None);
-        assert!(e["params"]["message"].get("metadata").is_none());
+        let e = message_send("mid", "x", &[], Thread::default());
+        let m = &e["params"]["message"];
+        assert_eq!(m["kind"], "message");
+        assert!(m.get("metadata").is_none());
+        assert!(m.get("contextId").is_none());
     }
 
     #[test]

@@ -49,16 +49,7 @@ pub(super) fn run(ctx: &Ctx, a: &SendArgs) -> Result<Report, Failure> {
         )));
     }
     let budget = Duration::from_secs(budget_secs);
-    let body = json!({
-        "jsonrpc": "2.0",
-        "id": crate::uuid::new_v4(),
-        "method": "message/send",
-        "params": {"message": {
-            "role": "user",
-            "messageId": message_id,
-            "parts": [{"kind": "text", "text": text}],
-        }},
-    });
+    let body = crate::inbox::message_send(&message_id, &text, &[], Default::default());
     let sent = Sent {
         peer: &peer,
         message_id: &message_id,

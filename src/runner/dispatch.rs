@@ -385,7 +385,7 @@ impl Worker {
         match &msg.source_id {
             Some(peer) => {
                 let id = inbox::reply_message_id(client.workspace_id(), &msg.activity_id);
-                let mut env = inbox::reply_envelope(&id, text, parts, msg.message_id.as_deref());
+                let mut env = inbox::reply_envelope(&id, text, parts, msg);
                 if is_error {
                     env["params"]["message"]["metadata"]["molecule_error"] = json!(true);
                 }

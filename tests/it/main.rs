@@ -4,6 +4,7 @@
 
 mod support;
 
+mod a2a;
 mod cli;
 mod commands;
 mod connect;

@@ -364,8 +364,17 @@ fn enqueue_one(st: &mut Store, ws_id: &str, spec: &Value) -> Result<Value, Strin
         Some(_) => return Err("metadata must be an object".into()),
     }
     let mut params = Map::new();
+    match body.get("context_id") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(c)) => {
+            message.insert("contextId".into(), Value::from(c.as_str()));
+        }
+        Some(_) => return Err("context_id must be a string".into()),
+    }
     if from.is_none() {
-        message.insert("contextId".into(), Value::from(ws.context_id.as_str()));
+        if !message.contains_key("contextId") {
+            message.insert("contextId".into(), Value::from(ws.context_id.as_str()));
+        }
         params.insert("metadata".into(), canvas_identity());
     }
     params.insert("message".into(), Value::Object(message));
