@@ -171,6 +171,9 @@ pub enum Since {
     Secs(u64),
     /// Rows strictly after this row id, oldest first. Must be a UUID.
     Cursor(String),
+    /// A later cold-start page: rows of the last N seconds created strictly before
+    /// an RFC 3339 time (§API-2.4 `before_ts`), newest first.
+    Before(u64, String),
 }
 
 /// The answer to an `/a2a` send that the platform accepted.
@@ -349,6 +352,9 @@ impl Client {
             .query("limit", limit.to_string());
         req = match since {
             Since::Secs(n) => req.query("since_secs", n.to_string()),
+            Since::Before(n, ts) => req
+                .query("since_secs", n.to_string())
+                .query("before_ts", ts),
             Since::Cursor(id) => {
                 if !crate::uuid::is_uuid(id) {
                     return Err(ApiError::Invalid {

@@ -54,7 +54,11 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Usage(_) | Error::Config(_) | Error::Backend(_) => EXIT_USAGE,
-            Error::State(StateError::Locked { .. } | StateError::Corrupt { .. }) => EXIT_USAGE,
+            Error::State(
+                StateError::Locked { .. }
+                | StateError::Corrupt { .. }
+                | StateError::Unusable { .. },
+            ) => EXIT_USAGE,
             Error::State(_) => EXIT_FAILURE,
             Error::Api(e) if e.is_retryable() => EXIT_UNREACHABLE,
             Error::Api(_) => EXIT_FAILURE,

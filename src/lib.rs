@@ -28,6 +28,7 @@ pub mod runner;
 pub mod shutdown;
 pub mod signal;
 pub mod state;
+pub mod timestamp;
 pub mod uuid;
 pub mod wire;
 

@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::{self, BufRead, BufReader, Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,47 @@ const JOURNAL_MAX_LINES: u32 = 1024;
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// Larger state files are refused rather than read into memory.
 const MAX_STATE_BYTES: u64 = 16 * 1024 * 1024;
+/// Longest journal line read back; a reply that large never fits a state file anyway.
+const MAX_RECORD_BYTES: u64 = MAX_STATE_BYTES;
+
+/// `O_NOFOLLOW` for Linux (std has no constant and the libc crate is not allowed):
+/// opening a symlink fails with `ELOOP` instead of following it. The value differs
+/// by architecture (asm-generic vs arm/powerpc).
+#[cfg(all(
+    target_os = "linux",
+    any(
+        target_arch = "arm",
+        target_arch = "aarch64",
+        target_arch = "powerpc",
+        target_arch = "powerpc64"
+    )
+))]
+const O_NOFOLLOW: i32 = 0o100000;
+#[cfg(all(
+    target_os = "linux",
+    not(any(
+        target_arch = "arm",
+        target_arch = "aarch64",
+        target_arch = "powerpc",
+        target_arch = "powerpc64"
+    ))
+))]
+const O_NOFOLLOW: i32 = 0o400000;
+#[cfg(not(target_os = "linux"))]
+const O_NOFOLLOW: i32 = 0x100; // macOS and the BSDs
+
+/// `OpenOptions` for a file in the state dir: 0600 when created, and never through a
+/// symlink (someone who can write the directory could plant one, §issue 11).
+fn state_file_options() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.mode(0o600).custom_flags(O_NOFOLLOW);
+    o
+}
+
+/// Opens `path` for reading without following a symlink.
+pub fn open_read_nofollow(path: &Path) -> io::Result<File> {
+    state_file_options().read(true).open(path)
+}
 
 /// What went wrong with the state file or lock.
 #[derive(Debug)]
@@ -49,6 +90,14 @@ pub enum StateError {
         /// The lock file.
         path: PathBuf,
     },
+    /// The state directory cannot be used (not a directory, not writable, or not
+    /// safe: owned by someone else or writable by group/others).
+    Unusable {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        detail: String,
+    },
 }
 
 impl fmt::Display for StateError {
@@ -65,6 +114,9 @@ impl fmt::Display for StateError {
                 "another connector is already running for this workspace (lock held on {})",
                 path.display()
             ),
+            StateError::Unusable { path, detail } => {
+                write!(f, "state dir {}: {detail}", path.display())
+            }
         }
     }
 }
@@ -122,6 +174,8 @@ pub struct Store {
     journal_path: PathBuf,
     journal: File,
     journal_lines: u32,
+    /// Bytes of whole records in the journal (a failed append is cut back to it).
+    journal_len: u64,
     dirty: bool,
     last_checkpoint: Instant,
     /// Workspace id.
@@ -130,6 +184,8 @@ pub struct Store {
     last_seq: Option<i64>,
     handled: Lru<String, ()>,
     pending: BTreeMap<String, PendingReply>,
+    #[cfg(test)]
+    fail_writes: bool,
 }
 
 /// `<dir>/<workspace-id>.json`.
@@ -139,27 +195,31 @@ pub fn state_path(dir: &Path, workspace_id: &str) -> PathBuf {
 
 /// Reads and checks a state file; `Ok(None)` when there is none.
 pub fn read_state_file(path: &Path, workspace_id: &str) -> Result<Option<StateFile>, StateError> {
-    let meta = match fs::metadata(path) {
-        Ok(m) => m,
+    let io_err = |source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = match open_read_nofollow(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(StateError::Io {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
+        Err(e) => return Err(io_err(e)),
     };
     let corrupt = |detail: String| StateError::Corrupt {
         path: path.to_path_buf(),
         detail,
     };
+    let meta = f.metadata().map_err(io_err)?;
+    if !meta.is_file() {
+        return Err(corrupt("not a regular file".into()));
+    }
     if meta.len() > MAX_STATE_BYTES {
         return Err(corrupt(format!("{} bytes is too large", meta.len())));
     }
-    let raw = fs::read(path).map_err(|source| StateError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let mut raw = Vec::new();
+    (&mut f)
+        .take(MAX_STATE_BYTES)
+        .read_to_end(&mut raw)
+        .map_err(io_err)?;
     let file: StateFile = serde_json::from_slice(&raw).map_err(|e| corrupt(e.to_string()))?;
     if file.workspace_id != workspace_id {
         return Err(corrupt(format!(
@@ -180,7 +240,8 @@ impl Store {
     /// Opens the state of `workspace_id` in `dir`: the state file (if any) plus
     /// whatever the journal recorded after it, then checkpoints so the journal starts
     /// empty. A state file that does not parse or belongs to another workspace is an
-    /// error; a torn last journal line (crash mid-write) is ignored.
+    /// error, and so is a bad journal line anywhere but at the end; a torn last line
+    /// (crash mid-write) is ignored.
     pub fn open(dir: &Path, workspace_id: &str) -> Result<Store, StateError> {
         let path = state_path(dir, workspace_id);
         let journal_path = dir.join(format!("{workspace_id}.journal"));
@@ -189,11 +250,10 @@ impl Store {
             let p = p.to_path_buf();
             move |source| StateError::Io { path: p, source }
         };
-        let journal = OpenOptions::new()
+        let journal = state_file_options()
             .read(true)
             .append(true)
             .create(true)
-            .mode(0o600)
             .open(&journal_path)
             .map_err(io_err(&journal_path))?;
         let mut store = Store {
@@ -201,6 +261,7 @@ impl Store {
             journal_path: journal_path.clone(),
             journal,
             journal_lines: 0,
+            journal_len: 0,
             dirty: false,
             last_checkpoint: Instant::now(),
             workspace_id: workspace_id.to_string(),
@@ -208,22 +269,13 @@ impl Store {
             last_seq: file.last_seq,
             handled: Lru::new(LEDGER_CAPACITY),
             pending: file.pending,
+            #[cfg(test)]
+            fail_writes: false,
         };
         for key in file.handled {
             store.handled.insert(key, ());
         }
-        let raw = fs::read(&journal_path).map_err(io_err(&journal_path))?;
-        let mut replayed = 0usize;
-        for line in raw.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            match serde_json::from_slice::<Record>(line) {
-                Ok(record) => {
-                    store.apply(record);
-                    replayed += 1;
-                }
-                // Only a crash mid-append can leave a bad line, and only as the last.
-                Err(_) => log::warn!("{}: ignoring a torn journal line", journal_path.display()),
-            }
-        }
+        let replayed = store.replay_journal()?;
         if replayed > 0 {
             log::info!(
                 "recovered {replayed} journal record(s) from {}",
@@ -232,6 +284,82 @@ impl Store {
         }
         store.checkpoint()?;
         Ok(store)
+    }
+
+    /// Applies the journal, read as a stream (one bounded line at a time). Only the
+    /// last line may be bad, and only if it has no newline: that is a crash in the
+    /// middle of an append. Anything else is corruption and stops start-up.
+    fn replay_journal(&mut self) -> Result<usize, StateError> {
+        let path = self.journal_path.clone();
+        let io_err = |source| StateError::Io {
+            path: path.clone(),
+            source,
+        };
+        let corrupt = |detail: String| StateError::Corrupt {
+            path: path.clone(),
+            detail,
+        };
+        let meta = self.journal.metadata().map_err(io_err)?;
+        if !meta.is_file() {
+            return Err(corrupt("the journal is not a regular file".into()));
+        }
+        // A second handle on the same file: appends go to the end whatever its offset.
+        let mut reader = BufReader::new(self.journal.try_clone().map_err(io_err)?);
+        reader.seek(io::SeekFrom::Start(0)).map_err(io_err)?;
+        let mut records = Vec::new();
+        let mut line = Vec::new();
+        let mut offset: u64 = 0;
+        let mut line_no = 0u64;
+        loop {
+            line.clear();
+            let n = (&mut reader)
+                .take(MAX_RECORD_BYTES.saturating_add(1))
+                .read_until(b'\n', &mut line)
+                .map_err(io_err)?;
+            if n == 0 {
+                break;
+            }
+            line_no += 1;
+            let complete = line.last() == Some(&b'\n');
+            if !complete && n as u64 > MAX_RECORD_BYTES {
+                return Err(corrupt(format!(
+                    "journal line {line_no} is longer than {MAX_RECORD_BYTES} bytes"
+                )));
+            }
+            let body = line.strip_suffix(b"\n").unwrap_or(&line);
+            if body.iter().all(u8::is_ascii_whitespace) {
+                offset += n as u64;
+                continue;
+            }
+            match serde_json::from_slice::<Record>(body) {
+                Ok(record) => records.push(record),
+                Err(_) if !complete => {
+                    log::warn!(
+                        "{}: ignoring a torn last journal line (crash during a write)",
+                        path.display()
+                    );
+                    break;
+                }
+                Err(e) => {
+                    return Err(corrupt(format!(
+                        "journal line {line_no} is not a record: {e}"
+                    )));
+                }
+            }
+            offset += n as u64;
+            // Apply in batches so a long journal is never held whole in memory.
+            if records.len() >= 256 {
+                for r in records.drain(..) {
+                    self.apply(r);
+                }
+            }
+        }
+        let replayed = line_no as usize;
+        for r in records {
+            self.apply(r);
+        }
+        self.journal_len = offset;
+        Ok(replayed)
     }
 
     fn apply(&mut self, record: Record) {
@@ -254,15 +382,36 @@ impl Store {
             source: io::Error::other(e),
         })?;
         line.push(b'\n');
-        self.journal
-            .write_all(&line)
-            .and_then(|()| self.journal.sync_data())
-            .map_err(|source| StateError::Io {
+        let written = self
+            .check_writable()
+            .and_then(|()| self.journal.write_all(&line))
+            .and_then(|()| self.journal.sync_data());
+        if let Err(source) = written {
+            // A short write (full disk) must not leave half a line in the middle of
+            // the journal: cut it back to the last whole record.
+            let _ = self.journal.set_len(self.journal_len);
+            return Err(StateError::Io {
                 path: self.journal_path.clone(),
                 source,
-            })?;
+            });
+        }
+        self.journal_len = self.journal_len.saturating_add(line.len() as u64);
         self.journal_lines = self.journal_lines.saturating_add(1);
         self.apply(record);
+        Ok(())
+    }
+
+    /// Test seam: every write fails as on a full disk while `on`.
+    #[cfg(test)]
+    pub(crate) fn fail_writes(&mut self, on: bool) {
+        self.fail_writes = on;
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        #[cfg(test)]
+        if self.fail_writes {
+            return Err(io::Error::from(io::ErrorKind::StorageFull));
+        }
         Ok(())
     }
 
@@ -346,10 +495,12 @@ impl Store {
             path: self.path.clone(),
             source: io::Error::other(e),
         })?;
-        write_atomic(&self.path, &bytes).map_err(|source| StateError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
+        self.check_writable()
+            .and_then(|()| write_atomic(&self.path, &bytes))
+            .map_err(|source| StateError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
         // Replaying records already in the state file is harmless, so a crash
         // between the rename and the truncation loses nothing.
         self.journal
@@ -360,22 +511,81 @@ impl Store {
                 source,
             })?;
         self.journal_lines = 0;
+        self.journal_len = 0;
         self.dirty = false;
         self.last_checkpoint = Instant::now();
         Ok(())
     }
 }
 
-/// Creates `dir` (and parents) with mode 0700 if missing.
+/// Creates `dir` (and parents) with mode 0700 if missing, then checks it is safe to
+/// keep state in, as ssh checks `~/.ssh`: a directory, owned by us (or root), not
+/// writable by group or others.
 pub fn ensure_dir(dir: &Path) -> Result<(), StateError> {
-    fs::DirBuilder::new()
+    let unusable = |detail: String| StateError::Unusable {
+        path: dir.to_path_buf(),
+        detail,
+    };
+    if let Err(e) = fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|source| StateError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })
+    {
+        return Err(unusable(format!(
+            "state dir is not a writable directory ({e}); choose another with --state-dir"
+        )));
+    }
+    let meta = fs::metadata(dir)
+        .map_err(|e| unusable(format!("state dir is not a writable directory ({e})")))?;
+    if !meta.is_dir() {
+        return Err(unusable(
+            "state dir is not a writable directory (it is a file); choose another with --state-dir"
+                .into(),
+        ));
+    }
+    check_dir_safety(dir, meta.uid(), meta.mode(), own_uid()).map_err(unusable)
+}
+
+/// Our effective uid, read from the owner of `/proc/self` (std has no `geteuid`);
+/// `None` without `/proc`, and then ownership is not checked.
+fn own_uid() -> Option<u32> {
+    fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+fn check_dir_safety(dir: &Path, owner: u32, mode: u32, me: Option<u32>) -> Result<(), String> {
+    if let Some(me) = me
+        && owner != me
+        && owner != 0
+    {
+        return Err(format!(
+            "owned by uid {owner}, not by this user (uid {me}): another user could plant files in it; use a directory of your own (--state-dir) or `chown {me} {}`",
+            dir.display()
+        ));
+    }
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "writable by group or others (mode {:04o}): anyone with write access could plant symlinks or files; fix with `chmod 700 {}`",
+            mode & 0o7777,
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Maps a failure to create a file in the state dir: a read-only or forbidden
+/// directory is a configuration error, not a runtime one.
+fn create_error(dir: &Path, path: PathBuf, source: io::Error) -> StateError {
+    match source.kind() {
+        io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
+            StateError::Unusable {
+                path: dir.to_path_buf(),
+                detail: format!(
+                    "state dir is not a writable directory ({source}); choose another with --state-dir"
+                ),
+            }
+        }
+        _ => StateError::Io { path, source },
+    }
 }
 
 /// Temp file in the same directory, fsync, rename over `path`, fsync the directory:
@@ -394,11 +604,12 @@ pub fn write_file(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
         .unwrap_or_else(|| "state".into());
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
-        let mut f = OpenOptions::new()
+        // A stale (or planted) temp file goes; the new one is created exclusively,
+        // which never follows a symlink.
+        let _ = fs::remove_file(&tmp);
+        let mut f = state_file_options()
             .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
+            .create_new(true)
             .open(&tmp)?;
         f.write_all(bytes)?;
         if durable {
@@ -417,16 +628,21 @@ pub fn write_file(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     result
 }
 
+/// Rewrites an existing file in place (no new file, so no new blocks when it does
+/// not grow past them): for advisory files that must still be updated on a full
+/// disk. Readers may see a half-written file for a moment.
+pub fn overwrite_in_place(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = state_file_options().write(true).open(path)?;
+    f.write_all(bytes)?;
+    f.set_len(bytes.len() as u64)
+}
+
 /// Appends `record` as one JSON line to `path` (created 0600) and fsyncs: for the
 /// dead-letter and delegation-result files, where every line must survive a crash.
 pub fn append_line(path: &Path, record: &serde_json::Value) -> io::Result<()> {
     let mut line = record.to_string().into_bytes();
     line.push(b'\n');
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut f = state_file_options().create(true).append(true).open(path)?;
     f.write_all(&line)?;
     f.sync_all()
 }
@@ -434,15 +650,14 @@ pub fn append_line(path: &Path, record: &serde_json::Value) -> io::Result<()> {
 /// Opens (creating, 0600) `<dir>/<workspace-id>.lock`.
 fn open_lock_file(dir: &Path, workspace_id: &str) -> Result<(File, PathBuf), StateError> {
     let path = dir.join(format!("{workspace_id}.lock"));
-    OpenOptions::new()
+    state_file_options()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .mode(0o600)
         .open(&path)
         .map(|file| (file, path.clone()))
-        .map_err(|source| StateError::Io { path, source })
+        .map_err(|source| create_error(dir, path, source))
 }
 
 /// An exclusive lock on `<dir>/<workspace-id>.lock`, held while the value lives.
@@ -569,6 +784,101 @@ mod tests {
         assert_eq!(
             Store::open(&d, WS).unwrap().pending_reply("r1"),
             Some(reply("hello"))
+        );
+    }
+
+    #[test]
+    fn garbage_in_the_middle_of_the_journal_is_corruption() {
+        let d = tmpdir();
+        let mut s = Store::open(&d, WS).unwrap();
+        s.record_reply("r1", reply("hello")).unwrap();
+        drop(s);
+        let jp = d.join(format!("{WS}.journal"));
+        let mut j = OpenOptions::new().append(true).open(&jp).unwrap();
+        j.write_all(b"garbage\n{\"t\":\"done\",\"row\":\"r1\",\"keys\":[]}\n")
+            .unwrap();
+        let e = Store::open(&d, WS).unwrap_err();
+        assert!(matches!(e, StateError::Corrupt { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("{WS}.journal")) && msg.contains("line 2"),
+            "{msg}"
+        );
+        // Nothing was truncated: the operator can still inspect it.
+        assert!(fs::read_to_string(&jp).unwrap().contains("garbage"));
+    }
+
+    #[test]
+    fn failed_append_leaves_no_half_line() {
+        let d = tmpdir();
+        let mut s = Store::open(&d, WS).unwrap();
+        s.record_reply("r1", reply("one")).unwrap();
+        s.fail_writes(true);
+        assert!(s.record_reply("r2", reply("two")).is_err());
+        assert!(s.checkpoint().is_err());
+        assert_eq!(s.pending_reply("r2"), None);
+        s.fail_writes(false);
+        s.record_done("r1", vec!["a:r1".into()]).unwrap();
+        drop(s);
+        let back = Store::open(&d, WS).unwrap();
+        assert!(back.is_handled("a:r1"));
+        assert_eq!(back.pending_reply("r1"), None);
+    }
+
+    #[test]
+    fn state_files_never_follow_symlinks() {
+        let d = tmpdir();
+        let victim = d.join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        for name in [
+            format!("{WS}.journal"),
+            format!("{WS}.lock"),
+            format!("{WS}.json"),
+        ] {
+            let link = d.join(&name);
+            std::os::unix::fs::symlink(&victim, &link).unwrap();
+            let e = if name.ends_with(".lock") {
+                InstanceLock::acquire(&d, WS).unwrap_err()
+            } else {
+                Store::open(&d, WS).unwrap_err()
+            };
+            assert!(e.to_string().contains(&name), "{name}: {e}");
+            fs::remove_file(&link).unwrap();
+        }
+        let dl = d.join(format!("{WS}.deadletter.jsonl"));
+        std::os::unix::fs::symlink(&victim, &dl).unwrap();
+        assert!(append_line(&dl, &serde_json::json!({"text": "secret"})).is_err());
+        // A planted temp-file link is replaced, not followed.
+        let target = d.join("out.json");
+        std::os::unix::fs::symlink(
+            &victim,
+            d.join(format!(".out.json.{}.tmp", std::process::id())),
+        )
+        .unwrap();
+        write_atomic(&target, b"{}").unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn unsafe_state_dirs_are_refused() {
+        let d = tmpdir();
+        assert!(check_dir_safety(&d, 1000, 0o40700, Some(1000)).is_ok());
+        assert!(check_dir_safety(&d, 0, 0o40700, Some(1000)).is_ok());
+        let e = check_dir_safety(&d, 1001, 0o40700, Some(1000)).unwrap_err();
+        assert!(e.contains("owned by uid 1001"), "{e}");
+        let e = check_dir_safety(&d, 1000, 0o40775, Some(1000)).unwrap_err();
+        assert!(e.contains("chmod 700"), "{e}");
+        assert!(check_dir_safety(&d, 1000, 0o40757, None).is_err());
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).unwrap();
+        let e = ensure_dir(&d).unwrap_err();
+        assert!(matches!(e, StateError::Unusable { .. }));
+        let file = d.join("plain-file");
+        fs::write(&file, b"").unwrap();
+        let e = ensure_dir(&file).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("state dir is not a writable directory"),
+            "{e}"
         );
     }
 

@@ -74,6 +74,10 @@ pub(super) fn run(
         ))
     } else if !alive {
         Some("the connector's process is gone (killed or crashed)".to_string())
+    } else if let Some(e) = doc.get("state_error").and_then(Value::as_str) {
+        Some(format!(
+            "state cannot be written ({e}); intake is paused until it can"
+        ))
     } else {
         match poll_age {
             None => Some("the connector has not completed a poll yet".to_string()),

@@ -28,6 +28,13 @@ const MAX_RETRY_LATER: u32 = 20;
 /// too.
 const REPLY_TARGET_BUDGET: Duration = Duration::from_secs(600);
 
+/// Retries of a failed state write: soon after space returns, without spinning.
+pub(super) const STATE_RETRY: Backoff = Backoff {
+    base: Duration::from_millis(500),
+    max: Duration::from_secs(5),
+    jitter: 0.25,
+};
+
 /// A conversation that has been quiet this long starts counting from zero again.
 const QUIET_RESET: Duration = Duration::from_secs(600);
 /// Conversations remembered for the guard (bounded like every cache).
@@ -206,11 +213,12 @@ impl Worker {
                     text: r.text,
                     parts: r.parts,
                 };
-                let saved = self.store().record_reply(&msg.activity_id, reply.clone());
-                if let Err(e) = saved {
-                    // Posting anyway is right: losing the reply is worse than the small
-                    // chance of running the backend again after a crash.
-                    log::error!("{e}");
+                // Never post what is not journaled: a crash would answer twice.
+                let saved = self.save(msg, "its reply (not posted)", |s| {
+                    s.record_reply(&msg.activity_id, reply.clone())
+                });
+                if !saved {
+                    return Finish::Interrupted;
                 }
                 self.post_and_finish(msg, reply)
             }
@@ -299,11 +307,56 @@ impl Worker {
             keys.push(format!("a:{}", msg.activity_id));
         }
         keys.extend(msg.message_key());
-        let recorded = self.store().record_done(&msg.activity_id, keys);
-        if let Err(e) = recorded {
-            log::error!("{e}");
+        if self.save(msg, "that it was handled", |s| {
+            s.record_done(&msg.activity_id, keys.clone())
+        }) {
+            Finish::Done
+        } else {
+            Finish::Interrupted
         }
-        Finish::Done
+    }
+
+    /// Runs the state write `write` until it succeeds; while it fails (full disk,
+    /// read-only remount) the status says so, which pauses intake and wedges the
+    /// heartbeat. `false` if a stop came first: then `what` is not saved, the row is
+    /// not finished, and it is handled again after a restart.
+    fn save(
+        &mut self,
+        msg: &Inbound,
+        what: &str,
+        mut write: impl FnMut(&mut Store) -> Result<(), crate::state::StateError>,
+    ) -> bool {
+        let mut attempt: u32 = 0;
+        loop {
+            let result = write(&mut self.store());
+            match result {
+                Ok(()) => {
+                    if attempt > 0 && RuntimeStatus::state_ok(&self.ctx.status) {
+                        log::info!("state is writable again; resuming intake");
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    if RuntimeStatus::state_failed(&self.ctx.status, &e.to_string()) {
+                        log::error!("{e}: not taking new messages until the state can be written");
+                    }
+                }
+            }
+            attempt = attempt.saturating_add(1);
+            self.seed = self.seed.wrapping_add(1);
+            if self
+                .ctx
+                .shutdown
+                .wait_timeout(STATE_RETRY.delay(attempt, self.seed))
+            {
+                log::error!(
+                    "row {}: stopping before {what} could be saved; it will be handled again after a restart",
+                    msg.activity_id
+                );
+                RuntimeStatus::count(&self.ctx.status, |c| c.unsaved += 1);
+                return false;
+            }
+        }
     }
 
     /// Sends `text` to the peer (new `message/send`) or the canvas user (`/notify`).

@@ -412,6 +412,7 @@ fn run_connected(
             .state_dir
             .join(format!("{}.deadletter.jsonl", cfg.workspace_id)),
     });
+    let final_status = status.clone();
     let (events_tx, events_rx) = poll::event_channel(shutdown);
     let (jobs_tx, jobs_rx) = mpsc::sync_channel::<poll::Job>(cfg.concurrency);
     let jobs_rx = Arc::new(Mutex::new(jobs_rx));
@@ -492,7 +493,17 @@ fn run_connected(
         // exits, so no other connector starts on this workspace meanwhile.
         std::mem::forget(lock);
     }
+    let (counters, _, _) = RuntimeStatus::snapshot(&final_status);
     match reason {
+        StopReason::Signal | StopReason::Finished
+            if counters.state_error.is_some() || counters.unsaved > 0 =>
+        {
+            Err(Error::Runtime(format!(
+                "stopped without saving the state ({}): {} message(s) in progress were not recorded and will be handled again after a restart",
+                counters.state_error.as_deref().unwrap_or("a write failed"),
+                counters.unsaved
+            )))
+        }
         StopReason::Signal | StopReason::Finished => {
             log::info!("stopped cleanly");
             Ok(())

@@ -34,6 +34,8 @@ const PAGE_BYTES: u64 = 32 * 1024 * 1024;
 const ONCE_POLL_ATTEMPTS: u32 = 5;
 /// Consecutive permanent poll errors after which the connector stops (a few minutes).
 const MAX_PERMANENT_POLL_FAILURES: u32 = 12;
+/// Full pages in a row that do not move the cursor before a `--once` run gives up.
+const STUCK_PAGES_ONCE: u32 = 3;
 /// Fetched rows not yet behind the cursor before fetching pauses (bounds memory).
 const MAX_OUTSTANDING: usize = 1000;
 
@@ -112,6 +114,13 @@ pub struct Poller {
     peers: Option<crate::peers::Enrichment>,
     /// Wakes the delegation tracker when a `delegate_result` row arrives.
     delegation_wake: Option<super::delegations::Waker>,
+    /// A cold start reading its window backwards (see [`Poller::scan_window`]).
+    scan: Option<WindowScan>,
+    /// Full pages in a row that did not move the fetch position.
+    stuck_pages: u32,
+    /// Failed state checkpoints in a row, and when to try the next.
+    state_attempts: u32,
+    state_retry_at: Instant,
 }
 
 impl Poller {
@@ -158,6 +167,10 @@ impl Poller {
             last_activity: Instant::now(),
             peers: None,
             delegation_wake: None,
+            scan: None,
+            stuck_pages: 0,
+            state_attempts: 0,
+            state_retry_at: Instant::now(),
         }
     }
 
@@ -184,7 +197,10 @@ impl Poller {
             while let Ok(ev) = events.try_recv() {
                 self.on_event(ev);
             }
-            self.release(&jobs_tx);
+            let state_ok = self.state_writable();
+            if state_ok {
+                self.release(&jobs_tx);
+            }
             self.advance_cursor();
             self.report("running", None);
             if let Some(why) = self.finished() {
@@ -194,7 +210,8 @@ impl Poller {
             if self.shutdown.is_triggered() {
                 break;
             }
-            let can_fetch = self.order.outstanding() < MAX_OUTSTANDING;
+            // While the state cannot be written nothing new is taken in.
+            let can_fetch = state_ok && self.order.outstanding() < MAX_OUTSTANDING;
             if can_fetch && Instant::now() >= next_fetch {
                 next_fetch = match self.fetch() {
                     Fetched::More => Instant::now(),
@@ -205,6 +222,9 @@ impl Poller {
             }
             let mut wait = if can_fetch {
                 next_fetch.saturating_duration_since(Instant::now())
+            } else if !state_ok {
+                self.state_retry_at
+                    .saturating_duration_since(Instant::now())
             } else {
                 Duration::from_secs(3600)
             };
@@ -229,8 +249,15 @@ impl Poller {
             }
         }
         self.advance_cursor();
-        if let Err(e) = self.store().checkpoint() {
-            log::error!("{e}");
+        let saved = self.store().checkpoint();
+        match saved {
+            Ok(()) => {
+                RuntimeStatus::state_ok(&self.status);
+            }
+            Err(e) => {
+                log::error!("{e}");
+                RuntimeStatus::state_failed(&self.status, &e.to_string());
+            }
         }
         let reason = match self.shutdown.reason() {
             Some(StopReason::Fatal { message, .. }) => Some(message),
@@ -334,23 +361,58 @@ impl Poller {
         if let Some((id, seq)) = moved {
             store.set_cursor(Some(id), seq);
         }
-        if let Err(e) = store.maybe_checkpoint() {
-            log::error!("{e}");
+        let result = store.maybe_checkpoint();
+        drop(store);
+        if let Err(e) = result
+            && RuntimeStatus::state_failed(&self.status, &e.to_string())
+        {
+            log::error!("{e}: not taking new messages until the state can be written");
+        }
+    }
+
+    /// Whether the state can be written. After a failure (here or on a worker) this
+    /// retries a checkpoint with backoff; the first success resumes intake.
+    fn state_writable(&mut self) -> bool {
+        if RuntimeStatus::state_error(&self.status).is_none() {
+            self.state_attempts = 0;
+            return true;
+        }
+        if Instant::now() < self.state_retry_at {
+            return false;
+        }
+        let result = self.store().checkpoint();
+        match result {
+            Ok(()) => {
+                if RuntimeStatus::state_ok(&self.status) {
+                    log::info!("state is writable again; resuming intake");
+                }
+                self.state_attempts = 0;
+                true
+            }
+            Err(e) => {
+                RuntimeStatus::state_failed(&self.status, &e.to_string());
+                self.state_attempts = self.state_attempts.saturating_add(1);
+                self.seed = self.seed.wrapping_add(1);
+                self.state_retry_at = Instant::now()
+                    + super::dispatch::STATE_RETRY.delay(self.state_attempts, self.seed);
+                false
+            }
         }
     }
 
     fn fetch(&mut self) -> Fetched {
-        let since = match &self.fetch_from {
-            Some(c) => Since::Cursor(c.clone()),
-            None => Since::Secs(
-                self.settings
-                    .since_secs
-                    .saturating_add(self.window_anchor.elapsed().as_secs_f64().ceil() as u64),
-            ),
+        let secs = self
+            .settings
+            .since_secs
+            .saturating_add(self.window_anchor.elapsed().as_secs_f64().ceil() as u64);
+        let since = match (&self.fetch_from, &self.scan) {
+            (Some(c), _) => Since::Cursor(c.clone()),
+            (None, Some(scan)) => Since::Before(secs, scan.before.clone()),
+            (None, None) => Since::Secs(secs),
         };
         let limit = match since {
-            Since::Secs(_) => COLD_LIMIT.min(self.page_limit.saturating_mul(5)),
             Since::Cursor(_) => self.page_limit,
+            _ => COLD_LIMIT.min(self.page_limit.saturating_mul(5)),
         };
         let used = self.client.token();
         match self.client.activity_raw(&since, limit, PAGE_BYTES) {
@@ -370,28 +432,107 @@ impl Poller {
                     self.failures = 0;
                 }
                 let full = rows.len() >= limit as usize;
-                if let Since::Secs(secs) = since {
+                if !matches!(since, Since::Cursor(_)) && (full || self.scan.is_some()) {
+                    return self.scan_window(rows, full, secs);
+                }
+                if !matches!(since, Since::Cursor(_)) {
                     // Without a cursor the page is newest first (§API-4.2).
                     rows.reverse();
-                    if full {
-                        log::warn!(
-                            "more than {limit} messages in the last {secs}s: older ones in that window are skipped"
-                        );
-                    }
                 }
                 self.caught_up = !full;
                 let before = self.fetch_from.clone();
                 self.take_page(rows);
-                // A full page that did not move the fetch position (rows without
-                // usable ids) must not be fetched again in a hot loop.
-                if full && self.fetch_from != before {
-                    Fetched::More
-                } else {
-                    Fetched::Idle
+                if !full {
+                    self.stuck_pages = 0;
+                    return Fetched::Idle;
                 }
+                if self.fetch_from != before {
+                    self.stuck_pages = 0;
+                    return Fetched::More;
+                }
+                self.stuck_full_page(limit)
             }
             Err(e) => self.on_poll_error(&e, &used),
         }
+    }
+
+    /// A full page that did not move the fetch position (rows without usable ids):
+    /// never fetched again in a hot loop, and a `--once` run stops instead of
+    /// polling the same page forever.
+    fn stuck_full_page(&mut self, limit: u32) -> Fetched {
+        self.stuck_pages = self.stuck_pages.saturating_add(1);
+        let why = format!(
+            "the platform keeps answering full pages of {limit} rows that do not move the cursor"
+        );
+        if self.settings.once && self.stuck_pages >= STUCK_PAGES_ONCE {
+            log::warn!("{why}");
+            self.shutdown.trigger(StopReason::Fatal {
+                code: EXIT_UNREACHABLE,
+                message: format!(
+                    "--once: {why} ({} pages); try again later",
+                    self.stuck_pages
+                ),
+            });
+        } else if self.stuck_pages == 1 || self.stuck_pages.is_multiple_of(100) {
+            log::warn!("{why}");
+        }
+        Fetched::Idle
+    }
+
+    /// A cold start that meets more rows than one page: read the whole
+    /// `--since-secs` window instead of answering only the newest page. Pages go
+    /// backwards with `before_ts` (§API-2.4) to the window's oldest row, keeping
+    /// only that row; it is handled first and becomes the cursor, and the rest of
+    /// the window then comes oldest first through `since_id`, whose
+    /// `(created_at, seq)` order loses nothing at a page boundary. Each
+    /// `before_ts` is one microsecond after the page's oldest row, so rows sharing
+    /// its timestamp come again (and are recognised) rather than being skipped.
+    fn scan_window(&mut self, rows: Vec<Value>, full: bool, secs: u64) -> Fetched {
+        self.caught_up = false;
+        let previous = self.scan.take();
+        let oldest = rows
+            .into_iter()
+            .next_back()
+            .or_else(|| previous.as_ref().map(|p| p.oldest.clone()));
+        let Some(oldest) = oldest else {
+            return Fetched::More;
+        };
+        if previous.is_none() {
+            log::info!(
+                "cold start: more than one page of messages in the last {secs}s; reading the whole window, oldest first"
+            );
+        }
+        if full {
+            let created = oldest.get("created_at").and_then(Value::as_str);
+            let same = previous
+                .as_ref()
+                .is_some_and(|p| p.oldest.get("id") == oldest.get("id"));
+            let before = created.and_then(crate::timestamp::parse_rfc3339).map(|us| {
+                // No progress means a whole page shares one timestamp: step past it.
+                let us = if same { us } else { us.saturating_add(1) };
+                crate::timestamp::rfc3339(us)
+            });
+            if let Some(before) = before {
+                if same {
+                    log::warn!(
+                        "more than a page of rows share the timestamp {}; some of them may be skipped",
+                        created.unwrap_or("")
+                    );
+                }
+                self.scan = Some(WindowScan { before, oldest });
+                return Fetched::More;
+            }
+            log::warn!(
+                "row without a usable created_at: older rows in the last {secs}s window are skipped"
+            );
+        }
+        // The window's oldest row: handle it, then page forward from it.
+        let before = self.fetch_from.clone();
+        self.take_page(vec![oldest]);
+        if self.fetch_from == before {
+            log::warn!("the oldest row of the window has no usable id: older rows are skipped");
+        }
+        Fetched::More
     }
 
     /// Sorts one page's rows into "done already" and "for the backend".
@@ -476,6 +617,7 @@ impl Poller {
                 self.settings.since_secs
             );
             self.fetch_from = None;
+            self.scan = None;
             self.window_anchor = self.last_good_poll;
             return Fetched::More;
         }
@@ -582,6 +724,14 @@ impl Poller {
             _ => false,
         }
     }
+}
+
+/// Where a cold start's backward scan of its window has got to.
+struct WindowScan {
+    /// `before_ts` of the next page.
+    before: String,
+    /// The oldest row seen so far.
+    oldest: Value,
 }
 
 /// What a fetch means for the next one.

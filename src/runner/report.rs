@@ -34,6 +34,8 @@ pub struct Reporter {
     fingerprint: String,
     peers: Option<Arc<crate::peers::PeerCache>>,
     delegations: Option<Arc<super::delegations::Counters>>,
+    /// The last write failed (logged once, not every second).
+    failing: bool,
 }
 
 impl Reporter {
@@ -48,6 +50,7 @@ impl Reporter {
             fingerprint: String::new(),
             peers: None,
             delegations: None,
+            failing: false,
         }
     }
 
@@ -69,8 +72,8 @@ impl Reporter {
     pub fn maybe_write(&mut self, status: &SharedStatus, cursor: Option<&str>, in_flight: usize) {
         let (c, active, wedged) = RuntimeStatus::snapshot(status);
         let fingerprint = format!(
-            "{}/{}/{}/{in_flight}/{active}/{wedged}/{cursor:?}/{}",
-            c.handled, c.failed, c.dead_lettered, c.last_error
+            "{}/{}/{}/{in_flight}/{active}/{wedged}/{cursor:?}/{}/{:?}",
+            c.handled, c.failed, c.dead_lettered, c.last_error, c.state_error
         );
         let since = self.last_write.map(|t| t.elapsed());
         let due = match since {
@@ -112,6 +115,7 @@ impl Reporter {
             "active_tasks": active,
             "last_error": c.last_error,
             "wedged": wedged,
+            "state_error": c.state_error,
         });
         if let Some(p) = &self.peers {
             doc["peer_cache"] = json!({
@@ -125,8 +129,17 @@ impl Reporter {
             doc["delegations"] = d.to_json();
         }
         let bytes = format!("{doc:#}\n");
-        if let Err(e) = crate::state::write_file(&self.path, bytes.as_bytes(), false) {
-            log::warn!("status file {}: {e}", self.path.display());
+        let written = crate::state::write_file(&self.path, bytes.as_bytes(), false)
+            // On a full disk a new file cannot be made, but the old one's blocks can
+            // be overwritten, so `molecule status` still learns why intake stopped.
+            .or_else(|_| crate::state::overwrite_in_place(&self.path, bytes.as_bytes()));
+        match written {
+            Ok(()) => self.failing = false,
+            Err(e) if !self.failing => {
+                self.failing = true;
+                log::warn!("status file {}: {e}", self.path.display());
+            }
+            Err(_) => {}
         }
         self.last_write = Some(Instant::now());
     }

@@ -44,6 +44,10 @@ pub struct Counters {
     pub last_poll_ok: Option<SystemTime>,
     /// When the last heartbeat succeeded.
     pub last_heartbeat_ok: Option<SystemTime>,
+    /// Why the state cannot be written right now (intake is paused meanwhile).
+    pub state_error: Option<String>,
+    /// Messages whose outcome could not be saved when the process stopped.
+    pub unsaved: u64,
 }
 
 /// Shared handle.
@@ -120,6 +124,29 @@ impl RuntimeStatus {
             .counters);
     }
 
+    /// A state write failed: intake pauses and the heartbeat says wedged until a
+    /// write succeeds again. `true` the first time (log it once, not per retry).
+    pub fn state_failed(shared: &SharedStatus, error: &str) -> bool {
+        let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let first = s.counters.state_error.is_none();
+        s.counters.state_error = Some(clip(error));
+        s.counters.last_error = clip(error);
+        s.was_wedged = true;
+        first
+    }
+
+    /// A state write succeeded: `true` if that ends a failure.
+    pub fn state_ok(shared: &SharedStatus) -> bool {
+        let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        s.counters.state_error.take().is_some()
+    }
+
+    /// Why the state cannot be written, if it cannot.
+    pub fn state_error(shared: &SharedStatus) -> Option<String> {
+        let s = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        s.counters.state_error.clone()
+    }
+
     /// Records an error for the status file (one line, clipped).
     pub fn note_error(shared: &SharedStatus, error: &str) {
         Self::count(shared, |c| c.last_error = clip(error));
@@ -131,7 +158,7 @@ impl RuntimeStatus {
         (
             s.counters.clone(),
             s.active_tasks,
-            s.consecutive_failures >= WEDGE_AFTER,
+            s.consecutive_failures >= WEDGE_AFTER || s.counters.state_error.is_some(),
         )
     }
 
@@ -153,16 +180,20 @@ impl RuntimeStatus {
         } else {
             failures as f64 / s.recent.len() as f64
         };
+        let state_error = s.counters.state_error.as_ref();
         Heartbeat {
             workspace_id: workspace_id.to_string(),
             error_rate,
-            sample_error: s.sample_error.clone(),
+            sample_error: match state_error {
+                Some(e) => clip(&format!("state not saved, intake paused: {e}")),
+                None => s.sample_error.clone(),
+            },
             active_tasks: s.active_tasks,
             current_task: s.current_task.clone(),
             uptime_seconds: now.saturating_duration_since(s.started).as_secs(),
             // Absent while healthy; "wedged" while failing; and after a wedge the
             // explicit empty value the platform needs to recover (§API-2.2).
-            runtime_state: if s.consecutive_failures >= WEDGE_AFTER {
+            runtime_state: if s.consecutive_failures >= WEDGE_AFTER || state_error.is_some() {
                 Some("wedged".to_string())
             } else if s.was_wedged {
                 Some(String::new())
@@ -204,6 +235,32 @@ mod tests {
         let hb = RuntimeStatus::heartbeat(&s, "w", start);
         assert_eq!(hb.active_tasks, 0);
         assert_eq!(hb.current_task, "");
+    }
+
+    #[test]
+    fn state_failure_wedges_until_a_write_succeeds() {
+        let s = RuntimeStatus::new(Instant::now());
+        assert!(RuntimeStatus::state_failed(
+            &s,
+            "journal: No space left on device"
+        ));
+        assert!(!RuntimeStatus::state_failed(
+            &s,
+            "journal: No space left on device"
+        ));
+        let hb = RuntimeStatus::heartbeat(&s, "w", Instant::now());
+        assert_eq!(hb.runtime_state.as_deref(), Some("wedged"));
+        assert!(
+            hb.sample_error.contains("No space left"),
+            "{}",
+            hb.sample_error
+        );
+        assert!(RuntimeStatus::snapshot(&s).2);
+        assert!(RuntimeStatus::state_ok(&s));
+        assert!(!RuntimeStatus::state_ok(&s));
+        let hb = RuntimeStatus::heartbeat(&s, "w", Instant::now());
+        assert_eq!(hb.runtime_state.as_deref(), Some(""));
+        assert_eq!(hb.sample_error, "");
     }
 
     #[test]

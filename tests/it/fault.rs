@@ -1,12 +1,14 @@
 //! The fault test: peers and a canvas user send hundreds of messages while the
 //! emulator injects random 5xx, 429 with Retry-After, dropped connections (before and
 //! after handling), slow responses, a cursor prune (410) and a token rotation, and
-//! the connector is SIGKILLed and restarted at random moments. Afterwards every
+//! the connector is SIGKILLed and restarted at random moments; it starts cold on a
+//! backlog larger than one page. Afterwards every
 //! message must have been answered, and none answered twice.
 //!
 //! Scale comes from the environment so `scripts/chaos.sh` can run a soak:
 //! `CHAOS_MESSAGES` (default 300), `CHAOS_RATE` (messages per second, default 33),
-//! `CHAOS_KILLS` (default 5), `CHAOS_SEED`.
+//! `CHAOS_KILLS` (default 5), `CHAOS_COLD_BURST` (messages waiting before the first
+//! start, default 600: more than one cold-start page), `CHAOS_SEED`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -107,10 +109,33 @@ fn faults_and_crashes_lose_nothing_and_answer_nothing_twice() {
         "--concurrency",
         "2",
     ];
-    let mut c = Connector::start(&emu, &a, &dir, &args);
-
     let mut sent_peer: HashMap<String, String> = HashMap::new(); // message_id -> text
     let mut sent_canvas: HashSet<String> = HashSet::new(); // text
+
+    // A cold burst larger than one page waits before the first start: the whole
+    // --since-secs window must be answered, not only its newest page.
+    let burst = env_num("CHAOS_COLD_BURST", 600) as usize;
+    let specs: Vec<Value> = (0..burst)
+        .map(|i| {
+            let from = (i % 10 != 0).then(|| peers[i % peers.len()].clone());
+            json!({"from": from, "text": format!("cold{i:04}")})
+        })
+        .collect();
+    let v = emu.post(
+        &format!("/_admin/workspaces/{}/enqueue_batch", a.id),
+        json!({ "messages": specs }),
+    );
+    for (i, r) in v["results"].as_array().unwrap().iter().enumerate() {
+        if i % 10 == 0 {
+            sent_canvas.insert(format!("echo: cold{i:04}"));
+        } else {
+            sent_peer.insert(
+                r["message_id"].as_str().unwrap().to_string(),
+                format!("echo: cold{i:04}"),
+            );
+        }
+    }
+    let mut c = Connector::start(&emu, &a, &dir, &args);
     let kill_every = total / (kills + 1);
     let (mut killed, mut rotated, mut pruned) = (0, false, false);
     let started = Instant::now();

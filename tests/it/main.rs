@@ -10,4 +10,5 @@ mod commands;
 mod connect;
 mod delegations;
 mod fault;
+mod hardening;
 mod ops;

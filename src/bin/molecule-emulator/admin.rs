@@ -308,6 +308,13 @@ fn canvas_identity() -> Value {
 
 /// `now - age_secs`, never 0 (0 means "now" to `insert_row`).
 fn backdated(body: &Map<String, Value>) -> Result<i64, String> {
+    // An exact time lets a test give many rows one timestamp (§2.4 orders them by seq).
+    if let Some(at) = body.get("created_at").filter(|v| !v.is_null()) {
+        return at
+            .as_str()
+            .and_then(ids::parse_rfc3339)
+            .ok_or_else(|| "created_at must be an RFC 3339 timestamp".to_string());
+    }
     match body.get("age_secs") {
         None | Some(Value::Null) => Ok(ids::now_us()),
         Some(v) => {

@@ -1,0 +1,237 @@
+//! Issue 11: hardening from a hostile review. A full state disk, planted symlinks,
+//! corrupt journals, odd token files and arguments, hostile servers.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+/// A tiny tmpfs mounted for one test (root only); unmounted on drop.
+struct TinyFs(PathBuf);
+
+impl TinyFs {
+    /// `None` (with the reason printed) where the test cannot mount one.
+    fn mount(at: &Path, size: &str) -> Option<TinyFs> {
+        std::fs::create_dir_all(at).ok()?;
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "skipping the full-disk test: cannot mount a tmpfs ({})",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(TinyFs(at.to_path_buf()))
+    }
+
+    /// Fills the filesystem to the last byte with `filler`.
+    fn fill(&self) {
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let one = [0u8; 1];
+        while f.write_all(&one).is_ok() {}
+        let _ = f.sync_all();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.0.join("filler")).unwrap();
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn last_heartbeat(emu: &Emulator, ws: &str) -> Value {
+    emu.heartbeats(ws)["last"].clone()
+}
+
+fn status_doc(c: &Connector) -> Option<Value> {
+    let p = c
+        .dir
+        .path()
+        .join("state")
+        .join(format!("{}.status.json", c.ws.id));
+    serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+}
+
+/// Replies (peer) whose `in_reply_to` is `message_id`.
+fn replies_to(emu: &Emulator, peer: &str, message_id: &str) -> usize {
+    emu.received(peer)
+        .iter()
+        .filter(|m| m["metadata"]["in_reply_to"] == message_id && m["duplicate"] != true)
+        .count()
+}
+
+/// Waits until the journal is empty (everything folded into the state file).
+fn wait_checkpointed(c: &Connector) {
+    let journal = c
+        .dir
+        .path()
+        .join("state")
+        .join(format!("{}.journal", c.ws.id));
+    wait_until(WAIT, "a checkpoint", c, || {
+        let empty = std::fs::metadata(&journal).is_ok_and(|m| m.len() == 0);
+        let has_cursor = c.state()["last_since_id"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty());
+        (empty && has_cursor).then_some(())
+    });
+}
+
+#[test]
+fn a_full_state_disk_stops_intake_and_loses_nothing() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let Some(disk) = TinyFs::mount(&dir.path().join("state"), "64k") else {
+        return;
+    };
+    let args = ["--backend", "mock"];
+    let mut c = Connector::start(&emu, &a, &dir, &args);
+    let first = emu.enqueue(&a.id, json!({"from": b.id, "text": "before"}));
+    let first_id = first["message_id"].as_str().unwrap().to_string();
+    wait_until(WAIT, "the first reply", &c, || {
+        (replies_to(&emu, &b.id, &first_id) == 1).then_some(())
+    });
+
+    // Disk full (after a checkpoint, so the next journal record needs a new block):
+    // the next message is not answered, the heartbeat says wedged, and the status
+    // file says why.
+    wait_checkpointed(&c);
+    disk.fill();
+    let second = emu.enqueue(&a.id, json!({"from": b.id, "text": "during"}));
+    let second_id = second["message_id"].as_str().unwrap().to_string();
+    wait_until(WAIT, "a wedged heartbeat", &c, || {
+        let hb = last_heartbeat(&emu, &a.id);
+        (hb["runtime_state"] == "wedged").then_some(hb)
+    });
+    let hb = last_heartbeat(&emu, &a.id);
+    assert!(
+        hb["sample_error"]
+            .as_str()
+            .unwrap()
+            .contains("state not saved"),
+        "{hb}"
+    );
+    wait_until(WAIT, "state_error in the status file", &c, || {
+        status_doc(&c).filter(|d| d["state_error"].is_string())
+    });
+    let (code, out, _) = run(&[
+        "status",
+        "--json",
+        "--workspace",
+        &a.id,
+        "--state-dir",
+        dir.path().join("state").to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("state cannot be written"), "{out}");
+    assert_eq!(replies_to(&emu, &b.id, &second_id), 0, "{}", c.stderr());
+
+    // Space returns: it resumes by itself and answers exactly once.
+    disk.free();
+    wait_until(WAIT, "the reply after space returned", &c, || {
+        (replies_to(&emu, &b.id, &second_id) == 1).then_some(())
+    });
+    wait_until(WAIT, "a recovered heartbeat", &c, || {
+        (last_heartbeat(&emu, &a.id)["runtime_state"] == "").then_some(())
+    });
+
+    // Full again, then SIGTERM: exit non-zero saying what was not saved; after a
+    // restart with space the message is answered once, the others not again.
+    wait_checkpointed(&c);
+    disk.fill();
+    let third = emu.enqueue(&a.id, json!({"from": b.id, "text": "at stop"}));
+    let third_id = third["message_id"].as_str().unwrap().to_string();
+    wait_until(WAIT, "a wedged heartbeat again", &c, || {
+        (last_heartbeat(&emu, &a.id)["runtime_state"] == "wedged").then_some(())
+    });
+    let status = c.stop();
+    assert_eq!(status.code(), Some(1), "{}", c.stderr());
+    assert!(
+        c.stderr().contains("stopped without saving the state"),
+        "{}",
+        c.stderr()
+    );
+    assert!(!c.stderr().contains("stopped cleanly"), "{}", c.stderr());
+    assert_eq!(replies_to(&emu, &b.id, &third_id), 0);
+    disk.free();
+    let c = Connector::start(&emu, &a, &dir, &args);
+    wait_until(WAIT, "the reply after the restart", &c, || {
+        (replies_to(&emu, &b.id, &third_id) == 1).then_some(())
+    });
+    emu.wait_polls(3, &c);
+    for id in [&first_id, &second_id, &third_id] {
+        assert_eq!(replies_to(&emu, &b.id, id), 1, "{id}");
+    }
+}
+
+/// Unix microseconds now, for `created_at` of enqueued rows.
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+}
+
+#[test]
+fn a_cold_start_reads_its_whole_window_oldest_first() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    // 700 messages in the window, more than one 500-row page; rows 150..=260 share
+    // one timestamp, so the first page ends in the middle of them.
+    let base = now_us() - 60_000_000;
+    let messages: Vec<Value> = (0..700)
+        .map(|i| {
+            let at = if (150..=260).contains(&i) { 150 } else { i };
+            json!({"from": b.id, "text": format!("c{i:03}"),
+                   "created_at": molecule::timestamp::rfc3339(base + at * 1000)})
+        })
+        .collect();
+    let v = emu.post(
+        &format!("/_admin/workspaces/{}/enqueue_batch", a.id),
+        json!({ "messages": messages }),
+    );
+    assert_eq!(v["results"].as_array().unwrap().len(), 700, "{v}");
+    let dir = Arc::new(TempDir::new());
+    let mut c = Connector::start(
+        &emu,
+        &a,
+        &dir,
+        &["--backend", "mock", "--since-secs", "600", "--once"],
+    );
+    let status = c.wait_exit(WAIT * 3);
+    assert_eq!(status.code(), Some(0), "{}", c.stderr());
+    let texts: Vec<String> = emu
+        .received(&b.id)
+        .iter()
+        .filter(|m| m["duplicate"] != true)
+        .map(|m| m["text"].as_str().unwrap_or("").to_string())
+        .collect();
+    let expected: Vec<String> = (0..700).map(|i| format!("echo: c{i:03}")).collect();
+    assert_eq!(texts.len(), 700, "{}", c.stderr());
+    assert_eq!(texts, expected, "every row once, oldest first");
+    assert!(
+        c.stderr().contains("reading the whole window"),
+        "{}",
+        c.stderr()
+    );
+}
