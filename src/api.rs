@@ -528,6 +528,28 @@ impl Client {
         drain("heartbeat", resp)
     }
 
+    /// `GET /workspaces/<own>/events/stream` (§API-2.17): the open SSE body. No
+    /// whole-request limit (the stream lasts as long as it is healthy); instead every
+    /// read waits at most `tick` and then fails with `ErrorKind::TimedOut`, which
+    /// leaves the stream usable: the reader checks its stop flag and silence deadline
+    /// and reads on. A 404 is the platform saying it has no stream (or no workspace).
+    pub fn event_stream(&self, tick: Duration) -> Result<EventBody, ApiError> {
+        let op = "events";
+        let path = format!("/workspaces/{}/events/stream", self.cfg.workspace_id);
+        let resp = self
+            .auth_headers(self.agent.get(self.url(&path)))
+            .header("Accept", "text/event-stream")
+            .config()
+            .timeout_global(None)
+            .timeout_recv_response(Some(self.cfg.timeout))
+            .timeout_per_read(Some(tick))
+            .build()
+            .call()
+            .map_err(|e| transport_error(op, e))?;
+        let resp = check_status(op, resp)?;
+        Ok(EventBody(resp.into_body().into_reader()))
+    }
+
     fn get(
         &self,
         op: &'static str,
@@ -548,17 +570,22 @@ impl Client {
     }
 
     fn with_headers<B>(&self, req: ureq::RequestBuilder<B>, a2a: bool) -> ureq::RequestBuilder<B> {
-        let token = self.token();
-        let mut req = req
-            .header("Authorization", format!("Bearer {}", token.expose()))
-            .header("Origin", &*self.origin)
-            .header("Accept", "application/json");
-        if let Some(org) = &self.cfg.org_id {
-            req = req.header("X-Molecule-Org-Id", org);
-        }
+        let mut req = self.auth_headers(req).header("Accept", "application/json");
         if a2a {
             // Always together with Origin on /a2a: see §API-2.7.1's same-origin note.
             req = req.header("X-Workspace-ID", &self.cfg.workspace_id);
+        }
+        req
+    }
+
+    /// `Authorization`, `Origin` and the org header: on every call (§API-1.1).
+    fn auth_headers<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        let token = self.token();
+        let mut req = req
+            .header("Authorization", format!("Bearer {}", token.expose()))
+            .header("Origin", &*self.origin);
+        if let Some(org) = &self.cfg.org_id {
+            req = req.header("X-Molecule-Org-Id", org);
         }
         req
     }
@@ -578,6 +605,27 @@ impl Client {
             .header("Content-Type", "application/json");
         let resp = req.send(&bytes[..]).map_err(|e| transport_error(op, e))?;
         check_status(op, resp)
+    }
+}
+
+/// An open event-stream body ([`Client::event_stream`]): bytes as they arrive, with
+/// no size cap (the SSE reader bounds each event). A read that waited a whole tick
+/// without data fails with `ErrorKind::TimedOut` and may be retried.
+pub struct EventBody(ureq::BodyReader<'static>);
+
+impl std::io::Read for EventBody {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf).map_err(|e| {
+            let timed_out = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<ureq::Error>())
+                .is_some_and(|u| matches!(u, ureq::Error::Timeout(_)));
+            if timed_out {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "no event data this tick")
+            } else {
+                e
+            }
+        })
     }
 }
 

@@ -21,6 +21,7 @@ pub mod commands;
 pub mod config;
 pub mod duration;
 pub mod error;
+pub mod events;
 pub mod inbox;
 pub mod lru;
 pub mod peers;

@@ -9,6 +9,7 @@ mod cli;
 mod commands;
 mod connect;
 mod delegations;
+mod events;
 mod fault;
 mod hardening;
 mod ops;

@@ -1,5 +1,8 @@
 //! Admin API under `/_admin` (no auth): create and mutate workspaces and tokens, plant
 //! inbox rows, complete delegations, inject faults, and read back what the platform saw.
+//! Event-stream faults: `POST /_admin/workspaces/:id/events` with any of
+//! `{"no_stream": bool, "silence": true, "close": true, "drop_next": N}`; `GET` the
+//! same path for the stream counters (open, opened, published, dropped).
 
 use std::sync::Arc;
 
@@ -95,6 +98,14 @@ pub fn handle(app: &Arc<App>, req: &Request) -> Response {
         ("GET", ["workspaces", id, "registers"]) => with_ws(app, id, |ws| {
             ok(&json!({"count": ws.register_count, "last": ws.last_register}))
         }),
+        ("POST", ["workspaces", id, "events"]) => body_object(req).and_then(|spec| {
+            let mut st = app.store();
+            match st.events.fault(id, &spec) {
+                Ok(()) => ok(&st.events.to_json(id)),
+                Err(e) => Err(err(400, &e)),
+            }
+        }),
+        ("GET", ["workspaces", id, "events"]) => ok(&app.store().events.to_json(id)),
         ("GET", ["delegations"]) => list_delegations(app),
         ("POST", ["delegations", did, "complete"]) => complete_delegation(app, req, did),
         ("POST", ["faults"]) => {
@@ -112,7 +123,11 @@ pub fn handle(app: &Arc<App>, req: &Request) -> Response {
             ok(&json!({"status": "ok"}))
         }
         ("POST", ["reset"]) => {
-            *app.store() = Store::default();
+            let mut st = app.store();
+            let no_stream = st.events.no_stream_anywhere;
+            *st = Store::default();
+            st.events.no_stream_anywhere = no_stream;
+            drop(st);
             app.faults().clear();
             app.stats().reset();
             ok(&json!({"status": "ok"}))
@@ -399,7 +414,7 @@ fn enqueue_one(st: &mut Store, ws_id: &str, spec: &Value) -> Result<Value, Strin
     row.request_body = Some(envelope);
     row.message_id = Some(message_id.clone());
     row.created_us = created_us;
-    let (activity_id, duplicate) = st.insert_row(ws_id, row).ok_or("workspace not found")?;
+    let (activity_id, duplicate) = st.insert_inbound(ws_id, row).ok_or("workspace not found")?;
     Ok(json!({"activity_id": activity_id, "message_id": message_id, "duplicate": duplicate}))
 }
 
@@ -454,9 +469,14 @@ fn insert_raw_row(app: &App, req: &Request, id: &str) -> Handled {
         .and_then(Value::as_str)
         .map(str::to_string);
     row.created_us = backdated(&body).map_err(|e| err(400, &e))?;
+    // A planted row is announced like any logged row unless `"event": false`.
+    let event = (body.get("event") != Some(&Value::Bool(false))).then(|| row.event_data());
     let (activity_id, duplicate) = st
         .insert_row(id, row)
         .ok_or_else(|| err(404, "workspace not found"))?;
+    if let Some(data) = event {
+        st.events.publish(id, "ACTIVITY_LOGGED", data);
+    }
     ok(&json!({"activity_id": activity_id, "duplicate": duplicate}))
 }
 

@@ -288,12 +288,14 @@ pub fn parse_query(q: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// One response. The body is always sent with `Content-Type: application/json`.
-#[derive(Debug, Clone)]
+/// One response. The body is always sent with `Content-Type: application/json`,
+/// unless `stream` is set: then the connection becomes an event stream (§2.17).
+#[derive(Debug)]
 pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    pub stream: Option<crate::events::Subscription>,
 }
 
 impl Response {
@@ -303,6 +305,7 @@ impl Response {
             status,
             headers: Vec::new(),
             body: serde_json::to_vec(value).unwrap_or_default(),
+            stream: None,
         }
     }
 
@@ -317,6 +320,7 @@ impl Response {
             status,
             headers: Vec::new(),
             body: Vec::new(),
+            stream: None,
         }
     }
 

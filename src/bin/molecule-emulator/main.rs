@@ -3,6 +3,7 @@
 //! the command line, the listener and the accept loop.
 
 mod admin;
+mod events;
 mod faults;
 mod guard;
 mod http;
@@ -31,6 +32,7 @@ Options:
   --rate-limit N             requests per 60 s window per bucket (default: unlimited)
   --delegation-result-push   write delegate_result rows into the delegator's inbox
   --no-peer-info             ignore include=peer_info (an older server): no peer_name/role
+  --no-event-stream          answer 404 to GET /workspaces/:id/events/stream (an older server)
   --admin-token T            accept T as the platform ADMIN_TOKEN bearer
   --quiet                    no per-request log lines on stderr
   -h, --help                 print this help
@@ -77,6 +79,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Config>, 
             }
             "--delegation-result-push" if inline.is_none() => cfg.delegation_result_push = true,
             "--no-peer-info" if inline.is_none() => cfg.no_peer_info = true,
+            "--no-event-stream" if inline.is_none() => cfg.no_event_stream = true,
             "--quiet" if inline.is_none() => cfg.quiet = true,
             other => return Err(format!("unknown argument: {other}")),
         }

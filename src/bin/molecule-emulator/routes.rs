@@ -35,6 +35,7 @@ pub enum Route<'a> {
     RecordDelegation(&'a str),
     UpdateDelegation(&'a str, &'a str),
     Rotate(&'a str),
+    EventStream(&'a str),
     NotFound,
 }
 
@@ -62,6 +63,7 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Route<'a> {
             Route::UpdateDelegation(id, did)
         }
         ("POST", ["workspaces", id, "external", "rotate"]) => Route::Rotate(id),
+        ("GET", ["workspaces", id, "events", "stream"]) => Route::EventStream(id),
         _ => Route::NotFound,
     }
 }
@@ -87,6 +89,7 @@ impl Route<'_> {
             Route::RecordDelegation(_) => "/workspaces/:id/delegations/record",
             Route::UpdateDelegation(..) => "/workspaces/:id/delegations/:did/update",
             Route::Rotate(_) => "/workspaces/:id/external/rotate",
+            Route::EventStream(_) => "/workspaces/:id/events/stream",
             Route::NotFound => "(unmatched)",
         }
     }
@@ -106,7 +109,8 @@ impl Route<'_> {
             | Route::Delegations(id)
             | Route::RecordDelegation(id)
             | Route::UpdateDelegation(id, _)
-            | Route::Rotate(id) => Some(id),
+            | Route::Rotate(id)
+            | Route::EventStream(id) => Some(id),
             _ => None,
         }
     }
@@ -133,6 +137,7 @@ pub fn handle(app: &Arc<App>, req: &Request, route: &Route<'_>) -> Response {
         Route::RecordDelegation(id) => record_delegation(app, req, id),
         Route::UpdateDelegation(id, did) => update_delegation(app, req, id, did),
         Route::Rotate(id) => rotate(app, req, id),
+        Route::EventStream(id) => event_stream(app, req, id),
         Route::NotFound => Err(Response::error(404, "not found")),
     };
     result.unwrap_or_else(|e| e)
@@ -308,6 +313,8 @@ fn register(app: &App, req: &Request) -> Handled {
         ws.last_heartbeat_us = Some(ids::now_us());
     }
     let secret = ws.inbound_secret.clone();
+    let online = json!({"agent_card": ws.agent_card, "delivery_mode": mode, "url": ws.url});
+    st.events.publish(&id, "WORKSPACE_ONLINE", online);
     let minted = if st.has_live_token(&id) {
         None
     } else {
@@ -335,17 +342,32 @@ fn heartbeat(app: &App, req: &Request) -> Handled {
     let payload = Value::Object(body);
     match st.workspaces.get_mut(&id) {
         Some(ws) => {
+            let task_before = ws.current_task.clone();
             ws.record_heartbeat(&payload);
+            let (active, uptime) = (ws.active_tasks, ws.uptime_seconds);
+            let task_now = ws.current_task.clone();
+            let frozen = FROZEN_STATUSES.contains(&ws.status.as_str());
             if ws.agent_card.is_none()
                 && let Some(card) = payload.get("agent_card").filter(|c| !c.is_null())
             {
                 ws.agent_card = Some(card.clone());
             }
-            ok(&json!({
+            let answer = json!({
                 "status": "ok",
                 "generation": 1,
                 "platform_inbound_secret": ws.inbound_secret,
-            }))
+            });
+            if !frozen {
+                // Every beat reaches our own stream: it is what keeps a healthy stream
+                // talking (registry.go:1619-1645).
+                if task_now != task_before {
+                    let data = json!({"active_tasks": active, "current_task": task_now});
+                    st.events.publish(&id, "TASK_UPDATED", data);
+                }
+                let data = json!({"active_tasks": active, "uptime_seconds": uptime});
+                st.events.publish(&id, "WORKSPACE_HEARTBEAT", data);
+            }
+            ok(&answer)
         }
         None if !ids::is_uuid(&id) => Err(err(500, "failed to update")),
         None => ok(&json!({"status": "ok", "generation": 1})),
@@ -700,7 +722,9 @@ fn self_report(app: &App, req: &Request, id: &str) -> Handled {
         .filter(|v| !v.is_null())
         .cloned();
     row.response_body = body.get("response_body").filter(|v| !v.is_null()).cloned();
+    let data = row.event_data();
     st.insert_row(id, row);
+    st.events.publish(id, "ACTIVITY_LOGGED", data);
     ok(&json!({"status": "logged"}))
 }
 
@@ -857,7 +881,7 @@ pub fn deliver(
         });
         row.request_body = Some(env.clone());
         row.message_id.clone_from(&message_id);
-        if let Some((_, dup)) = st.insert_row(target, row) {
+        if let Some((_, dup)) = st.insert_inbound(target, row) {
             duplicate = dup;
         }
     }
@@ -959,6 +983,25 @@ fn a2a(app: &Arc<App>, req: &Request, target: &str) -> Handled {
     }
 }
 
+// ---------------------------------------------------------------- events
+
+/// `GET /workspaces/:id/events/stream` (§2.17): checks, then hands the connection a
+/// subscription; `server` turns it into the SSE answer.
+fn event_stream(app: &App, req: &Request, id: &str) -> Handled {
+    let mut st = app.store();
+    workspace_auth(app, &st, req, id)?;
+    if !st.events.offers_stream(id) {
+        // An older server without the route (gin's own 404 body).
+        return Err(err(404, "404 page not found"));
+    }
+    if !st.workspaces.contains_key(id) {
+        return Err(err(404, "workspace not found"));
+    }
+    let mut resp = Response::empty(200);
+    resp.stream = Some(st.events.subscribe(id));
+    Ok(resp)
+}
+
 // ---------------------------------------------------------------- notify
 
 fn notify(app: &App, req: &Request, id: &str) -> Handled {
@@ -1020,6 +1063,17 @@ fn notify(app: &App, req: &Request, id: &str) -> Handled {
     row.summary = Value::from(truncate(&message, 200));
     row.response_body = Some(response_body);
     st.insert_row(id, row);
+    // The echo row is inserted directly: AGENT_MESSAGE only, no ACTIVITY_LOGGED.
+    let name = st
+        .workspaces
+        .get(id)
+        .map(|w| w.name.clone())
+        .unwrap_or_default();
+    let mut data = json!({"message": message, "name": name, "workspace_id": id});
+    if !attachments.is_empty() {
+        data["attachments"] = Value::Array(attachments.clone());
+    }
+    st.events.publish(id, "AGENT_MESSAGE", data);
     if let Some(ws) = st.workspaces.get_mut(id) {
         ws.notifies.push(NotifyRec {
             message,
@@ -1145,6 +1199,7 @@ fn delegate(app: &Arc<App>, req: &Request, id: &str) -> Handled {
     if let Some(k) = key {
         st.idempotency.insert(k, did.clone());
     }
+    st.announce_delegation(id, &did, &target, &task);
     let push = app.cfg.delegation_result_push;
     let target_live = st.workspaces.get(&target).is_some_and(|w| !w.is_removed());
     if !target_live {
@@ -1240,6 +1295,7 @@ fn record_delegation(app: &App, req: &Request, id: &str) -> Handled {
         return Err(err(400, "target_id must be a valid UUID"));
     }
     if !st.delegations.contains_key(&did) {
+        st.announce_delegation(id, &did, &target, &task);
         let now = ids::now_us();
         let order = st.next_order();
         st.delegations.insert(

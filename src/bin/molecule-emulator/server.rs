@@ -31,6 +31,8 @@ pub struct Config {
     pub no_peer_info: bool,
     pub quiet: bool,
     pub admin_token: Option<String>,
+    /// Behave like a server without the event stream: 404 on every stream request.
+    pub no_event_stream: bool,
 }
 
 /// Everything the handlers share.
@@ -49,10 +51,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl App {
     pub fn new(cfg: Config) -> App {
+        let mut store = Store::default();
+        store.events.no_stream_anywhere = cfg.no_event_stream;
         App {
             limiter: cfg.rate_limit.map(|n| Mutex::new(RateLimiter::new(n))),
             cfg,
-            store: Mutex::new(Store::default()),
+            store: Mutex::new(store),
             faults: Mutex::new(Faults::default()),
             stats: Mutex::new(Stats::default()),
         }
@@ -127,6 +131,12 @@ pub fn serve_connection(app: Arc<App>, stream: TcpStream) {
         req.peer_ip.clone_from(&peer_ip);
         let keep_alive = !req.wants_close();
         match process(&app, &req) {
+            Some(mut resp) if resp.stream.is_some() => {
+                if let Some(sub) = resp.stream.take() {
+                    let _ = crate::events::serve(&mut writer, sub, &resp.headers);
+                }
+                break;
+            }
             Some(resp) => {
                 if http::write_response(&mut writer, &resp, keep_alive).is_err() || !keep_alive {
                     break;
@@ -215,6 +225,10 @@ fn platform(app: &Arc<App>, req: &Request, route: &routes::Route<'_>) -> Option<
     }
     Some(match decision {
         Some(d) => d.decorate(resp),
-        None => resp,
+        // Local-dev platforms are unlimited and say so (§1.4).
+        None => resp
+            .with_header("X-RateLimit-Limit", "unlimited")
+            .with_header("X-RateLimit-Remaining", "unlimited")
+            .with_header("X-RateLimit-Reset", "unlimited"),
     })
 }

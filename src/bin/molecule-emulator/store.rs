@@ -124,6 +124,35 @@ impl Row {
     }
 }
 
+impl Row {
+    /// The `data` of the `ACTIVITY_LOGGED` event for this row (activity.go:1170-1216):
+    /// no `id`, `seq` or `created_at`; bodies only when set, `error_detail` only when
+    /// non-empty, `message_id` only when the row has one.
+    pub fn event_data(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("activity_type".into(), self.activity_type.clone());
+        m.insert("method".into(), self.method.clone());
+        m.insert("summary".into(), self.summary.clone());
+        m.insert("status".into(), self.status.clone());
+        m.insert("source_id".into(), self.source_id.clone());
+        m.insert("target_id".into(), self.target_id.clone());
+        m.insert("duration_ms".into(), self.duration_ms.clone());
+        if let Some(b) = &self.request_body {
+            m.insert("request_body".into(), b.clone());
+        }
+        if let Some(b) = &self.response_body {
+            m.insert("response_body".into(), b.clone());
+        }
+        if self.error_detail.as_str().is_some_and(|e| !e.is_empty()) {
+            m.insert("error_detail".into(), self.error_detail.clone());
+        }
+        if let Some(id) = &self.message_id {
+            m.insert("message_id".into(), Value::from(id.as_str()));
+        }
+        Value::Object(m)
+    }
+}
+
 /// `source=` filter of `GET /activity`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceFilter {
@@ -312,6 +341,8 @@ pub struct Workspace {
     pub acked_seq: i64,
     pub active_tasks: i64,
     pub uptime_seconds: i64,
+    /// Last `current_task` heartbeat value (a change broadcasts `TASK_UPDATED`).
+    pub current_task: String,
     pub last_error_rate: f64,
     pub last_sample_error: String,
     pub wedged: bool,
@@ -347,6 +378,7 @@ impl Workspace {
             acked_seq: 0,
             active_tasks: 0,
             uptime_seconds: 0,
+            current_task: String::new(),
             last_error_rate: 0.0,
             last_sample_error: String::new(),
             wedged: false,
@@ -398,6 +430,9 @@ impl Workspace {
         self.last_error_rate = rate;
         if let Some(s) = payload.get("sample_error").and_then(Value::as_str) {
             self.last_sample_error = s.to_string();
+        }
+        if let Some(t) = payload.get("current_task").and_then(Value::as_str) {
+            self.current_task = t.to_string();
         }
         let runtime_state = payload
             .get("runtime_state")
@@ -588,6 +623,8 @@ pub struct Store {
     pub delegations: HashMap<String, Delegation>,
     /// (source workspace, idempotency key) → delegation id
     pub idempotency: HashMap<(String, String), String>,
+    /// Event-stream subscribers and stream faults (§2.17).
+    pub events: crate::events::Broadcaster,
     seq: i64,
     order: u64,
 }
@@ -701,6 +738,48 @@ impl Store {
         Some(ws.inbox.insert(row))
     }
 
+    /// Broadcasts `DELEGATION_SENT` for a new delegation of `source` (§2.17).
+    pub fn announce_delegation(&mut self, source: &str, did: &str, target: &str, task: &str) {
+        let data = json!({"delegation_id": did, "target_id": target,
+                          "task_preview": truncate(task, 100)});
+        self.events.publish(source, "DELEGATION_SENT", data);
+    }
+
+    /// Inserts an inbound A2A row for `ws_id` and broadcasts what the proxy does
+    /// (§2.17): for `message/send`, `ACTIVITY_LOGGED` twice (the ingest write, then
+    /// the queued-for-poll write of the same row), with `USER_MESSAGE` between them for
+    /// a canvas-class sender; for other methods once. A re-send the platform
+    /// deduplicated fires the events again. Returns `(row id, duplicate)`.
+    pub fn insert_inbound(&mut self, ws_id: &str, row: Row) -> Option<(String, bool)> {
+        let data = row.event_data();
+        let canvas = row.source_id.is_null();
+        let is_send = row.method.as_str() == Some("message/send");
+        let message_id = row.message_id.clone();
+        let text = row
+            .request_body
+            .as_ref()
+            .map(message_text)
+            .unwrap_or_default();
+        let inserted = self.insert_row(ws_id, row)?;
+        if is_send {
+            let mut ingest = data.clone();
+            if let Some(s) = ingest["summary"].as_str() {
+                let first = s.replace(" (queued for poll)", "");
+                ingest["summary"] = Value::from(format!("{first} (ingest)"));
+            }
+            self.events.publish(ws_id, "ACTIVITY_LOGGED", ingest);
+            if canvas && !text.is_empty() {
+                self.events.publish(
+                    ws_id,
+                    "USER_MESSAGE",
+                    json!({"content": text, "message_id": message_id, "workspace_id": ws_id}),
+                );
+            }
+        }
+        self.events.publish(ws_id, "ACTIVITY_LOGGED", data);
+        Some(inserted)
+    }
+
     /// Move delegation `did` to `status`; when `push_result` is set and the status is
     /// terminal, write a `delegate_result` row into the delegator's inbox (§2.4.1).
     pub fn set_delegation_status(
@@ -722,6 +801,23 @@ impl Store {
             d.error = Some(e.to_string());
         }
         let snapshot = d.clone();
+        let (kind, data) = match status {
+            "completed" => (
+                "DELEGATION_COMPLETE",
+                json!({"delegation_id": did, "target_id": snapshot.target_id,
+                       "response_preview": truncate(text.unwrap_or_default(), 200)}),
+            ),
+            "failed" => (
+                "DELEGATION_FAILED",
+                json!({"delegation_id": did, "target_id": snapshot.target_id,
+                       "error": snapshot.error.as_deref().unwrap_or_default()}),
+            ),
+            _ => (
+                "DELEGATION_STATUS",
+                json!({"delegation_id": did, "target_id": snapshot.target_id, "status": status}),
+            ),
+        };
+        self.events.publish(&snapshot.source_id, kind, data);
         if push_result && snapshot.is_terminal() {
             let mut row = Row::new(&snapshot.source_id, "a2a_receive");
             row.source_id = Value::from(snapshot.source_id.as_str());
