@@ -928,7 +928,8 @@ Usage: molecule doctor [--backend NAME] [--backend-opt KEY=VALUE]...
 
 One line per check, \"ok   name: detail\" or \"FAIL name: detail\" (\"skip\" when an
 earlier failure makes a check meaningless):
-  config     URL, workspace id, token and state dir are present and sane
+  config     URL, workspace id, token and state dir are present and sane; names
+             this binary (molecule --version)
   dns, tcp   the platform's host resolves and its port accepts a connection
   tls/http   GET /health answers
   auth       the token is accepted (GET /workspaces/<id>/activity)

@@ -38,6 +38,19 @@ use std::io::Write;
 
 pub use error::Error;
 
+/// `0.1.0 (1a2b3c4, x86_64-unknown-linux-musl)`: the crate version, the git commit it
+/// was built from (`-dirty` for uncommitted changes, `unknown` without git) and the
+/// target (set by src/build.rs). `--version`, the agent card, the heartbeat's
+/// `runtime_metadata` and `doctor` all show it.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("MOLECULE_BUILD_COMMIT"),
+    ", ",
+    env!("MOLECULE_BUILD_TARGET"),
+    ")"
+);
+
 /// Parses `argv` and runs the command, writing user output to `out`. `env` looks up
 /// environment variables (injected so tests need not touch the process env).
 /// Logging must already be initialised (see [`log_level`]).
@@ -56,9 +69,7 @@ pub fn run(
             })?;
             write_quiet(out, text)
         }
-        cli::Command::Version => {
-            write_quiet(out, &format!("molecule {}\n", env!("CARGO_PKG_VERSION")))
-        }
+        cli::Command::Version => write_quiet(out, &format!("molecule {VERSION}\n")),
         cli::Command::Connect(c) => match &c.workspaces {
             Some(file) => {
                 let cfgs = config::workspaces_config(&args.global, &c, file, env)?;

@@ -207,7 +207,7 @@ pub fn agent_card(workspace_id: &str) -> Value {
     serde_json::json!({
         "name": workspace_id,
         "description": "",
-        "version": env!("CARGO_PKG_VERSION"),
+        "version": crate::VERSION,
         "skills": [],
         "capabilities": {"streaming": false, "pushNotifications": false},
     })
@@ -218,7 +218,7 @@ pub fn agent_card(workspace_id: &str) -> Value {
 pub fn runtime_metadata() -> Value {
     serde_json::json!({
         "capabilities": {"streaming": false, "pushNotifications": false},
-        "connector": concat!("molecule/", env!("CARGO_PKG_VERSION")),
+        "connector": format!("molecule {}", crate::VERSION),
         "delivery_mode": "poll",
     })
 }

@@ -1,7 +1,8 @@
 //! `molecule doctor`: can this host run `molecule connect` for the workspace? One line
 //! per check (config, DNS, TCP, TLS/HTTP, auth, poll mode, the 410 cursor probe, state
 //! dir, optionally the backend); exit 0 when all pass, 1 otherwise. A check whose
-//! precondition failed is reported as `skip`, not as a second failure.
+//! precondition failed is reported as `skip`, not as a second failure. The `config`
+//! line and the JSON `version` name the binary (`molecule --version`).
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -68,7 +69,7 @@ pub(super) fn run(
     let mut checks = Checks::default();
     match config::agent_config(g, env) {
         Err(e) => {
-            checks.push("config", Err(e.to_string()));
+            checks.push("config", Err(format!("{e} (molecule {})", crate::VERSION)));
             for name in [
                 "dns",
                 "tcp",
@@ -90,7 +91,8 @@ pub(super) fn run(
             checks.push(
                 "config",
                 Ok(format!(
-                    "platform {}, workspace {}, token from {source}, state dir {}",
+                    "molecule {}, platform {}, workspace {}, token from {source}, state dir {}",
+                    crate::VERSION,
                     cfg.common.api_url,
                     cfg.workspace_id,
                     cfg.common.state_dir.display()
@@ -135,7 +137,7 @@ pub(super) fn run(
         .count();
     if failed == 0 {
         return Ok(Report {
-            json: json!({"ok": true, "checks": list}),
+            json: json!({"ok": true, "version": crate::VERSION, "checks": list}),
             human,
         });
     }
@@ -143,6 +145,7 @@ pub(super) fn run(
         "doctor: {failed} of {} check(s) failed",
         checks.0.len()
     )))
+    .with("version", json!(crate::VERSION))
     .with("checks", list);
     f.human = Some(human);
     Err(f)

@@ -19,7 +19,23 @@ fn help_for_every_command() {
     }
     let (code, out, _) = run(&["--version"]);
     assert_eq!(code, 0);
-    assert!(out.starts_with("molecule "));
+    assert_eq!(out, format!("molecule {}\n", molecule::VERSION));
+}
+
+/// `molecule 0.1.0 (1a2b3c4[-dirty], <target>)`, or `unknown` for the commit when
+/// built without git (src/build.rs).
+#[test]
+fn version_names_commit_and_target() {
+    let (version, rest) = molecule::VERSION.split_once(" (").unwrap();
+    assert_eq!(version, env!("CARGO_PKG_VERSION"));
+    let (commit, target) = rest.strip_suffix(')').unwrap().split_once(", ").unwrap();
+    let hash = commit.strip_suffix("-dirty").unwrap_or(commit);
+    assert!(
+        commit == "unknown" || (hash.len() == 7 && hash.chars().all(|c| c.is_ascii_hexdigit())),
+        "{commit}"
+    );
+    assert_eq!(target, env!("MOLECULE_BUILD_TARGET"));
+    assert!(target.contains("-linux-"), "{target}");
 }
 
 #[test]

@@ -1061,6 +1061,14 @@ fn doctor_passes_against_the_emulator_and_flags_a_bad_token() {
     assert_eq!(reg["last"]["delivery_mode"], "poll");
     let v = agent.run(&["--json", "doctor"]).json();
     assert_eq!(v["ok"], true);
+    assert_eq!(v["version"], molecule::VERSION);
+    assert!(
+        v["checks"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("molecule {}, platform ", molecule::VERSION)),
+        "{v}"
+    );
     assert_eq!(
         v["checks"].as_array().unwrap().len(),
         8,

@@ -55,13 +55,17 @@ fn peer_round_trip_with_kind_parts() {
     // Registered in poll mode, and heartbeats carry the honest payload.
     let reg = emu.get(&format!("/_admin/workspaces/{}/registers", a.id));
     assert_eq!(reg["last"]["delivery_mode"], "poll");
+    assert_eq!(reg["last"]["agent_card"]["version"], molecule::VERSION);
     let hb = wait_until(WAIT, "a heartbeat", &c, || {
         let h = emu.heartbeats(&a.id);
         (h["count"].as_u64().unwrap_or(0) >= 1).then_some(h)
     });
     let last = &hb["last"];
     assert_eq!(last["workspace_id"], a.id.as_str());
-    assert!(last["runtime_metadata"].is_object());
+    assert_eq!(
+        last["runtime_metadata"]["connector"],
+        format!("molecule {}", molecule::VERSION)
+    );
     assert!(
         last.get("runtime_state").is_none(),
         "no runtime_state while healthy: {last}"
