@@ -202,23 +202,10 @@ impl ExecBackend {
         })
     }
 
-    /// The command with our environment and pipes, not yet started. A plain command
-    /// (words only: no quoting, expansion, redirection or builtin) is started
-    /// directly, as `sh -c` would end up doing: that saves a shell per message
-    /// (about 1 ms, measured). Anything else goes through `/bin/sh -c`.
+    /// The command with our environment and pipes, not yet started (see
+    /// [`shell_command`]).
     fn command(&self, req: &Request) -> Command {
-        let mut c = match plain_argv(&self.cmd) {
-            Some(argv) => {
-                let mut c = Command::new(&argv[0]);
-                c.args(&argv[1..]);
-                c
-            }
-            None => {
-                let mut c = Command::new(SHELL);
-                c.arg("-c").arg(&self.cmd);
-                c
-            }
-        };
+        let mut c = shell_command(&self.cmd);
         c
             // Own group (pgid = pid): a timeout or cancel can kill the whole tree.
             .process_group(0)
@@ -249,23 +236,7 @@ impl ExecBackend {
         match self.settings.format {
             Format::Text => req.text.as_bytes().to_vec(),
             Format::Json => {
-                let v = json!({
-                    "text": req.text,
-                    "parts": req.other_parts,
-                    "caller_id": req.caller_id,
-                    "caller_name": req.caller_name,
-                    "caller_role": req.caller_role,
-                    "origin": req.origin.as_str(),
-                    "message_id": req.message_id,
-                    "activity_id": req.activity_id,
-                    "context_id": req.context_id,
-                    "task_id": req.task_id,
-                    "method": req.method,
-                    "attempt": req.attempt,
-                    "workspace_id": req.workspace_id,
-                    "request": req.raw,
-                });
-                let mut bytes = v.to_string().into_bytes();
+                let mut bytes = request_json(req).to_string().into_bytes();
                 bytes.push(b'\n');
                 bytes
             }
@@ -586,7 +557,7 @@ fn read_tail(mut r: impl Read, keep: usize, out: &Mutex<Vec<u8>>) {
 }
 
 /// The last ~1 KiB of stderr as trimmed text for error messages.
-fn tail_text(buf: &[u8]) -> String {
+pub(super) fn tail_text(buf: &[u8]) -> String {
     let start = buf.len().saturating_sub(STDERR_SHOW);
     let mut tail = buf.get(start..).unwrap_or_default();
     if start > 0 {
@@ -605,9 +576,18 @@ fn tail_text(buf: &[u8]) -> String {
 fn parse_json_reply(out: &str) -> Result<Outcome, BackendError> {
     let bad = |m: &str| BackendError::BadOutput(format!("json reply: {m}"));
     let v: Value = serde_json::from_str(out).map_err(|e| bad(&e.to_string()))?;
-    let Value::Object(mut obj) = v else {
+    let Value::Object(obj) = v else {
         return Err(bad("not a JSON object"));
     };
+    reply_from_object(obj)
+}
+
+/// A JSON reply object: `{"text": …, "parts": [...]}` or `{"no_reply": true}`. Shared
+/// with the worker backend, whose answers are the same objects plus an `id`.
+pub(super) fn reply_from_object(
+    mut obj: serde_json::Map<String, Value>,
+) -> Result<Outcome, BackendError> {
+    let bad = |m: &str| BackendError::BadOutput(format!("json reply: {m}"));
     if obj.get("no_reply") == Some(&Value::Bool(true)) {
         return Ok(Outcome::NoReply);
     }
@@ -645,6 +625,45 @@ fn parse_json_reply(out: &str) -> Result<Outcome, BackendError> {
         return Ok(Outcome::NoReply);
     }
     Ok(Outcome::Reply(Reply { text, parts }))
+}
+
+/// The whole request as one JSON object: the `format=json` input of `exec`, and the
+/// body of a `worker` request line.
+pub(super) fn request_json(req: &Request) -> Value {
+    json!({
+        "text": req.text,
+        "parts": req.other_parts,
+        "caller_id": req.caller_id,
+        "caller_name": req.caller_name,
+        "caller_role": req.caller_role,
+        "origin": req.origin.as_str(),
+        "message_id": req.message_id,
+        "activity_id": req.activity_id,
+        "context_id": req.context_id,
+        "task_id": req.task_id,
+        "method": req.method,
+        "attempt": req.attempt,
+        "workspace_id": req.workspace_id,
+        "request": req.raw,
+    })
+}
+
+/// `cmd` started directly when it is a plain command (words only: no quoting,
+/// expansion, redirection or builtin), as `sh -c` would end up doing: that saves a
+/// shell per message (about 1 ms, measured). Anything else goes through `/bin/sh -c`.
+pub(super) fn shell_command(cmd: &str) -> Command {
+    match plain_argv(cmd) {
+        Some(argv) => {
+            let mut c = Command::new(&argv[0]);
+            c.args(&argv[1..]);
+            c
+        }
+        None => {
+            let mut c = Command::new(SHELL);
+            c.arg("-c").arg(cmd);
+            c
+        }
+    }
 }
 
 /// Quotes `s` for the shell unless it is plainly safe.

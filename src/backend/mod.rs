@@ -4,6 +4,7 @@
 
 mod exec;
 mod mock;
+mod worker;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 pub use exec::ExecBackend;
 pub use mock::MockBackend;
+pub use worker::WorkerBackend;
 
 /// Exit status an `exec` command uses to say "I handled it, post nothing".
 pub const EXIT_NO_REPLY: i32 = 100;
@@ -126,12 +128,20 @@ pub enum BackendError {
     Cancelled,
     /// Output was unusable: too large, not UTF-8, or bad JSON with `format=json`.
     BadOutput(String),
+    /// Try again later without counting a failure: a worker answered `retry_later`,
+    /// or was restarted because another request it held timed out.
+    Later(String),
+    /// A worker answered `error`: a failure of this attempt.
+    Reported(String),
 }
 
 impl BackendError {
     /// Exit 75: try again later, does not count as a failure of the message.
     pub fn is_retry_later(&self) -> bool {
-        matches!(self, BackendError::RetryLater { .. })
+        matches!(
+            self,
+            BackendError::RetryLater { .. } | BackendError::Later(_)
+        )
     }
 }
 
@@ -178,6 +188,10 @@ impl fmt::Display for BackendError {
             ),
             BackendError::Cancelled => write!(f, "backend: run cancelled by shutdown"),
             BackendError::BadOutput(m) => write!(f, "backend: bad output: {m}"),
+            BackendError::Later(m) => write!(f, "backend: {m}; trying again later"),
+            BackendError::Reported(m) => {
+                write!(f, "backend: the worker reported an error (detail: {m})")
+            }
         }
     }
 }
@@ -191,10 +205,15 @@ pub struct RunHandle {
     inner: Arc<Mutex<RunState>>,
 }
 
+/// Called by [`RunHandle::cancel`], for a run that waits on something other than a
+/// process (a worker backend waiting for a free worker).
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
 #[derive(Default)]
 struct RunState {
     pgid: Option<u32>,
     cancelled: bool,
+    waker: Option<Waker>,
 }
 
 impl RunHandle {
@@ -227,12 +246,27 @@ impl RunHandle {
             .cancelled
     }
 
+    /// Sets (or clears) what [`RunHandle::cancel`] calls besides signalling.
+    pub fn set_waker(&self, waker: Option<Waker>) {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .waker = waker;
+    }
+
     /// Marks the handle cancelled and sends `sig` to the running process group, if any.
     pub fn cancel(&self, sig: i32) {
-        let mut s = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        s.cancelled = true;
-        if let Some(pgid) = s.pgid {
-            let _ = crate::signal::kill_process_group(pgid, sig);
+        let waker = {
+            let mut s = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            s.cancelled = true;
+            if let Some(pgid) = s.pgid {
+                let _ = crate::signal::kill_process_group(pgid, sig);
+            }
+            s.waker.clone()
+        };
+        // Outside our lock: the waker takes the backend's own lock.
+        if let Some(wake) = waker {
+            wake();
         }
     }
 }
@@ -247,19 +281,39 @@ pub trait Backend: Send + Sync {
     /// Checks that the backend can run at all (e.g. the command exists), for
     /// `--dry-run` and `doctor`. Returns a short description on success.
     fn check(&self) -> Result<String, BackendError>;
+    /// `doctor`: [`Backend::check`], and for a long-lived backend also start it, see
+    /// that it answers, and stop it.
+    fn probe(&self) -> Result<String, BackendError> {
+        self.check()
+    }
+    /// `connect` is about to take messages for `workspace_id` at `api_url`: start
+    /// anything long-lived now (in the background) rather than on the first message.
+    fn start(&self, _workspace_id: &str, _api_url: &str) -> Result<(), BackendError> {
+        Ok(())
+    }
+    /// No more requests will come: stop anything long-lived (after the runner's drain).
+    fn stop(&self) {}
+    /// A problem the heartbeat must report as `wedged` although no message failed
+    /// (a worker that keeps failing at start); short, never the agent's output.
+    fn trouble(&self) -> Option<String> {
+        None
+    }
 }
 
-/// Builds a backend by name from `--backend-opt` pairs.
+/// Builds a backend by name from `--backend-opt` pairs; `concurrency` is
+/// `--concurrency` (the default number of workers).
 pub fn build(
     name: &str,
     opts: &BTreeMap<String, String>,
+    concurrency: usize,
 ) -> Result<Box<dyn Backend>, BackendError> {
     match name {
         "exec" => Ok(Box::new(ExecBackend::from_opts(opts)?)),
         "claude-code" => Ok(Box::new(ExecBackend::claude_code(opts)?)),
+        "worker" => Ok(Box::new(WorkerBackend::from_opts(opts, concurrency)?)),
         "mock" => Ok(Box::new(MockBackend::from_opts(opts)?)),
         other => Err(BackendError::Config(format!(
-            "unknown backend {other:?} (choose exec, claude-code or mock)"
+            "unknown backend {other:?} (choose exec, claude-code, worker or mock)"
         ))),
     }
 }

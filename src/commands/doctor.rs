@@ -323,8 +323,8 @@ fn state_dir_writable(dir: &Path) -> Result<String, String> {
 fn backend(a: &DoctorArgs) -> Result<String, String> {
     let name = a.backend.as_deref().unwrap_or("claude-code");
     let opts = config::backend_opts(&a.backend_opts).map_err(|e| e.to_string())?;
-    crate::backend::build(name, &opts)
-        .and_then(|b| b.check())
+    crate::backend::build(name, &opts, 1)
+        .and_then(|b| b.probe())
         .map_err(|e| e.to_string())
 }
 

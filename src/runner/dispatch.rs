@@ -544,7 +544,12 @@ impl Worker {
 
 /// The kind of a backend failure, without its output.
 pub(super) fn failure_class(error: &str) -> String {
-    let head = error.split(" (stderr:").next().unwrap_or(error);
+    // The command's stderr and a worker's error detail may hold anything.
+    let head = error
+        .split(" (stderr:")
+        .next()
+        .and_then(|h| h.split(" (detail:").next())
+        .unwrap_or(error);
     head.strip_prefix("backend: ").unwrap_or(head).to_string()
 }
 
@@ -614,6 +619,10 @@ mod tests {
         assert_eq!(
             failure_class("backend: command exited with status 3 (stderr: API_KEY=sk-123 boom)"),
             "command exited with status 3"
+        );
+        assert_eq!(
+            failure_class("backend: the worker reported an error (detail: key sk-1)"),
+            "the worker reported an error"
         );
         assert_eq!(
             failure_class("backend: command timed out after 1s"),

@@ -23,6 +23,7 @@ pub fn run(
     status: SharedStatus,
     source: TokenSource,
     shutdown: Shutdown,
+    backend_trouble: &dyn Fn() -> Option<String>,
 ) {
     let mut failures: u32 = 0;
     let mut next = Instant::now();
@@ -33,6 +34,7 @@ pub fn run(
         next = Instant::now()
             .checked_add(every)
             .unwrap_or_else(Instant::now);
+        RuntimeStatus::set_trouble(&status, backend_trouble());
         let hb = RuntimeStatus::heartbeat(&status, client.workspace_id(), Instant::now());
         let used = client.token();
         let mut result = client.heartbeat(&hb);

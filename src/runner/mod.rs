@@ -35,7 +35,11 @@ const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs `molecule connect` for one workspace until a signal or a fatal error.
 pub fn connect(cfg: ConnectConfig, out: &mut dyn Write) -> Result<(), Error> {
-    let backend: Arc<dyn Backend> = Arc::from(backend::build(&cfg.backend, &cfg.backend_opts)?);
+    let backend: Arc<dyn Backend> = Arc::from(backend::build(
+        &cfg.backend,
+        &cfg.backend_opts,
+        cfg.concurrency,
+    )?);
     if cfg.dry_run {
         return write_out(out, &dry_run_summary(&cfg, backend.as_ref())?);
     }
@@ -53,7 +57,7 @@ pub fn connect_many(cfgs: Vec<ConnectConfig>, out: &mut dyn Write) -> Result<(),
     let mut backends = Vec::with_capacity(cfgs.len());
     for cfg in &cfgs {
         let backend: Arc<dyn Backend> = Arc::from(
-            backend::build(&cfg.backend, &cfg.backend_opts).map_err(|e| {
+            backend::build(&cfg.backend, &cfg.backend_opts, cfg.concurrency).map_err(|e| {
                 Error::Config(crate::config::ConfigError(format!(
                     "workspace {}: {e}",
                     cfg.workspace_id
@@ -260,7 +264,7 @@ fn run_workspace(
     let result = run_connected(
         cfg,
         client,
-        backend,
+        backend.clone(),
         store,
         &shutdown,
         &run_handles,
@@ -268,6 +272,8 @@ fn run_workspace(
         &done_rx,
         lock,
     );
+    // Long-lived backend processes go after the drain: stdin closed, then TERM/KILL.
+    backend.stop();
     if let Err(e) = &result {
         // A workspace that stops before its poll thread ran (register refused, bad
         // state) must still show why in its status file.
@@ -304,6 +310,7 @@ fn run_connected(
         backend.name(),
         cfg.poll_interval.as_millis()
     );
+    backend.start(client.workspace_id(), client.api_url())?;
 
     let status = RuntimeStatus::new(started);
     if cfg.once {
@@ -342,6 +349,7 @@ fn run_connected(
     let mut threads = Vec::new();
     {
         let (client, status, shutdown) = (client.clone(), status.clone(), shutdown.clone());
+        let backend = backend.clone();
         let (every, source, done) = (
             cfg.heartbeat_every,
             cfg.common.token_source.clone(),
@@ -351,7 +359,8 @@ fn run_connected(
             let _guard = ThreadGuard::new(&shutdown, "heartbeat");
             let _done = DoneOnDrop(done, "heartbeat");
             debug_panic_hook("heartbeat");
-            heartbeat::run(client, every, status, source, shutdown.clone());
+            let trouble = move || backend.trouble();
+            heartbeat::run(client, every, status, source, shutdown.clone(), &trouble);
         })?);
     }
     // The lookup worker ends when the poll thread drops its end of the queue.

@@ -25,6 +25,8 @@ pub struct RuntimeStatus {
     sample_error: String,
     consecutive_failures: u32,
     was_wedged: bool,
+    /// The backend's own trouble (a worker failing at start), wedged like failures.
+    trouble: Option<String>,
     /// Counters and times for the status file.
     pub counters: Counters,
 }
@@ -64,6 +66,7 @@ impl RuntimeStatus {
             sample_error: String::new(),
             consecutive_failures: 0,
             was_wedged: false,
+            trouble: None,
             counters: Counters::default(),
         }))
     }
@@ -152,14 +155,26 @@ impl RuntimeStatus {
         Self::count(shared, |c| c.last_error = clip(error));
     }
 
+    /// What the backend reports about itself (see `Backend::trouble`), read before
+    /// every beat.
+    pub fn set_trouble(shared: &SharedStatus, trouble: Option<String>) {
+        let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        if trouble.is_some() {
+            s.was_wedged = true;
+        }
+        s.trouble = trouble.map(|t| clip(&t));
+    }
+
+    fn wedged(&self) -> bool {
+        self.consecutive_failures >= WEDGE_AFTER
+            || self.trouble.is_some()
+            || self.counters.state_error.is_some()
+    }
+
     /// A copy of the counters, the active task count and the wedge flag.
     pub fn snapshot(shared: &SharedStatus) -> (Counters, u32, bool) {
         let s = shared.lock().unwrap_or_else(PoisonError::into_inner);
-        (
-            s.counters.clone(),
-            s.active_tasks,
-            s.consecutive_failures >= WEDGE_AFTER || s.counters.state_error.is_some(),
-        )
+        (s.counters.clone(), s.active_tasks, s.wedged())
     }
 
     /// Is the backend failing repeatedly?
@@ -167,8 +182,7 @@ impl RuntimeStatus {
         shared
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .consecutive_failures
-            >= WEDGE_AFTER
+            .wedged()
     }
 
     /// The heartbeat body for `workspace_id`, at `now`.
@@ -184,16 +198,17 @@ impl RuntimeStatus {
         Heartbeat {
             workspace_id: workspace_id.to_string(),
             error_rate,
-            sample_error: match state_error {
-                Some(e) => clip(&format!("state not saved, intake paused: {e}")),
-                None => s.sample_error.clone(),
+            sample_error: match (state_error, &s.trouble) {
+                (Some(e), _) => clip(&format!("state not saved, intake paused: {e}")),
+                (None, Some(t)) => t.clone(),
+                (None, None) => s.sample_error.clone(),
             },
             active_tasks: s.active_tasks,
             current_task: s.current_task.clone(),
             uptime_seconds: now.saturating_duration_since(s.started).as_secs(),
             // Absent while healthy; "wedged" while failing; and after a wedge the
             // explicit empty value the platform needs to recover (§API-2.2).
-            runtime_state: if s.consecutive_failures >= WEDGE_AFTER || state_error.is_some() {
+            runtime_state: if s.wedged() {
                 Some("wedged".to_string())
             } else if s.was_wedged {
                 Some(String::new())

@@ -1,0 +1,1550 @@
+//! The `worker` backend: long-lived agent processes instead of a process per message.
+//! Each of `workers` slots runs the command once, in its own process group, and
+//! talks to it in newline-delimited JSON: a request line with an `id` goes to its
+//! stdin, an answer line with the same `id` comes back on its stdout, in any order,
+//! up to `max_in_flight` at a time. A supervisor thread per slot restarts a worker
+//! that exits (capped backoff) and fails the requests it held, so the runner retries
+//! them: every request ends exactly once, by its answer or by an error.
+//!
+//! Threads per worker process: the slot's supervisor (waits for the exit), a writer
+//! (stdin), a reader (stdout: answers) and a stderr logger. Lock order: the pool's
+//! state, then a process's `pending`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::exec::{reply_from_object, request_json, shell_command, tail_text};
+use super::{Backend, BackendError, Origin, Outcome, Request, RunHandle};
+use crate::backoff::Backoff;
+use crate::signal::{SIGKILL, SIGTERM, kill_process_group};
+
+/// Options, for error messages.
+const KEYS: &str =
+    "cmd, workers, max_in_flight, timeout, kill_grace, max_output, ready, start_timeout";
+/// Most workers or requests in flight per worker.
+const MAX_COUNT: usize = 256;
+/// Default `max_output`: 1 MiB per answer line.
+const DEFAULT_MAX_OUTPUT: usize = 1 << 20;
+/// The longest stderr line we log; the rest of it is cut.
+const STDERR_LINE: usize = 1000;
+/// Stderr lines logged in a burst, and then one per this interval.
+const STDERR_BURST: u32 = 20;
+const STDERR_REFILL: Duration = Duration::from_millis(100);
+/// Stderr kept for error messages (the tail).
+const STDERR_KEEP: usize = 2048;
+/// What we keep of an answer line over `max_output`, to find its `id`.
+const ID_SCAN: usize = 512;
+/// Failed starts in a row after which [`Backend::trouble`] reports the worker.
+const START_FAILURES: u32 = 3;
+/// A worker that ran this long (or answered once) was healthy: its crash restarts
+/// the backoff from the start.
+const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+/// Delay before restarting a worker that exited: 200 ms, doubling, at most 30 s.
+const RESTART: Backoff = Backoff {
+    base: Duration::from_millis(200),
+    max: Duration::from_secs(30),
+    jitter: 0.25,
+};
+/// After a worker exited, how long its pipes may stay open (a background process it
+/// left) before we stop waiting for its last lines.
+const PIPES_AFTER_EXIT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+struct Settings {
+    cmd: String,
+    workers: usize,
+    max_in_flight: usize,
+    timeout: Duration,
+    kill_grace: Duration,
+    max_output: usize,
+    ready: bool,
+    start_timeout: Duration,
+}
+
+/// Runs `workers` long-lived agent processes and hands them requests over NDJSON.
+pub struct WorkerBackend {
+    pool: Arc<Pool>,
+}
+
+impl WorkerBackend {
+    /// Builds the backend from `--backend-opt` pairs; `cmd` is required, `workers`
+    /// defaults to `concurrency` (`--concurrency`).
+    pub fn from_opts(
+        opts: &BTreeMap<String, String>,
+        concurrency: usize,
+    ) -> Result<Self, BackendError> {
+        let mut s = Settings {
+            cmd: String::new(),
+            workers: concurrency.clamp(1, MAX_COUNT),
+            max_in_flight: 1,
+            timeout: Duration::from_secs(60),
+            kill_grace: Duration::from_secs(2),
+            max_output: DEFAULT_MAX_OUTPUT,
+            ready: false,
+            start_timeout: Duration::from_secs(30),
+        };
+        for (key, value) in opts {
+            let bad = |why: String| BackendError::Config(format!("worker: bad {key}: {why}"));
+            let count = || match value.trim().parse::<usize>() {
+                Ok(n) if (1..=MAX_COUNT).contains(&n) => Ok(n),
+                _ => Err(bad(format!("{value:?} (want 1 to {MAX_COUNT})"))),
+            };
+            let positive = || match crate::duration::parse(value).map_err(bad)? {
+                d if d.is_zero() => Err(bad(format!("{value:?} must be greater than zero"))),
+                d => Ok(d),
+            };
+            match key.as_str() {
+                "cmd" => s.cmd = value.trim().to_string(),
+                "workers" => s.workers = count()?,
+                "max_in_flight" => s.max_in_flight = count()?,
+                "timeout" => s.timeout = positive()?,
+                "start_timeout" => s.start_timeout = positive()?,
+                "kill_grace" => s.kill_grace = crate::duration::parse(value).map_err(bad)?,
+                "max_output" => {
+                    s.max_output = match value.trim().parse::<usize>() {
+                        Ok(n) if n > 0 => n,
+                        _ => return Err(bad(format!("{value:?} (want a number of bytes > 0)"))),
+                    }
+                }
+                "ready" => {
+                    s.ready = match value.as_str() {
+                        "true" => true,
+                        "false" => false,
+                        _ => return Err(bad(format!("{value:?} (want true or false)"))),
+                    }
+                }
+                other => {
+                    return Err(BackendError::Config(format!(
+                        "worker: unknown option {other:?} (known: {KEYS})"
+                    )));
+                }
+            }
+        }
+        if s.cmd.is_empty() {
+            return Err(BackendError::Config(
+                "worker: missing option \"cmd\" (e.g. --backend-opt cmd='python3 agent.py')".into(),
+            ));
+        }
+        Ok(Self {
+            pool: Arc::new(Pool::new(s)),
+        })
+    }
+}
+
+impl Backend for WorkerBackend {
+    fn name(&self) -> &str {
+        "worker"
+    }
+
+    fn handle(&self, req: &Request, run: &RunHandle) -> Result<Outcome, BackendError> {
+        self.pool.start(&req.workspace_id, &req.api_url)?;
+        self.pool.request(req, run)
+    }
+
+    fn check(&self) -> Result<String, BackendError> {
+        let s = &self.pool.settings;
+        // The program is found the way `exec` finds it.
+        let mut opts = BTreeMap::new();
+        opts.insert("cmd".to_string(), s.cmd.clone());
+        let how = super::ExecBackend::from_opts(&opts)?
+            .check()
+            .map_err(|e| match e {
+                BackendError::Config(m) => BackendError::Config(m.replacen("exec:", "worker:", 1)),
+                other => other,
+            })?;
+        let how = how
+            .strip_prefix("exec: ")
+            .unwrap_or(&how)
+            .split(" (timeout ")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        Ok(format!(
+            "worker: {how} ({} worker(s), {} in flight each, timeout {}{})",
+            s.workers,
+            s.max_in_flight,
+            crate::duration::format(s.timeout),
+            if s.ready { ", waits for ready" } else { "" }
+        ))
+    }
+
+    fn probe(&self) -> Result<String, BackendError> {
+        let checked = self.check()?;
+        let s = &self.pool.settings;
+        // One worker is enough to see the command start and answer.
+        let mut one = s.clone();
+        one.workers = 1;
+        let pool = Arc::new(Pool::new(one));
+        let started = Instant::now();
+        let result = pool.start("", "").and_then(|()| {
+            if s.ready {
+                pool.wait_ready(s.start_timeout)
+                    .map(|()| "it said it is ready".to_string())
+            } else {
+                let req = probe_request();
+                pool.request(&req, &RunHandle::new())
+                    .map(|_| "it answered a probe request".to_string())
+            }
+        });
+        pool.stop();
+        let how = result?;
+        Ok(format!(
+            "{checked}; started it: {how} after {} ms",
+            started.elapsed().as_millis()
+        ))
+    }
+
+    fn start(&self, workspace_id: &str, api_url: &str) -> Result<(), BackendError> {
+        self.pool.start(workspace_id, api_url)
+    }
+
+    fn stop(&self) {
+        self.pool.stop();
+    }
+
+    fn trouble(&self) -> Option<String> {
+        let st = self.pool.lock();
+        (st.start_failures >= START_FAILURES).then(|| {
+            format!(
+                "worker keeps failing at start ({} times in a row): {}",
+                st.start_failures, st.last_start_error
+            )
+        })
+    }
+}
+
+/// What `doctor` sends a worker that does not announce itself.
+fn probe_request() -> Request {
+    Request {
+        workspace_id: String::new(),
+        api_url: String::new(),
+        text: "molecule doctor: probe".into(),
+        other_parts: Vec::new(),
+        caller_id: None,
+        caller_name: None,
+        caller_role: None,
+        message_id: None,
+        activity_id: String::new(),
+        context_id: None,
+        task_id: None,
+        method: "doctor/probe".into(),
+        origin: Origin::Canvas,
+        attempt: 1,
+        raw: Value::Null,
+        extra_env: BTreeMap::new(),
+    }
+}
+
+/// The slots, their processes and what every thread waits on.
+struct Pool {
+    settings: Settings,
+    state: Mutex<State>,
+    /// A worker became ready or free, exited, or the pool is stopping.
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    started: bool,
+    stopping: bool,
+    /// The running process of each slot (ready or still starting).
+    slots: Vec<Option<Arc<Proc>>>,
+    supervisors: Vec<JoinHandle<()>>,
+    next_id: u64,
+    start_failures: u32,
+    last_start_error: String,
+}
+
+/// Why we ended a worker ourselves.
+#[derive(Debug, Clone, PartialEq)]
+enum Ended {
+    /// The request with this id ran past its timeout.
+    Timeout(String),
+    /// It did not say it was ready within `start_timeout`.
+    NotReady,
+    /// The pool is stopping.
+    Stop,
+}
+
+/// One running worker process.
+struct Proc {
+    slot: usize,
+    pgid: u32,
+    started: Instant,
+    /// Lines for the writer thread; `None` once stdin is to be closed.
+    input: Mutex<Option<Sender<Vec<u8>>>>,
+    /// Requests sent (or about to be), by id.
+    pending: Mutex<HashMap<String, Sender<Answer>>>,
+    /// Takes requests (started, and ready if `ready=true`).
+    ready: AtomicBool,
+    /// Answered at least one request.
+    answered: AtomicBool,
+    /// Its stdout and stderr not yet at EOF.
+    pipes_open: AtomicUsize,
+    ended: Mutex<Option<Ended>>,
+    stderr_tail: Mutex<Vec<u8>>,
+}
+
+/// What a request thread gets back.
+enum Answer {
+    Done(Result<Outcome, BackendError>),
+    /// The worker exited before answering.
+    Gone {
+        code: Option<i32>,
+        ended: Option<Ended>,
+        stderr_tail: String,
+    },
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Proc {
+    fn new(slot: usize, pgid: u32, input: Option<Sender<Vec<u8>>>) -> Self {
+        Proc {
+            slot,
+            pgid,
+            started: Instant::now(),
+            input: Mutex::new(input),
+            pending: Mutex::default(),
+            ready: AtomicBool::new(false),
+            answered: AtomicBool::new(false),
+            pipes_open: AtomicUsize::new(2),
+            ended: Mutex::new(None),
+            stderr_tail: Mutex::default(),
+        }
+    }
+
+    fn load(&self) -> usize {
+        lock(&self.pending).len()
+    }
+
+    /// Closes stdin: a worker reading to EOF exits on its own.
+    fn close_input(&self) {
+        lock(&self.input).take();
+    }
+
+    /// Ends the worker for `why` (the first reason wins): stdin closed, SIGTERM.
+    fn end(&self, why: Ended) {
+        // No new request may go to a worker on its way out.
+        self.ready.store(false, Ordering::SeqCst);
+        lock(&self.ended).get_or_insert(why);
+        self.close_input();
+        let _ = kill_process_group(self.pgid, SIGTERM);
+    }
+
+    fn send(&self, line: Vec<u8>) {
+        if let Some(tx) = lock(&self.input).as_ref() {
+            // A writer that is gone means the worker is going: `Gone` follows.
+            let _ = tx.send(line);
+        }
+    }
+
+    /// Hands `result` to the request `id`, if it is still waiting. `false` for an id
+    /// we never sent or that was already answered.
+    fn answer(&self, id: &str, result: Result<Outcome, BackendError>) -> bool {
+        match lock(&self.pending).remove(id) {
+            Some(tx) => {
+                let _ = tx.send(Answer::Done(result));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn stderr_tail(&self) -> String {
+        tail_text(&lock(&self.stderr_tail))
+    }
+}
+
+impl Pool {
+    fn new(settings: Settings) -> Self {
+        Pool {
+            settings,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Starts the supervisors once; later calls do nothing.
+    fn start(self: &Arc<Self>, workspace_id: &str, api_url: &str) -> Result<(), BackendError> {
+        let mut st = self.lock();
+        if st.started {
+            return Ok(());
+        }
+        if st.stopping {
+            return Err(BackendError::Cancelled);
+        }
+        st.started = true;
+        st.slots = vec![None; self.settings.workers];
+        let env = Arc::new([
+            ("MOLECULE_WORKSPACE_ID", workspace_id.to_string()),
+            ("MOLECULE_API_URL", api_url.to_string()),
+        ]);
+        for slot in 0..self.settings.workers {
+            let (pool, env) = (Arc::clone(self), Arc::clone(&env));
+            let h = thread::Builder::new()
+                .name(format!("worker-{slot}-supervisor"))
+                .spawn(move || pool.supervise(slot, &env[..]))
+                .map_err(|e| BackendError::Spawn(format!("cannot start a thread: {e}")))?;
+            st.supervisors.push(h);
+        }
+        log::info!(
+            "worker: starting {} worker(s): {}",
+            self.settings.workers,
+            self.settings.cmd
+        );
+        Ok(())
+    }
+
+    /// Sends `req` to the least busy ready worker and waits for its answer.
+    fn request(self: &Arc<Self>, req: &Request, run: &RunHandle) -> Result<Outcome, BackendError> {
+        let timeout = self.settings.timeout;
+        let deadline = Instant::now().checked_add(timeout);
+        let (tx, rx) = mpsc::channel();
+        let (id, proc) = {
+            let mut st = self.lock();
+            st.next_id = st.next_id.wrapping_add(1);
+            let id = st.next_id.to_string();
+            drop(st);
+            let proc = self.acquire(&id, tx, run, deadline)?;
+            (id, proc)
+        };
+        if !run.started(proc.pgid) {
+            lock(&proc.pending).remove(&id);
+            run.finished();
+            self.changed.notify_all();
+            return Err(BackendError::Cancelled);
+        }
+        proc.send(encode(&id, req));
+        let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+        let answer = match rx.recv_timeout(left) {
+            Ok(a) => Some(a),
+            Err(RecvTimeoutError::Disconnected) => None,
+            Err(RecvTimeoutError::Timeout) => {
+                log::warn!(
+                    "worker {}: request {id} ran past its timeout of {}; restarting that worker",
+                    proc.slot,
+                    crate::duration::format(timeout)
+                );
+                proc.end(Ended::Timeout(id.clone()));
+                // A late answer changes nothing: the attempt failed. Its arrival, or
+                // the worker's exit, within the grace spares the SIGKILL.
+                if rx.recv_timeout(self.settings.kill_grace).is_err() {
+                    let _ = kill_process_group(proc.pgid, SIGKILL);
+                }
+                run.finished();
+                return Err(BackendError::Timeout {
+                    after: timeout,
+                    stderr_tail: proc.stderr_tail(),
+                });
+            }
+        };
+        run.finished();
+        match answer {
+            Some(Answer::Done(r)) => r,
+            Some(gone) => Err(self.gone_error(gone, &id, run)),
+            None => Err(BackendError::Spawn("lost track of the worker".into())),
+        }
+    }
+
+    /// Waits for a ready worker with room, and registers request `id` with it.
+    fn acquire(
+        self: &Arc<Self>,
+        id: &str,
+        tx: Sender<Answer>,
+        run: &RunHandle,
+        deadline: Option<Instant>,
+    ) -> Result<Arc<Proc>, BackendError> {
+        struct ClearWaker<'a>(&'a RunHandle);
+        impl Drop for ClearWaker<'_> {
+            fn drop(&mut self) {
+                self.0.set_waker(None);
+            }
+        }
+        let _clear = ClearWaker(run);
+        // A cancel while we wait must wake us: the waker takes our lock first, so its
+        // notify cannot fall between our check and our wait.
+        let me = Arc::clone(self);
+        run.set_waker(Some(Arc::new(move || {
+            drop(me.lock());
+            me.changed.notify_all();
+        })));
+        let mut st = self.lock();
+        loop {
+            if st.stopping || run.is_cancelled() {
+                return Err(BackendError::Cancelled);
+            }
+            let best = st
+                .slots
+                .iter()
+                .flatten()
+                .filter(|p| p.ready.load(Ordering::SeqCst))
+                .map(|p| (p.load(), p))
+                .filter(|(n, _)| *n < self.settings.max_in_flight)
+                .min_by_key(|(n, _)| *n)
+                .map(|(_, p)| Arc::clone(p));
+            if let Some(p) = best {
+                lock(&p.pending).insert(id.to_string(), tx);
+                return Ok(p);
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left.is_some_and(|l| l.is_zero()) {
+                let why = if st.last_start_error.is_empty() {
+                    "every worker is busy or starting".to_string()
+                } else {
+                    st.last_start_error.clone()
+                };
+                return Err(BackendError::Spawn(format!(
+                    "no worker ready within {}: {why}",
+                    crate::duration::format(self.settings.timeout)
+                )));
+            }
+            st = match left {
+                Some(l) => {
+                    self.changed
+                        .wait_timeout(st, l)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+                None => self
+                    .changed
+                    .wait(st)
+                    .unwrap_or_else(PoisonError::into_inner),
+            };
+        }
+    }
+
+    /// The error for a request whose worker exited before answering it.
+    fn gone_error(&self, gone: Answer, id: &str, run: &RunHandle) -> BackendError {
+        let Answer::Gone {
+            code,
+            ended,
+            stderr_tail,
+        } = gone
+        else {
+            return BackendError::Spawn("lost track of the worker".into());
+        };
+        if run.is_cancelled() {
+            return BackendError::Cancelled;
+        }
+        match ended {
+            Some(Ended::Stop) => BackendError::Cancelled,
+            Some(Ended::Timeout(t)) if t == id => BackendError::Timeout {
+                after: self.settings.timeout,
+                stderr_tail,
+            },
+            // Not this request's fault: it goes again without counting a failure.
+            Some(Ended::Timeout(_)) => BackendError::Later(
+                "the worker was restarted because another request it held timed out".into(),
+            ),
+            Some(Ended::NotReady) | None => BackendError::Failed { code, stderr_tail },
+        }
+    }
+
+    /// `doctor`: waits until slot 0's worker is ready.
+    fn wait_ready(&self, within: Duration) -> Result<(), BackendError> {
+        let deadline = Instant::now().checked_add(within);
+        let mut st = self.lock();
+        loop {
+            if st
+                .slots
+                .iter()
+                .flatten()
+                .any(|p| p.ready.load(Ordering::SeqCst))
+            {
+                return Ok(());
+            }
+            if st.start_failures > 0 {
+                return Err(BackendError::Spawn(st.last_start_error.clone()));
+            }
+            let left = deadline.map_or(within, |d| d.saturating_duration_since(Instant::now()));
+            if left.is_zero() {
+                return Err(BackendError::Spawn(format!(
+                    "the worker did not say it is ready within {}",
+                    crate::duration::format(within)
+                )));
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Closes every worker's stdin, waits `kill_grace` for them to exit, then
+    /// SIGTERM, `kill_grace`, SIGKILL; joins the supervisors.
+    fn stop(&self) {
+        let procs: Vec<Arc<Proc>> = {
+            let mut st = self.lock();
+            if st.stopping {
+                return;
+            }
+            st.stopping = true;
+            st.slots.iter().flatten().cloned().collect()
+        };
+        self.changed.notify_all();
+        for p in &procs {
+            lock(&p.ended).get_or_insert(Ended::Stop);
+            p.close_input();
+        }
+        let grace = self.settings.kill_grace;
+        for sig in [Some(SIGTERM), Some(SIGKILL), None] {
+            if self.wait_all_exited(grace) {
+                break;
+            }
+            let Some(sig) = sig else { break };
+            for p in &procs {
+                let _ = kill_process_group(p.pgid, sig);
+            }
+        }
+        let supervisors = std::mem::take(&mut self.lock().supervisors);
+        for h in supervisors {
+            let _ = h.join();
+        }
+    }
+
+    fn wait_all_exited(&self, within: Duration) -> bool {
+        let st = self.lock();
+        let (_st, timeout) = self
+            .changed
+            .wait_timeout_while(st, within, |s| s.slots.iter().any(Option::is_some))
+            .unwrap_or_else(PoisonError::into_inner);
+        !timeout.timed_out()
+    }
+
+    /// One slot's life: start the worker, wait for it to exit, restart it.
+    fn supervise(self: &Arc<Self>, slot: usize, env: &[(&str, String)]) {
+        let mut crashes: u32 = 0;
+        let mut seed = crate::uuid::random_u64();
+        loop {
+            let Some((child, proc)) = self.launch(slot, env) else {
+                return;
+            };
+            let healthy_start = self.run_worker(child, &proc);
+            let ended = lock(&proc.ended).clone();
+            if matches!(ended, Some(Ended::Stop)) || self.lock().stopping {
+                return;
+            }
+            if matches!(ended, Some(Ended::Timeout(_))) {
+                // Our doing, not a crash: a fresh worker at once.
+                continue;
+            }
+            if healthy_start {
+                crashes = 0;
+            }
+            crashes = crashes.saturating_add(1);
+            seed = seed.wrapping_add(1);
+            let delay = RESTART.delay(crashes, seed);
+            log::warn!("worker {slot}: restarting in {} ms", delay.as_millis());
+            let st = self.lock();
+            let (st, _) = self
+                .changed
+                .wait_timeout_while(st, delay, |s| !s.stopping)
+                .unwrap_or_else(PoisonError::into_inner);
+            if st.stopping {
+                return;
+            }
+        }
+    }
+
+    /// Starts the slot's process and its helper threads. `None` when stopping.
+    /// A start that fails is counted and retried by the caller's loop.
+    fn launch(
+        self: &Arc<Self>,
+        slot: usize,
+        env: &[(&str, String)],
+    ) -> Option<(Option<Child>, Arc<Proc>)> {
+        let mut st = self.lock();
+        if st.stopping {
+            return None;
+        }
+        let mut cmd = shell_command(&self.settings.cmd);
+        cmd.process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            if !v.is_empty() {
+                cmd.env(k, v);
+            }
+        }
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let spawned = cmd.spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                let why = format!("cannot start the worker: {e}");
+                log::error!("worker {slot}: {why}");
+                start_failed(&mut st, why);
+                drop(st);
+                // A placeholder process that "exited" so the caller backs off.
+                let proc = Arc::new(Proc::new(slot, 0, None));
+                return Some((None, proc));
+            }
+        };
+        let proc = Arc::new(Proc::new(slot, child.id(), Some(tx)));
+        st.slots[slot] = Some(Arc::clone(&proc));
+        drop(st);
+        let (stdin, stdout, stderr) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        let (ready_tx, ready_rx) = mpsc::channel::<()>();
+        let helpers = (|| -> io::Result<()> {
+            if let Some(stdin) = stdin {
+                named(&format!("worker-{slot}-stdin"), move || {
+                    write_lines(stdin, &rx)
+                })?;
+            }
+            if let Some(err) = stderr {
+                let (p, me) = (Arc::clone(&proc), Arc::clone(self));
+                named(&format!("worker-{slot}-stderr"), move || {
+                    log_stderr(err, &p);
+                    me.pipe_closed(&p);
+                })?;
+            }
+            if let Some(out) = stdout {
+                let p = Arc::clone(&proc);
+                let max = self.settings.max_output;
+                let me = Arc::clone(self);
+                named(&format!("worker-{slot}-stdout"), move || {
+                    me.read_answers(out, &p, max, ready_tx)
+                })?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = helpers {
+            log::error!("worker {slot}: cannot start a helper thread: {e}");
+            proc.end(Ended::Stop);
+            let _ = kill_process_group(proc.pgid, SIGKILL);
+        }
+        if self.settings.ready {
+            match ready_rx.recv_timeout(self.settings.start_timeout) {
+                Ok(()) => self.became_ready(&proc),
+                Err(RecvTimeoutError::Timeout) => {
+                    log::error!(
+                        "worker {slot}: not ready within start_timeout {}; stopping it",
+                        crate::duration::format(self.settings.start_timeout)
+                    );
+                    proc.end(Ended::NotReady);
+                    if !self.wait_reader(&proc, self.settings.kill_grace) {
+                        let _ = kill_process_group(proc.pgid, SIGKILL);
+                    }
+                }
+                // The reader ended: the worker exited first; the wait below sees it.
+                Err(RecvTimeoutError::Disconnected) => {}
+            }
+        } else {
+            proc.ready.store(true, Ordering::SeqCst);
+            self.changed.notify_all();
+        }
+        Some((Some(child), proc))
+    }
+
+    fn pipe_closed(&self, proc: &Proc) {
+        proc.pipes_open.fetch_sub(1, Ordering::SeqCst);
+        drop(self.lock());
+        self.changed.notify_all();
+    }
+
+    fn became_ready(&self, proc: &Proc) {
+        log::info!(
+            "worker {}: ready after {} ms",
+            proc.slot,
+            proc.started.elapsed().as_millis()
+        );
+        proc.ready.store(true, Ordering::SeqCst);
+        self.lock().start_failures = 0;
+        self.changed.notify_all();
+    }
+
+    /// Waits for the worker to exit, then fails what it still held. Returns whether
+    /// it got going (ready and answering, or running long enough).
+    fn run_worker(&self, child: Option<Child>, proc: &Arc<Proc>) -> bool {
+        let slot = proc.slot;
+        let Some(mut child) = child else {
+            return false;
+        };
+        let status = child.wait();
+        // What it left in its group must not outlive it, nor hold the pipes.
+        let _ = kill_process_group(proc.pgid, SIGKILL);
+        let code = status.as_ref().ok().and_then(|s| s.code());
+        let how = match &status {
+            Ok(s) => s.to_string(),
+            Err(e) => format!("lost: {e}"),
+        };
+        // Let the reader deliver the answers the worker wrote before it exited.
+        if !self.wait_reader(proc, PIPES_AFTER_EXIT) {
+            log::warn!("worker {slot}: a process outside its group still holds its stdout");
+        }
+        let ended = lock(&proc.ended).clone();
+        let got_going = proc.answered.load(Ordering::SeqCst)
+            || (proc.ready.load(Ordering::SeqCst) && self.settings.ready)
+            || proc.started.elapsed() >= HEALTHY_AFTER;
+        let held: Vec<Sender<Answer>> = {
+            let mut st = self.lock();
+            if st.slots[slot]
+                .as_ref()
+                .is_some_and(|p| Arc::ptr_eq(p, proc))
+            {
+                st.slots[slot] = None;
+            }
+            if matches!(ended, None | Some(Ended::NotReady)) && !got_going {
+                start_failed(&mut st, format!("worker exited ({how}) at start"));
+            }
+            lock(&proc.pending).drain().map(|(_, tx)| tx).collect()
+        };
+        self.changed.notify_all();
+        let stderr_tail = proc.stderr_tail();
+        if !matches!(ended, Some(Ended::Stop)) {
+            let tail = if stderr_tail.is_empty() {
+                String::new()
+            } else {
+                format!(" (stderr: {stderr_tail})")
+            };
+            log::warn!(
+                "worker {slot}: exited ({how}) holding {} request(s){tail}",
+                held.len()
+            );
+        }
+        for tx in held {
+            let _ = tx.send(Answer::Gone {
+                code,
+                ended: ended.clone(),
+                stderr_tail: stderr_tail.clone(),
+            });
+        }
+        got_going
+    }
+
+    /// The reader: routes answer lines to their requests by `id`.
+    fn read_answers(&self, out: impl Read, proc: &Arc<Proc>, max: usize, ready: Sender<()>) {
+        let slot = proc.slot;
+        let mut ready = self.settings.ready.then_some(ready);
+        let mut lines = Lines::new(out, max);
+        while let Some(line) = lines.next_line() {
+            let (text, too_long) = match &line {
+                Line::Whole(b) => (String::from_utf8_lossy(b), false),
+                Line::TooLong(prefix) => (String::from_utf8_lossy(prefix), true),
+            };
+            if text.trim().is_empty() {
+                continue;
+            }
+            let parsed = if too_long {
+                None
+            } else {
+                serde_json::from_str::<Value>(&text).ok()
+            };
+            let obj = match parsed {
+                Some(Value::Object(obj)) => Some(obj),
+                _ => None,
+            };
+            if let Some(o) = &obj
+                && o.get("ready") == Some(&Value::Bool(true))
+                && !o.contains_key("id")
+            {
+                match ready.take() {
+                    Some(tx) => {
+                        let _ = tx.send(());
+                    }
+                    None => log::debug!("worker {slot}: ready line ignored"),
+                }
+                continue;
+            }
+            if ready.is_some() {
+                log::warn!("worker {slot}: ignoring output before its ready line");
+                continue;
+            }
+            let id = match &obj {
+                Some(o) => o.get("id").and_then(id_text),
+                None => scan_id(&text),
+            };
+            let result = match (obj, too_long) {
+                (_, true) => Err(BackendError::BadOutput(format!(
+                    "answer exceeds max_output {max} bytes"
+                ))),
+                (Some(o), false) => parse_answer(o),
+                (None, false) => Err(BackendError::BadOutput(
+                    "worker answer is not a JSON object".into(),
+                )),
+            };
+            let id = id.or_else(|| {
+                // A line we cannot attribute belongs to the only request in flight.
+                let pending = lock(&proc.pending);
+                (pending.len() == 1)
+                    .then(|| pending.keys().next().cloned())
+                    .flatten()
+            });
+            match id {
+                Some(id) if proc.answer(&id, result) => {
+                    proc.answered.store(true, Ordering::SeqCst);
+                    let mut st = self.lock();
+                    if st.start_failures > 0 {
+                        st.start_failures = 0;
+                    }
+                    drop(st);
+                    self.changed.notify_all();
+                }
+                Some(id) => log::warn!("worker {slot}: answer for unknown id {id:?} ignored"),
+                None => log::warn!(
+                    "worker {slot}: ignoring an output line without an id ({} bytes)",
+                    text.len()
+                ),
+            }
+        }
+        self.pipe_closed(proc);
+    }
+
+    /// Waits until the worker's stdout and stderr reached EOF (it exited, or closed
+    /// them).
+    fn wait_reader(&self, proc: &Proc, within: Duration) -> bool {
+        let st = self.lock();
+        let (_st, t) = self
+            .changed
+            .wait_timeout_while(st, within, |_| proc.pipes_open.load(Ordering::SeqCst) > 0)
+            .unwrap_or_else(PoisonError::into_inner);
+        !t.timed_out()
+    }
+}
+
+fn start_failed(st: &mut State, why: String) {
+    st.start_failures = st.start_failures.saturating_add(1);
+    st.last_start_error = why;
+}
+
+fn named(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
+    thread::Builder::new().name(name.into()).spawn(f)
+}
+
+/// The request line: `{"id":"7", …the exec backend's format=json object…}`, `id`
+/// first so that even a shell worker can pick it out.
+fn encode(id: &str, req: &Request) -> Vec<u8> {
+    let mut v = request_json(req);
+    if !req.extra_env.is_empty() {
+        v["env"] = serde_json::json!(req.extra_env);
+    }
+    let body = v.to_string();
+    let mut line = format!("{{\"id\":\"{id}\",");
+    line.push_str(body.strip_prefix('{').unwrap_or(&body));
+    line.push('\n');
+    line.into_bytes()
+}
+
+/// An answer object (its `id` already read) as an outcome.
+fn parse_answer(mut o: serde_json::Map<String, Value>) -> Result<Outcome, BackendError> {
+    o.remove("id");
+    let note = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    match o.get("error") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+        Some(e) => return Err(BackendError::Reported(note(e))),
+    }
+    match o.get("retry_later") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+        Some(Value::Bool(true)) => {
+            return Err(BackendError::Later(
+                "the worker asked to retry later".into(),
+            ));
+        }
+        Some(m) => {
+            return Err(BackendError::Later(format!(
+                "the worker asked to retry later ({})",
+                note(m)
+            )));
+        }
+    }
+    reply_from_object(o)
+}
+
+/// An `id` as we compare it: a string, or a number written as digits.
+fn id_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Finds `"id": "…"` (or a number) in a line that is not valid JSON or was cut.
+fn scan_id(text: &str) -> Option<String> {
+    let at = text.find("\"id\"")?;
+    let rest = text
+        .get(at + 4..)?
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start();
+    if let Some(s) = rest.strip_prefix('"') {
+        return s.split('"').next().map(str::to_string);
+    }
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    (!digits.is_empty()).then_some(digits)
+}
+
+/// The writer: request lines to the worker's stdin until the pool closes it.
+fn write_lines(mut stdin: ChildStdin, lines: &Receiver<Vec<u8>>) {
+    for line in lines {
+        if stdin.write_all(&line).and_then(|()| stdin.flush()).is_err() {
+            // The worker is gone; the supervisor fails what it held.
+            return;
+        }
+    }
+}
+
+/// The stderr logger: each line to our log (cut at [`STDERR_LINE`], at most
+/// [`STDERR_BURST`] at once, then one per [`STDERR_REFILL`]); the tail is kept for
+/// error messages.
+fn log_stderr(err: impl Read, proc: &Proc) {
+    let slot = proc.slot;
+    let mut lines = Lines::new(err, STDERR_LINE);
+    let mut tokens = STDERR_BURST;
+    let mut refilled = Instant::now();
+    let mut dropped: u64 = 0;
+    while let Some(line) = lines.next_line() {
+        let bytes = match &line {
+            Line::Whole(b) | Line::TooLong(b) => b,
+        };
+        {
+            let mut tail = lock(&proc.stderr_tail);
+            tail.extend_from_slice(bytes);
+            tail.push(b'\n');
+            let excess = tail.len().saturating_sub(STDERR_KEEP);
+            tail.drain(..excess);
+        }
+        let now = Instant::now();
+        let earned =
+            now.saturating_duration_since(refilled).as_millis() / STDERR_REFILL.as_millis();
+        if earned > 0 {
+            tokens =
+                STDERR_BURST.min(tokens.saturating_add(u32::try_from(earned).unwrap_or(u32::MAX)));
+            refilled = now;
+        }
+        if tokens == 0 {
+            dropped += 1;
+            continue;
+        }
+        tokens -= 1;
+        if dropped > 0 {
+            log::warn!("worker {slot}: {dropped} stderr line(s) not logged (too many)");
+            dropped = 0;
+        }
+        let cut = if matches!(line, Line::TooLong(_)) {
+            " [cut]"
+        } else {
+            ""
+        };
+        log::info!(
+            "worker {slot}: {}{cut}",
+            String::from_utf8_lossy(bytes).trim_end()
+        );
+    }
+}
+
+/// A line read with a cap.
+enum Line {
+    Whole(Vec<u8>),
+    /// Longer than the cap: its first bytes only (the rest was read and dropped).
+    TooLong(Vec<u8>),
+}
+
+/// Splits a stream into lines of at most `cap` bytes without ever holding more.
+struct Lines<R> {
+    r: BufReader<R>,
+    cap: usize,
+}
+
+impl<R: Read> Lines<R> {
+    fn new(r: R, cap: usize) -> Self {
+        Lines {
+            r: BufReader::with_capacity(64 * 1024, r),
+            cap,
+        }
+    }
+
+    /// The next line without its newline; `None` at EOF (or a read error).
+    fn next_line(&mut self) -> Option<Line> {
+        let mut line = Vec::new();
+        let mut too_long = false;
+        loop {
+            let avail = match self.r.fill_buf() {
+                Ok(a) => a,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => &[],
+            };
+            if avail.is_empty() {
+                return match (line.is_empty() && !too_long, too_long) {
+                    (true, _) => None,
+                    (false, true) => Some(Line::TooLong(line)),
+                    (false, false) => Some(Line::Whole(line)),
+                };
+            }
+            let (chunk, used, end) = match avail.iter().position(|b| *b == b'\n') {
+                Some(i) => (avail.get(..i).unwrap_or_default(), i + 1, true),
+                None => (avail, avail.len(), false),
+            };
+            if !too_long {
+                if line.len() + chunk.len() > self.cap {
+                    too_long = true;
+                    let keep = ID_SCAN
+                        .min(self.cap)
+                        .saturating_sub(line.len().min(ID_SCAN));
+                    line.extend_from_slice(chunk.get(..keep.min(chunk.len())).unwrap_or_default());
+                    line.truncate(ID_SCAN.min(self.cap));
+                } else {
+                    line.extend_from_slice(chunk);
+                }
+            }
+            self.r.consume(used);
+            if end {
+                return Some(if too_long {
+                    Line::TooLong(line)
+                } else {
+                    Line::Whole(line)
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    /// The example worker, as shipped.
+    const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/examples/worker.py");
+
+    fn backend(pairs: &[(&str, &str)]) -> WorkerBackend {
+        let opts = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        WorkerBackend::from_opts(&opts, 1).unwrap()
+    }
+
+    fn req(text: &str) -> Request {
+        let mut r = probe_request();
+        r.text = text.into();
+        r.method = "message/send".into();
+        r.activity_id = "act-1".into();
+        r
+    }
+
+    fn ask(b: &WorkerBackend, text: &str) -> Result<Outcome, BackendError> {
+        b.handle(&req(text), &RunHandle::new())
+    }
+
+    fn text(r: Result<Outcome, BackendError>) -> String {
+        match r {
+            Ok(Outcome::Reply(r)) => r.text,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    /// A fresh directory per test, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            let p = std::env::temp_dir().join(format!("molecule-worker-{}", crate::uuid::new_v4()));
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+        fn file(&self, name: &str) -> String {
+            self.0.join(name).display().to_string()
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn alive(pid: u32) -> bool {
+        // Signal 0: only checks that the process exists.
+        kill_process_group(pid, 0).is_ok()
+    }
+
+    fn read_pid(path: &str) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(pid) = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                return pid;
+            }
+            assert!(Instant::now() < deadline, "no pid in {path}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn gone(pid: u32) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(pid) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    /// A shell worker answering each request with `reply` (`$id` expands), after
+    /// running `before` (which sees `$l`, the request line).
+    fn sh_worker(before: &str, reply: &str) -> String {
+        format!(
+            "echo $$ >> \"$PIDS\"; while IFS= read -r l; do id=${{l#'{{\"id\":\"'}}; id=${{id%%'\"'*}}; {before} printf '%s\\n' \"{reply}\"; done"
+        )
+    }
+
+    #[test]
+    fn example_worker_round_trip() {
+        let b = backend(&[("cmd", &format!("python3 {EXAMPLE}")), ("ready", "true")]);
+        assert_eq!(text(ask(&b, "héllo\nworld")), "echo: héllo\nworld");
+        assert_eq!(text(ask(&b, "again")), "echo: again");
+        let mut d = req("done");
+        d.origin = Origin::DelegationResult;
+        assert_eq!(b.handle(&d, &RunHandle::new()).unwrap(), Outcome::NoReply);
+        b.stop();
+        assert!(b.pool.lock().slots.iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn request_line_carries_the_whole_request() {
+        let dir = TempDir::new();
+        let seen = dir.file("seen");
+        let cmd = format!(
+            "while IFS= read -r l; do printf '%s\\n' \"$l\" >> '{seen}'; echo '{{\"id\":\"1\",\"no_reply\":true}}'; done"
+        );
+        let b = backend(&[("cmd", &cmd)]);
+        let mut r = req("hi");
+        r.caller_id = Some("peer-1".into());
+        r.attempt = 2;
+        r.raw = serde_json::json!({"id": 9});
+        r.extra_env
+            .insert("MOLECULE_DELEGATION_ID".into(), "d-1".into());
+        assert_eq!(b.handle(&r, &RunHandle::new()).unwrap(), Outcome::NoReply);
+        b.stop();
+        let line = std::fs::read_to_string(&seen).unwrap();
+        assert!(line.starts_with("{\"id\":\"1\",\"activity_id\":"), "{line}");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["text"], "hi");
+        assert_eq!(v["caller_id"], "peer-1");
+        assert_eq!(v["attempt"], 2);
+        assert_eq!(v["origin"], "canvas");
+        assert_eq!(v["request"]["id"], 9);
+        assert_eq!(v["env"]["MOLECULE_DELEGATION_ID"], "d-1");
+    }
+
+    #[test]
+    fn answers_map_to_outcomes() {
+        let dir = TempDir::new();
+        let cmd = format!(
+            "while IFS= read -r l; do id=${{l#'{{\"id\":\"'}}; id=${{id%%'\"'*}}; case $id in \
+             1) printf '{{\"id\":%s,\"parts\":[{{\"type\":\"file\",\"uri\":\"u\"}}]}}\\n' $id;; \
+             2) printf '{{\"id\":\"%s\",\"retry_later\":true}}\\n' $id;; \
+             3) printf '{{\"id\":\"%s\",\"error\":\"boom\"}}\\n' $id;; \
+             4) printf '{{\"id\":\"%s\",\"text\":1}}\\n' $id;; \
+             5) echo 'not json at all';; \
+             6) printf '{{\"id\":\"999\",\"text\":\"stray\"}}\\n{{\"id\":\"%s\",\"text\":\"%080d\"}}\\n' $id 0;; \
+             *) printf '{{\"id\":\"%s\",\"text\":\"fine\"}}\\n' $id;; esac; done # {}",
+            dir.file("x")
+        );
+        let b = backend(&[("cmd", &cmd), ("max_output", "60")]);
+        match ask(&b, "1").unwrap() {
+            Outcome::Reply(r) => assert_eq!(r.parts[0]["kind"], "file"),
+            other => panic!("{other:?}"),
+        }
+        let e = ask(&b, "2").unwrap_err();
+        assert!(e.is_retry_later(), "{e}");
+        let e = ask(&b, "3").unwrap_err();
+        assert!(
+            matches!(&e, BackendError::Reported(m) if m == "boom"),
+            "{e:?}"
+        );
+        assert!(matches!(ask(&b, "4"), Err(BackendError::BadOutput(_))));
+        // Not JSON: it fails the only request in flight, and nothing else.
+        assert!(matches!(ask(&b, "5"), Err(BackendError::BadOutput(_))));
+        // An unknown id is logged; an answer over max_output fails its own request.
+        match ask(&b, "6") {
+            Err(BackendError::BadOutput(m)) => assert_eq!(m, "answer exceeds max_output 60 bytes"),
+            other => panic!("{other:?}"),
+        }
+        // The same worker goes on.
+        assert_eq!(text(ask(&b, "7")), "fine");
+        assert_eq!(b.pool.lock().start_failures, 0);
+        b.stop();
+    }
+
+    #[test]
+    fn several_in_flight_answered_out_of_order() {
+        // Reads two requests, answers the second first.
+        let cmd = "while IFS= read -r a && IFS= read -r b; do \
+                   for l in \"$b\" \"$a\"; do id=${l#'{\"id\":\"'}; id=${id%%'\"'*}; \
+                   printf '{\"id\":\"%s\",\"text\":\"for %s\"}\\n' $id $id; done; done";
+        let b = Arc::new(backend(&[
+            ("cmd", cmd),
+            ("workers", "1"),
+            ("max_in_flight", "2"),
+        ]));
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let b = Arc::clone(&b);
+                thread::spawn(move || text(ask(&b, "x")))
+            })
+            .collect();
+        let mut got: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        got.sort();
+        assert_eq!(got, ["for 1", "for 2"]);
+        b.stop();
+    }
+
+    #[test]
+    fn timeout_ends_the_group_and_a_fresh_worker_answers() {
+        let dir = TempDir::new();
+        let pids = dir.file("pids");
+        let child = dir.file("child");
+        let cmd = sh_worker(
+            &format!(
+                "case \"$l\" in *'\"text\":\"hang\"'*) sleep 30 & echo $! > '{child}'; trap '' TERM; wait;; esac;"
+            ),
+            "{\\\"id\\\":\\\"$id\\\",\\\"text\\\":\\\"ok\\\"}",
+        );
+        let b = backend(&[("cmd", &cmd), ("timeout", "300ms"), ("kill_grace", "200ms")]);
+        let b = with_env(b, &pids);
+        let started = Instant::now();
+        let e = ask(&b, "hang").unwrap_err();
+        assert!(matches!(e, BackendError::Timeout { .. }), "{e:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(gone(read_pid(&child)), "the worker's child survived");
+        assert_eq!(text(ask(&b, "next")), "ok");
+        let first = read_first_pid(&pids);
+        assert!(gone(first), "the timed-out worker survived");
+        b.stop();
+    }
+
+    /// Makes `PIDS` visible to the worker: options are the only input, so the path
+    /// goes into the command itself.
+    fn with_env(b: WorkerBackend, pids: &str) -> WorkerBackend {
+        let mut s = b.pool.settings.clone();
+        s.cmd = format!("PIDS='{pids}'; {}", s.cmd);
+        WorkerBackend {
+            pool: Arc::new(Pool::new(s)),
+        }
+    }
+
+    fn read_first_pid(path: &str) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let first = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| s.lines().next()?.trim().parse().ok());
+            if let Some(pid) = first {
+                return pid;
+            }
+            assert!(Instant::now() < deadline, "no pid in {path}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn crash_mid_request_fails_that_attempt_and_restarts() {
+        let dir = TempDir::new();
+        let pids = dir.file("pids");
+        let marker = dir.file("crashed");
+        let cmd = sh_worker(
+            &format!("if [ ! -e '{marker}' ]; then : > '{marker}'; echo dying >&2; exit 3; fi;"),
+            "{\\\"id\\\":\\\"$id\\\",\\\"text\\\":\\\"ok\\\"}",
+        );
+        let b = with_env(backend(&[("cmd", &cmd)]), &pids);
+        match ask(&b, "x") {
+            Err(BackendError::Failed {
+                code: Some(3),
+                stderr_tail,
+            }) => assert_eq!(stderr_tail, "dying"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(text(ask(&b, "x")), "ok");
+        b.stop();
+        for pid in std::fs::read_to_string(&pids).unwrap().lines() {
+            assert!(gone(pid.parse().unwrap()), "worker {pid} survived");
+        }
+    }
+
+    #[test]
+    fn crash_loop_at_start_is_trouble() {
+        let b = backend(&[("cmd", "echo broken >&2; exit 1"), ("timeout", "300ms")]);
+        b.start("ws", "http://127.0.0.1:1").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while b.trouble().is_none() {
+            assert!(Instant::now() < deadline, "never reported");
+            thread::sleep(Duration::from_millis(20));
+        }
+        let t = b.trouble().unwrap();
+        assert!(t.starts_with("worker keeps failing at start"), "{t}");
+        assert!(
+            !t.contains("broken"),
+            "stderr must stay out of the heartbeat: {t}"
+        );
+        // A request meanwhile fails its attempt instead of waiting forever.
+        let e = ask(&b, "x").unwrap_err();
+        assert!(e.to_string().contains("no worker ready"), "{e}");
+        b.stop();
+    }
+
+    #[test]
+    fn ready_line_gates_requests_and_start_timeout_applies() {
+        let dir = TempDir::new();
+        let early = dir.file("early");
+        // Half a second before its ready line, it looks whether a request came early.
+        let cmd = format!(
+            "python3 -c 'import json, select, sys\n\
+             if select.select([sys.stdin], [], [], 0.5)[0]: open(\"{early}\", \"w\").write(\"x\")\n\
+             print(json.dumps({{\"ready\": True}}), flush=True)\n\
+             for l in sys.stdin: print(json.dumps({{\"id\": json.loads(l)[\"id\"], \"text\": \"ok\"}}), flush=True)'"
+        );
+        let b = backend(&[("cmd", &cmd), ("ready", "true")]);
+        assert_eq!(text(ask(&b, "x")), "ok");
+        b.stop();
+        assert!(!Path::new(&early).exists());
+
+        let b = backend(&[
+            ("cmd", "sleep 30"),
+            ("ready", "true"),
+            ("start_timeout", "200ms"),
+            ("kill_grace", "100ms"),
+        ]);
+        b.start("", "").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while b.trouble().is_none() {
+            assert!(Instant::now() < deadline, "never reported");
+            thread::sleep(Duration::from_millis(20));
+        }
+        b.stop();
+    }
+
+    #[test]
+    fn stop_closes_stdin_then_kills() {
+        let dir = TempDir::new();
+        let pids = dir.file("pids");
+        // One worker exits on EOF, the other ignores it and TERM.
+        for cmd in [
+            "echo $$ >> \"$PIDS\"; cat >/dev/null",
+            "echo $$ >> \"$PIDS\"; trap '' TERM; while :; do sleep 1; done",
+        ] {
+            let b = with_env(backend(&[("cmd", cmd), ("kill_grace", "200ms")]), &pids);
+            b.start("", "").unwrap();
+            let pid = read_first_pid(&pids);
+            let started = Instant::now();
+            b.stop();
+            assert!(started.elapsed() < Duration::from_secs(5));
+            assert!(gone(pid), "{cmd}: survived");
+            std::fs::remove_file(&pids).unwrap();
+            assert!(matches!(ask(&b, "x"), Err(BackendError::Cancelled)));
+        }
+    }
+
+    #[test]
+    fn cancel_wakes_a_request_waiting_for_a_worker() {
+        let b = Arc::new(backend(&[
+            ("cmd", "sleep 30"),
+            ("ready", "true"),
+            ("kill_grace", "100ms"),
+        ]));
+        let run = RunHandle::new();
+        let t = {
+            let (b, run) = (Arc::clone(&b), run.clone());
+            thread::spawn(move || b.handle(&req("x"), &run))
+        };
+        thread::sleep(Duration::from_millis(100));
+        run.cancel(SIGTERM);
+        assert!(matches!(t.join().unwrap(), Err(BackendError::Cancelled)));
+        b.stop();
+    }
+
+    #[test]
+    fn options() {
+        let err = |pairs: &[(&str, &str)]| {
+            let opts = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            match WorkerBackend::from_opts(&opts, 4) {
+                Err(BackendError::Config(m)) => m,
+                Err(other) => panic!("{other:?}"),
+                Ok(_) => panic!("accepted {pairs:?}"),
+            }
+        };
+        assert!(err(&[]).contains("missing option \"cmd\""));
+        assert!(err(&[("cmd", "x"), ("bogus", "1")]).contains("known: cmd, workers"));
+        for (k, v) in [
+            ("workers", "0"),
+            ("max_in_flight", "999"),
+            ("timeout", "0s"),
+            ("ready", "yes"),
+            ("max_output", "-1"),
+            ("start_timeout", "soon"),
+        ] {
+            let m = err(&[("cmd", "x"), (k, v)]);
+            assert!(m.contains(k) && m.contains(v), "{m}");
+        }
+        let opts = [("cmd".to_string(), "cat".to_string())].into();
+        let b = WorkerBackend::from_opts(&opts, 4).unwrap();
+        assert_eq!(b.pool.settings.workers, 4);
+        assert_eq!(
+            b.check().unwrap(),
+            "worker: cat (started directly, no shell) (4 worker(s), 1 in flight each, timeout 1m)"
+        );
+        let b = backend(&[("cmd", "no-such-worker-xyz")]);
+        assert_eq!(
+            b.check().unwrap_err().to_string(),
+            "backend config: worker: command \"no-such-worker-xyz\" not found on PATH"
+        );
+    }
+
+    #[test]
+    fn probe_starts_and_stops_the_worker() {
+        let b = backend(&[("cmd", &format!("python3 {EXAMPLE}")), ("ready", "true")]);
+        let m = b.probe().unwrap();
+        assert!(m.contains("it said it is ready"), "{m}");
+        let b = backend(&[("cmd", "cat")]);
+        // `cat` echoes the probe line back: an answer with the probe's id.
+        let m = b.probe().unwrap();
+        assert!(m.contains("answered a probe request"), "{m}");
+        let b = backend(&[("cmd", "exit 1"), ("timeout", "2s")]);
+        assert!(b.probe().is_err());
+    }
+
+    #[test]
+    fn lines_are_capped() {
+        let data = format!("short\n{}\nlast", "x".repeat(2000));
+        let mut l = Lines::new(data.as_bytes(), 100);
+        assert!(matches!(l.next_line(), Some(Line::Whole(b)) if b == b"short"));
+        assert!(matches!(l.next_line(), Some(Line::TooLong(b)) if b.len() == 100));
+        assert!(matches!(l.next_line(), Some(Line::Whole(b)) if b == b"last"));
+        assert!(l.next_line().is_none());
+        assert_eq!(
+            scan_id("{\"id\": \"12\", \"text\": \"xx"),
+            Some("12".into())
+        );
+        assert_eq!(scan_id("{\"id\":7,"), Some("7".into()));
+        assert_eq!(scan_id("garbage"), None);
+    }
+}
