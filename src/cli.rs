@@ -937,7 +937,9 @@ earlier failure makes a check meaningless):
              what molecule connect does on start)
   cursor     an unknown since_id answers 410, as poll mode needs
   state-dir  the state dir is writable (a temporary file is created and removed)
-  backend    only with --backend/--backend-opt: the backend's command is found
+  backend    only with --backend/--backend-opt: the backend's command is found;
+             for `worker` the worker is also started, seen ready (ready=true) or
+             answering one probe request (method \"doctor/probe\"), and stopped
 
 Exit codes: 0 every check passed; 1 at least one failed.
 ",
@@ -974,12 +976,16 @@ Modes:
                            the others
 
 Options:
-  --backend NAME           exec | claude-code | mock              [default: claude-code]
+  --backend NAME           exec | claude-code | worker | mock     [default: claude-code]
   --backend-opt KEY=VALUE  backend option, repeatable:
                              exec:        cmd=SHELL-COMMAND (required), timeout=60s,
                                           max_output=1048576, format=text|json,
                                           pass_meta=false, kill_grace=2s
                              claude-code: bin=claude, args=..., timeout=5m, pass_meta=true
+                             worker:      cmd=SHELL-COMMAND (required), workers=N
+                                          (--concurrency), max_in_flight=1, timeout=60s,
+                                          kill_grace=2s, max_output=1048576 (per answer),
+                                          ready=false, start_timeout=30s
                              mock:        reply='echo: %s'
   --token TOKEN            workspace token (visible in ps: prefer --token-file or
                            env MOLECULE_WORKSPACE_TOKEN)
@@ -1017,6 +1023,14 @@ MOLECULE_CALLER_NAME, MOLECULE_CALLER_ROLE (when known), MOLECULE_ORIGIN
 (peer|canvas|delegation_result), MOLECULE_MESSAGE_ID, MOLECULE_ACTIVITY_ID,
 MOLECULE_CONTEXT_ID, MOLECULE_ATTEMPT, and MOLECULE_DELEGATION_ID for a delegation
 result (whose output is not posted anywhere).
+
+The worker backend starts CMD once per worker (own process group, MOLECULE_WORKSPACE_ID
+and MOLECULE_API_URL set) and talks NDJSON: a line {\"id\":\"7\",\"text\":...,<the whole
+request as exec's format=json gives it>} on its stdin; a line {\"id\":\"7\",\"text\":...}
+(and/or \"parts\"), {\"id\":\"7\",\"no_reply\":true}, {\"id\":\"7\",\"retry_later\":true} or
+{\"id\":\"7\",\"error\":\"...\"} on its stdout, in any order. Its stderr goes to our log. With
+ready=true no request is sent before its first line {\"ready\":true}. A worker past its
+timeout is killed and started afresh; one that exits is restarted with a backoff.
 
 Files in the state dir: <id>.json (cursor: workspace_id, last_since_id; handled ids;
 pending replies), <id>.journal (changes since the last checkpoint), <id>.lock (one

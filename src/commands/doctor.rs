@@ -325,7 +325,10 @@ fn backend(a: &DoctorArgs) -> Result<String, String> {
     let opts = config::backend_opts(&a.backend_opts).map_err(|e| e.to_string())?;
     crate::backend::build(name, &opts, 1)
         .and_then(|b| b.probe())
-        .map_err(|e| e.to_string())
+        .map_err(|e| {
+            let e = e.to_string();
+            e.strip_prefix("backend: ").unwrap_or(&e).to_string()
+        })
 }
 
 #[cfg(test)]

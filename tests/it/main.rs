@@ -13,3 +13,4 @@ mod events;
 mod fault;
 mod hardening;
 mod ops;
+mod worker;

@@ -1,0 +1,51 @@
+"""A worker for the integration tests: `molecule connect --backend worker`.
+
+Behaviour by message text (state in $TEST_DIR):
+  crash-once  the first time: exit 3 (mid-request); then answer
+  hang-once   the first time: sleep for minutes (until killed); then answer
+  slow        touch $TEST_DIR/got-<text>, sleep 1 s, then answer
+  garbage     print a line that is not JSON
+  big         answer with 5000 bytes of text
+  anything    answer "w:<text>"
+Every start appends its pid to $TEST_DIR/pids. Requests are answered one at a time.
+"""
+
+import json
+import os
+import sys
+import time
+
+d = os.environ["TEST_DIR"]
+with open(os.path.join(d, "pids"), "a") as f:
+    f.write("%d\n" % os.getpid())
+if os.environ.get("TEST_READY"):
+    print(json.dumps({"ready": True}), flush=True)
+
+
+def once(name):
+    """True the first time `name` is seen, across restarts."""
+    path = os.path.join(d, "seen-" + name)
+    if os.path.exists(path):
+        return False
+    open(path, "w").close()
+    return True
+
+
+for line in sys.stdin:
+    req = json.loads(line)
+    text = req["text"]
+    out = {"id": req["id"], "text": "w:" + text}
+    if text.startswith("slow"):
+        open(os.path.join(d, "got-" + text), "w").close()
+        time.sleep(1)
+    elif text == "crash-once" and once(text):
+        print("crashing on purpose", file=sys.stderr, flush=True)
+        sys.exit(3)
+    elif text == "hang-once" and once(text):
+        time.sleep(600)
+    elif text == "garbage":
+        print("this is not json", flush=True)
+        continue
+    elif text == "big":
+        out["text"] = "x" * 5000
+    print(json.dumps(out), flush=True)

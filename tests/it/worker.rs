@@ -1,0 +1,331 @@
+//! `--backend worker` end to end: one long-lived agent process, its failures, and
+//! that no process outlives the connector.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+const TEST_WORKER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/support/worker.py");
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/examples/worker.py");
+
+fn texts(msgs: &[Value]) -> Vec<String> {
+    msgs.iter()
+        .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// A connector running the test worker with `opts` (more `--backend-opt`s) and `args`.
+fn start(emu: &Emulator, ws: &Ws, dir: &Arc<TempDir>, opts: &[&str], args: &[&str]) -> Connector {
+    let cmd = format!("cmd=python3 {TEST_WORKER}");
+    let mut all = vec!["--backend", "worker", "--backend-opt", &cmd];
+    for o in opts {
+        all.extend(["--backend-opt", o]);
+    }
+    all.extend(args);
+    let test_dir = dir.path().display().to_string();
+    Connector::start_with_env(emu, ws, dir, &all, &[("TEST_DIR", &test_dir)])
+}
+
+fn pids(dir: &Path) -> Vec<u32> {
+    std::fs::read_to_string(dir.join("pids"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie is not an orphan: its parent (the connector, or init) reaps it.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// Every worker process ever started in `dir` is gone.
+fn assert_no_workers_left(dir: &Path, c: &Connector) {
+    let all = pids(dir);
+    assert!(!all.is_empty(), "no worker ever started");
+    wait_until(WAIT, "every worker process to exit", c, || {
+        all.iter().all(|p| !alive(*p)).then_some(())
+    });
+}
+
+#[test]
+fn example_worker_answers_peers_and_canvas() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let cmd = format!("cmd=python3 {EXAMPLE}");
+    let mut c = Connector::start(
+        &emu,
+        &a,
+        &dir,
+        &[
+            "--backend",
+            "worker",
+            "--backend-opt",
+            &cmd,
+            "--backend-opt",
+            "ready=true",
+        ],
+    );
+    emu.say(&a.id, Some(&b.id), "hello");
+    emu.say(&a.id, None, "from the canvas");
+    let got = wait_received(&emu, &b.id, 1, &c);
+    assert_eq!(texts(&got), ["echo: hello"]);
+    let n = wait_notifies(&emu, &a.id, 1, &c);
+    assert_eq!(n[0]["message"], "echo: from the canvas");
+    assert!(
+        c.stderr().contains("worker 0: ready after"),
+        "{}",
+        c.stderr()
+    );
+    assert_eq!(c.stop().code(), Some(0), "{}", c.stderr());
+}
+
+#[test]
+fn concurrency_keeps_per_sender_order_with_several_in_flight() {
+    let emu = Emulator::start();
+    let (root, _) = emu.workspace(json!({"name": "root"}));
+    let (a, ta) = emu.workspace(json!({"parent_id": root}));
+    let a = Ws { id: a, token: ta };
+    let peers: Vec<String> = (0..3)
+        .map(|_| {
+            emu.workspace(json!({"parent_id": root, "delivery_mode": "poll"}))
+                .0
+        })
+        .collect();
+    for i in 0..4 {
+        for p in &peers {
+            emu.say(&a.id, Some(p), &format!("{}-{i}", &p[..8]));
+        }
+    }
+    let dir = Arc::new(TempDir::new());
+    // One process, three requests in flight, answered in whatever order they finish.
+    let mut c = start(
+        &emu,
+        &a,
+        &dir,
+        &["workers=1", "max_in_flight=3"],
+        &["--concurrency", "3"],
+    );
+    for p in &peers {
+        let got = wait_received(&emu, p, 4, &c);
+        let expected: Vec<String> = (0..4).map(|i| format!("w:{}-{i}", &p[..8])).collect();
+        assert_eq!(texts(&got), expected, "per-sender order");
+    }
+    assert_eq!(pids(dir.path()).len(), 1, "one worker for everything");
+    c.stop();
+    assert_no_workers_left(dir.path(), &c);
+}
+
+#[test]
+fn timeout_kills_the_worker_and_the_retry_is_answered_once() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let mut c = start(
+        &emu,
+        &a,
+        &dir,
+        &["timeout=1s", "kill_grace=500ms"],
+        &["--max-attempts", "3"],
+    );
+    emu.say(&a.id, Some(&b.id), "hang-once");
+    let got = wait_received(&emu, &b.id, 1, &c);
+    assert_eq!(texts(&got), ["w:hang-once"]);
+    assert!(
+        c.stderr().contains("ran past its timeout"),
+        "{}",
+        c.stderr()
+    );
+    assert_eq!(
+        pids(dir.path()).len(),
+        2,
+        "a fresh worker after the timeout"
+    );
+    emu.wait_polls(3, &c);
+    assert_eq!(emu.received(&b.id).len(), 1, "answered once");
+    c.stop();
+    assert_no_workers_left(dir.path(), &c);
+}
+
+#[test]
+fn crash_mid_request_restarts_the_worker_and_answers_once() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let mut c = start(&emu, &a, &dir, &[], &[]);
+    emu.say(&a.id, Some(&b.id), "crash-once");
+    emu.say(&a.id, Some(&b.id), "after");
+    let got = wait_received(&emu, &b.id, 2, &c);
+    assert_eq!(texts(&got), ["w:crash-once", "w:after"]);
+    let log = c.stderr();
+    assert!(log.contains("worker 0: crashing on purpose"), "{log}");
+    assert!(
+        log.contains("exited (exit status: 3) holding 1 request(s)"),
+        "{log}"
+    );
+    emu.wait_polls(3, &c);
+    assert_eq!(emu.received(&b.id).len(), 2, "answered once each");
+    c.stop();
+    assert_no_workers_left(dir.path(), &c);
+}
+
+#[test]
+fn malformed_and_oversize_answers_fail_only_their_message() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let mut c = start(
+        &emu,
+        &a,
+        &dir,
+        &["max_output=1000"],
+        &["--max-attempts", "1"],
+    );
+    emu.say(&a.id, Some(&b.id), "garbage");
+    emu.say(&a.id, Some(&b.id), "big");
+    emu.say(&a.id, Some(&b.id), "fine");
+    let got = wait_received(&emu, &b.id, 3, &c);
+    assert_eq!(
+        texts(&got),
+        [
+            "Sorry, the agent could not handle this message (bad output: worker answer is not a JSON object).",
+            "Sorry, the agent could not handle this message (bad output: answer exceeds max_output 1000 bytes).",
+            "w:fine"
+        ]
+    );
+    assert_eq!(pids(dir.path()).len(), 1, "the worker was not restarted");
+    c.stop();
+    assert_no_workers_left(dir.path(), &c);
+}
+
+#[test]
+fn crash_loop_at_start_makes_the_heartbeat_wedged() {
+    let emu = Emulator::start();
+    let (a, _) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let mut c = Connector::start(
+        &emu,
+        &a,
+        &dir,
+        &[
+            "--backend",
+            "worker",
+            "--backend-opt",
+            "cmd=echo 'no API key' >&2; exit 1",
+        ],
+    );
+    let hb = wait_until(WAIT, "a wedged heartbeat", &c, || {
+        let h = emu.heartbeats(&a.id);
+        (h["last"]["runtime_state"] == "wedged").then_some(h)
+    });
+    let sample = hb["last"]["sample_error"].as_str().unwrap().to_string();
+    assert!(sample.contains("worker keeps failing at start"), "{sample}");
+    assert!(!sample.contains("API key"), "stderr leaked: {sample}");
+    assert!(
+        c.stderr().contains("worker 0: no API key"),
+        "{}",
+        c.stderr()
+    );
+    assert_eq!(c.stop().code(), Some(0), "{}", c.stderr());
+}
+
+#[test]
+fn sigterm_drains_the_request_in_flight_then_stops_the_worker() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let mut c = start(&emu, &a, &dir, &[], &[]);
+    emu.say(&a.id, Some(&b.id), "slow-1");
+    wait_until(WAIT, "the worker to get the request", &c, || {
+        dir.path().join("got-slow-1").exists().then_some(())
+    });
+    let status = c.stop();
+    assert_eq!(status.code(), Some(0), "{}", c.stderr());
+    assert_eq!(texts(&emu.received(&b.id)), ["w:slow-1"], "drained reply");
+    assert_no_workers_left(dir.path(), &c);
+}
+
+#[test]
+fn kill_9_with_requests_in_flight_answers_each_once_after_restart() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let c = start(&emu, &a, &dir, &["workers=2"], &["--concurrency", "2"]);
+    emu.say(&a.id, Some(&b.id), "slow-a");
+    emu.say(&a.id, None, "slow-b");
+    wait_until(WAIT, "both requests in flight", &c, || {
+        (dir.path().join("got-slow-a").exists() && dir.path().join("got-slow-b").exists())
+            .then_some(())
+    });
+    c.signal("KILL");
+    // Its workers see stdin close and go too: nothing is left behind.
+    assert_no_workers_left(dir.path(), &c);
+    drop(c);
+    let mut c = start(&emu, &a, &dir, &["workers=2"], &["--concurrency", "2"]);
+    let got = wait_received(&emu, &b.id, 1, &c);
+    assert_eq!(texts(&got), ["w:slow-a"]);
+    let n = wait_notifies(&emu, &a.id, 1, &c);
+    assert_eq!(n[0]["message"], "w:slow-b");
+    emu.wait_polls(5, &c);
+    assert_eq!(emu.received(&b.id).len(), 1, "answered once");
+    assert_eq!(emu.notifies(&a.id).len(), 1, "notified once");
+    c.stop();
+    assert_no_workers_left(dir.path(), &c);
+}
+
+#[test]
+fn doctor_starts_the_worker_and_stops_it() {
+    let emu = Emulator::start();
+    let (a, _) = emu.pair();
+    let dir = TempDir::new();
+    let token = dir.path().join("token");
+    write_secret(&token, &a.token);
+    let cmd = format!("cmd=python3 {EXAMPLE}");
+    let (code, out, err) = run(&[
+        "doctor",
+        "--api-url",
+        &emu.url,
+        "--workspace",
+        &a.id,
+        "--token-file",
+        token.to_str().unwrap(),
+        "--backend",
+        "worker",
+        "--backend-opt",
+        &cmd,
+        "--backend-opt",
+        "ready=true",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("it said it is ready"), "{out}");
+    let (code, out, _) = run(&[
+        "doctor",
+        "--api-url",
+        &emu.url,
+        "--workspace",
+        &a.id,
+        "--token-file",
+        token.to_str().unwrap(),
+        "--backend",
+        "worker",
+        "--backend-opt",
+        "cmd=exit 2",
+        "--backend-opt",
+        "timeout=2s",
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("FAIL backend: command exited with status 2"),
+        "{out}"
+    );
+}
