@@ -6,7 +6,9 @@ Loopback only; every wait is bounded. Prints a JSON document and a table."""
 import json, os, signal, subprocess, sys, tempfile, time, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+# Where cargo puts the binaries (CARGO_TARGET_DIR and cargo configs move it).
+BIN = os.path.join(subprocess.run([os.path.join(ROOT, "scripts", "target-dir.sh")], capture_output=True,
+                                  text=True).stdout.strip() or os.path.join(ROOT, "target"), "release")
 IDLE = float(os.environ.get("IDLE_SECS", "30"))
 COUNTS = [int(x) for x in os.environ.get("COUNTS", "1,10,50").split(",")]
 TICK = os.sysconf("SC_CLK_TCK")

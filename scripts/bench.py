@@ -28,6 +28,9 @@ import time
 import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where cargo puts the binaries (CARGO_TARGET_DIR and cargo configs move it).
+TARGET = subprocess.run([os.path.join(ROOT, "scripts", "target-dir.sh")], capture_output=True,
+                        text=True).stdout.strip() or os.path.join(ROOT, "target")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SIZE_BUDGET = 2_500_000  # bytes; the same budget as scripts/check.sh
 
@@ -1191,8 +1194,8 @@ def parse_args(argv):
                                 "{token_file} {state_dir}, optional {backend_args} {concurrency} {interval_ms}")
     p.add_argument("--vs-name", default="vs")
     p.add_argument("--vs-binary", help="binary of the --vs connector, for its size")
-    p.add_argument("--bin-dir", default=os.path.join(ROOT, "target", "release"))
-    p.add_argument("--musl-bin", default=os.path.join(ROOT, "target", "x86_64-unknown-linux-musl", "release", "molecule"))
+    p.add_argument("--bin-dir", default=os.path.join(TARGET, "release"))
+    p.add_argument("--musl-bin", default=os.path.join(TARGET, "x86_64-unknown-linux-musl", "release", "molecule"))
     p.add_argument("--no-build", action="store_true", help="do not build the musl binary when it is missing")
     p.add_argument("--quiet-wait", type=float, default=120,
                    help="before each run wait up to this many seconds for other processes to use less than "

@@ -15,7 +15,7 @@ echo "--- cargo test"
 cargo test
 echo "--- static release build (x86_64-unknown-linux-musl)"
 cargo build --release --target x86_64-unknown-linux-musl --bin molecule
-bin=target/x86_64-unknown-linux-musl/release/molecule
+bin="$(scripts/target-dir.sh)/x86_64-unknown-linux-musl/release/molecule"
 size=$(stat -c %s "$bin")
 echo "molecule static binary: $size bytes ($(file -b "$bin" 2>/dev/null | cut -d, -f1-2 || true))"
 if [ "$size" -gt "$SIZE_BUDGET" ]; then

@@ -12,7 +12,7 @@ need cargo; need curl; need python3
 
 echo "==> building (release)"
 cargo build --release --quiet --bins
-BIN=target/release
+BIN="$(scripts/target-dir.sh)/release"
 
 WORK=$(mktemp -d)
 EMU_PID=""; AGENT_PID=""

@@ -280,10 +280,7 @@ where
     let mut global = GlobalArgs::default();
     let command_name = loop {
         let Some(arg) = next(&mut parser)? else {
-            return Ok(Args {
-                global,
-                command: Command::Help(None),
-            });
+            return Err(UsageError(format!("no command given\n\n{HELP}")));
         };
         if parse_global(&arg, &mut parser, &mut global)? {
             continue;
@@ -450,6 +447,16 @@ fn sub_args(
 ) -> Result<Option<Vec<String>>, UsageError> {
     let mut positional = Vec::new();
     while let Some(arg) = next(parser)? {
+        // `-hello` or `-vh` is message text that looks like options, not `-h`: only
+        // a lone short option counts as one.
+        if let Short(c) = arg
+            && let Some(rest) = parser.optional_value()
+        {
+            return Err(looks_like_option(
+                cmd,
+                &format!("-{c}{}", rest.to_string_lossy()),
+            ));
+        }
         if parse_global(&arg, parser, g)? {
             continue;
         }
@@ -458,7 +465,7 @@ fn sub_args(
             Long(ref l) if l == "help" => return Ok(None),
             Long(ref l) => {
                 if !flag(l, parser)? {
-                    return Err(UsageError(format!("{cmd}: {}", unexpected(arg))));
+                    return Err(looks_like_option(cmd, &format!("--{l}")));
                 }
             }
             Value(v) if positional.len() < max_positional => {
@@ -470,10 +477,17 @@ fn sub_args(
                     v.to_string_lossy()
                 )));
             }
-            other => return Err(UsageError(format!("{cmd}: {}", unexpected(other)))),
+            Short(c) => return Err(looks_like_option(cmd, &format!("-{c}"))),
         }
     }
     Ok(Some(positional))
+}
+
+/// An unknown option, which may well be message text starting with `-`.
+fn looks_like_option(cmd: &str, arg: &str) -> UsageError {
+    UsageError(format!(
+        "{cmd}: unknown option {arg:?} (if it is text, put -- before it, or pass - and write the text to stdin; see 'molecule {cmd} --help')"
+    ))
 }
 
 fn help(cmd: &str) -> Command {
@@ -559,7 +573,16 @@ fn parse_delegations(
     let mut a = DelegationsArgs::default();
     let Some(_) = sub_args(parser, g, "delegations", 0, |name, p| {
         match name {
-            "status" => a.status = Some(string(p.value()?, "--status")?),
+            "status" => {
+                let s = string(p.value()?, "--status")?;
+                if !DELEGATION_STATUSES.contains(&s.trim()) {
+                    return Err(UsageError(format!(
+                        "delegations: --status {s:?} is not a delegation status (one of: {})",
+                        DELEGATION_STATUSES.join(", ")
+                    )));
+                }
+                a.status = Some(s.trim().to_string());
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -654,11 +677,36 @@ fn string(v: OsString, what: &str) -> Result<String, UsageError> {
     })
 }
 
-fn number<T: std::str::FromStr>(parser: &mut lexopt::Parser, flag: &str) -> Result<T, UsageError> {
+/// Unsigned whole-number option types, with their largest value for the message.
+trait Whole: std::str::FromStr {
+    const MAX: u128;
+}
+impl Whole for u32 {
+    const MAX: u128 = u32::MAX as u128;
+}
+impl Whole for u64 {
+    const MAX: u128 = u64::MAX as u128;
+}
+impl Whole for usize {
+    const MAX: u128 = usize::MAX as u128;
+}
+
+fn number<T: Whole>(parser: &mut lexopt::Parser, flag: &str) -> Result<T, UsageError> {
     let raw = string(parser.value()?, flag)?;
-    raw.trim()
-        .parse()
-        .map_err(|_| UsageError(format!("{flag}: {raw:?} is not a valid whole number")))
+    let t = raw.trim();
+    t.parse().map_err(|_| {
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if digits(t) {
+            UsageError(format!(
+                "{flag}: {raw} is out of range (at most {})",
+                T::MAX
+            ))
+        } else if t.strip_prefix('-').is_some_and(digits) {
+            UsageError(format!("{flag}: {raw} is out of range (at least 0)"))
+        } else {
+            UsageError(format!("{flag}: {raw:?} is not a valid whole number"))
+        }
+    })
 }
 
 /// `molecule --help`.
@@ -833,6 +881,17 @@ delegation may still finish: see molecule delegations) or the platform is unreac
     agent_env!()
 );
 
+/// The statuses a delegation can have (§API-2.14: activity log and ledger).
+const DELEGATION_STATUSES: &[&str] = &[
+    "pending",
+    "dispatched",
+    "queued",
+    "in_progress",
+    "stuck",
+    "completed",
+    "failed",
+];
+
 /// `molecule delegations --help`.
 pub const DELEGATIONS_HELP: &str = concat!(
     "\
@@ -999,7 +1058,7 @@ Options:
   --concurrency N          backend runs at once, across different senders (messages from
                            one sender stay strictly in order)                [default: 1]
   --reply-to-replies       also post answers to messages that are themselves replies
-(off by default: two auto-replying agents would loop forever)
+                           (off by default: two auto-replying agents would loop forever)
   --max-auto-replies N     second loop guard, for --reply-to-replies: at most N answers in
                            a row to replies, per peer conversation (peer + contextId); a
                            fresh message or 10 quiet minutes reset it; 0 = no cap
@@ -1068,9 +1127,51 @@ mod tests {
         parse(std::iter::once("molecule").chain(args.iter().copied()))
     }
 
+    const PEER_ID: &str = "22222222-2222-4222-8222-222222222222";
+
     #[test]
-    fn no_args_is_help() {
-        assert_eq!(p(&[]).unwrap().command, Command::Help(None));
+    fn text_that_looks_like_an_option_is_not_help() {
+        for cmd in [&["send", PEER_ID][..], &["notify"], &["delegate", PEER_ID]] {
+            for text in ["-hello", "-h1", "-vh", "--hello", "-x"] {
+                let mut argv = cmd.to_vec();
+                argv.push(text);
+                let e = p(&argv).unwrap_err();
+                assert!(e.0.contains("put -- before it"), "{argv:?}: {e}");
+                assert!(e.0.contains(text), "{argv:?}: {e}");
+            }
+            let mut argv = cmd.to_vec();
+            argv.extend(["--", "-hello"]);
+            assert!(!matches!(p(&argv).unwrap().command, Command::Help(_)));
+            let mut argv = cmd.to_vec();
+            argv.push("-h");
+            assert!(matches!(p(&argv).unwrap().command, Command::Help(_)));
+        }
+        let a = p(&["send", PEER_ID, "--", "-hello"]).unwrap();
+        let Command::Send(s) = a.command else {
+            panic!()
+        };
+        assert_eq!(s.text.as_deref(), Some("-hello"));
+    }
+
+    #[test]
+    fn numbers_out_of_range_say_so() {
+        let e = p(&["heartbeat", "--active-tasks", "99999999999"]).unwrap_err();
+        assert!(e.0.contains("out of range (at most 4294967295)"), "{e}");
+        let e = p(&["heartbeat", "--active-tasks", "-1"]).unwrap_err();
+        assert!(e.0.contains("out of range (at least 0)"), "{e}");
+        let e = p(&["send", PEER_ID, "hi", "--budget", "abc"]).unwrap_err();
+        assert!(e.0.contains("not a valid whole number"), "{e}");
+        let e = p(&["delegations", "--status", "bogus"]).unwrap_err();
+        assert!(e.0.contains("pending, dispatched"), "{e}");
+    }
+
+    #[test]
+    fn no_args_is_usage_error() {
+        let e = p(&[]).unwrap_err();
+        assert!(
+            e.0.starts_with("no command given") && e.0.contains("Commands:"),
+            "{e}"
+        );
         assert_eq!(p(&["--help"]).unwrap().command, Command::Help(None));
         assert_eq!(
             p(&["connect", "--help"]).unwrap().command,

@@ -477,32 +477,50 @@ pub fn backend_opts(pairs: &[String]) -> Result<BTreeMap<String, String>, Config
     Ok(opts)
 }
 
-/// Reads and checks a token file (whitespace around the token is ignored).
+/// Longest token file read: a token is 43 characters; a few KB leaves room for
+/// comments-free files with odd line endings and nothing more.
+const MAX_TOKEN_FILE: u64 = 4096;
+
+/// Reads and checks a token file (whitespace around the token is ignored; a UTF-8
+/// byte-order mark, as some editors write, is stripped with a note). Only a regular
+/// file (or a symlink to one, as Kubernetes mounts Secrets) is read, and at most a
+/// few KB of it: `/dev/zero` or a FIFO must not hang or fill memory.
 pub fn read_token_file(path: &Path) -> Result<Secret, ConfigError> {
-    let raw = std::fs::read(path)
-        .map_err(|e| ConfigError(format!("token file {}: {e}", path.display())))?;
-    if raw.len() > 64 * 1024 {
-        return Err(ConfigError(format!(
-            "token file {}: too large to be a token",
-            path.display()
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let what = format!("token file {}", path.display());
+    let fail = |detail: String| ConfigError(format!("{what}: {detail}"));
+    // Checked before opening: opening a FIFO would block until a writer comes.
+    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    let mut raw = Vec::new();
+    file.take(MAX_TOKEN_FILE + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| fail(e.to_string()))?;
+    if raw.len() as u64 > MAX_TOKEN_FILE {
+        return Err(fail(format!(
+            "larger than {MAX_TOKEN_FILE} bytes: too large to be a token"
         )));
     }
-    let text = String::from_utf8(raw)
-        .map_err(|_| ConfigError(format!("token file {}: not UTF-8 text", path.display())))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(path)
-            && meta.permissions().mode() & 0o007 != 0
-        {
-            // Group access is common on purpose (a Kubernetes Secret with fsGroup).
-            log::warn!(
-                "token file {} is readable by other users; chmod 600 it",
-                path.display()
-            );
-        }
+    if meta.permissions().mode() & 0o044 != 0 {
+        log::warn!("{what} is readable by group or others; chmod 600 it");
     }
-    check_token(&text, &format!("token file {}", path.display()))
+    let raw = match raw.strip_prefix(b"\xef\xbb\xbf") {
+        Some(rest) => {
+            log::info!("{what}: ignoring the UTF-8 byte-order mark at its start");
+            rest.to_vec()
+        }
+        None => raw,
+    };
+    let text = String::from_utf8(raw).map_err(|_| fail("not UTF-8 text".into()))?;
+    check_token(&text, &what)
 }
 
 fn check_token(raw: &str, what: &str) -> Result<Secret, ConfigError> {
@@ -510,10 +528,20 @@ fn check_token(raw: &str, what: &str) -> Result<Secret, ConfigError> {
     if t.is_empty() {
         return Err(ConfigError(format!("{what}: the token is empty")));
     }
-    // A token goes into a header: no whitespace or control characters inside.
-    if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    // A token goes into a header: printable ASCII only, nothing the HTTP library
+    // would reject later (which would look like a network error and be retried).
+    if let Some((i, c)) = t.chars().enumerate().find(|(_, c)| !c.is_ascii_graphic()) {
+        let kind = if c.is_whitespace() {
+            "a space"
+        } else if c.is_control() {
+            "a control character"
+        } else {
+            "a non-ASCII character"
+        };
         return Err(ConfigError(format!(
-            "{what}: the token contains spaces or control characters"
+            "{what}: the token contains {kind} (U+{:04X}) at character {}; a token is printable ASCII",
+            u32::from(c),
+            i + 1
         )));
     }
     Ok(Secret::new(t))
@@ -561,6 +589,15 @@ fn validate_url(raw: &str) -> Result<String, ConfigError> {
     if url.contains(['?', '#', ' ']) || url.chars().any(char::is_control) {
         return Err(ConfigError(format!(
             "platform URL {raw:?}: no query, fragment or spaces allowed"
+        )));
+    }
+    // The port, if any, follows the last ':' outside an IPv6 literal's brackets.
+    let after_host = authority.rsplit_once(']').map_or(authority, |(_, p)| p);
+    if let Some((_, port)) = after_host.rsplit_once(':')
+        && port.parse::<u16>().ok().filter(|p| *p > 0).is_none()
+    {
+        return Err(ConfigError(format!(
+            "platform URL {raw:?}: port {port:?} is not a port number (1 to 65535)"
         )));
     }
     Ok(url.to_string())
@@ -812,6 +849,56 @@ mod tests {
         );
         assert!(backend_opts(&["cmd=cat".into(), "x".into()]).is_err());
         assert_eq!(backend_opts(&["cmd=a=b".into()]).unwrap()["cmd"], "a=b");
+    }
+
+    #[test]
+    fn ports_are_checked() {
+        for bad in [
+            "https://h:70000",
+            "https://h:0",
+            "http://[::1]:99999/x",
+            "https://h:x",
+        ] {
+            let e = validate_url(bad).unwrap_err();
+            assert!(e.0.contains("not a port number"), "{bad}: {e}");
+        }
+        for good in [
+            "https://h:443",
+            "http://[::1]:8080/x",
+            "https://h",
+            "http://[::1]",
+        ] {
+            assert!(validate_url(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn token_files_are_read_carefully() {
+        let dir = std::env::temp_dir().join(format!("molecule-cfg-{}", crate::uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("tok");
+        // Editors' byte-order mark is stripped.
+        std::fs::write(&f, b"\xef\xbb\xbfsecret-token\r\n").unwrap();
+        assert_eq!(read_token_file(&f).unwrap().expose(), "secret-token");
+        // Not a regular file, or far too large: refused without reading it whole.
+        let e = read_token_file(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.0.contains("not a regular file"), "{e}");
+        let e = read_token_file(&dir).unwrap_err();
+        assert!(e.0.contains("not a regular file"), "{e}");
+        std::fs::write(&f, vec![b'a'; 5000]).unwrap();
+        assert!(read_token_file(&f).unwrap_err().0.contains("too large"));
+        // Anything but printable ASCII is named.
+        for (bad, kind) in [
+            ("tok\u{e9}n", "non-ASCII character (U+00E9) at character 4"),
+            ("to\u{7}k", "control character (U+0007)"),
+            ("to k", "a space"),
+        ] {
+            std::fs::write(&f, bad).unwrap();
+            let e = read_token_file(&f).unwrap_err();
+            assert!(e.0.contains(kind), "{bad:?}: {e}");
+            assert!(!e.0.contains(bad), "the token itself is never printed: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

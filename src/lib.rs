@@ -93,6 +93,25 @@ where
     Ok(cli::parse(argv)?)
 }
 
+/// The `{"ok":false,...}` document for an error found while parsing `argv`, when
+/// `argv` asks for `--json` (before any `--`): with `--json`, stdout is one JSON
+/// document whatever happens, parse errors included.
+pub fn parse_error_document(argv: &[OsString], e: &Error) -> Option<String> {
+    let json = argv
+        .iter()
+        .skip(1)
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--json");
+    json.then(|| {
+        let doc = serde_json::json!({
+            "ok": false,
+            "error": e.to_string(),
+            "exit_code": e.exit_code(),
+        });
+        format!("{doc}\n")
+    })
+}
+
 /// The log level from `-v`/`-q`, else `MOLECULE_LOG`, else `RUST_LOG` (a bare
 /// level), else `info`.
 pub fn log_level(verbosity: i8, env: &dyn Fn(&str) -> Option<String>) -> log::LevelFilter {

@@ -5,9 +5,14 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let env = |k: &str| std::env::var(k).ok();
-    let args = match molecule::parse_args(std::env::args_os()) {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let args = match molecule::parse_args(argv.iter().cloned()) {
         Ok(a) => a,
         Err(e) => {
+            if let Some(doc) = molecule::parse_error_document(&argv, &e) {
+                use std::io::Write;
+                let _ = std::io::stdout().lock().write_all(doc.as_bytes());
+            }
             eprintln!("molecule: {e}\nTry 'molecule --help'.");
             return ExitCode::from(e.exit_code());
         }

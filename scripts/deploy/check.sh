@@ -75,7 +75,7 @@ fi
 if python3 -m json.tool "$here/workspaces.example.json" >/dev/null; then ok "workspaces.example.json parses"
 else bad "workspaces.example.json"; fi
 
-bin=$here/../../target/x86_64-unknown-linux-musl/release/molecule
+bin="$("$here/../target-dir.sh")/x86_64-unknown-linux-musl/release/molecule"
 if [ -x "$bin" ]; then
   mkdir "$tmp/empty" && cp "$bin" "$tmp/empty/molecule"
   if (cd "$tmp/empty" && env -i ./molecule --version >/dev/null); then

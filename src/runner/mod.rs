@@ -482,10 +482,15 @@ fn run_connected(
     let reason = shutdown.wait();
     let clean = matches!(reason, StopReason::Signal | StopReason::Finished);
     if clean {
-        log::info!(
-            "stopping: waiting up to {}s for running backends",
-            cfg.drain_timeout.as_secs()
-        );
+        let (_, active, _) = RuntimeStatus::snapshot(&final_status);
+        if active > 0 {
+            log::info!(
+                "stopping: waiting up to {}s for {active} running backend(s)",
+                cfg.drain_timeout.as_secs()
+            );
+        } else {
+            log::info!("stopping");
+        }
     } else {
         cancel_all(all_runs, signal::SIGTERM);
     }
@@ -497,6 +502,14 @@ fn run_connected(
     } else {
         log::warn!(
             "a thread did not stop in time; exiting anyway (state is journaled after every message)"
+        );
+        // Without this the status file would still say running, and `status` would
+        // call the exit a crash.
+        report::record_stop(
+            &cfg.common.state_dir,
+            &cfg.workspace_id,
+            cfg.poll_interval,
+            "forced",
         );
         // That thread may still write the state: keep the lock until the process
         // exits, so no other connector starts on this workspace meanwhile.

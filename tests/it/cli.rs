@@ -10,7 +10,6 @@ fn help_for_every_command() {
         &["--help"][..],
         &["connect", "--help"],
         &["help", "connect"],
-        &[],
     ] {
         let (code, out, err) = run(args);
         assert_eq!(code, 0, "{args:?}: {err}");
@@ -20,6 +19,10 @@ fn help_for_every_command() {
     let (code, out, _) = run(&["--version"]);
     assert_eq!(code, 0);
     assert_eq!(out, format!("molecule {}\n", molecule::VERSION));
+    // Bare `molecule` is a usage error: usage on stderr, exit 2.
+    let (code, out, err) = run(&[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(out.is_empty() && err.contains("Usage: molecule"), "{err}");
 }
 
 /// `molecule 0.1.0 (1a2b3c4[-dirty], <target>)`, or `unknown` for the commit when

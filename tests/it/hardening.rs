@@ -235,3 +235,170 @@ fn a_cold_start_reads_its_whole_window_oldest_first() {
         c.stderr()
     );
 }
+
+const PEER: &str = "22222222-2222-4222-8222-222222222222";
+
+#[test]
+fn message_text_starting_with_a_dash_is_never_help() {
+    let dir = TempDir::new();
+    let tok = dir.path().join("token");
+    write_secret(&tok, "t0k3n");
+    let tok = tok.to_str().unwrap();
+    let base = [
+        "--api-url",
+        "http://127.0.0.1:9",
+        "--token-file",
+        tok,
+        "--workspace",
+        PEER,
+    ];
+    for cmd in [&["send", PEER][..], &["notify"], &["delegate", PEER]] {
+        for text in ["-hello", "-h1", "-vh"] {
+            for json in [false, true] {
+                let mut argv: Vec<&str> = base.to_vec();
+                if json {
+                    argv.push("--json");
+                }
+                argv.extend(cmd);
+                argv.push(text);
+                let (code, out, err) = run(&argv);
+                assert_eq!(code, 2, "{argv:?}: {out}{err}");
+                assert!(!out.contains("Usage:"), "{argv:?}: {out}");
+                assert!(err.contains("put -- before it"), "{argv:?}: {err}");
+                if json {
+                    let v: Value = serde_json::from_str(&out).unwrap();
+                    assert_eq!(v["ok"], false);
+                    assert_eq!(v["exit_code"], 2);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn json_failures_are_one_document_parse_errors_included() {
+    for argv in [
+        &["--json", "peers", "--query"][..],
+        &["--json", "send", PEER, "hi", "--budget", "abc"],
+        &["--json", "heartbeat", "--active-tasks", "-1"],
+        &["--json", "info", PEER, "extra"],
+        &["--json", "frobnicate"],
+        &["delegations", "--json", "--status", "bogus"],
+    ] {
+        let (code, out, err) = run(argv);
+        assert_eq!(code, 2, "{argv:?}: {err}");
+        let v: Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{argv:?}: {e}: {out}"));
+        assert_eq!(v["ok"], false, "{argv:?}");
+        assert_eq!(v["exit_code"], 2, "{argv:?}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()));
+        assert_eq!(out.lines().count(), 1);
+    }
+}
+
+#[test]
+fn small_cli_items() {
+    let dir = TempDir::new();
+    let tok = dir.path().join("token");
+    write_secret(&tok, "t0k3n");
+    let tok = tok.to_str().unwrap();
+    let (code, _, err) = run(&["delegations", "--status", "bogus"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("pending, dispatched, queued, in_progress, stuck, completed, failed"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["heartbeat", "--active-tasks", "99999999999"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("out of range (at most 4294967295)"), "{err}");
+    let (code, _, err) = run(&[
+        "connect",
+        PEER,
+        "--api-url",
+        "http://127.0.0.1:70000",
+        "--token-file",
+        tok,
+        "--dry-run",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not a port number"), "{err}");
+    // A state dir that is a file, or shared with others, is refused at start.
+    let file = dir.path().join("plain");
+    std::fs::write(&file, "").unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    for (state, want) in [
+        (&file, "state dir is not a writable directory"),
+        (&shared, "chmod 700"),
+    ] {
+        let (code, _, err) = run(&[
+            "connect",
+            PEER,
+            "--api-url",
+            "http://127.0.0.1:9",
+            "--token-file",
+            tok,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--backend",
+            "mock",
+        ]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(want), "{err}");
+    }
+    // The scripts find the binaries where cargo put them.
+    let out = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/target-dir.sh"
+    ))
+    .env("CARGO_TARGET_DIR", "/elsewhere/target")
+    .output()
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "/elsewhere/target"
+    );
+}
+
+#[test]
+fn token_files_are_read_carefully() {
+    let emu = Emulator::start();
+    let (a, _) = emu.pair();
+    let dir = TempDir::new();
+    let state = dir.path().join("state");
+    let connect = |token_file: &str| {
+        run(&[
+            "connect",
+            &a.id,
+            "--api-url",
+            &emu.url,
+            "--token-file",
+            token_file,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--backend",
+            "mock",
+            "--once",
+        ])
+    };
+    let (code, _, err) = connect("/dev/zero");
+    assert_eq!(code, 2);
+    assert!(err.contains("not a regular file"), "{err}");
+    let bad = dir.path().join("bad");
+    write_secret(&bad, &format!("{}\u{e9}", a.token));
+    let (code, _, err) = connect(bad.to_str().unwrap());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("non-ASCII character"), "{err}");
+    assert!(!err.contains(&a.token), "the token is never printed");
+    // An editor's byte-order mark is stripped, with a note; group-readable warns.
+    let bom = dir.path().join("bom");
+    write_secret(&bom, &format!("\u{feff}{}\n", a.token));
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bom, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (code, _, err) = connect(bom.to_str().unwrap());
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("byte-order mark"), "{err}");
+    assert!(err.contains("readable by group or others"), "{err}");
+}
