@@ -4,8 +4,10 @@
 //! one retry classification (§API-4.3). No sleeping, no retrying, no logging of
 //! secrets here: the caller decides what to do with an error.
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -255,6 +257,91 @@ pub struct Client {
     cfg: Arc<ClientConfig>,
     origin: Arc<str>,
     token: Arc<RwLock<Secret>>,
+    stats: Arc<RequestStats>,
+}
+
+/// What a client's requests met, for the metrics: answers per endpoint (the route
+/// pattern, ids replaced by `:id`) and status (`error`/`timeout` when there was no
+/// answer), 429s, and the last `X-RateLimit-Remaining` the platform sent (§API-1.4).
+#[derive(Debug, Default)]
+pub struct RequestStats {
+    requests: Mutex<BTreeMap<(String, String), u64>>,
+    rate_limited: AtomicU64,
+    /// `u64::MAX` until the platform has sent the header.
+    rate_remaining: AtomicU64,
+}
+
+impl RequestStats {
+    fn new() -> Self {
+        RequestStats {
+            rate_remaining: AtomicU64::new(u64::MAX),
+            ..RequestStats::default()
+        }
+    }
+
+    fn record(&self, method: &str, path: &str, code: &str) {
+        let key = (endpoint_of(method, path), code.to_string());
+        *self
+            .requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_default() += 1;
+    }
+
+    fn note_rate_limit(&self, status: u16, headers: &ureq::http::HeaderMap) {
+        if status == 429 {
+            self.rate_limited.fetch_add(1, Ordering::Relaxed);
+        }
+        let remaining = headers
+            .get("x-ratelimit-remaining")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if let Some(n) = remaining {
+            self.rate_remaining
+                .store(n.min(u64::MAX - 1), Ordering::Relaxed);
+        }
+    }
+
+    /// `(endpoint, code, count)` for every pair seen, sorted.
+    pub fn requests(&self) -> Vec<(String, String, u64)> {
+        self.requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|((e, c), n)| (e.clone(), c.clone(), *n))
+            .collect()
+    }
+
+    /// 429 answers so far.
+    pub fn rate_limited(&self) -> u64 {
+        self.rate_limited.load(Ordering::Relaxed)
+    }
+
+    /// The last `X-RateLimit-Remaining`, if the platform sent one.
+    pub fn rate_remaining(&self) -> Option<u64> {
+        Some(self.rate_remaining.load(Ordering::Relaxed)).filter(|n| *n != u64::MAX)
+    }
+}
+
+/// `GET /workspaces/:id/activity` for `GET /workspaces/<uuid>/activity`: metrics
+/// name the route, never an id (ids only reach paths as UUIDs, §API-1.7).
+fn endpoint_of(method: &str, path: &str) -> String {
+    let path = path.split('?').next().unwrap_or(path);
+    let mut out = String::with_capacity(method.len() + path.len() + 1);
+    out.push_str(method);
+    out.push(' ');
+    for (i, seg) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(if crate::uuid::is_uuid(seg) {
+            ":id"
+        } else {
+            seg
+        });
+    }
+    out
 }
 
 impl Client {
@@ -274,6 +361,7 @@ impl Client {
             cfg: Arc::new(cfg),
             origin,
             token: Arc::new(RwLock::new(token)),
+            stats: Arc::new(RequestStats::new()),
         }
     }
 
@@ -365,8 +453,7 @@ impl Client {
                 req.query("since_id", id)
             }
         };
-        let resp = req.call().map_err(|e| transport_error(op, e))?;
-        let resp = check_status(op, resp)?;
+        let resp = self.answered(op, "GET", &path, req.call())?;
         read_json(op, resp, body_limit)
     }
 
@@ -411,9 +498,8 @@ impl Client {
             .config()
             .timeout_global(Some(timeout))
             .build();
-        let resp = req.send(&bytes[..]).map_err(|e| transport_error(op, e))?;
+        let resp = self.answered(op, "POST", &path, req.send(&bytes[..]))?;
         let status = resp.status().as_u16();
-        let resp = check_status(op, resp)?;
         // A 2xx means the platform took the message: an unreadable answer must not
         // turn it into a failure (and a resend).
         let body = read_value(op, resp, A2A_BODY_LIMIT).unwrap_or_else(|e| {
@@ -447,11 +533,10 @@ impl Client {
             });
         }
         let path = format!("/workspaces/{id}");
-        let resp = self
+        let sent = self
             .with_headers(self.agent.get(self.url(&path)), false)
-            .call()
-            .map_err(|e| transport_error(op, e))?;
-        let resp = check_status(op, resp)?;
+            .call();
+        let resp = self.answered(op, "GET", &path, sent)?;
         read_value(op, resp, SMALL_BODY_LIMIT)
     }
 
@@ -482,14 +567,13 @@ impl Client {
         let op = "discover";
         check_uuid(op, "peer id", target)?;
         let path = format!("/registry/discover/{target}");
-        let resp = self
+        let sent = self
             .with_headers(self.agent.get(self.url(&path)), true)
             .config()
             .timeout_global(Some(timeout))
             .build()
-            .call()
-            .map_err(|e| transport_error(op, e))?;
-        let resp = check_status(op, resp)?;
+            .call();
+        let resp = self.answered(op, "GET", &path, sent)?;
         read_value(op, resp, SMALL_BODY_LIMIT)
     }
 
@@ -561,8 +645,7 @@ impl Client {
         for (k, v) in query {
             req = req.query(*k, *v);
         }
-        let resp = req.call().map_err(|e| transport_error(op, e))?;
-        check_status(op, resp)
+        self.answered(op, "GET", path, req.call())
     }
 
     fn url(&self, path: &str) -> String {
@@ -603,8 +686,40 @@ impl Client {
         let req = self
             .with_headers(self.agent.post(self.url(path)), false)
             .header("Content-Type", "application/json");
-        let resp = req.send(&bytes[..]).map_err(|e| transport_error(op, e))?;
-        check_status(op, resp)
+        self.answered(op, "POST", path, req.send(&bytes[..]))
+    }
+
+    /// Every answer (or transport failure) passes here once: counted for the metrics
+    /// by endpoint and status, the rate-limit headers noted, then classified.
+    fn answered(
+        &self,
+        op: &'static str,
+        method: &str,
+        path: &str,
+        sent: Result<Resp, ureq::Error>,
+    ) -> Result<Resp, ApiError> {
+        match sent {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                self.stats.record(method, path, &status.to_string());
+                self.stats.note_rate_limit(status, resp.headers());
+                check_status(op, resp)
+            }
+            Err(e) => {
+                let e = transport_error(op, e);
+                let code = match e {
+                    ApiError::Timeout { .. } => "timeout",
+                    _ => "error",
+                };
+                self.stats.record(method, path, code);
+                Err(e)
+            }
+        }
+    }
+
+    /// The request counters this client (and its clones) have kept.
+    pub fn stats(&self) -> &RequestStats {
+        &self.stats
     }
 }
 
@@ -854,6 +969,23 @@ mod tests {
         assert_eq!(parse_retry_after("-1"), None);
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
         assert_eq!(parse_retry_after("NaN"), None);
+    }
+
+    #[test]
+    fn endpoints_name_routes_not_ids() {
+        let id = "11111111-1111-4111-8111-111111111111";
+        assert_eq!(
+            endpoint_of("GET", &format!("/workspaces/{id}/activity?since_id={id}")),
+            "GET /workspaces/:id/activity"
+        );
+        assert_eq!(
+            endpoint_of("GET", &format!("/registry/discover/{id}")),
+            "GET /registry/discover/:id"
+        );
+        assert_eq!(
+            endpoint_of("POST", "/registry/heartbeat"),
+            "POST /registry/heartbeat"
+        );
     }
 
     #[test]

@@ -98,6 +98,10 @@ pub struct ConnectArgs {
     pub workspaces: Option<PathBuf>,
     /// `--dry-run`.
     pub dry_run: bool,
+    /// `--metrics-file PATH`.
+    pub metrics_file: Option<PathBuf>,
+    /// `--notification-fd FD` (s6 readiness).
+    pub notification_fd: Option<u32>,
 }
 
 /// `send` options as typed.
@@ -221,6 +225,8 @@ pub enum Command {
     Status {
         /// `--stale-after` (seconds).
         stale_after: Option<u64>,
+        /// `--format prometheus`: metrics instead of the table.
+        prometheus: bool,
     },
     /// Check configuration, reachability, auth and poll support.
     Doctor(DoctorArgs),
@@ -420,6 +426,10 @@ fn parse_connect(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Comm
             }
             ("workspaces", _) => a.workspaces = Some(PathBuf::from(parser.value()?)),
             ("dry-run", _) => a.dry_run = true,
+            ("metrics-file", _) => a.metrics_file = Some(PathBuf::from(parser.value()?)),
+            ("notification-fd", _) => {
+                a.notification_fd = Some(number(parser, "--notification-fd")?)
+            }
             (_, Value(v)) if a.workspace.is_none() => {
                 a.workspace = Some(string(v, "workspace id")?)
             }
@@ -630,9 +640,21 @@ fn parse_heartbeat(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Co
 
 fn parse_status(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Command, UsageError> {
     let mut stale_after = None;
+    let mut prometheus = false;
     let Some(_) = sub_args(parser, g, "status", 0, |name, p| {
         match name {
             "stale-after" => stale_after = Some(number(p, "--stale-after")?),
+            "format" => {
+                prometheus = match string(p.value()?, "--format")?.as_str() {
+                    "text" => false,
+                    "prometheus" => true,
+                    other => {
+                        return Err(UsageError(format!(
+                            "status: --format {other:?}: use text or prometheus"
+                        )));
+                    }
+                }
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -640,7 +662,10 @@ fn parse_status(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Comma
     else {
         return Ok(help("status"));
     };
-    Ok(Command::Status { stale_after })
+    Ok(Command::Status {
+        stale_after,
+        prometheus,
+    })
 }
 
 fn parse_doctor(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Command, UsageError> {
@@ -955,7 +980,7 @@ Options:
 pub const STATUS_HELP: &str = "\
 molecule status: is the connector for this workspace alive and working?
 
-Usage: molecule status [--stale-after SECS] [--json]
+Usage: molecule status [--stale-after SECS] [--format text|prometheus] [--json]
 
 Reads <state-dir>/<workspace-id>.status.json, which molecule connect rewrites about once
 a second: state (running or stopped, and why), last successful poll and heartbeat, the
@@ -970,6 +995,9 @@ timer or a Kubernetes exec probe.
 
 Options:
   --stale-after SECS   how old the last successful poll may be
+  --format prometheus  print the connector's metrics in the Prometheus text format
+                       instead (the same as connect --metrics-file; molecule_up is 1
+                       only when the check passes); the exit code is unchanged
 
 Exit codes: 0 running and fresh; 1 stale, stopped or no status file; 2 bad
 configuration or corrupt state file.
@@ -1073,6 +1101,19 @@ Options:
   --delegations-capacity N delivered delegation ids remembered across restarts (oldest
                            forgotten first; at least 64)                    [default: 1024]
   --dry-run                check configuration and backend, print a summary, exit
+  --metrics-file PATH      write Prometheus metrics (text format, for node_exporter's
+                           textfile collector: name it *.prom) to PATH, replaced
+                           atomically every 5 s and at exit; one file per process
+  --notification-fd FD     s6 readiness: write a newline to FD once ready (put the same
+                           number in the service directory's notification-fd file)
+
+Supervisors: with NOTIFY_SOCKET set (systemd Type=notify) the connector sends READY=1
+once registered and the first poll succeeded (with --workspaces: once every workspace
+has, or has failed for good), STATUS= on change, RELOADING=1 ... READY=1 around a
+SIGHUP token re-read, STOPPING=1 with EXTEND_TIMEOUT_USEC when the drain starts, and,
+when WATCHDOG_USEC is set (WatchdogSec=), WATCHDOG=1 at half that period only while
+every poll and heartbeat loop is making progress: a loop busy in one step for longer
+than that stops the pings, and systemd restarts the service.
 
 The exec backend runs `/bin/sh -c CMD` in its own process group with the message on
 stdin; stdout (trailing newline trimmed) is the reply. Exit 0 = reply (empty output =
@@ -1287,14 +1328,21 @@ mod tests {
         assert_eq!(n.attach, ["u,n", "v"]);
         assert_eq!(
             p(&["status"]).unwrap().command,
-            Command::Status { stale_after: None }
-        );
-        assert_eq!(
-            p(&["status", "--stale-after", "9"]).unwrap().command,
             Command::Status {
-                stale_after: Some(9)
+                stale_after: None,
+                prometheus: false
             }
         );
+        assert_eq!(
+            p(&["status", "--stale-after", "9", "--format", "prometheus"])
+                .unwrap()
+                .command,
+            Command::Status {
+                stale_after: Some(9),
+                prometheus: true
+            }
+        );
+        assert!(p(&["status", "--format", "yaml"]).is_err());
         assert_eq!(
             p(&["info"]).unwrap().command,
             Command::Info(InfoArgs::default())

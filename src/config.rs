@@ -247,6 +247,43 @@ pub fn connect_config(
     })
 }
 
+/// Process-wide `connect` settings: what the supervisor is told and where the
+/// metrics go (one of each per process, however many workspaces it runs).
+#[derive(Debug, Clone, Default)]
+pub struct Supervision {
+    /// systemd notify socket, watchdog and s6 notification fd.
+    pub notify: crate::notify::NotifySettings,
+    /// `--metrics-file`.
+    pub metrics_file: Option<PathBuf>,
+}
+
+/// Resolves [`Supervision`] from `connect`'s options and `NOTIFY_SOCKET`,
+/// `WATCHDOG_USEC`, `WATCHDOG_PID`.
+pub fn supervision(
+    a: &ConnectArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Supervision, ConfigError> {
+    let notify =
+        crate::notify::NotifySettings::from_env(env, std::process::id(), a.notification_fd)
+            .map_err(ConfigError)?;
+    if let Some(path) = &a.metrics_file {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if path.file_name().is_none() || !dir.is_dir() {
+            return Err(ConfigError(format!(
+                "--metrics-file {}: its directory does not exist",
+                path.display()
+            )));
+        }
+    }
+    Ok(Supervision {
+        notify,
+        metrics_file: a.metrics_file.clone(),
+    })
+}
+
 /// Largest `--workspaces` file read.
 const MAX_WORKSPACES_FILE: u64 = 4 * 1024 * 1024;
 

@@ -33,6 +33,8 @@ pub struct Inbound {
     pub peer_role: Option<String>,
     /// The envelope.
     pub raw: Value,
+    /// The row's `created_at`, Unix µs (for the inbound-to-reply metric).
+    pub created_at_us: Option<i64>,
 }
 
 impl Inbound {
@@ -194,6 +196,10 @@ pub fn classify(row: &ActivityRow, own_id: &str) -> Result<Inbound, Skip> {
         peer_name: row.peer_name.clone().filter(|s| !s.is_empty()),
         peer_role: row.peer_role.clone().filter(|s| !s.is_empty()),
         raw: body.clone(),
+        created_at_us: row
+            .created_at
+            .as_deref()
+            .and_then(crate::timestamp::parse_rfc3339),
     })
 }
 

@@ -24,6 +24,8 @@ pub mod error;
 pub mod events;
 pub mod inbox;
 pub mod lru;
+pub mod metrics;
+pub mod notify;
 pub mod peers;
 pub mod runner;
 pub mod shutdown;
@@ -70,16 +72,19 @@ pub fn run(
             write_quiet(out, text)
         }
         cli::Command::Version => write_quiet(out, &format!("molecule {VERSION}\n")),
-        cli::Command::Connect(c) => match &c.workspaces {
-            Some(file) => {
-                let cfgs = config::workspaces_config(&args.global, &c, file, env)?;
-                runner::connect_many(cfgs, out)
+        cli::Command::Connect(c) => {
+            let sup = config::supervision(&c, env)?;
+            match &c.workspaces {
+                Some(file) => {
+                    let cfgs = config::workspaces_config(&args.global, &c, file, env)?;
+                    runner::connect_many(cfgs, &sup, out)
+                }
+                None => {
+                    let cfg = config::connect_config(&args.global, &c, env)?;
+                    runner::connect(cfg, &sup, out)
+                }
             }
-            None => {
-                let cfg = config::connect_config(&args.global, &c, env)?;
-                runner::connect(cfg, out)
-            }
-        },
+        }
         agent_side => commands::run(&args.global, agent_side, env, out),
     }
 }

@@ -352,6 +352,7 @@ mod tests {
             peer_name: name.map(str::to_string),
             peer_role: None,
             raw: Value::Null,
+            created_at_us: None,
         }
     }
 

@@ -212,6 +212,11 @@ impl ExecBackend {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // The supervisor's notify socket and watchdog are the connector's: an agent
+        // that ran systemd-notify would speak for it.
+        for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
+            c.env_remove(var);
+        }
         let opt = |o: &Option<String>| o.clone().unwrap_or_default();
         c.env("MOLECULE_WORKSPACE_ID", &req.workspace_id)
             .env("MOLECULE_API_URL", &req.api_url)

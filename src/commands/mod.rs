@@ -48,7 +48,10 @@ pub fn run(
         }
         Command::Notify(a) => Ctx::new(global, env).and_then(|c| messaging::notify(&c, &a)),
         Command::Heartbeat(a) => Ctx::new(global, env).and_then(|c| messaging::heartbeat(&c, &a)),
-        Command::Status { stale_after } => status::run(global, env, stale_after),
+        Command::Status {
+            stale_after,
+            prometheus,
+        } => status::run(global, env, stale_after, prometheus),
         Command::Doctor(a) => doctor::run(global, env, &a),
         Command::Help(_) | Command::Version | Command::Connect(_) => Err(Failure::new(
             Error::Runtime("internal: not an agent-side command".into()),

@@ -2,6 +2,7 @@
 //! the status file the connector rewrites on change and every few seconds
 //! (`<state-dir>/<id>.status.json`) and the saved cursor from the state file. A
 //! health check: exit 0 only when the connector runs and polled recently. No network.
+//! `--format prometheus` prints the same document as metrics.
 
 use std::fs;
 use std::path::Path;
@@ -22,6 +23,7 @@ pub(super) fn run(
     g: &GlobalArgs,
     env: &dyn Fn(&str) -> Option<String>,
     stale_after: Option<u64>,
+    prometheus: bool,
 ) -> Result<Report, Failure> {
     let ws = config::workspace_id(g, env)?;
     let dir = config::resolve_state_dir(g, env)?;
@@ -138,6 +140,15 @@ pub(super) fn run(
     if !last_error.is_empty() {
         rows.push(vec!["last error:".to_string(), last_error]);
     }
+    // The same rendering as `connect --metrics-file`, from the same document.
+    let human = if prometheus {
+        crate::metrics::render(&[crate::metrics::Sample {
+            doc: &doc,
+            up: problem.is_none(),
+        }])
+    } else {
+        table(&rows)
+    };
     let mut out = doc.clone();
     if let Some(m) = out.as_object_mut() {
         m.insert("ok".into(), Value::Bool(problem.is_none()));
@@ -152,10 +163,7 @@ pub(super) fn run(
         );
     }
     match problem {
-        None => Ok(Report {
-            json: out,
-            human: table(&rows),
-        }),
+        None => Ok(Report { json: out, human }),
         Some(p) => {
             let mut f = Failure::new(Error::Runtime(format!("status: workspace {ws}: {p}")));
             if let Value::Object(m) = out {
@@ -163,7 +171,7 @@ pub(super) fn run(
                     f = f.with(&k, v);
                 }
             }
-            f.human = Some(table(&rows));
+            f.human = Some(human);
             Err(f)
         }
     }

@@ -161,6 +161,7 @@ impl Worker {
                 "row {}: posting the reply saved before a restart",
                 msg.activity_id
             );
+            RuntimeStatus::count(&self.ctx.status, |c| c.reply_resends += 1);
             return self.post_and_finish(msg, reply);
         }
         let summary = msg.summary();
@@ -184,7 +185,7 @@ impl Worker {
         match result {
             Ok(Outcome::NoReply) => {
                 log::info!("row {}: backend chose not to reply", msg.activity_id);
-                self.count_handled();
+                self.count_unanswered();
                 self.finish(msg)
             }
             Ok(Outcome::Reply(_)) if msg.in_reply_to.is_some() && !self.ctx.reply_to_replies => {
@@ -194,7 +195,7 @@ impl Worker {
                     "row {}: inbound message is a reply; not posting the answer (--reply-to-replies to change)",
                     msg.activity_id
                 );
-                self.count_handled();
+                self.count_unanswered();
                 self.finish(msg)
             }
             Ok(Outcome::Reply(_)) if !self.ctx.conversations.may_reply(msg, Instant::now()) => {
@@ -205,7 +206,7 @@ impl Worker {
                     msg.sender_label(),
                     QUIET_RESET.as_secs() / 60
                 );
-                self.count_handled();
+                self.count_unanswered();
                 self.finish(msg)
             }
             Ok(Outcome::Reply(r)) => {
@@ -247,6 +248,15 @@ impl Worker {
             );
             let started = Instant::now();
             let result = self.ctx.backend.handle(&req, &self.run);
+            let took = started.elapsed().as_secs_f64();
+            if !matches!(result, Err(BackendError::Cancelled)) {
+                RuntimeStatus::count(&self.ctx.status, |c| {
+                    c.backend_seconds.observe(took);
+                    if result.is_err() {
+                        c.failed_attempts += 1;
+                    }
+                });
+            }
             log::debug!(
                 "row {}: backend attempt {attempt} took {} ms",
                 msg.activity_id,
@@ -282,6 +292,18 @@ impl Worker {
     fn post_and_finish(&mut self, msg: &Inbound, reply: PendingReply) -> Finish {
         match self.post_reply(msg, &reply.text, &reply.parts, false) {
             Ok(()) => {
+                let waited = msg.created_at_us.map(|created| {
+                    let now = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+                    now.saturating_sub(created) as f64 / 1e6
+                });
+                RuntimeStatus::count(&self.ctx.status, |c| {
+                    c.answered += 1;
+                    if let Some(secs) = waited {
+                        c.inbound_to_reply_seconds.observe(secs);
+                    }
+                });
                 self.count_handled();
                 self.finish(msg)
             }
@@ -298,6 +320,14 @@ impl Worker {
     /// dead-lettered ones are counted there instead.
     fn count_handled(&self) {
         RuntimeStatus::count(&self.ctx.status, |c| c.handled += 1);
+    }
+
+    /// Handled on purpose without posting an answer.
+    fn count_unanswered(&self) {
+        RuntimeStatus::count(&self.ctx.status, |c| {
+            c.handled += 1;
+            c.no_reply += 1;
+        });
     }
 
     /// Records the row as done (activity id and message id into the ledger).
@@ -371,9 +401,18 @@ impl Worker {
         let mut attempt: u32 = 0;
         loop {
             attempt = attempt.saturating_add(1);
+            if attempt > 1 {
+                RuntimeStatus::count(&self.ctx.status, |c| c.reply_resends += 1);
+            }
             let used = self.ctx.client.token();
             let e = match self.post_once(msg, text, parts, is_error) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    RuntimeStatus::count(&self.ctx.status, |c| match msg.source_id {
+                        Some(_) => c.replies_peer += 1,
+                        None => c.replies_canvas += 1,
+                    });
+                    return Ok(());
+                }
                 Err(e) => e,
             };
             if e.is_unauthorized() {
@@ -404,6 +443,7 @@ impl Worker {
                     "row {}: {e}; the platform confirms delivery",
                     msg.activity_id
                 );
+                RuntimeStatus::count(&self.ctx.status, |c| c.replies_peer += 1);
                 return Ok(());
             } else if !e.is_retryable() {
                 return Err(ReplyFailure::Failed(e.to_string()));

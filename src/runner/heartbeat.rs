@@ -12,6 +12,7 @@ use crate::shutdown::{Shutdown, StopReason};
 use super::auth::{AuthVerdict, after_unauthorized};
 use super::register::agent_card;
 use super::status::{RuntimeStatus, SharedStatus};
+use super::supervise::Progress;
 
 /// Failed beats in a row after which the next good one also re-registers.
 const REREGISTER_AFTER: u32 = 3;
@@ -24,13 +25,16 @@ pub fn run(
     source: TokenSource,
     shutdown: Shutdown,
     backend_trouble: &dyn Fn() -> Option<String>,
+    progress: &Progress,
 ) {
     let mut failures: u32 = 0;
     let mut next = Instant::now();
     loop {
+        progress.idle();
         if shutdown.wait_until(next) {
             return;
         }
+        progress.busy();
         next = Instant::now()
             .checked_add(every)
             .unwrap_or_else(Instant::now);

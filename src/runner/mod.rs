@@ -12,15 +12,17 @@ mod poll;
 mod register;
 mod report;
 mod status;
+mod supervise;
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::api::{Client, ClientConfig, Transport};
 use crate::backend::{self, Backend, RunHandle};
-use crate::config::{ConnectConfig, TokenSource};
+use crate::config::{ConnectConfig, Supervision, TokenSource};
 use crate::error::Error;
 use crate::shutdown::{Shutdown, StopReason, ThreadGuard};
 use crate::signal::{self, Signal};
@@ -29,12 +31,15 @@ use crate::state::{self, InstanceLock, StateError, Store};
 pub use auth::reload_token;
 pub use report::{IDLE_EVERY as STATUS_IDLE_REFRESH, status_path};
 pub use status::{RuntimeStatus, SharedStatus, WEDGE_AFTER};
+pub use supervise::METRICS_EVERY;
+
+use supervise::{Progress, Supervisor, Watched};
 
 /// After the drain timeout: time between SIGTERM and SIGKILL of the backends.
 const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs `molecule connect` for one workspace until a signal or a fatal error.
-pub fn connect(cfg: ConnectConfig, out: &mut dyn Write) -> Result<(), Error> {
+pub fn connect(cfg: ConnectConfig, sup: &Supervision, out: &mut dyn Write) -> Result<(), Error> {
     let backend: Arc<dyn Backend> = Arc::from(backend::build(
         &cfg.backend,
         &cfg.backend_opts,
@@ -43,7 +48,7 @@ pub fn connect(cfg: ConnectConfig, out: &mut dyn Write) -> Result<(), Error> {
     if cfg.dry_run {
         return write_out(out, &dry_run_summary(&cfg, backend.as_ref())?);
     }
-    let process = Process::start()?;
+    let process = Process::start(sup, std::slice::from_ref(&cfg))?;
     let result = run_workspace(&cfg, backend, &process, Duration::ZERO);
     process.finish();
     result
@@ -53,7 +58,11 @@ pub fn connect(cfg: ConnectConfig, out: &mut dyn Write) -> Result<(), Error> {
 /// state file, lock, ledger and backend, in one process. One workspace that stops
 /// (revoked token, removed, bad lock) is logged and shows in its status file; the
 /// others go on. Start-up is staggered and jittered so the polls do not align.
-pub fn connect_many(cfgs: Vec<ConnectConfig>, out: &mut dyn Write) -> Result<(), Error> {
+pub fn connect_many(
+    cfgs: Vec<ConnectConfig>,
+    sup: &Supervision,
+    out: &mut dyn Write,
+) -> Result<(), Error> {
     let mut backends = Vec::with_capacity(cfgs.len());
     for cfg in &cfgs {
         let backend: Arc<dyn Backend> = Arc::from(
@@ -73,7 +82,7 @@ pub fn connect_many(cfgs: Vec<ConnectConfig>, out: &mut dyn Write) -> Result<(),
         }
         return write_out(out, &text);
     }
-    let process = Process::start()?;
+    let process = Process::start(sup, &cfgs)?;
     let seed = crate::uuid::random_u64();
     let mut threads = Vec::with_capacity(cfgs.len());
     for (i, (cfg, backend)) in cfgs.into_iter().zip(backends).enumerate() {
@@ -137,7 +146,10 @@ struct Target {
     done: mpsc::Sender<&'static str>,
 }
 
-/// Process-wide parts: the signal watcher and the stop flag every workspace follows.
+type Ticker = (std::thread::JoinHandle<()>, mpsc::Sender<()>);
+
+/// Process-wide parts: the signal watcher, the stop flag every workspace follows, and
+/// what the supervisor is told.
 #[derive(Clone)]
 struct Process {
     shutdown: Shutdown,
@@ -145,23 +157,56 @@ struct Process {
     transport: Transport,
     targets: Arc<Mutex<Vec<Target>>>,
     watcher: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    supervisor: Arc<Supervisor>,
+    ticker: Arc<Mutex<Option<Ticker>>>,
+    /// One workspace: its own stop is the process's stop.
+    single: bool,
+    /// Longest a drain may take (for `EXTEND_TIMEOUT_USEC`).
+    drain_bound: Duration,
 }
 
 impl Process {
-    fn start() -> Result<Process, Error> {
+    fn start(sup: &Supervision, cfgs: &[ConnectConfig]) -> Result<Process, Error> {
+        let notifier = crate::notify::Notifier::open(&sup.notify)
+            .map_err(|e| Error::Config(crate::config::ConfigError(e)))?;
+        let supervisor = Arc::new(Supervisor::new(
+            notifier,
+            sup.metrics_file.clone(),
+            cfgs.len(),
+        ));
+        // Drain, then TERM, grace, KILL, grace (see wait_for_threads), plus saving state.
+        let drain_bound = cfgs
+            .iter()
+            .map(|c| c.drain_timeout)
+            .max()
+            .unwrap_or_default()
+            .saturating_add(KILL_GRACE * 2 + Duration::from_secs(5));
         let signals = signal::install()
             .map_err(|e| Error::Runtime(format!("installing signal handlers: {e}")))?;
         let shutdown = Shutdown::new();
         let targets: Arc<Mutex<Vec<Target>>> = Arc::default();
         let watcher = {
-            let (shutdown, targets) = (shutdown.clone(), targets.clone());
-            spawn("signals", move || watch_signals(signals, shutdown, targets))?
+            let (shutdown, targets, sup) = (shutdown.clone(), targets.clone(), supervisor.clone());
+            spawn("signals", move || {
+                watch_signals(signals, shutdown, targets, &sup, drain_bound)
+            })?
+        };
+        let ticker = if supervisor.needs_thread() {
+            let (tx, rx) = mpsc::channel();
+            let sup = supervisor.clone();
+            Some((spawn("supervise", move || sup.run(&rx))?, tx))
+        } else {
+            None
         };
         Ok(Process {
             shutdown,
             transport: Transport::new(&ClientConfig::new("", "")),
             targets,
             watcher: Arc::new(Mutex::new(Some(watcher))),
+            supervisor,
+            ticker: Arc::new(Mutex::new(ticker)),
+            single: cfgs.len() == 1,
+            drain_bound,
         })
     }
 
@@ -172,8 +217,18 @@ impl Process {
             .push(target);
     }
 
-    /// Stops the watcher and waits for it.
+    /// Stops the watcher and the supervisor's ticker (which writes the metrics file
+    /// a last time) and waits for them.
     fn finish(self) {
+        let ticker = self
+            .ticker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some((handle, stop)) = ticker {
+            drop(stop);
+            let _ = handle.join();
+        }
         signal::wake();
         let handle = self
             .watcher
@@ -211,12 +266,28 @@ fn acquire_lock(cfg: &ConnectConfig) -> Result<InstanceLock, StateError> {
     }
 }
 
-/// One workspace from lock to stop. Its own `Shutdown` follows the process's.
+/// One workspace from lock to stop. Its own `Shutdown` follows the process's. A
+/// workspace that ends before its first poll counts as failed for readiness.
 fn run_workspace(
     cfg: &ConnectConfig,
     backend: Arc<dyn Backend>,
     process: &Process,
     start_delay: Duration,
+) -> Result<(), Error> {
+    let settled = Arc::new(AtomicBool::new(false));
+    let result = run_locked(cfg, backend, process, start_delay, &settled);
+    if !settled.swap(true, Ordering::SeqCst) {
+        process.supervisor.settled(false);
+    }
+    result
+}
+
+fn run_locked(
+    cfg: &ConnectConfig,
+    backend: Arc<dyn Backend>,
+    process: &Process,
+    start_delay: Duration,
+    settled: &Arc<AtomicBool>,
 ) -> Result<(), Error> {
     state::ensure_dir(&cfg.common.state_dir)?;
     let lock = match acquire_lock(cfg) {
@@ -271,6 +342,8 @@ fn run_workspace(
         done_tx,
         &done_rx,
         lock,
+        process,
+        settled,
     );
     // Long-lived backend processes go after the drain: stdin closed, then TERM/KILL.
     backend.stop();
@@ -298,6 +371,8 @@ fn run_connected(
     done_tx: mpsc::Sender<&'static str>,
     done_rx: &mpsc::Receiver<&'static str>,
     lock: InstanceLock,
+    process: &Process,
+    settled: &Arc<AtomicBool>,
 ) -> Result<(), Error> {
     let started = Instant::now();
     if !register::register(&client, &cfg.common.token_source, shutdown)? {
@@ -346,10 +421,26 @@ fn run_connected(
     let (worker_runs, tracker_runs) = run_handles.split_at(cfg.concurrency.min(run_handles.len()));
     let tracker_run = tracker_runs.first().cloned().unwrap_or_default();
     let all_runs = run_handles;
+    let watched = Watched {
+        id: cfg.workspace_id.clone(),
+        status: status.clone(),
+        poll: Arc::new(Progress::default()),
+        heartbeat: Arc::new(Progress::default()),
+        doc: Arc::default(),
+        stopped: Arc::default(),
+    };
+    let (poll_progress, heartbeat_progress, published, stopped) = (
+        watched.poll.clone(),
+        watched.heartbeat.clone(),
+        watched.doc.clone(),
+        watched.stopped.clone(),
+    );
+    process.supervisor.watch(watched);
     let mut threads = Vec::new();
     {
         let (client, status, shutdown) = (client.clone(), status.clone(), shutdown.clone());
         let backend = backend.clone();
+        let progress = heartbeat_progress;
         let (every, source, done) = (
             cfg.heartbeat_every,
             cfg.common.token_source.clone(),
@@ -360,7 +451,15 @@ fn run_connected(
             let _done = DoneOnDrop(done, "heartbeat");
             debug_panic_hook("heartbeat");
             let trouble = move || backend.trouble();
-            heartbeat::run(client, every, status, source, shutdown.clone(), &trouble);
+            heartbeat::run(
+                client,
+                every,
+                status,
+                source,
+                shutdown.clone(),
+                &trouble,
+                &progress,
+            );
         })?);
     }
     // The lookup worker ends when the poll thread drops its end of the queue.
@@ -466,9 +565,18 @@ fn run_connected(
         shutdown.clone(),
         status,
         report::Reporter::new(&cfg.common.state_dir, &cfg.workspace_id, cfg.poll_interval)
-            .with_extras(Some(peer_cache), tracker_on.then_some(delegation_counters)),
+            .with_extras(Some(peer_cache), tracker_on.then_some(delegation_counters))
+            .with_published(published),
     )
-    .with_hooks(Some(enrichment), delegation_wake);
+    .with_hooks(Some(enrichment), delegation_wake)
+    .with_supervision(poll_progress, {
+        let (settled, sup) = (settled.clone(), process.supervisor.clone());
+        Box::new(move || {
+            if !settled.swap(true, Ordering::SeqCst) {
+                sup.settled(true);
+            }
+        })
+    });
     {
         let (shutdown, done) = (shutdown.clone(), done_tx);
         threads.push(spawn("poll", move || {
@@ -481,6 +589,9 @@ fn run_connected(
 
     let reason = shutdown.wait();
     let clean = matches!(reason, StopReason::Signal | StopReason::Finished);
+    if process.single || process.shutdown.is_triggered() {
+        process.supervisor.stopping(process.drain_bound);
+    }
     if clean {
         let (_, active, _) = RuntimeStatus::snapshot(&final_status);
         if active > 0 {
@@ -516,6 +627,7 @@ fn run_connected(
         std::mem::forget(lock);
     }
     let (counters, _, _) = RuntimeStatus::snapshot(&final_status);
+    stopped.store(true, Ordering::SeqCst);
     match reason {
         StopReason::Signal | StopReason::Finished
             if counters.state_error.is_some() || counters.unsaved > 0 =>
@@ -613,6 +725,8 @@ fn watch_signals(
     mut signals: signal::Signals,
     shutdown: Shutdown,
     targets: Arc<Mutex<Vec<Target>>>,
+    supervisor: &Supervisor,
+    drain_bound: Duration,
 ) {
     let targets = || targets.lock().unwrap_or_else(PoisonError::into_inner);
     while let Some(sig) = signals.wait() {
@@ -626,9 +740,11 @@ fn watch_signals(
             }
             Signal::Stop => {
                 log::info!("signal received: stopping");
+                supervisor.stopping(drain_bound);
                 shutdown.trigger(StopReason::Signal);
             }
             Signal::Reload => {
+                supervisor.reloading();
                 for t in targets().iter() {
                     if !auth::reload_token(&t.client, &t.source) {
                         log::info!(
@@ -637,6 +753,7 @@ fn watch_signals(
                         );
                     }
                 }
+                supervisor.reloaded();
             }
             Signal::Wake => return,
         }

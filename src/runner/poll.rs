@@ -23,6 +23,7 @@ use super::auth::{AuthVerdict, after_unauthorized};
 use super::dispatch::Finish;
 use super::report::Reporter;
 use super::status::{RuntimeStatus, SharedStatus};
+use super::supervise::Progress;
 
 /// Rows per page. A full page means more is waiting: fetch again at once.
 const PAGE_LIMIT: u32 = 100;
@@ -121,6 +122,10 @@ pub struct Poller {
     /// Failed state checkpoints in a row, and when to try the next.
     state_attempts: u32,
     state_retry_at: Instant,
+    /// Tells the supervisor the loop is not stuck.
+    progress: Arc<Progress>,
+    /// Called once, after the first successful poll (readiness).
+    on_ready: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl Poller {
@@ -171,7 +176,21 @@ impl Poller {
             stuck_pages: 0,
             state_attempts: 0,
             state_retry_at: Instant::now(),
+            progress: Arc::default(),
+            on_ready: None,
         }
+    }
+
+    /// Reports the loop's progress to `progress` and calls `on_ready` after the
+    /// first successful poll.
+    pub fn with_supervision(
+        mut self,
+        progress: Arc<Progress>,
+        on_ready: Box<dyn FnOnce() + Send>,
+    ) -> Self {
+        self.progress = progress;
+        self.on_ready = Some(on_ready);
+        self
     }
 
     /// Adds sender naming and the delegation tracker's wake-up (each optional).
@@ -194,6 +213,7 @@ impl Poller {
     pub fn run(mut self, jobs_tx: SyncSender<Job>, events: Receiver<Event>) {
         let mut next_fetch = Instant::now();
         while !self.shutdown.is_triggered() {
+            self.progress.busy();
             while let Ok(ev) = events.try_recv() {
                 self.on_event(ev);
             }
@@ -236,6 +256,7 @@ impl Poller {
             {
                 wait = wait.min(idle.saturating_sub(self.last_activity.elapsed()));
             }
+            self.progress.idle();
             if let Ok(ev) = events.recv_timeout(wait) {
                 self.on_event(ev);
             }
@@ -243,6 +264,7 @@ impl Poller {
         // Drain: nothing new starts; running jobs finish or are cancelled by main.
         drop(jobs_tx);
         while self.running > 0 {
+            self.progress.idle();
             match events.recv() {
                 Ok(ev) => self.on_event(ev),
                 Err(_) => break,
@@ -273,11 +295,16 @@ impl Poller {
         let cursor = self.store().cursor().map(str::to_string);
         let in_flight = self.order.outstanding();
         if state == "running" {
-            self.reporter
-                .maybe_write(&self.status, cursor.as_deref(), in_flight);
+            self.reporter.maybe_write(
+                &self.status,
+                Some(self.client.stats()),
+                cursor.as_deref(),
+                in_flight,
+            );
         } else {
             self.reporter.write(
                 &self.status,
+                Some(self.client.stats()),
                 cursor.as_deref(),
                 in_flight,
                 state,
@@ -422,6 +449,9 @@ impl Poller {
                 if !self.logged_first_poll {
                     log::info!("inbox reachable; first poll returned {} row(s)", rows.len());
                     self.logged_first_poll = true;
+                    if let Some(ready) = self.on_ready.take() {
+                        ready();
+                    }
                 }
                 self.permanent_failures = 0;
                 if self.failures > 0 {
@@ -549,6 +579,7 @@ impl Poller {
                         .unwrap_or("")
                         .to_string();
                     log::warn!("row {id}: skipped: malformed row: {e}");
+                    self.count_skipped();
                     self.note_done(&id, raw.get("seq").and_then(Value::as_i64));
                     continue;
                 }
@@ -563,6 +594,7 @@ impl Poller {
             self.fetch_from = Some(row.id.clone());
             if self.store().is_handled(&format!("a:{}", row.id)) {
                 log::debug!("row {}: already handled", row.id);
+                self.count_skipped();
                 self.order.push_done(&row.id, row.seq);
                 continue;
             }
@@ -575,6 +607,7 @@ impl Poller {
                         wake.wake();
                     }
                     log_skip(&row.id, &skip);
+                    self.count_skipped();
                     self.order.push_done(&row.id, row.seq);
                     continue;
                 }
@@ -586,6 +619,7 @@ impl Poller {
                     "row {}: message {key} was already answered; skipping the duplicate",
                     row.id
                 );
+                self.count_skipped();
                 self.order.push_done(&row.id, row.seq);
                 continue;
             }
@@ -599,6 +633,10 @@ impl Poller {
             let ticket = self.order.push_job(&row.id, row.seq, &sender);
             self.jobs.insert(ticket, msg);
         }
+    }
+
+    fn count_skipped(&self) {
+        RuntimeStatus::count(&self.status, |c| c.skipped += 1);
     }
 
     fn note_done(&mut self, id: &str, seq: Option<i64>) {

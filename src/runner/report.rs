@@ -5,12 +5,13 @@
 //! second; advisory, so not fsynced.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde_json::json;
+use serde_json::{Value, json};
 
-use super::status::{RuntimeStatus, SharedStatus};
+use super::status::{Counters, RuntimeStatus, SharedStatus};
+use crate::api::RequestStats;
 
 /// How often the file is rewritten while running.
 const EVERY: Duration = Duration::from_secs(1);
@@ -36,6 +37,8 @@ pub struct Reporter {
     delegations: Option<Arc<super::delegations::Counters>>,
     /// The last write failed (logged once, not every second).
     failing: bool,
+    /// The last document written, for the process's metrics file.
+    published: Option<Arc<Mutex<Value>>>,
 }
 
 impl Reporter {
@@ -51,7 +54,14 @@ impl Reporter {
             peers: None,
             delegations: None,
             failing: false,
+            published: None,
         }
+    }
+
+    /// Also keeps every document written in `slot` (the metrics file renders it).
+    pub fn with_published(mut self, slot: Arc<Mutex<Value>>) -> Self {
+        self.published = Some(slot);
+        self
     }
 
     /// Also reports the peer cache's size and the delegation tracker's counters.
@@ -69,7 +79,13 @@ impl Reporter {
     /// error, wedge), and every [`IDLE_EVERY`] otherwise so the poll and heartbeat
     /// times stay fresh for `molecule status`. Idle, that is one small write per
     /// 5 s instead of one per poll.
-    pub fn maybe_write(&mut self, status: &SharedStatus, cursor: Option<&str>, in_flight: usize) {
+    pub fn maybe_write(
+        &mut self,
+        status: &SharedStatus,
+        requests: Option<&RequestStats>,
+        cursor: Option<&str>,
+        in_flight: usize,
+    ) {
         let (c, active, wedged) = RuntimeStatus::snapshot(status);
         let fingerprint = format!(
             "{}/{}/{}/{in_flight}/{active}/{wedged}/{cursor:?}/{}/{:?}",
@@ -83,7 +99,7 @@ impl Reporter {
         };
         if due {
             self.fingerprint = fingerprint;
-            self.write(status, cursor, in_flight, "running", None);
+            self.write(status, requests, cursor, in_flight, "running", None);
         }
     }
 
@@ -91,6 +107,7 @@ impl Reporter {
     pub fn write(
         &mut self,
         status: &SharedStatus,
+        requests: Option<&RequestStats>,
         cursor: Option<&str>,
         in_flight: usize,
         state: &str,
@@ -116,6 +133,7 @@ impl Reporter {
             "last_error": c.last_error,
             "wedged": wedged,
             "state_error": c.state_error,
+            "metrics": metrics_json(&c, requests),
         });
         if let Some(p) = &self.peers {
             doc["peer_cache"] = json!({
@@ -141,6 +159,9 @@ impl Reporter {
             }
             Err(_) => {}
         }
+        if let Some(slot) = &self.published {
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = doc;
+        }
         self.last_write = Some(Instant::now());
     }
 }
@@ -165,10 +186,38 @@ pub fn record_stop(dir: &Path, workspace_id: &str, poll_interval: Duration, reas
     Reporter::new(dir, workspace_id, poll_interval).write(
         &status,
         None,
+        None,
         0,
         "stopped",
         Some(reason),
     );
+}
+
+/// The counters `molecule_*` metrics are rendered from (see `metrics.rs`).
+fn metrics_json(c: &Counters, requests: Option<&RequestStats>) -> Value {
+    let list: Vec<Value> = requests
+        .map(RequestStats::requests)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(endpoint, code, count)| json!({"endpoint": endpoint, "code": code, "count": count}))
+        .collect();
+    json!({
+        "build": crate::metrics::build_info(),
+        "messages": {
+            "answered": c.answered,
+            "no_reply": c.no_reply,
+            "skipped": c.skipped,
+            "dead_lettered": c.dead_lettered,
+            "failed_attempt": c.failed_attempts,
+        },
+        "replies": {"peer": c.replies_peer, "canvas": c.replies_canvas},
+        "reply_resends": c.reply_resends,
+        "requests": list,
+        "rate_limited": requests.map_or(0, RequestStats::rate_limited),
+        "rate_remaining": requests.and_then(RequestStats::rate_remaining),
+        "backend_seconds": c.backend_seconds.to_json(),
+        "inbound_to_reply_seconds": c.inbound_to_reply_seconds.to_json(),
+    })
 }
 
 fn unix(t: Option<SystemTime>) -> Option<u64> {

@@ -50,6 +50,24 @@ pub struct Counters {
     pub state_error: Option<String>,
     /// Messages whose outcome could not be saved when the process stopped.
     pub unsaved: u64,
+    /// Messages whose reply the platform accepted.
+    pub answered: u64,
+    /// Messages handled without posting an answer (the backend's choice, loop guards).
+    pub no_reply: u64,
+    /// Inbox rows not given to the backend (filtered, duplicates, malformed).
+    pub skipped: u64,
+    /// Backend attempts that failed (retried or not).
+    pub failed_attempts: u64,
+    /// Replies accepted, to peers.
+    pub replies_peer: u64,
+    /// Replies accepted, to the canvas.
+    pub replies_canvas: u64,
+    /// Reply posts retried, or re-posted from the state file after a restart.
+    pub reply_resends: u64,
+    /// Duration of each backend run.
+    pub backend_seconds: crate::metrics::Histogram,
+    /// From the inbound row's `created_at` to the accepted reply.
+    pub inbound_to_reply_seconds: crate::metrics::Histogram,
 }
 
 /// Shared handle.
