@@ -427,6 +427,7 @@ fn run_connected(
         poll: Arc::new(Progress::default()),
         heartbeat: Arc::new(Progress::default()),
         doc: Arc::default(),
+        client: client.clone(),
         stopped: Arc::default(),
     };
     let (poll_progress, heartbeat_progress, published, stopped) = (

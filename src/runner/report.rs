@@ -193,6 +193,20 @@ pub fn record_stop(dir: &Path, workspace_id: &str, poll_interval: Duration, reas
     );
 }
 
+/// Brings a published document's counters and times up to date (the metrics file is
+/// written more often than an idle status file, and once more after every thread
+/// has stopped).
+pub fn refresh(doc: &mut Value, status: &SharedStatus, requests: &RequestStats) {
+    let (c, active, wedged) = RuntimeStatus::snapshot(status);
+    if let Some(m) = doc.as_object_mut() {
+        m.insert("last_poll_ok".into(), json!(unix(c.last_poll_ok)));
+        m.insert("last_heartbeat_ok".into(), json!(unix(c.last_heartbeat_ok)));
+        m.insert("active_tasks".into(), json!(active));
+        m.insert("wedged".into(), json!(wedged));
+        m.insert("metrics".into(), metrics_json(&c, Some(requests)));
+    }
+}
+
 /// The counters `molecule_*` metrics are rendered from (see `metrics.rs`).
 fn metrics_json(c: &Counters, requests: Option<&RequestStats>) -> Value {
     let list: Vec<Value> = requests

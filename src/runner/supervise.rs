@@ -66,6 +66,8 @@ pub struct Watched {
     pub heartbeat: Arc<Progress>,
     /// The last status document, for the metrics file.
     pub doc: Arc<Mutex<Value>>,
+    /// Its platform client (request counters).
+    pub client: crate::api::Client,
     /// Its threads have ended.
     pub stopped: Arc<AtomicBool>,
 }
@@ -251,8 +253,13 @@ impl Supervisor {
             .inner()
             .watched
             .iter()
-            .map(|w| w.doc.lock().unwrap_or_else(PoisonError::into_inner).clone())
-            .filter(|d| d.is_object())
+            .filter_map(|w| {
+                let mut doc = w.doc.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                doc.is_object().then(|| {
+                    super::report::refresh(&mut doc, &w.status, w.client.stats());
+                    doc
+                })
+            })
             .collect();
         let samples: Vec<crate::metrics::Sample<'_>> = docs
             .iter()
@@ -356,12 +363,17 @@ mod tests {
     #[test]
     fn status_line_summarises() {
         let status = RuntimeStatus::new(Instant::now());
+        let client = crate::api::Client::new(
+            crate::api::ClientConfig::new("http://127.0.0.1:1", "w"),
+            crate::config::Secret::new("t"),
+        );
         let w = |id: &str, status: &SharedStatus| Watched {
             id: id.into(),
             status: status.clone(),
             poll: Arc::default(),
             heartbeat: Arc::default(),
             doc: Arc::default(),
+            client: client.clone(),
             stopped: Arc::default(),
         };
         let mut inner = Inner::default();

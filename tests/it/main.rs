@@ -13,4 +13,5 @@ mod events;
 mod fault;
 mod hardening;
 mod ops;
+mod supervise;
 mod worker;

@@ -275,6 +275,11 @@ impl Connector {
         }
     }
 
+    /// The connector's stdout (piped), for a test that reads it.
+    pub fn take_stdout(&mut self) -> std::process::ChildStdout {
+        self.child.as_mut().unwrap().stdout.take().unwrap()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
