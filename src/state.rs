@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -597,6 +597,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// Replaces `path` by rename (mode 0600) so readers never see half a file;
 /// `durable` adds the fsyncs that make the new content survive a power cut.
 pub fn write_file(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
+    write_file_mode(path, bytes, durable, 0o600)
+}
+
+/// [`write_file`] with the file's permission bits set to `mode` whatever the umask
+/// (the metrics file is 0644: node_exporter usually runs as another user).
+pub fn write_file_mode(path: &Path, bytes: &[u8], durable: bool, mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -611,6 +617,9 @@ pub fn write_file(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
             .write(true)
             .create_new(true)
             .open(&tmp)?;
+        if mode != 0o600 {
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        }
         f.write_all(bytes)?;
         if durable {
             f.sync_all()?;

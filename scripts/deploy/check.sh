@@ -20,7 +20,15 @@ if command -v systemd-analyze >/dev/null; then
   cp "$here/molecule-connect@.service" "$tmp/molecule-connect@example.service"
   cp "$here/molecule-connect-health@.service" "$tmp/molecule-connect-health@example.service"
   cp "$here/molecule-connect-health@.timer" "$tmp/molecule-connect-health@example.timer"
-  if [ -x /usr/local/bin/molecule ]; then
+  # Not installed: point ExecStart= at a built binary instead (verify needs it to exist).
+  built=""
+  for b in "$here"/../../target/x86_64-unknown-linux-musl/release/molecule "$here"/../../target/debug/molecule; do
+    if [ -x "$b" ]; then built=$(cd "$(dirname "$b")" && pwd)/molecule; break; fi
+  done
+  if [ ! -x /usr/local/bin/molecule ] && [ -n "$built" ]; then
+    sed -i "s#/usr/local/bin/molecule#$built#g" "$tmp"/*.service
+  fi
+  if [ -x /usr/local/bin/molecule ] || [ -n "$built" ]; then
     for u in "$tmp"/*.service "$tmp"/*.timer; do
       out=$(cd "$tmp" && systemd-analyze verify --man=no "./$(basename "$u")" 2>&1)
       if [ -z "$out" ]; then ok "systemd-analyze verify $(basename "$u")"
@@ -34,6 +42,13 @@ else
 fi
 
 scripts=(runit/run runit/finish runit/log/run s6/run s6/finish s6/log/run)
+if grep -qx '3' "$here/s6/notification-fd" && grep -q -- '--notification-fd 3' "$here/s6/run"; then
+  ok "s6 notification-fd and --notification-fd agree (3)"
+else bad "s6/notification-fd and s6/run's --notification-fd differ"; fi
+for u in molecule-connect.service molecule-connect@.service; do
+  if grep -qx 'Type=notify' "$here/$u" && grep -q '^WatchdogSec=' "$here/$u"; then ok "$u: Type=notify with WatchdogSec="
+  else bad "$u: not Type=notify with WatchdogSec="; fi
+done
 for s in "${scripts[@]}"; do
   if sh -n "$here/$s"; then ok "sh -n $s"; else bad "sh -n $s"; fi
   if [ -x "$here/$s" ]; then ok "executable $s"; else bad "not executable: $s"; fi
@@ -60,6 +75,8 @@ c = pod["containers"][0]
 assert c["securityContext"]["readOnlyRootFilesystem"] is True
 assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
 assert "livenessProbe" in c
+assert any("--metrics-file" in a for a in c["args"]), "no --metrics-file"
+assert any(x["name"] == "metrics" for x in pod["containers"][1:]), "no metrics sidecar"
 PY
   then ok "kubernetes.yaml parses; replicas 1, Recreate, grace > drain, hardened, probed"
   else bad "kubernetes.yaml structure"; fi

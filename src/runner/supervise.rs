@@ -244,7 +244,8 @@ impl Supervisor {
         }
     }
 
-    /// Rewrites `--metrics-file` atomically (temp file and rename in its directory).
+    /// Rewrites `--metrics-file` atomically (temp file and rename in its directory),
+    /// mode 0644: metrics are not secret.
     fn write_metrics(&self) {
         let Some(path) = &self.metrics_file else {
             return;
@@ -269,7 +270,7 @@ impl Supervisor {
             })
             .collect();
         let text = crate::metrics::render(&samples);
-        if let Err(e) = crate::state::write_file(path, text.as_bytes(), false) {
+        if let Err(e) = crate::state::write_file_mode(path, text.as_bytes(), false, 0o644) {
             log::warn!("metrics file {}: {e}", path.display());
         }
     }

@@ -535,6 +535,10 @@ fn metrics_file_is_prometheus_text_and_counts_match_the_emulator() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(names, ["molecule.prom"]);
+    // Readable by node_exporter, which usually runs as another user.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644);
 
     // After the stop, the status command's metrics say down, with the same counts.
     let (code, out, _) = run(&[
