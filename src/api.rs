@@ -628,9 +628,8 @@ impl Client {
             .timeout_recv_response(Some(self.cfg.timeout))
             .timeout_per_read(Some(tick))
             .build()
-            .call()
-            .map_err(|e| transport_error(op, e))?;
-        let resp = check_status(op, resp)?;
+            .call();
+        let resp = self.answered(op, "GET", &path, resp)?;
         Ok(EventBody(resp.into_body().into_reader()))
     }
 
