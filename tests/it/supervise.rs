@@ -74,6 +74,14 @@ fn registers(emu: &Emulator, ws: &str) -> u64 {
         .unwrap()
 }
 
+/// The next `n` polls of `ws` answer 503.
+fn refuse_polls(emu: &Emulator, ws: &str, n: u64) {
+    emu.fault(
+        json!({"method": "GET", "path_prefix": format!("/workspaces/{ws}/activity"),
+        "status": 503, "count": n}),
+    );
+}
+
 fn pending_faults(emu: &Emulator) -> usize {
     emu.get("/_admin/faults")["faults"]
         .as_array()
@@ -85,10 +93,7 @@ fn systemd_ready_after_the_first_poll_then_reload_and_stop() {
     let emu = Emulator::start();
     let (a, _) = emu.pair();
     // Register works, the first two polls fail: READY must wait for a good poll.
-    emu.fault(
-        json!({"method": "GET", "path_prefix": format!("/workspaces/{}/activity", a.id),
-        "status": 503, "count": 2}),
-    );
+    refuse_polls(&emu, &a.id, 2);
     let dir = Arc::new(TempDir::new());
     let listener = NotifyListener::at_path(&dir);
     let mut c = Connector::start_with_env(
@@ -130,7 +135,69 @@ fn systemd_ready_after_the_first_poll_then_reload_and_stop() {
 }
 
 #[test]
-fn abstract_socket_and_the_watchdog_stops_while_the_poll_loop_is_blocked() {
+fn workspaces_ready_once_each_has_polled_or_failed_for_good() {
+    let emu = Emulator::start();
+    let (root, _) = emu.workspace(json!({"name": "root"}));
+    let dir = Arc::new(TempDir::new());
+    let mut entries = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (id, token) = emu.workspace(json!({"name": format!("agent{i}"), "parent_id": root}));
+        let token_file = dir.path().join(format!("token-{i}"));
+        write_secret(&token_file, &token);
+        entries.push(json!({"id": id, "token_file": token_file}));
+        ids.push(id);
+    }
+    // The first polls fine, the second only after three refusals, the third's token
+    // is revoked (it stops for good at register).
+    refuse_polls(&emu, &ids[1], 3);
+    emu.post(&format!("/_admin/workspaces/{}/revoke", ids[2]), json!({}));
+    let list = dir.path().join("workspaces.json");
+    std::fs::write(&list, serde_json::to_vec(&entries).unwrap()).unwrap();
+    let listener = NotifyListener::at_path(&dir);
+    let mut cmd = molecule();
+    cmd.args(["connect", "--workspaces", list.to_str().unwrap()])
+        .args(["--api-url", &emu.url, "--backend", "mock", "-v"])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--interval-ms", "100", "--heartbeat-secs", "1"])
+        .env("NOTIFY_SOCKET", &listener.name);
+    let ws = Ws {
+        id: ids[0].clone(),
+        token: String::new(),
+    };
+    let mut c = Connector::spawn(cmd, &dir, &ws);
+    let before = listener.until("READY=1", &c);
+    // At READY the slow workspace has polled successfully and the revoked one has
+    // given up.
+    let stats = emu.get("/_admin/stats");
+    let polled_ok = |ws: &str| {
+        stats["requests"].as_array().unwrap().iter().any(|r| {
+            r["workspace_id"] == ws
+                && r["status"] == 200
+                && r["path"].as_str().unwrap().ends_with("/activity")
+        })
+    };
+    assert!(polled_ok(&ids[0]) && polled_ok(&ids[1]), "{before:?}");
+    assert_eq!(pending_faults(&emu), 0);
+    let stopped = format!("workspace {}: stopped", ids[2]);
+    wait_until(WAIT, "the revoked workspace's stop in the log", &c, || {
+        c.stderr().contains(&stopped).then_some(())
+    });
+    assert!(
+        before
+            .last()
+            .unwrap()
+            .contains("STATUS=2 workspaces, 2 polling"),
+        "{before:?}"
+    );
+    c.signal("TERM");
+    listener.until("STOPPING=1", &c);
+    c.wait_exit(Duration::from_secs(10));
+}
+
+#[test]
+fn abstract_socket_and_the_watchdog_stops_while_a_loop_is_blocked() {
     let emu = Emulator::start();
     let (a, _) = emu.pair();
     let dir = Arc::new(TempDir::new());
@@ -150,29 +217,30 @@ fn abstract_socket_and_the_watchdog_stops_while_the_poll_loop_is_blocked() {
     for _ in 0..3 {
         listener.until("WATCHDOG=1", &c);
     }
-    // The next poll hangs in the platform for 4 s.
-    emu.fault(
-        json!({"method": "GET", "path_prefix": format!("/workspaces/{}/activity", a.id),
-        "delay_ms": 4000, "count": 1}),
-    );
-    wait_until(WAIT, "the delayed poll to start", &c, || {
-        (pending_faults(&emu) == 0).then_some(())
-    });
-    // While it hangs the pings stop: a whole second without one.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "watchdog pings never paused; stderr:\n{}",
-            c.stderr()
-        );
-        match listener.next(Duration::from_millis(1000)) {
-            None => break,
-            Some(_) => continue,
+    // The next poll hangs in the platform for 4 s; then the next heartbeat does.
+    for (path, what) in [
+        (format!("/workspaces/{}/activity", a.id), "poll"),
+        ("/registry/heartbeat".to_string(), "heartbeat"),
+    ] {
+        emu.fault(json!({"path_prefix": path, "delay_ms": 4000, "count": 1}));
+        wait_until(WAIT, &format!("the delayed {what} to start"), &c, || {
+            (pending_faults(&emu) == 0).then_some(())
+        });
+        // While it hangs the pings stop: a whole second without one.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "watchdog pings never paused for the {what}; stderr:\n{}",
+                c.stderr()
+            );
+            if listener.next(Duration::from_millis(1000)).is_none() {
+                break;
+            }
         }
+        // And they resume once the call returns.
+        listener.until("WATCHDOG=1", &c);
     }
-    // And they resume once the poll returns.
-    listener.until("WATCHDOG=1", &c);
     assert!(
         c.stderr().contains("not pinging the watchdog"),
         "{}",
@@ -184,10 +252,7 @@ fn abstract_socket_and_the_watchdog_stops_while_the_poll_loop_is_blocked() {
 fn s6_notification_fd_gets_one_newline_after_the_first_poll() {
     let emu = Emulator::start();
     let (a, _) = emu.pair();
-    emu.fault(
-        json!({"method": "GET", "path_prefix": format!("/workspaces/{}/activity", a.id),
-        "status": 503, "count": 1}),
-    );
+    refuse_polls(&emu, &a.id, 1);
     let dir = Arc::new(TempDir::new());
     // The connector prints nothing on stdout, so its stdout pipe can stand in for the
     // pipe s6-supervise passes as the notification fd.

@@ -237,8 +237,8 @@ impl Connector {
         if !token_file.exists() {
             write_secret(&token_file, &ws.token);
         }
-        let mut child = molecule()
-            .arg("connect")
+        let mut cmd = molecule();
+        cmd.arg("connect")
             .arg(&ws.id)
             .args(["--api-url", &emu.url])
             .arg("--token-file")
@@ -247,7 +247,14 @@ impl Connector {
             .arg(dir.path().join("state"))
             .args(["--interval-ms", "100", "--heartbeat-secs", "1", "-v"])
             .args(args)
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        Self::spawn(cmd, dir, ws)
+    }
+
+    /// Runs `cmd` (a `molecule` command line built by the test) as the connector;
+    /// `ws` is the workspace the helpers below look at.
+    pub fn spawn(mut cmd: Command, dir: &Arc<TempDir>, ws: &Ws) -> Connector {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
