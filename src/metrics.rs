@@ -62,7 +62,7 @@ const FAMILIES: &[Family] = &[
     (
         "molecule_up",
         "gauge",
-        "1 while the connector runs (status: and is healthy), else 0.",
+        "1 while the workspace runs (molecule status: while its health check passes), else 0.",
     ),
     (
         "molecule_build_info",
