@@ -1113,7 +1113,8 @@ has, or has failed for good), STATUS= on change, RELOADING=1 ... READY=1 around 
 SIGHUP token re-read, STOPPING=1 with EXTEND_TIMEOUT_USEC when the drain starts, and,
 when WATCHDOG_USEC is set (WatchdogSec=), WATCHDOG=1 at half that period only while
 every poll and heartbeat loop is making progress: a loop busy in one step for longer
-than that stops the pings, and systemd restarts the service.
+than that stops the pings, and systemd restarts the service (WATCHDOG_PID, when set,
+must be this process). The exec backend's agent does not inherit these variables.
 
 The exec backend runs `/bin/sh -c CMD` in its own process group with the message on
 stdin; stdout (trailing newline trimmed) is the reply. Exit 0 = reply (empty output =

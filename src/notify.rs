@@ -76,21 +76,22 @@ impl Notifier {
         }
     }
 
-    /// Opens what `settings` names: an unbound datagram socket for systemd, the
-    /// notification fd for s6 (reopened through `/proc/self/fd`, which needs no
-    /// `unsafe`).
+    /// Opens what `settings` names: an unbound datagram socket for systemd (an
+    /// unusable address is logged and skipped), the notification fd for s6 (reopened
+    /// through `/proc/self/fd`, which needs no `unsafe`; failing that is an error).
     pub fn open(settings: &NotifySettings) -> Result<Notifier, String> {
-        let socket = match &settings.socket {
-            None => None,
-            Some(name) => {
-                let addr = socket_addr(name).map_err(|e| format!("NOTIFY_SOCKET={name:?}: {e}"))?;
-                let sock = UnixDatagram::unbound()
-                    .map_err(|e| format!("NOTIFY_SOCKET: creating a socket: {e}"))?;
-                sock.set_nonblocking(true)
-                    .map_err(|e| format!("NOTIFY_SOCKET: {e}"))?;
-                Some((sock, addr))
-            }
-        };
+        // An address we cannot use (a newer systemd's `vsock:`) must not stop the
+        // connector: it runs without notifications, and says so.
+        let socket = settings.socket.as_ref().and_then(|name| {
+            let opened = socket_addr(name).and_then(|addr| {
+                let sock = UnixDatagram::unbound()?;
+                sock.set_nonblocking(true)?;
+                Ok((sock, addr))
+            });
+            opened
+                .map_err(|e| log::warn!("NOTIFY_SOCKET={name:?}: {e}; not notifying systemd"))
+                .ok()
+        });
         let s6 = match settings.notification_fd {
             None => None,
             Some(fd) => Some(
@@ -246,13 +247,12 @@ mod tests {
             let len = sock.recv(&mut buf).unwrap();
             assert_eq!(&buf[..len], b"READY=1\nSTATUS=polling\n");
         }
-        assert!(
-            Notifier::open(&NotifySettings {
-                socket: Some("relative".into()),
-                ..NotifySettings::default()
-            })
-            .is_err()
-        );
+        let unusable = Notifier::open(&NotifySettings {
+            socket: Some("vsock:2:1234".into()),
+            ..NotifySettings::default()
+        })
+        .unwrap();
+        assert!(!unusable.is_active());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
