@@ -213,6 +213,9 @@ pub struct ClientConfig {
     /// Whole-request limit for `/a2a` sends (a push-mode peer answers synchronously).
     /// Defaults to 5 min.
     pub send_timeout: Duration,
+    /// The agent card to register with (`connect --card-file`); `None` = the
+    /// built-in one ([`crate::wire::agent_card`]).
+    pub agent_card: Option<Value>,
 }
 
 impl ClientConfig {
@@ -225,6 +228,7 @@ impl ClientConfig {
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             send_timeout: Duration::from_secs(300),
+            agent_card: None,
         }
     }
 }
@@ -375,6 +379,14 @@ impl Client {
         &self.cfg.api_url
     }
 
+    /// The agent card register sends.
+    pub fn agent_card(&self) -> Value {
+        self.cfg
+            .agent_card
+            .clone()
+            .unwrap_or_else(|| crate::wire::agent_card(&self.cfg.workspace_id))
+    }
+
     /// Replaces the token (re-read after a rotation).
     pub fn set_token(&self, token: Secret) {
         *self.token.write().unwrap_or_else(PoisonError::into_inner) = token;
@@ -522,6 +534,20 @@ impl Client {
         Ok(())
     }
 
+    /// `POST /workspaces/<own>/activity` (§API-2.6): a row in our own log.
+    pub fn self_report(&self, row: &Value) -> Result<(), ApiError> {
+        let path = format!("/workspaces/{}/activity", self.cfg.workspace_id);
+        self.call_json(
+            "self-report",
+            "POST",
+            &path,
+            &[],
+            Some(row),
+            SMALL_BODY_LIMIT,
+        )
+        .map(|_| ())
+    }
+
     /// `GET /workspaces/<id>` (open route): tells a revoked token (200) from a removed
     /// workspace (410) after a 401 (§API-2.12).
     pub fn workspace_info(&self, id: &str) -> Result<Value, ApiError> {
@@ -631,6 +657,140 @@ impl Client {
             .call();
         let resp = self.answered(op, "GET", &path, resp)?;
         Ok(EventBody(resp.into_body().into_reader()))
+    }
+
+    /// One JSON call to a platform route: `method` (`GET`, `POST`, `DELETE`) on `path`
+    /// with `query` and an optional JSON `body`; the answer as JSON (`Null` when
+    /// empty), capped at `limit` bytes. The shared path of the agent-side tools
+    /// (memories, requests, history, card, broadcast).
+    pub fn call_json(
+        &self,
+        op: &'static str,
+        method: &str,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+        limit: u64,
+    ) -> Result<Value, ApiError> {
+        let url = self.url(path);
+        let resp = match (method, body) {
+            ("GET", _) => {
+                let mut req = self.with_headers(self.agent.get(url), false);
+                for (k, v) in query {
+                    req = req.query(*k, *v);
+                }
+                req.call()
+            }
+            ("DELETE", _) => {
+                let mut req = self.with_headers(self.agent.delete(url), false);
+                for (k, v) in query {
+                    req = req.query(*k, *v);
+                }
+                req.call()
+            }
+            (_, body) => {
+                let bytes = match body {
+                    Some(b) => serde_json::to_vec(b).map_err(|e| ApiError::Invalid {
+                        op,
+                        detail: e.to_string(),
+                    })?,
+                    None => Vec::new(),
+                };
+                let mut req = self.with_headers(self.agent.post(url), false);
+                for (k, v) in query {
+                    req = req.query(*k, *v);
+                }
+                if body.is_some() {
+                    req = req.header("Content-Type", "application/json");
+                }
+                req.send(&bytes[..])
+            }
+        }
+        .map_err(|e| transport_error(op, e))?;
+        let resp = check_status(op, resp)?;
+        read_value(op, resp, limit)
+    }
+
+    /// `POST /workspaces/<own>/chat/uploads` (§API-2.16): `files` as one
+    /// `multipart/form-data` body of `files` parts (name, MIME type, bytes).
+    pub fn upload(&self, files: &[(String, String, Vec<u8>)]) -> Result<Value, ApiError> {
+        let op = "upload";
+        let boundary = format!("molecule-{}", crate::uuid::new_v4());
+        let mut body = Vec::new();
+        for (name, mime, bytes) in files {
+            // Quotes and line breaks cannot appear in a header value; the platform
+            // sanitises the name anyway.
+            let safe: String = name
+                .chars()
+                .map(|c| if c == '"' || c.is_control() { '_' } else { c })
+                .collect();
+            body.extend_from_slice(
+                format!(
+                    "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{safe}\"\r\nContent-Type: {mime}\r\n\r\n"
+                )
+                .as_bytes(),
+            );
+            body.extend_from_slice(bytes);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        let path = format!("/workspaces/{}/chat/uploads", self.cfg.workspace_id);
+        let resp = self
+            .with_headers(self.agent.post(self.url(&path)), false)
+            .header(
+                "Content-Type",
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .config()
+            .timeout_global(Some(self.cfg.send_timeout))
+            .build()
+            .send(&body[..])
+            .map_err(|e| transport_error(op, e))?;
+        let resp = check_status(op, resp)?;
+        read_value(op, resp, SMALL_BODY_LIMIT)
+    }
+
+    /// `GET /workspaces/<own>/pending-uploads/<file_id>/content` (§API-2.16): the
+    /// bytes are copied to `sink` (at most `limit`); returns the byte count and the
+    /// `Content-Type`.
+    pub fn download(
+        &self,
+        file_id: &str,
+        sink: &mut dyn std::io::Write,
+        limit: u64,
+    ) -> Result<(u64, Option<String>), ApiError> {
+        let op = "download";
+        check_uuid(op, "file id", file_id)?;
+        let path = format!(
+            "/workspaces/{}/pending-uploads/{file_id}/content",
+            self.cfg.workspace_id
+        );
+        let resp = self
+            .with_headers(self.agent.get(self.url(&path)), false)
+            .config()
+            .timeout_global(Some(self.cfg.send_timeout))
+            .build()
+            .call()
+            .map_err(|e| transport_error(op, e))?;
+        let mut resp = check_status(op, resp)?;
+        let mime = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut reader = resp.body_mut().with_config().limit(limit).reader();
+        // A failure mid-body is BadBody: part of the bytes may already be written.
+        let n = std::io::copy(&mut reader, sink).map_err(|e| {
+            if e.to_string().contains("limit") {
+                ApiError::TooLarge { op, limit }
+            } else {
+                ApiError::BadBody {
+                    op,
+                    detail: e.to_string(),
+                }
+            }
+        })?;
+        Ok((n, mime))
     }
 
     fn get(

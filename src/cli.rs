@@ -6,6 +6,12 @@ use std::ffi::OsString;
 use std::fmt;
 use std::path::PathBuf;
 
+mod tools;
+pub use tools::{
+    AskArgs, BroadcastArgs, CardArgs, DownloadArgs, HistoryArgs, MemoryArgs, RequestArgs,
+    RequestsArgs,
+};
+
 /// An argument detached from the parser's borrow, so a helper can still call
 /// `parser.value()` while we hold it.
 #[derive(Debug)]
@@ -96,6 +102,10 @@ pub struct ConnectArgs {
     pub delegations_capacity: Option<usize>,
     /// `--workspaces FILE`.
     pub workspaces: Option<PathBuf>,
+    /// `--broadcasts-secs` (0 = inbound broadcasts off).
+    pub broadcasts_secs: Option<u64>,
+    /// `--card-file FILE`: the agent card sent on register.
+    pub card_file: Option<PathBuf>,
     /// `--dry-run`.
     pub dry_run: bool,
     /// `--metrics-file PATH`.
@@ -167,6 +177,8 @@ pub struct NotifyArgs {
     pub text: Option<String>,
     /// `--attach URI[,NAME]`, in order.
     pub attach: Vec<String>,
+    /// `--file PATH`, in order: uploaded first.
+    pub files: Vec<PathBuf>,
 }
 
 /// `heartbeat` options as typed.
@@ -230,6 +242,22 @@ pub enum Command {
     },
     /// Check configuration, reachability, auth and poll support.
     Doctor(DoctorArgs),
+    /// Memories: commit, search, namespaces, delete.
+    Memory(MemoryArgs),
+    /// Raise a request (approval or task), optionally wait for the answer.
+    Ask(AskArgs),
+    /// List requests raised or received.
+    Requests(RequestsArgs),
+    /// One request: show, respond, message, cancel.
+    Request(RequestArgs),
+    /// A conversation with a peer or the human.
+    History(HistoryArgs),
+    /// Update the agent card.
+    Card(CardArgs),
+    /// Message every workspace of the org.
+    Broadcast(BroadcastArgs),
+    /// Fetch a pending upload's bytes.
+    Download(DownloadArgs),
 }
 
 /// Everything parsed from argv.
@@ -341,12 +369,16 @@ where
             Command::Help(topic)
         }
         "version" => Command::Version,
-        other => {
-            return Err(UsageError(format!(
-                "unknown command {other:?} (commands: {}; see 'molecule --help')",
-                COMMANDS.join(", ")
-            )));
-        }
+        other => match tools::parse(other, &mut parser, &mut global) {
+            Some(parsed) => parsed?,
+            None => {
+                return Err(UsageError(format!(
+                    "unknown command {other:?} (commands: {}, {}; see 'molecule --help')",
+                    COMMANDS.join(", "),
+                    tools::TOOL_COMMANDS.join(", ")
+                )));
+            }
+        },
     };
     Ok(Args { global, command })
 }
@@ -425,6 +457,10 @@ fn parse_connect(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Comm
                 a.delegations_capacity = Some(number(parser, "--delegations-capacity")?)
             }
             ("workspaces", _) => a.workspaces = Some(PathBuf::from(parser.value()?)),
+            ("card-file", _) => a.card_file = Some(PathBuf::from(parser.value()?)),
+            ("broadcasts-secs", _) => {
+                a.broadcasts_secs = Some(number(parser, "--broadcasts-secs")?)
+            }
             ("dry-run", _) => a.dry_run = true,
             ("metrics-file", _) => a.metrics_file = Some(PathBuf::from(parser.value()?)),
             ("notification-fd", _) => {
@@ -478,6 +514,12 @@ fn sub_args(
                     return Err(looks_like_option(cmd, &format!("--{l}")));
                 }
             }
+            // Short options reach `flag` as "-c" (e.g. download's -o).
+            Short(c) => {
+                if !flag(&format!("-{c}"), parser)? {
+                    return Err(looks_like_option(cmd, &format!("-{c}")));
+                }
+            }
             Value(v) if positional.len() < max_positional => {
                 positional.push(string(v, &format!("{cmd} argument"))?);
             }
@@ -487,7 +529,6 @@ fn sub_args(
                     v.to_string_lossy()
                 )));
             }
-            Short(c) => return Err(looks_like_option(cmd, &format!("-{c}"))),
         }
     }
     Ok(Some(positional))
@@ -608,6 +649,7 @@ fn parse_notify(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Comma
     let Some(pos) = sub_args(parser, g, "notify", 1, |name, p| {
         match name {
             "attach" => a.attach.push(string(p.value()?, "--attach")?),
+            "file" => a.files.push(PathBuf::from(p.value()?)),
             _ => return Ok(false),
         }
         Ok(true)
@@ -754,6 +796,17 @@ Commands:
   heartbeat                send one heartbeat (agents driven by cron)
   status                   show what the connector's state file says
   doctor                   check configuration, reachability, auth and poll support
+  memory commit|search|namespaces|delete
+                           remember across runs (the platform's memory plugin)
+  ask TITLE                ask the human (or an agent) for an approval or a task;
+                           --wait for the answer
+  requests                 list requests raised (or --inbox: received)
+  request show|respond|message|cancel <request-id>
+                           one request and its thread
+  history                  a conversation (--peer ID or --canvas), oldest first
+  card update              change what the agent card says
+  broadcast TEXT|-         message every workspace of the org
+  download URI             fetch a file uploaded to this workspace
   help [COMMAND]           show help for a command
   version                  print the version
 
@@ -939,11 +992,15 @@ pub const NOTIFY_HELP: &str = concat!(
     "\
 molecule notify: send a message to the human on the canvas
 
-Usage: molecule notify TEXT|- [--attach URI[,NAME]]...
+Usage: molecule notify TEXT|- [--file PATH]... [--attach URI[,NAME]]...
 
 POST /workspaces/<own>/notify. Every call is a new chat message (no dedupe).
 
 Options:
+  --file PATH              attach a local file (repeatable): all files are checked
+                           first (at most 10, each at most 100 MiB and not empty,
+                           100 MiB in total), uploaded in one request
+                           (POST /chat/uploads), then sent with the message
   --attach URI[,NAME]      attach a file already uploaded to the platform, by URI;
                            NAME defaults to the last part of the URI (repeatable;
                            everything after the first comma is the name)
@@ -1100,6 +1157,13 @@ Options:
                            0 = off                                            [default: 30]
   --delegations-capacity N delivered delegation ids remembered across restarts (oldest
                            forgotten first; at least 64)                    [default: 1024]
+  --broadcasts-secs SECS   look for broadcasts to the org every SECS; each is handed to
+                           the backend once (MOLECULE_ORIGIN=broadcast, the text cut
+                           at 120 characters by the platform) and never answered;
+                           0 = off                                            [default: 60]
+  --card-file FILE         a JSON agent card (object) sent on register instead of the
+                           built-in one (name, description, skills...; url is removed,
+                           poll mode has none)
   --dry-run                check configuration and backend, print a summary, exit
   --metrics-file PATH      write Prometheus metrics (text format, for node_exporter's
                            textfile collector: name it *.prom) to PATH, replaced
@@ -1121,9 +1185,14 @@ stdin; stdout (trailing newline trimmed) is the reply. Exit 0 = reply (empty out
 no reply), 100 = handled, post nothing, 75 = retry later, anything else = failure.
 Its environment has MOLECULE_WORKSPACE_ID, MOLECULE_API_URL, MOLECULE_CALLER_ID,
 MOLECULE_CALLER_NAME, MOLECULE_CALLER_ROLE (when known), MOLECULE_ORIGIN
-(peer|canvas|delegation_result), MOLECULE_MESSAGE_ID, MOLECULE_ACTIVITY_ID,
-MOLECULE_CONTEXT_ID, MOLECULE_ATTEMPT, and MOLECULE_DELEGATION_ID for a delegation
-result (whose output is not posted anywhere).
+(peer|canvas|delegation_result|request_update|broadcast), MOLECULE_MESSAGE_ID,
+MOLECULE_ACTIVITY_ID, MOLECULE_CONTEXT_ID, MOLECULE_ATTEMPT, MOLECULE_ATTACHMENTS
+(JSON list of the message's files: uri, name, mimeType, size; fetch a
+platform-pending: URI with 'molecule download'), MOLECULE_DELEGATION_ID for a
+delegation result, MOLECULE_REQUEST_ID for a request_update. The output of a
+delegation_result, request_update (the platform's notice that a request was
+answered, discussed, or is waiting: messageId request-responded:, request-message:,
+inbox-nudge-) or broadcast is never posted anywhere.
 
 The worker backend starts CMD once per worker (own process group, MOLECULE_WORKSPACE_ID
 and MOLECULE_API_URL set) and talks NDJSON: a line {\"id\":\"7\",\"text\":...,<the whole
@@ -1136,7 +1205,8 @@ timeout is killed and started afresh; one that exits is restarted with a backoff
 Files in the state dir: <id>.json (cursor: workspace_id, last_since_id; handled ids;
 pending replies), <id>.journal (changes since the last checkpoint), <id>.lock (one
 connector per workspace), <id>.status.json (for 'molecule status' and watchdogs),
-<id>.deadletter.jsonl (messages given up on), <id>.delegations.jsonl (one line per
+<id>.deadletter.jsonl (messages given up on), <id>.broadcasts.json (broadcast
+cursor and ids delivered), <id>.delegations.jsonl (one line per
 delegation result), <id>.delegations.state.json (results delivered or pending).
 
 Global options (--api-url, --token-file, --state-dir, ...): see 'molecule --help'.
@@ -1157,7 +1227,7 @@ pub fn help_for(topic: Option<&str>) -> Option<&'static str> {
         Some("heartbeat") => Some(HEARTBEAT_HELP),
         Some("status") => Some(STATUS_HELP),
         Some("doctor") => Some(DOCTOR_HELP),
-        Some(_) => None,
+        Some(other) => tools::help_for(other),
     }
 }
 

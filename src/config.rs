@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -118,6 +119,10 @@ pub struct ConnectConfig {
     pub delegations_capacity: usize,
     /// Check and print, do not run.
     pub dry_run: bool,
+    /// Broadcast cadence; zero = off.
+    pub broadcasts_every: Duration,
+    /// `--card-file`: the agent card to register with.
+    pub agent_card: Option<serde_json::Value>,
 }
 
 /// Resolves `connect`'s configuration. `env` looks up one environment variable.
@@ -216,6 +221,12 @@ pub fn connect_config(
             "--delegations-secs {delegations_secs}: at most 86400 (0 turns the tracker off)"
         )));
     }
+    let broadcasts_secs = a.broadcasts_secs.unwrap_or(60);
+    if broadcasts_secs > 86_400 {
+        return Err(ConfigError(format!(
+            "--broadcasts-secs {broadcasts_secs}: at most 86400 (0 turns broadcasts off)"
+        )));
+    }
     let delegations_capacity = a.delegations_capacity.unwrap_or(1024);
     // The platform lists up to 50 delegations: remembering fewer delivered ids could
     // forget one that is still listed and deliver it again.
@@ -244,6 +255,8 @@ pub fn connect_config(
         delegations_every: Duration::from_secs(delegations_secs),
         delegations_capacity,
         dry_run: a.dry_run,
+        agent_card: a.card_file.as_deref().map(read_card_file).transpose()?,
+        broadcasts_every: Duration::from_secs(broadcasts_secs),
     })
 }
 
@@ -282,6 +295,35 @@ pub fn supervision(
         notify,
         metrics_file: a.metrics_file.clone(),
     })
+}
+
+/// Largest `--card-file` read.
+const MAX_CARD_FILE: u64 = 256 * 1024;
+
+/// `--card-file FILE`: a JSON object. A `url` is dropped: a poll-mode card has none,
+/// and the platform would check it (and refuse a private address, §API-2.3).
+pub fn read_card_file(path: &Path) -> Result<serde_json::Value, ConfigError> {
+    let shown = path.display();
+    let mut raw = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CARD_FILE + 1).read_to_end(&mut raw))
+        .map_err(|e| ConfigError(format!("--card-file {shown}: {e}")))?;
+    if raw.len() as u64 > MAX_CARD_FILE {
+        return Err(ConfigError(format!(
+            "--card-file {shown}: larger than {MAX_CARD_FILE} bytes"
+        )));
+    }
+    let mut card: serde_json::Value = serde_json::from_slice(&raw)
+        .map_err(|e| ConfigError(format!("--card-file {shown}: not JSON: {e}")))?;
+    let Some(obj) = card.as_object_mut() else {
+        return Err(ConfigError(format!(
+            "--card-file {shown}: the agent card must be a JSON object"
+        )));
+    };
+    if obj.remove("url").is_some() {
+        log::warn!("--card-file {shown}: its url is ignored (poll mode has none)");
+    }
+    Ok(card)
 }
 
 /// Largest `--workspaces` file read.

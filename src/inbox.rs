@@ -35,12 +35,25 @@ pub struct Inbound {
     pub raw: Value,
     /// The row's `created_at`, Unix µs (for the inbound-to-reply metric).
     pub created_at_us: Option<i64>,
+    /// A platform notice about a request (answer turn, thread message, nudge):
+    /// handed to the backend, never answered.
+    pub is_request_update: bool,
+    /// The request a notice is about, when it names one.
+    pub request_id: Option<String>,
+    /// File parts as `{uri, name, mimeType?, size?}`.
+    pub attachments: Vec<Value>,
 }
+
+/// `messageId` prefixes of the platform's request notices (§API-2.19, §API-4.5).
+const REQUEST_NOTICE_PREFIXES: [&str; 3] =
+    ["request-responded:", "request-message:", "inbox-nudge-"];
 
 impl Inbound {
     /// Where it came from.
     pub fn origin(&self) -> Origin {
-        if self.source_id.is_some() {
+        if self.is_request_update {
+            Origin::RequestUpdate
+        } else if self.source_id.is_some() {
             Origin::Peer
         } else {
             Origin::Canvas
@@ -92,6 +105,8 @@ impl Inbound {
             attempt,
             raw: self.raw.clone(),
             extra_env: Default::default(),
+            attachments: self.attachments.clone(),
+            request_id: self.request_id.clone(),
         }
     }
 }
@@ -180,10 +195,24 @@ pub fn classify(row: &ActivityRow, own_id: &str) -> Result<Inbound, Skip> {
         return Err(Skip::Malformed("message has no usable parts".into()));
     }
     let str_field = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_string);
+    let message_id = str_field(message, "messageId");
+    let is_request_update = source.is_none()
+        && message_id
+            .as_deref()
+            .is_some_and(|m| REQUEST_NOTICE_PREFIXES.iter().any(|p| m.starts_with(p)));
+    let request_id = if is_request_update {
+        notice_request_id(message_id.as_deref().unwrap_or(""), &text)
+    } else {
+        None
+    };
+    let attachments = attachments_of(&other_parts);
     Ok(Inbound {
+        is_request_update,
+        request_id,
+        attachments,
         activity_id: row.id.clone(),
         source_id: source.map(str::to_string),
-        message_id: str_field(message, "messageId"),
+        message_id,
         in_reply_to: message
             .pointer("/metadata/in_reply_to")
             .and_then(Value::as_str)
@@ -201,6 +230,17 @@ pub fn classify(row: &ActivityRow, own_id: &str) -> Result<Inbound, Skip> {
             .as_deref()
             .and_then(crate::timestamp::parse_rfc3339),
     })
+}
+
+/// The request a notice is about: `request-responded:<rid>-<uuid>` names it; a
+/// thread message's id names the message, so its text's `(id <rid>)` is used.
+fn notice_request_id(message_id: &str, text: &str) -> Option<String> {
+    let lead = |s: &str| s.get(..36).filter(|id| is_uuid(id)).map(str::to_string);
+    if let Some(rest) = message_id.strip_prefix("request-responded:") {
+        return lead(rest);
+    }
+    text.match_indices("(id ")
+        .find_map(|(i, _)| text.get(i + 4..).and_then(lead))
 }
 
 /// Text parts (`kind` or `type` = `text`) joined with newlines, and the rest.
@@ -283,6 +323,32 @@ pub fn reply_envelope(message_id: &str, text: &str, extra_parts: &[Value], msg: 
     message_send(message_id, text, extra_parts, thread)
 }
 
+/// The `a2a_send` self-report of a message we sent to `peer` (§API-2.6): the
+/// platform never logs our side of a conversation in our own log, so without it
+/// `/activity?peer_id=` (history) shows only the peer's words (§API-2.21).
+pub fn send_report(peer: &str, envelope: &Value) -> Value {
+    let text = envelope
+        .pointer("/params/message/parts")
+        .and_then(Value::as_array)
+        .and_then(|parts| {
+            parts
+                .iter()
+                .find_map(|p| p.get("text").and_then(Value::as_str))
+        })
+        .unwrap_or("");
+    let mut summary: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if summary.chars().count() > 120 {
+        summary = summary.chars().take(119).collect::<String>() + "…";
+    }
+    json!({
+        "activity_type": "a2a_send",
+        "method": "message/send",
+        "target_id": peer,
+        "summary": summary,
+        "request_body": envelope,
+    })
+}
+
 /// File parts of a reply as `/notify` attachments (`uri` and `name` required).
 pub fn attachments_of(parts: &[Value]) -> Vec<Value> {
     parts
@@ -294,6 +360,9 @@ pub fn attachments_of(parts: &[Value]) -> Vec<Value> {
             let mut a = json!({"uri": uri, "name": name});
             if let Some(m) = file.get("mimeType").or_else(|| file.get("mime_type")) {
                 a["mimeType"] = m.clone();
+            }
+            if let Some(s) = file.get("size").filter(|s| s.is_u64()) {
+                a["size"] = s.clone();
             }
             Some(a)
         })

@@ -353,6 +353,9 @@ mod tests {
             peer_role: None,
             raw: Value::Null,
             created_at_us: None,
+            is_request_update: false,
+            request_id: None,
+            attachments: vec![],
         }
     }
 

@@ -227,7 +227,14 @@ impl ExecBackend {
             .env("MOLECULE_MESSAGE_ID", opt(&req.message_id))
             .env("MOLECULE_ACTIVITY_ID", &req.activity_id)
             .env("MOLECULE_CONTEXT_ID", opt(&req.context_id))
-            .env("MOLECULE_ATTEMPT", req.attempt.to_string());
+            .env("MOLECULE_ATTEMPT", req.attempt.to_string())
+            .env(
+                "MOLECULE_ATTACHMENTS",
+                serde_json::Value::from(req.attachments.clone()).to_string(),
+            );
+        if let Some(rid) = &req.request_id {
+            c.env("MOLECULE_REQUEST_ID", rid);
+        }
         if self.settings.pass_meta {
             c.env("MOLECULE_TASK_ID", opt(&req.task_id))
                 .env("MOLECULE_METHOD", &req.method);
@@ -649,6 +656,8 @@ pub(super) fn request_json(req: &Request) -> Value {
         "method": req.method,
         "attempt": req.attempt,
         "workspace_id": req.workspace_id,
+        "attachments": req.attachments,
+        "request_id": req.request_id,
         "request": req.raw,
     })
 }
@@ -757,6 +766,8 @@ mod tests {
             attempt: 2,
             raw: json!({"id": 7}),
             extra_env: BTreeMap::new(),
+            attachments: vec![json!({"uri": "platform-pending:w/f", "name": "a.txt"})],
+            request_id: None,
         }
     }
 

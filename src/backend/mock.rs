@@ -74,6 +74,8 @@ mod tests {
             attempt: 1,
             raw: serde_json::Value::Null,
             extra_env: BTreeMap::new(),
+            attachments: Vec::new(),
+            request_id: None,
         }
     }
 

@@ -30,6 +30,11 @@ pub enum Origin {
     Canvas,
     /// A local delegation result (never from the platform as a task).
     DelegationResult,
+    /// The platform's notice about a request we raised or hold (an answer, a thread
+    /// message, a nudge, §API-2.19): never answered.
+    RequestUpdate,
+    /// A broadcast to the org (§API-2.20): never answered.
+    Broadcast,
 }
 
 impl Origin {
@@ -39,7 +44,14 @@ impl Origin {
             Origin::Peer => "peer",
             Origin::Canvas => "canvas",
             Origin::DelegationResult => "delegation_result",
+            Origin::RequestUpdate => "request_update",
+            Origin::Broadcast => "broadcast",
         }
+    }
+
+    /// Whether the backend's output is posted back to the sender.
+    pub fn is_answered(self) -> bool {
+        matches!(self, Origin::Peer | Origin::Canvas)
     }
 }
 
@@ -78,6 +90,11 @@ pub struct Request {
     pub raw: serde_json::Value,
     /// Extra environment for the backend (e.g. `MOLECULE_DELEGATION_ID`).
     pub extra_env: BTreeMap<String, String>,
+    /// Files that came with the message: `{uri, name, mimeType?, size?}` (canvas
+    /// uploads are `platform-pending:` URIs, fetched with `molecule download`).
+    pub attachments: Vec<serde_json::Value>,
+    /// The request a `request_update` is about, when the notice names it.
+    pub request_id: Option<String>,
 }
 
 /// What a backend produced.

@@ -241,6 +241,8 @@ fn probe_request() -> Request {
         attempt: 1,
         raw: Value::Null,
         extra_env: BTreeMap::new(),
+        attachments: Vec::new(),
+        request_id: None,
     }
 }
 

@@ -14,15 +14,30 @@ const MAX_FIELD: usize = 4096;
 
 pub(super) fn notify(ctx: &Ctx, a: &NotifyArgs) -> Result<Report, Failure> {
     let text = message_text(a.text.as_deref(), "notify")?;
-    let attachments = a
+    let mut attachments = a
         .attach
         .iter()
         .map(|spec| attachment(spec))
         .collect::<Result<Vec<Value>, Failure>>()?;
+    if !a.files.is_empty() {
+        let budget = super::Budget::new(None, "notify")?;
+        let uploaded = super::files::upload(ctx, &budget, &a.files, attachments.len())?;
+        attachments.extend(uploaded);
+    } else if attachments.len() > super::files::MAX_ATTACHMENTS {
+        return Err(Failure::input(format!(
+            "notify: the platform takes at most {} attachments per message",
+            super::files::MAX_ATTACHMENTS
+        )));
+    }
     let count = attachments.len();
     ctx.call(|c| c.notify(&text, attachments.clone()), describe_notify)?;
+    let mut json = json!({"ok": true, "status": "sent", "attachments": count});
+    if !a.files.is_empty() {
+        // What was uploaded and sent, so a script can reuse the URIs.
+        json["files"] = Value::from(attachments);
+    }
     Ok(Report {
-        json: json!({"ok": true, "status": "sent", "attachments": count}),
+        json,
         human: "sent\n".to_string(),
     })
 }

@@ -6,10 +6,15 @@
 //! included (`{"ok":false,"error":…,"exit_code":N}`); logs and errors go to stderr.
 //! No threads; a send's retries wait with a plain sleep (one-shot process).
 
+mod card;
 mod delegate;
 mod doctor;
+mod files;
+mod history;
+mod memory;
 mod messaging;
 mod registry;
+mod requests;
 mod send;
 mod status;
 
@@ -24,6 +29,9 @@ use crate::cli::{Command, GlobalArgs};
 use crate::config::{self, AgentConfig, ConfigError, TokenSource};
 use crate::error::Error;
 use crate::state::StateError;
+
+/// Cap for the answers of the tool routes (lists of memories, requests, history).
+const LIST_LIMIT: u64 = 16 * 1024 * 1024;
 
 /// The platform's `/a2a` cap (§API-2.7.2), also applied to text read from stdin.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -53,6 +61,17 @@ pub fn run(
             prometheus,
         } => status::run(global, env, stale_after, prometheus),
         Command::Doctor(a) => doctor::run(global, env, &a),
+        Command::Memory(a) => Ctx::new(global, env).and_then(|c| memory::run(&c, &a)),
+        Command::Ask(a) => Ctx::new(global, env).and_then(|c| requests::ask(&c, &a)),
+        Command::Requests(a) => Ctx::new(global, env).and_then(|c| requests::list(&c, &a)),
+        Command::Request(a) => Ctx::new(global, env).and_then(|c| requests::one(&c, &a)),
+        Command::History(a) => Ctx::new(global, env).and_then(|c| history::run(&c, &a)),
+        Command::Card(a) => Ctx::new(global, env).and_then(|c| card::update(&c, &a)),
+        Command::Broadcast(a) => Ctx::new(global, env).and_then(|c| card::broadcast(&c, &a)),
+        Command::Download(a) => {
+            let json = global.json;
+            Ctx::new(global, env).and_then(|c| files::download(&c, &a, json))
+        }
         Command::Help(_) | Command::Version | Command::Connect(_) => Err(Failure::new(
             Error::Runtime("internal: not an agent-side command".into()),
         )),
@@ -214,6 +233,63 @@ impl Ctx {
         }
     }
 
+    /// Like [`Ctx::call`], retrying what the one classification calls transient
+    /// (network, 429, 5xx) with backoff until `budget` is spent. A call that creates
+    /// something (`idempotent` false) is not retried after a timeout or an unreadable
+    /// 2xx: it may have been applied.
+    fn call_within<T>(
+        &self,
+        budget: &Budget,
+        idempotent: bool,
+        mut f: impl FnMut(&Client) -> Result<T, ApiError>,
+        describe: impl Fn(&Ctx, ApiError) -> Failure,
+    ) -> Result<T, Failure> {
+        let seed = crate::uuid::random_u64();
+        let mut attempt: u32 = 0;
+        loop {
+            attempt = attempt.saturating_add(1);
+            let e = match f(&self.client) {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_unauthorized() => {
+                    self.unauthorized(&e)?;
+                    continue;
+                }
+                Err(e) => e,
+            };
+            let maybe_applied = matches!(e, ApiError::Timeout { .. } | ApiError::BadBody { .. });
+            // A platform without the feature (503 "memory plugin is not configured")
+            // will not grow it within the budget.
+            let unconfigured = e.status() == Some(503) && e.to_string().contains("not configured");
+            if !e.is_retryable() || unconfigured || (!idempotent && maybe_applied) {
+                return Err(describe(self, e));
+            }
+            let delay = BUDGET_BACKOFF.delay(attempt, seed.wrapping_add(u64::from(attempt)));
+            let delay = e.retry_after().map_or(delay, |r| delay.max(r));
+            if !budget.allows(delay) {
+                let f = describe(self, e);
+                let msg = format!(
+                    "{}; gave up after {attempt} attempt(s) within --budget {} s",
+                    f.error, budget.secs
+                );
+                let error = match *f.error {
+                    Error::Unreachable(_) => Error::Unreachable(msg),
+                    Error::Runtime(_) => Error::Runtime(msg),
+                    other => other,
+                };
+                return Err(Failure {
+                    error: Box::new(error),
+                    ..f
+                }
+                .with("attempts", attempt));
+            }
+            log::warn!(
+                "{e}; retrying in {:.1} s (attempt {attempt})",
+                delay.as_secs_f64()
+            );
+            std::thread::sleep(delay);
+        }
+    }
+
     /// After a 401 (§API-4.4): `Ok(())` means the token file held a new token, now
     /// installed: retry once. Otherwise the open `GET /workspaces/<own>` tells a
     /// removed workspace (exit 4) from a rejected token (exit 3, with how to rotate).
@@ -245,6 +321,73 @@ impl Ctx {
                 .with("http_status", 401))
             }
         }
+    }
+}
+
+/// Retry pacing inside a `--budget`: 1, 2, 4, 8 s, ±25 %.
+const BUDGET_BACKOFF: crate::backoff::Backoff = crate::backoff::Backoff {
+    base: std::time::Duration::from_secs(1),
+    max: std::time::Duration::from_secs(8),
+    jitter: 0.25,
+};
+/// `--budget` of the tool commands when not given.
+const DEFAULT_BUDGET_SECS: u64 = 60;
+/// Largest `--budget` accepted.
+const MAX_BUDGET_SECS: u64 = 24 * 3600;
+
+/// The total time a command may spend retrying (`--budget SECS`).
+struct Budget {
+    secs: u64,
+    deadline: std::time::Instant,
+}
+
+impl Budget {
+    /// From `--budget` (default 60 s); exit 2 outside 1..=86400.
+    fn new(secs: Option<u64>, cmd: &str) -> Result<Budget, Failure> {
+        let secs = secs.unwrap_or(DEFAULT_BUDGET_SECS);
+        if !(1..=MAX_BUDGET_SECS).contains(&secs) {
+            return Err(Failure::input(format!(
+                "{cmd}: --budget {secs}: must be between 1 and {MAX_BUDGET_SECS} seconds"
+            )));
+        }
+        let now = std::time::Instant::now();
+        let deadline = now
+            .checked_add(std::time::Duration::from_secs(secs))
+            .unwrap_or(now);
+        Ok(Budget { secs, deadline })
+    }
+
+    /// Whether waiting `d` still ends inside the budget.
+    fn allows(&self, d: std::time::Duration) -> bool {
+        std::time::Instant::now()
+            .checked_add(d)
+            .is_some_and(|t| t <= self.deadline)
+    }
+}
+
+/// A platform error in words, with the platform's reason and hint: the shared
+/// diagnostic of the tool commands. `what` names the refused thing for 403/404.
+fn refused(ctx: &Ctx, e: ApiError, what: &str) -> Failure {
+    match &e {
+        ApiError::Status {
+            status: s @ (403 | 404 | 409 | 400 | 413 | 422),
+            message,
+            ..
+        } if !message.is_empty() => {
+            let mut f = Failure::runtime(match e.hint() {
+                Some(h) => format!("{e}: {what}. Hint: {h}"),
+                None => format!("{e}: {what}"),
+            })
+            .with("http_status", *s);
+            if let Some(h) = e.hint() {
+                f = f.with("hint", h);
+            }
+            if *s == 400 {
+                f.error = Box::new(Error::Config(ConfigError(f.error.to_string())));
+            }
+            f
+        }
+        _ => describe(ctx, e),
     }
 }
 

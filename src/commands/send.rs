@@ -64,7 +64,16 @@ pub(super) fn run(ctx: &Ctx, a: &SendArgs) -> Result<Report, Failure> {
         let left = deadline.saturating_duration_since(Instant::now());
         let timeout = left.max(Duration::from_millis(100));
         let err = match ctx.client.send_a2a_within(&peer, &body, timeout) {
-            Ok(answer) => return sent.answer(answer, attempt),
+            Ok(answer) => {
+                // Our side of the conversation, for `molecule history` (best effort).
+                if let Err(e) = ctx
+                    .client
+                    .self_report(&crate::inbox::send_report(&peer, &body))
+                {
+                    log::debug!("a2a_send self-report failed: {e}");
+                }
+                return sent.answer(answer, attempt);
+            }
             Err(e) if e.is_unauthorized() => {
                 ctx.unauthorized(&e).map_err(|f| sent.tag(f, attempt))?;
                 continue;

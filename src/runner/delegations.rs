@@ -874,6 +874,8 @@ fn run_backend(ctx: &Context, r: &DelegationResult, attempt: u32) -> Run {
         attempt,
         raw: r.to_record(unix_now()),
         extra_env,
+        attachments: Vec::new(),
+        request_id: None,
     };
     let short = r.delegation_id.get(..8).unwrap_or(&r.delegation_id);
     RuntimeStatus::begin_task(&ctx.status, &format!("delegation result {short}"));

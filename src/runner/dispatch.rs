@@ -188,6 +188,16 @@ impl Worker {
                 self.count_unanswered();
                 self.finish(msg)
             }
+            Ok(Outcome::Reply(_)) if !msg.origin().is_answered() => {
+                // A platform notice (§API-2.19) looks like a canvas message: answering
+                // it would post to the user's chat, which the notice says it is not.
+                log::info!(
+                    "row {}: request notice handled; its output is not posted",
+                    msg.activity_id
+                );
+                self.count_handled();
+                self.finish(msg)
+            }
             Ok(Outcome::Reply(_)) if msg.in_reply_to.is_some() && !self.ctx.reply_to_replies => {
                 // Loop guard: the inbound message is itself a reply; answering it
                 // automatically lets two agents ping-pong forever.
@@ -483,6 +493,10 @@ impl Worker {
                     env["params"]["message"]["metadata"]["molecule_error"] = json!(true);
                 }
                 let answer = client.send_a2a(peer, &env)?;
+                // Our side of the conversation, for `molecule history` (best effort).
+                if let Err(e) = client.self_report(&inbox::send_report(peer, &env)) {
+                    log::debug!("row {}: a2a_send self-report failed: {e}", msg.activity_id);
+                }
                 if answer.is_queued() {
                     log::info!("row {}: reply {id} queued for peer {peer}", msg.activity_id);
                 } else if let Some(err) = answer.body.get("error") {
@@ -521,6 +535,9 @@ impl Worker {
             .raw
             .pointer("/params/message/metadata/molecule_error")
             .is_some();
+        if !msg.origin().is_answered() {
+            return self.finish(msg);
+        }
         if msg.in_reply_to.is_some() || is_error_reply {
             log::info!(
                 "row {}: not telling the sender: its message was itself a reply",

@@ -10,7 +10,6 @@ use crate::config::TokenSource;
 use crate::shutdown::{Shutdown, StopReason};
 
 use super::auth::{AuthVerdict, after_unauthorized};
-use super::register::agent_card;
 use super::status::{RuntimeStatus, SharedStatus};
 use super::supervise::Progress;
 
@@ -60,7 +59,7 @@ pub fn run(
                 if failures >= REREGISTER_AFTER {
                     // The platform may have marked us offline meanwhile; register is
                     // cheap and idempotent.
-                    match client.register(agent_card(client.workspace_id())) {
+                    match client.register(client.agent_card()) {
                         Ok(_) => log::info!("registered again after {failures} failed heartbeats"),
                         Err(e) => log::warn!("re-register after the outage failed: {e}"),
                     }

@@ -4,6 +4,7 @@
 //! or waits between attempts.
 
 mod auth;
+mod broadcasts;
 mod delegations;
 mod dispatch;
 mod heartbeat;
@@ -311,6 +312,7 @@ fn run_locked(
 
     let mut client_cfg = ClientConfig::new(&cfg.common.api_url, &cfg.workspace_id);
     client_cfg.org_id = cfg.common.org_id.clone();
+    client_cfg.agent_card = cfg.agent_card.clone();
     let client = Client::with_transport(&process.transport, client_cfg, cfg.common.token.clone());
     let shutdown = Shutdown::new();
     {
@@ -319,9 +321,9 @@ fn run_locked(
             .shutdown
             .on_trigger(move || ws_shutdown.trigger(StopReason::Signal));
     }
-    // One run handle per worker plus the delegation tracker's (last), so a second
-    // signal can kill every backend run.
-    let run_handles: Vec<RunHandle> = (0..=cfg.concurrency).map(|_| RunHandle::new()).collect();
+    // One run handle per worker, then the delegation tracker's and the broadcast
+    // thread's, so a second signal can kill every backend run.
+    let run_handles: Vec<RunHandle> = (0..cfg.concurrency + 2).map(|_| RunHandle::new()).collect();
     let (done_tx, done_rx) = mpsc::channel::<&'static str>();
     process.add(Target {
         handles: run_handles.clone(),
@@ -420,6 +422,14 @@ fn run_connected(
     // The tracker's backend runs drain and are cancelled like the workers'.
     let (worker_runs, tracker_runs) = run_handles.split_at(cfg.concurrency.min(run_handles.len()));
     let tracker_run = tracker_runs.first().cloned().unwrap_or_default();
+    let broadcast_run = tracker_runs.get(1).cloned().unwrap_or_default();
+    // Read before any thread starts, like the tracker's: a corrupt file stops start-up.
+    let broadcast_path = broadcasts::state_path(&cfg.common.state_dir, &cfg.workspace_id);
+    let broadcast_saved = if cfg.broadcasts_every.is_zero() {
+        None
+    } else {
+        Some(broadcasts::load(&broadcast_path)?)
+    };
     let all_runs = run_handles;
     let watched = Watched {
         id: cfg.workspace_id.clone(),
@@ -505,6 +515,27 @@ fn run_connected(
             Some(waker)
         }
     };
+
+    if let Some(saved) = broadcast_saved {
+        let bctx = broadcasts::Context {
+            client: client.clone(),
+            backend: backend.clone(),
+            status: status.clone(),
+            shutdown: shutdown.clone(),
+            run: broadcast_run,
+            every: cfg.broadcasts_every,
+            since_secs: cfg.since_secs,
+            concurrency: cfg.concurrency,
+            path: broadcast_path,
+        };
+        let (shutdown, done) = (shutdown.clone(), done_tx.clone());
+        threads.push(spawn("broadcasts", move || {
+            let _guard = ThreadGuard::new(&shutdown, "broadcasts");
+            let _done = DoneOnDrop(done, "broadcasts");
+            debug_panic_hook("broadcasts");
+            broadcasts::run(bctx, saved);
+        })?);
+    }
 
     let ctx = Arc::new(dispatch::Context {
         client: client.clone(),

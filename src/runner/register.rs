@@ -13,12 +13,10 @@ use super::auth;
 /// Register attempts on transient errors before giving up with exit 75.
 const REGISTER_ATTEMPTS: u32 = 8;
 
-pub use crate::wire::agent_card;
-
 /// Registers in poll mode, retrying transient failures with backoff. `Ok(false)` if
 /// a stop was requested meanwhile.
 pub fn register(client: &Client, source: &TokenSource, shutdown: &Shutdown) -> Result<bool, Error> {
-    let card = agent_card(client.workspace_id());
+    let card = client.agent_card();
     let backoff = Backoff::default();
     let seed = crate::uuid::random_u64();
     let mut attempt: u32 = 0;

@@ -14,15 +14,15 @@ use crate::support::*;
 
 /// What one run printed.
 #[derive(Debug)]
-struct Out {
-    code: i32,
-    out: String,
-    err: String,
+pub(crate) struct Out {
+    pub code: i32,
+    pub out: String,
+    pub err: String,
 }
 
 impl Out {
     /// Stdout is exactly one JSON document (plus its newline).
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         let mut docs = serde_json::Deserializer::from_str(&self.out).into_iter::<Value>();
         let first = docs
             .next()
@@ -34,7 +34,7 @@ impl Out {
     }
 
     /// Exit `code`, one `molecule:` error line on stderr containing `needle`, no panic.
-    fn fails(&self, code: i32, needle: &str) {
+    pub(crate) fn fails(&self, code: i32, needle: &str) {
         assert_eq!(self.code, code, "{self:?}");
         let lines: Vec<&str> = self
             .err
@@ -51,7 +51,7 @@ impl Out {
     }
 
     /// `--json` failure document with `exit_code` = the process's code.
-    fn json_failure(&self, code: i32, needle: &str) -> Value {
+    pub(crate) fn json_failure(&self, code: i32, needle: &str) -> Value {
         let v = self.json();
         assert_eq!(v["ok"], false, "{v}");
         assert_eq!(v["exit_code"], code, "{v}");
@@ -65,14 +65,14 @@ impl Out {
 }
 
 /// An agent on the command line: env for one workspace, a token file, a state dir.
-struct Agent {
-    url: String,
-    ws: Ws,
-    dir: TempDir,
+pub(crate) struct Agent {
+    pub url: String,
+    pub ws: Ws,
+    pub dir: TempDir,
 }
 
 impl Agent {
-    fn new(emu: &Emulator, ws: &Ws) -> Agent {
+    pub(crate) fn new(emu: &Emulator, ws: &Ws) -> Agent {
         let dir = TempDir::new();
         write_secret(&dir.path().join("token"), &ws.token);
         Agent {
@@ -82,15 +82,15 @@ impl Agent {
         }
     }
 
-    fn token_file(&self) -> PathBuf {
+    pub(crate) fn token_file(&self) -> PathBuf {
         self.dir.path().join("token")
     }
 
-    fn state_dir(&self) -> PathBuf {
+    pub(crate) fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
 
-    fn cmd(&self, args: &[&str]) -> Command {
+    pub(crate) fn cmd(&self, args: &[&str]) -> Command {
         let mut c = molecule();
         c.env("MOLECULE_API_URL", &self.url)
             .env("MOLECULE_WORKSPACE_ID", &self.ws.id)
@@ -100,11 +100,11 @@ impl Agent {
         c
     }
 
-    fn run(&self, args: &[&str]) -> Out {
+    pub(crate) fn run(&self, args: &[&str]) -> Out {
         self.run_stdin(args, None)
     }
 
-    fn run_stdin(&self, args: &[&str], input: Option<&[u8]>) -> Out {
+    pub(crate) fn run_stdin(&self, args: &[&str], input: Option<&[u8]>) -> Out {
         let mut child = self
             .cmd(args)
             .stdin(if input.is_some() {

@@ -14,4 +14,5 @@ mod fault;
 mod hardening;
 mod ops;
 mod supervise;
+mod tools;
 mod worker;

@@ -132,7 +132,7 @@ pub fn handle(app: &Arc<App>, req: &Request) -> Response {
             app.stats().reset();
             ok(&json!({"status": "ok"}))
         }
-        _ => Err(err(404, "not found")),
+        (m, s) => crate::tools::admin(app, req, m, s).unwrap_or_else(|| Err(err(404, "not found"))),
     };
     result.unwrap_or_else(|e| e)
 }

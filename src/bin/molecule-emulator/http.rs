@@ -363,11 +363,21 @@ pub fn reason(status: u16) -> &'static str {
 /// Serialise `resp` (one `write_all`).
 pub fn write_response<W: Write>(w: &mut W, resp: &Response, keep_alive: bool) -> io::Result<()> {
     let mut out = Vec::with_capacity(160 + resp.body.len());
+    // A handler may set its own type (file downloads); JSON otherwise.
+    let typed = resp
+        .headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
     let _ = write!(
         out,
-        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {}\r\n",
+        "HTTP/1.1 {} {}\r\n{}Content-Length: {}\r\nConnection: {}\r\n",
         resp.status,
         reason(resp.status),
+        if typed {
+            ""
+        } else {
+            "Content-Type: application/json\r\n"
+        },
         resp.body.len(),
         if keep_alive { "keep-alive" } else { "close" }
     );

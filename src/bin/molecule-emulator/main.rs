@@ -12,6 +12,7 @@ mod routes;
 mod server;
 mod stats;
 mod store;
+mod tools;
 
 use std::io::Write;
 use std::net::TcpListener;

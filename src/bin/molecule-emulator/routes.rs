@@ -36,6 +36,8 @@ pub enum Route<'a> {
     UpdateDelegation(&'a str, &'a str),
     Rotate(&'a str),
     EventStream(&'a str),
+    /// Memories, requests, uploads, broadcast, chat history (tools.rs).
+    Tool(crate::tools::ToolRoute<'a>),
     NotFound,
 }
 
@@ -64,7 +66,7 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Route<'a> {
         }
         ("POST", ["workspaces", id, "external", "rotate"]) => Route::Rotate(id),
         ("GET", ["workspaces", id, "events", "stream"]) => Route::EventStream(id),
-        _ => Route::NotFound,
+        (m, s) => crate::tools::classify(m, s).map_or(Route::NotFound, Route::Tool),
     }
 }
 
@@ -90,6 +92,7 @@ impl Route<'_> {
             Route::UpdateDelegation(..) => "/workspaces/:id/delegations/:did/update",
             Route::Rotate(_) => "/workspaces/:id/external/rotate",
             Route::EventStream(_) => "/workspaces/:id/events/stream",
+            Route::Tool(t) => t.template(),
             Route::NotFound => "(unmatched)",
         }
     }
@@ -111,6 +114,7 @@ impl Route<'_> {
             | Route::UpdateDelegation(id, _)
             | Route::Rotate(id)
             | Route::EventStream(id) => Some(id),
+            Route::Tool(t) => t.workspace_id(),
             _ => None,
         }
     }
@@ -138,6 +142,7 @@ pub fn handle(app: &Arc<App>, req: &Request, route: &Route<'_>) -> Response {
         Route::UpdateDelegation(id, did) => update_delegation(app, req, id, did),
         Route::Rotate(id) => rotate(app, req, id),
         Route::EventStream(id) => event_stream(app, req, id),
+        Route::Tool(t) => Ok(crate::tools::handle(app, req, t)),
         Route::NotFound => Err(Response::error(404, "not found")),
     };
     result.unwrap_or_else(|e| e)
@@ -154,14 +159,14 @@ fn err(status: u16, msg: &str) -> Response {
 }
 
 /// `Authorization: Bearer <token>` (prefix matched case-sensitively, §1.1).
-fn bearer(req: &Request) -> Option<&str> {
+pub fn bearer(req: &Request) -> Option<&str> {
     req.header("authorization")
         .and_then(|a| a.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|t| !t.is_empty())
 }
 
-fn is_admin(app: &App, token: &str) -> bool {
+pub fn is_admin(app: &App, token: &str) -> bool {
     app.cfg.admin_token.as_deref() == Some(token)
 }
 
@@ -183,7 +188,7 @@ fn opt_string(v: Option<&str>) -> Value {
 }
 
 /// WorkspaceAuth (§1.2): admin token, or a live token of workspace `id`.
-fn workspace_auth(app: &App, st: &Store, req: &Request, id: &str) -> Result<(), Response> {
+pub fn workspace_auth(app: &App, st: &Store, req: &Request, id: &str) -> Result<(), Response> {
     let Some(tok) = bearer(req) else {
         return Err(err(401, "missing workspace auth token"));
     };
@@ -344,6 +349,11 @@ fn heartbeat(app: &App, req: &Request) -> Handled {
         Some(ws) => {
             let task_before = ws.current_task.clone();
             ws.record_heartbeat(&payload);
+            // The platform drains one queued A2A item per beat (§2.19).
+            crate::tools::drain_one(&mut st, &id);
+            let Some(ws) = st.workspaces.get_mut(&id) else {
+                return Err(err(404, "workspace not found"));
+            };
             let (active, uptime) = (ws.active_tasks, ws.uptime_seconds);
             let task_now = ws.current_task.clone();
             let frozen = FROZEN_STATUSES.contains(&ws.status.as_str());

@@ -625,6 +625,8 @@ pub struct Store {
     pub idempotency: HashMap<(String, String), String>,
     /// Event-stream subscribers and stream faults (§2.17).
     pub events: crate::events::Broadcaster,
+    /// Memories, requests, uploads, abilities (tools.rs).
+    pub tools: crate::tools::Tools,
     seq: i64,
     order: u64,
 }

@@ -1,0 +1,325 @@
+//! Inbound broadcasts (§API-2.20): `broadcast_receive` rows, which the inbox poll
+//! (`type=a2a_receive`) never returns. Their own thread reads them with their own
+//! cursor (`type=broadcast_receive&since_id=`), hands each to the backend once
+//! (`MOLECULE_ORIGIN=broadcast`; the text is the row's summary, cut at 120
+//! characters by the platform) and never posts the output. The cursor and the ids
+//! delivered lately live in `<state-dir>/<id>.broadcasts.json` (0600, atomic), saved
+//! after every delivery, so a restart delivers nothing twice.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::api::Client;
+use crate::backend::{Backend, BackendError, Origin, Request, RunHandle};
+use crate::backoff::Backoff;
+use crate::shutdown::{Shutdown, StopReason};
+use crate::state::StateError;
+
+use super::status::{RuntimeStatus, SharedStatus};
+
+/// Delivered ids remembered (a 410 restarts from the time window; these stop repeats).
+const REMEMBER: usize = 256;
+/// Rows per page.
+const PAGE: u32 = 100;
+/// Page bytes accepted (rows are small: no bodies).
+const PAGE_BYTES: u64 = 4 * 1024 * 1024;
+/// Backend failures on one broadcast before it is given up.
+const MAX_FAILURES: u32 = 3;
+/// Larger state files are refused rather than read.
+const MAX_STATE_BYTES: u64 = 1024 * 1024;
+
+/// `<dir>/<workspace-id>.broadcasts.json`.
+pub fn state_path(dir: &Path, workspace_id: &str) -> PathBuf {
+    dir.join(format!("{workspace_id}.broadcasts.json"))
+}
+
+/// What survives a restart.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Saved {
+    /// The newest broadcast row handled.
+    #[serde(default)]
+    pub cursor: Option<String>,
+    /// Ids handled lately, oldest first.
+    #[serde(default)]
+    pub delivered: Vec<String>,
+}
+
+/// Reads the state file; a missing file is a fresh start, a corrupt one an error.
+pub fn load(path: &Path) -> Result<Saved, StateError> {
+    let corrupt = |detail: String| StateError::Corrupt {
+        path: path.to_path_buf(),
+        detail,
+    };
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Saved::default()),
+        Ok(m) if m.len() > MAX_STATE_BYTES => {
+            return Err(corrupt(format!("larger than {MAX_STATE_BYTES} bytes")));
+        }
+        _ => {}
+    }
+    let raw = std::fs::read(path).map_err(|e| corrupt(e.to_string()))?;
+    let saved: Saved = serde_json::from_slice(&raw).map_err(|e| corrupt(e.to_string()))?;
+    if saved
+        .cursor
+        .as_deref()
+        .is_some_and(|c| !crate::uuid::is_uuid(c))
+    {
+        return Err(corrupt("cursor is not a UUID".into()));
+    }
+    Ok(saved)
+}
+
+/// What the broadcast thread needs.
+pub struct Context {
+    /// The platform client.
+    pub client: Client,
+    /// The backend broadcasts are handed to.
+    pub backend: Arc<dyn Backend>,
+    /// Heartbeat numbers (busy check, current task).
+    pub status: SharedStatus,
+    /// Stop flag.
+    pub shutdown: Shutdown,
+    /// Lets the drain cancel a running delivery.
+    pub run: RunHandle,
+    /// How often to look.
+    pub every: Duration,
+    /// First look back (no cursor yet, or after a 410).
+    pub since_secs: u64,
+    /// `--concurrency`: the backend is busy when this many tasks run.
+    pub concurrency: usize,
+    /// The state file.
+    pub path: PathBuf,
+}
+
+/// The thread: look at start-up and every `every`; deliver oldest first.
+pub fn run(ctx: Context, mut saved: Saved) {
+    let backoff = Backoff {
+        max: ctx.every.max(Duration::from_secs(1)),
+        ..Backoff::default()
+    };
+    let mut seed = crate::uuid::random_u64();
+    let mut failures: u32 = 0;
+    let mut first = true;
+    loop {
+        let stop = match ctx.shutdown.reason() {
+            None => false,
+            // A `--once` run still looks once.
+            Some(StopReason::Finished) => !first,
+            Some(_) => true,
+        };
+        if stop {
+            return;
+        }
+        first = false;
+        let wait = match fetch(&ctx, &saved) {
+            Ok(rows) => {
+                failures = 0;
+                let full = rows.len() >= PAGE as usize;
+                for row in rows {
+                    if !deliver(&ctx, &mut saved, &row) {
+                        return;
+                    }
+                }
+                if full { Duration::ZERO } else { ctx.every }
+            }
+            Err(Gone) => {
+                log::warn!(
+                    "broadcasts: cursor gone (410): looking back {} s",
+                    ctx.since_secs
+                );
+                saved.cursor = None;
+                Duration::ZERO
+            }
+            Err(Failed(e)) => {
+                failures = failures.saturating_add(1);
+                if failures == 1 || failures.is_multiple_of(10) {
+                    log::warn!("broadcasts: {e} (attempt {failures})");
+                }
+                seed = seed.wrapping_add(1);
+                backoff.delay(failures, seed)
+            }
+        };
+        if ctx.shutdown.wait_timeout(wait) {
+            return;
+        }
+    }
+}
+
+enum FetchError {
+    Gone,
+    Failed(String),
+}
+use FetchError::{Failed, Gone};
+
+/// One page of broadcast rows after the cursor, oldest first.
+fn fetch(ctx: &Context, saved: &Saved) -> Result<Vec<Value>, FetchError> {
+    let path = format!("/workspaces/{}/activity", ctx.client.workspace_id());
+    let limit = PAGE.to_string();
+    let window = ctx.since_secs.to_string();
+    let mut q = vec![
+        ("type", "broadcast_receive"),
+        ("include", "peer_info"),
+        ("limit", limit.as_str()),
+    ];
+    match &saved.cursor {
+        Some(c) => q.push(("since_id", c.as_str())),
+        None => q.push(("since_secs", window.as_str())),
+    }
+    match ctx
+        .client
+        .call_json("broadcasts", "GET", &path, &q, None, PAGE_BYTES)
+    {
+        Ok(Value::Array(mut rows)) => {
+            if saved.cursor.is_none() {
+                // Without a cursor the page is newest first (§API-4.2).
+                rows.reverse();
+            }
+            Ok(rows)
+        }
+        Ok(_) => Ok(Vec::new()),
+        Err(e) if e.status() == Some(410) => Err(Gone),
+        Err(e) => Err(Failed(e.to_string())),
+    }
+}
+
+/// Hands one row to the backend (unless handled already) and saves. `false` = stop.
+fn deliver(ctx: &Context, saved: &mut Saved, row: &Value) -> bool {
+    let Some(id) = row
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|i| crate::uuid::is_uuid(i))
+    else {
+        return true;
+    };
+    if !saved.delivered.iter().any(|d| d == id) {
+        let mut attempt: u32 = 0;
+        let mut failures: u32 = 0;
+        loop {
+            let (_, active, _) = RuntimeStatus::snapshot(&ctx.status);
+            if active as usize >= ctx.concurrency {
+                // Every worker is busy: a broadcast waits its turn.
+                if ctx.shutdown.wait_timeout(Duration::from_millis(250)) {
+                    return false;
+                }
+                continue;
+            }
+            attempt = attempt.saturating_add(1);
+            match run_backend(ctx, row, id, attempt) {
+                Ok(()) => break,
+                Err(BackendError::Cancelled) => return false,
+                Err(e) if e.is_retry_later() && attempt < 20 => {}
+                Err(e) => {
+                    failures += 1;
+                    if failures >= MAX_FAILURES || e.is_retry_later() {
+                        log::error!("broadcast {id}: giving up: {e}");
+                        break;
+                    }
+                    log::warn!("broadcast {id}: {e} (attempt {attempt})");
+                }
+            }
+            let d = Backoff::default().delay(attempt, u64::from(attempt));
+            if ctx.shutdown.wait_timeout(d) {
+                return false;
+            }
+        }
+        saved.delivered.push(id.to_string());
+        if saved.delivered.len() > REMEMBER {
+            let extra = saved.delivered.len() - REMEMBER;
+            saved.delivered.drain(..extra);
+        }
+    }
+    saved.cursor = Some(id.to_string());
+    save(ctx, saved);
+    true
+}
+
+fn save(ctx: &Context, saved: &Saved) {
+    let bytes = serde_json::to_vec(saved).unwrap_or_default();
+    if let Err(e) = crate::state::write_atomic(&ctx.path, &bytes) {
+        log::error!("broadcasts: cannot save {}: {e}", ctx.path.display());
+    }
+}
+
+/// The broadcast's words: the summary without the platform's `Broadcast from
+/// <name>: ` prefix.
+pub fn text_of(row: &Value) -> String {
+    let summary = row.get("summary").and_then(Value::as_str).unwrap_or("");
+    let name = row.get("peer_name").and_then(Value::as_str).unwrap_or("");
+    let prefixed = format!("Broadcast from {name}: ");
+    match summary.strip_prefix(&prefixed) {
+        Some(t) if !name.is_empty() => t.to_string(),
+        _ => summary
+            .strip_prefix("Broadcast from ")
+            .and_then(|t| t.split_once(": ").map(|(_, t)| t.to_string()))
+            .unwrap_or_else(|| summary.to_string()),
+    }
+}
+
+fn run_backend(ctx: &Context, row: &Value, id: &str, attempt: u32) -> Result<(), BackendError> {
+    let s = |k: &str| row.get(k).and_then(Value::as_str).map(str::to_string);
+    let text = text_of(row);
+    let req = Request {
+        workspace_id: ctx.client.workspace_id().to_string(),
+        api_url: ctx.client.api_url().to_string(),
+        text: text.clone(),
+        other_parts: Vec::new(),
+        caller_id: s("source_id").filter(|x| crate::uuid::is_uuid(x)),
+        caller_name: s("peer_name"),
+        caller_role: s("peer_role"),
+        message_id: None,
+        activity_id: id.to_string(),
+        context_id: None,
+        task_id: None,
+        method: "broadcast".into(),
+        origin: Origin::Broadcast,
+        attempt,
+        raw: row.clone(),
+        extra_env: Default::default(),
+        attachments: Vec::new(),
+        request_id: None,
+    };
+    log::info!(
+        "broadcast {id}: handing it to the backend ({} chars)",
+        text.chars().count()
+    );
+    RuntimeStatus::begin_task(&ctx.status, "broadcast");
+    let result = ctx.backend.handle(&req, &ctx.run);
+    let failure = result
+        .as_ref()
+        .err()
+        .map(|e| super::dispatch::failure_class(&e.to_string()));
+    RuntimeStatus::end_task(&ctx.status, failure.as_deref());
+    // The output goes nowhere: a broadcast is never answered.
+    result.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn text_without_the_prefix() {
+        let r = json!({"summary": "Broadcast from a: b: c", "peer_name": "a"});
+        assert_eq!(text_of(&r), "b: c");
+        assert_eq!(text_of(&json!({"summary": "Broadcast from x: hi"})), "hi");
+        assert_eq!(text_of(&json!({"summary": "odd"})), "odd");
+    }
+
+    #[test]
+    fn state_round_trip_and_corruption() {
+        let dir = std::env::temp_dir().join(format!("mol-bc-{}", crate::uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = state_path(&dir, "w");
+        assert_eq!(load(&p).unwrap(), Saved::default());
+        std::fs::write(&p, b"{not json").unwrap();
+        assert!(load(&p).is_err());
+        std::fs::write(&p, br#"{"cursor":"x"}"#).unwrap();
+        assert!(load(&p).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
