@@ -673,7 +673,7 @@ impl Client {
         limit: u64,
     ) -> Result<Value, ApiError> {
         let url = self.url(path);
-        let resp = match (method, body) {
+        let sent = match (method, body) {
             ("GET", _) => {
                 let mut req = self.with_headers(self.agent.get(url), false);
                 for (k, v) in query {
@@ -705,9 +705,8 @@ impl Client {
                 }
                 req.send(&bytes[..])
             }
-        }
-        .map_err(|e| transport_error(op, e))?;
-        let resp = check_status(op, resp)?;
+        };
+        let resp = self.answered(op, method, path, sent)?;
         read_value(op, resp, limit)
     }
 
@@ -735,7 +734,7 @@ impl Client {
         }
         body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
         let path = format!("/workspaces/{}/chat/uploads", self.cfg.workspace_id);
-        let resp = self
+        let sent = self
             .with_headers(self.agent.post(self.url(&path)), false)
             .header(
                 "Content-Type",
@@ -744,9 +743,8 @@ impl Client {
             .config()
             .timeout_global(Some(self.cfg.send_timeout))
             .build()
-            .send(&body[..])
-            .map_err(|e| transport_error(op, e))?;
-        let resp = check_status(op, resp)?;
+            .send(&body[..]);
+        let resp = self.answered(op, "POST", &path, sent)?;
         read_value(op, resp, SMALL_BODY_LIMIT)
     }
 
@@ -765,14 +763,13 @@ impl Client {
             "/workspaces/{}/pending-uploads/{file_id}/content",
             self.cfg.workspace_id
         );
-        let resp = self
+        let sent = self
             .with_headers(self.agent.get(self.url(&path)), false)
             .config()
             .timeout_global(Some(self.cfg.send_timeout))
             .build()
-            .call()
-            .map_err(|e| transport_error(op, e))?;
-        let mut resp = check_status(op, resp)?;
+            .call();
+        let mut resp = self.answered(op, "GET", &path, sent)?;
         let mime = resp
             .headers()
             .get("content-type")
