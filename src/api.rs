@@ -241,16 +241,71 @@ impl Transport {
     /// One agent with `cfg`'s timeouts, statuses left to us, and no redirects (the
     /// token must not follow one).
     pub fn new(cfg: &ClientConfig) -> Self {
-        Transport(
-            ureq::Agent::config_builder()
-                .timeout_global(Some(cfg.timeout))
-                .timeout_connect(Some(cfg.connect_timeout))
-                .http_status_as_error(false)
-                .max_redirects(0)
-                .user_agent(concat!("molecule/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .into(),
-        )
+        let config = ureq::Agent::config_builder()
+            .timeout_global(Some(cfg.timeout))
+            .timeout_connect(Some(cfg.connect_timeout))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .user_agent(concat!("molecule/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Transport(ureq::Agent::with_parts(
+            config,
+            ureq::unversioned::transport::DefaultConnector::default(),
+            Resolver::default(),
+        ))
+    }
+}
+
+/// How long a resolved host name is reused.
+const RESOLVE_TTL: Duration = Duration::from_secs(30);
+
+/// ureq's resolver starts a thread for every request that has a timeout (every one of
+/// ours), even for an IP address on a reused connection. This one answers an IP
+/// address at once and keeps a host name's addresses for [`RESOLVE_TTL`]; only a
+/// miss goes to ureq's resolver (and its timeout).
+#[derive(Debug, Default)]
+struct Resolver {
+    last: std::sync::Mutex<Option<(String, std::time::Instant, ResolvedAddrs)>>,
+}
+
+type ResolvedAddrs = ureq::unversioned::resolver::ResolvedSocketAddrs;
+
+impl ureq::unversioned::resolver::Resolver for Resolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ResolvedAddrs, ureq::Error> {
+        use ureq::unversioned::resolver::DefaultResolver;
+        let port = uri.port_u16().or(match uri.scheme_str() {
+            Some("https") => Some(443),
+            Some("http") => Some(80),
+            _ => None,
+        });
+        let (Some(host), Some(port)) = (uri.host(), port) else {
+            return DefaultResolver::default().resolve(uri, config, timeout);
+        };
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+            let mut addrs = self.empty();
+            addrs.push(std::net::SocketAddr::new(ip, port));
+            return Ok(addrs);
+        }
+        let key = format!("{host}:{port}");
+        let now = std::time::Instant::now();
+        {
+            let last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((k, at, addrs)) = last.as_ref()
+                && *k == key
+                && now.saturating_duration_since(*at) < RESOLVE_TTL
+            {
+                return Ok(addrs.clone());
+            }
+        }
+        let addrs = DefaultResolver::default().resolve(uri, config, timeout)?;
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some((key, now, addrs.clone()));
+        Ok(addrs)
     }
 }
 
@@ -1080,6 +1135,32 @@ fn drain(op: &'static str, mut resp: Resp) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolver_answers_addresses_itself_and_caches_names() {
+        use ureq::unversioned::resolver::Resolver as _;
+        let r = Resolver::default();
+        let config = ureq::config::Config::default();
+        let resolve = |u: &str| {
+            let uri: ureq::http::Uri = u.parse().unwrap();
+            r.resolve(&uri, &config, Default::default())
+                .map(|a| a.iter().copied().collect::<Vec<_>>())
+        };
+        assert_eq!(
+            resolve("http://127.0.0.1:9/x").unwrap(),
+            ["127.0.0.1:9".parse().unwrap()]
+        );
+        assert_eq!(
+            resolve("https://[::1]/").unwrap(),
+            ["[::1]:443".parse().unwrap()]
+        );
+        assert!(r.last.lock().unwrap().is_none(), "addresses are not cached");
+        let first = resolve("http://localhost:8/").unwrap();
+        assert!(!first.is_empty());
+        let cached = r.last.lock().unwrap().clone().unwrap();
+        assert_eq!(cached.0, "localhost:8");
+        assert_eq!(resolve("http://localhost:8/").unwrap(), first);
+    }
 
     fn status(status: u16, delivery_confirmed: bool) -> ApiError {
         ApiError::Status {

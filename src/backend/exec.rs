@@ -1,7 +1,8 @@
 //! The `exec` and `claude-code` backends: run one `/bin/sh -c` command per message in
 //! its own process group, feed it the message, read its capped output and map its exit
 //! status. It must not leave processes behind, poll or sleep, read the environment
-//! (except `PATH` in `check`), or log environment values or message text.
+//! (except `PATH`, once when built and in `check`), or log environment values or
+//! message text.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -42,6 +43,9 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(200);
 /// After that kill, how long we wait for the pipes to close. Only a process that left
 /// the group (setsid) can outlast it; we then stop waiting and leave its reader behind.
 const DRAIN_AFTER_KILL: Duration = Duration::from_secs(1);
+/// Input up to this size is written by the calling thread: no pipe is smaller
+/// (PIPE_BUF, one page), so the write completes at once. Larger input gets a thread.
+const INLINE_INPUT: usize = 4096;
 /// Read chunk for the output pipes.
 const CHUNK: usize = 64 * 1024;
 /// First words that are shell syntax or builtins: `check` can't resolve them on PATH.
@@ -135,6 +139,8 @@ pub struct ExecBackend {
     cmd: String,
     /// The program `check` should find: `bin` for claude-code, else the first word of `cmd`.
     program: Option<String>,
+    /// `cmd` as words with the program found on PATH once, when it needs no shell.
+    argv: Option<Vec<String>>,
     settings: Settings,
 }
 
@@ -163,6 +169,7 @@ impl ExecBackend {
         let program = checkable_first_word(&cmd);
         Ok(Self {
             name,
+            argv: direct_argv(&cmd),
             cmd,
             program,
             settings,
@@ -196,6 +203,7 @@ impl ExecBackend {
         }
         Ok(Self {
             name,
+            argv: direct_argv(&cmd),
             cmd,
             program: Some(bin),
             settings,
@@ -205,7 +213,7 @@ impl ExecBackend {
     /// The command with our environment and pipes, not yet started (see
     /// [`shell_command`]).
     fn command(&self, req: &Request) -> Command {
-        let mut c = shell_command(&self.cmd);
+        let mut c = command_for(self.argv.as_deref(), &self.cmd);
         c
             // Own group (pgid = pid): a timeout or cancel can kill the whole tree.
             .process_group(0)
@@ -279,13 +287,18 @@ impl ExecBackend {
         let mut helpers = Vec::new();
         let spawned = (|| -> io::Result<()> {
             if let Some(mut stdin) = child.stdin.take() {
-                let tx = done_tx.clone();
-                helpers.push(spawn("exec-stdin", move || {
-                    // BrokenPipe (the command didn't read it all) is fine.
+                if input.len() <= INLINE_INPUT {
+                    // Fits an empty pipe of any size: this write cannot block. BrokenPipe
+                    // (the command didn't read it) is fine.
                     let _ = stdin.write_all(&input);
-                    drop(stdin);
-                    drop(tx);
-                })?);
+                } else {
+                    let tx = done_tx.clone();
+                    helpers.push(spawn("exec-stdin", move || {
+                        let _ = stdin.write_all(&input);
+                        drop(stdin);
+                        drop(tx);
+                    })?);
+                }
             }
             if let Some(stdout) = child.stdout.take() {
                 let (tx, buf, cap) = (
@@ -666,18 +679,36 @@ pub(super) fn request_json(req: &Request) -> Value {
 /// expansion, redirection or builtin), as `sh -c` would end up doing: that saves a
 /// shell per message (about 1 ms, measured). Anything else goes through `/bin/sh -c`.
 pub(super) fn shell_command(cmd: &str) -> Command {
-    match plain_argv(cmd) {
-        Some(argv) => {
-            let mut c = Command::new(&argv[0]);
-            c.args(&argv[1..]);
+    command_for(direct_argv(cmd).as_deref(), cmd)
+}
+
+fn command_for(argv: Option<&[String]>, cmd: &str) -> Command {
+    match argv {
+        Some([program, args @ ..]) => {
+            let mut c = Command::new(program);
+            c.args(args);
             c
         }
-        None => {
+        _ => {
             let mut c = Command::new(SHELL);
             c.arg("-c").arg(cmd);
             c
         }
     }
+}
+
+/// [`plain_argv`] with the program looked up on PATH now, once: a bare name would be
+/// searched again at every spawn (an `execve` attempt per PATH entry). Not found, it
+/// stays a bare name and the spawn reports it.
+fn direct_argv(cmd: &str) -> Option<Vec<String>> {
+    let mut argv = plain_argv(cmd)?;
+    if let Some(first) = argv.first_mut()
+        && !first.contains('/')
+        && let Some(found) = find_on_path(first)
+    {
+        *first = found;
+    }
+    Some(argv)
 }
 
 /// Quotes `s` for the shell unless it is plainly safe.
@@ -724,10 +755,17 @@ fn is_executable(p: &Path) -> bool {
 }
 
 fn on_path(program: &str) -> bool {
-    // The one environment read of this module: `check` mirrors what `sh` will do.
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| is_executable(&dir.join(program)))
-    })
+    find_on_path(program).is_some()
+}
+
+/// The first executable `program` on PATH, as `sh` would find it. The one environment
+/// read of this module.
+fn find_on_path(program: &str) -> Option<String> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| is_executable(p))
+        .and_then(|p| p.into_os_string().into_string().ok())
 }
 
 #[cfg(test)]
@@ -1261,6 +1299,22 @@ mod tests {
         for (i, t) in threads.into_iter().enumerate() {
             assert_eq!(t.join().unwrap(), format!("msg {i}"));
         }
+    }
+
+    #[test]
+    fn plain_commands_are_found_on_path_once() {
+        let argv = direct_argv("sh -c true").unwrap();
+        assert!(
+            argv[0].starts_with('/') && argv[0].ends_with("/sh"),
+            "{argv:?}"
+        );
+        assert_eq!(argv[1..], ["-c", "true"]);
+        assert_eq!(direct_argv("./x y").unwrap(), ["./x", "y"]);
+        assert_eq!(direct_argv("no-such-xyz").unwrap(), ["no-such-xyz"]);
+        assert_eq!(direct_argv("echo $HOME"), None);
+        let b = exec(&[("cmd", "cat")]);
+        assert!(b.argv.as_ref().unwrap()[0].ends_with("/cat"));
+        assert_eq!(reply_text(run(&b, "resolved")), "resolved");
     }
 
     #[test]
