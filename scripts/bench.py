@@ -34,6 +34,83 @@ TARGET = subprocess.run([os.path.join(ROOT, "scripts", "target-dir.sh")], captur
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SIZE_BUDGET = 2_500_000  # bytes; the same budget as scripts/check.sh
 
+# The Python agent of the worker phase (issue 14): a few standard-library imports, echo the
+# text. The same file runs as an exec command (one process per message) and, with
+# --worker, as a worker (one process, NDJSON on stdin/stdout).
+PY_AGENT = """\
+import collections, datetime, hashlib, json, re, sys, textwrap
+
+def reply(text):
+    return text
+
+if "--worker" in sys.argv:
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        print(json.dumps({"id": req["id"], "text": reply(req["text"])}), flush=True)
+else:
+    sys.stdout.write(reply(sys.stdin.read()))
+"""
+
+# The raw spawn rate of `cat` (issue 14 item 7): posix_spawn with a pipe each way, the
+# message written, the echo read, the child reaped; like the exec backend does per message.
+SPAWN_C = r"""
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+extern char **environ;
+int main(int argc, char **argv) {
+    int n = atoi(argv[1]);
+    const char *msg = "spawn-1 backlog message 1 of 2000";
+    char *args[] = {"cat", NULL};
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int i = 0; i < n; i++) {
+        int in[2], out[2];
+        if (pipe(in) || pipe(out)) return 1;
+        posix_spawn_file_actions_t fa;
+        posix_spawn_file_actions_init(&fa);
+        posix_spawn_file_actions_adddup2(&fa, in[0], 0);
+        posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+        posix_spawn_file_actions_addclose(&fa, in[0]);
+        posix_spawn_file_actions_addclose(&fa, in[1]);
+        posix_spawn_file_actions_addclose(&fa, out[0]);
+        posix_spawn_file_actions_addclose(&fa, out[1]);
+        pid_t pid;
+        if (posix_spawn(&pid, argv[2], &fa, NULL, args, environ)) return 1;
+        posix_spawn_file_actions_destroy(&fa);
+        close(in[0]);
+        close(out[1]);
+        if (write(in[1], msg, strlen(msg)) < 0) return 1;
+        close(in[1]);
+        char buf[4096];
+        while (read(out[0], buf, sizeof buf) > 0) {}
+        close(out[0]);
+        int st;
+        waitpid(pid, &st, 0);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    printf("%f\n", n / ((t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9));
+    return 0;
+}
+"""
+
+# --backend arguments per backend name of the phases ({agent}: the Python agent's path).
+BACKEND_ARGS = {
+    "mock": ["--backend", "mock"],
+    "exec": ["--backend", "exec", "--backend-opt", "cmd=cat"],
+    "exec_py": ["--backend", "exec", "--backend-opt", "cmd=python3 {agent}"],
+    "worker_py": ["--backend", "worker", "--backend-opt", "cmd=python3 {agent} --worker",
+                  "--backend-opt", "ready=true"],
+    # `cat` is a worker already: it answers every request line with itself, whose
+    # "id" and "text" make it a valid answer echoing the text.
+    "worker_cat": ["--backend", "worker", "--backend-opt", "cmd=cat"],
+}
+
 
 def log(msg):
     print(f"bench: {msg}", file=sys.stderr, flush=True)
@@ -344,6 +421,7 @@ class Connector:
 
     def __init__(self, name, kind, binary=None, template=None):
         self.name, self.kind, self.binary, self.template = name, kind, binary, template
+        self.agent = None  # the Python agent's path, set by Bench
 
     def has(self, placeholder):
         return self.kind == "molecule" or "{" + placeholder + "}" in self.template
@@ -355,8 +433,8 @@ class Connector:
                 "--state-dir", fx.state_dir, "--backend", backend, "--interval-ms", str(interval_ms),
                 "--concurrency", str(concurrency),
             ]
-            if backend == "exec":
-                cmd += ["--backend-opt", "cmd=cat"]
+            i = cmd.index("--backend")
+            cmd[i:i + 2] = [a.replace("{agent}", self.agent or "") for a in BACKEND_ARGS[backend]]
             return cmd
         backend_args = "--backend mock" if backend == "mock" else "--backend exec --backend-opt cmd=cat"
         values = {
@@ -577,6 +655,9 @@ def api_requests(stats):
 class Bench:
     def __init__(self, args, emu, workdir):
         self.args, self.emu, self.workdir = args, emu, workdir
+        self.agent = os.path.join(workdir, "py_agent.py")
+        with open(self.agent, "w") as f:
+            f.write(PY_AGENT)
         self.rng = random.Random(args.seed)
         self.counter = 0
         self.quiet_budget = args.quiet_budget
@@ -598,6 +679,7 @@ class Bench:
 
     def start(self, conn, fx, backend="mock", concurrency=1, capture=False, interval_ms=None):
         """Start the connector; self.noise measures what else used the CPU meanwhile."""
+        conn.agent = self.agent
         cmd = conn.command(fx, self.emu.url, backend, concurrency, interval_ms or self.args.interval_ms)
         self.noise = Noise([self.emu.proc.pid])
         run = Running(cmd, os.path.join(fx.dir, "connector.log"), capture_lines=capture)
@@ -612,18 +694,19 @@ class Bench:
         return out
 
     # -------------------------------------------------------------- backlog
-    def backlog_once(self, conn, backend, concurrency):
+    def backlog_once(self, conn, backend, concurrency, messages=None):
         a, emu = self.args, self.emu
+        n_messages = messages or a.messages
         self.settle()
         fx = self.fixture("backlog")
         anchor = emu.enqueue(fx.ws, None, f"{fx.tag}-anchor anchor (before the backlog)")
         fx.write_cursor(anchor["activity_id"])
         senders = fx.peers + [None]
         sent = []
-        for i in range(a.messages):
+        for i in range(n_messages):
             sender = senders[i % len(senders)]
             tag = f"{fx.tag}-{i}"
-            sent.append({"sender": sender, "tag": tag, "text": f"{tag} backlog message {i} of {a.messages}"})
+            sent.append({"sender": sender, "tag": tag, "text": f"{tag} backlog message {i} of {n_messages}"})
         res = emu.enqueue_batch(fx.ws, [{"from": m["sender"], "text": m["text"]} for m in sent])
         for m, r in zip(sent, res):
             m["message_id"] = r["message_id"]
@@ -631,7 +714,7 @@ class Bench:
         run = self.start(conn, fx, backend, concurrency)
         # Wait for every reply: bounded by a stall timeout and a hard cap.
         stall_s = 15 + 3 * a.interval_ms / 1000
-        hard_deadline = time.monotonic() + 30 + a.messages / 10
+        hard_deadline = time.monotonic() + 30 + n_messages / 10
         last_n, last_change = -1, time.monotonic()
         complete = False
         peak = {"VmHWM_kB": None, "Threads": None}
@@ -644,7 +727,7 @@ class Bench:
                 peak["Threads"] = max(peak["Threads"] or 0, st.get("Threads", 0))
             if n != last_n:
                 last_n, last_change = n, time.monotonic()
-            if n >= a.messages:
+            if n >= n_messages:
                 chk = check_replies(emu, fx, sent, backend, conn.kind == "molecule")
                 if chk["lost"] == 0:
                     complete = True
@@ -662,9 +745,9 @@ class Bench:
         elapsed = (chk["last_reply_at_ms"] - run.t0_ms) / 1000 if chk["last_reply_at_ms"] else None
         ok = complete and chk["lost"] == 0 and chk["duplicated"] == 0 and chk["wrong_text"] == 0 and rc == 0
         result = {
-            "messages": a.messages,
+            "messages": n_messages,
             "elapsed_s": round(elapsed, 4) if elapsed else None,
-            "msgs_per_s": round(a.messages / elapsed, 1) if elapsed and chk["lost"] == 0 else None,
+            "msgs_per_s": round(n_messages / elapsed, 1) if elapsed and chk["lost"] == 0 else None,
             "lost": chk["lost"], "duplicated": chk["duplicated"], "wrong_text": chk["wrong_text"],
             "resent_same_id": chk["resent_same_id"], "exit_code": rc,
             "connector_cpu_s": cpu and round(cpu["cpu_s"], 3),
@@ -706,6 +789,102 @@ class Bench:
                 "pass_correctness": all(r["correct"] for r in runs),
                 "runs": runs,
             }
+        return out
+
+    def backlog_runs(self, conn, backend, messages=None):
+        """--repeat sequential backlog runs of `backend`, summarised."""
+        runs = []
+        for k in range(self.args.repeat):
+            r = self.backlog_once(conn, backend, 1, messages)
+            log(f"{conn.name} backlog {backend} #{k + 1}: {r['msgs_per_s']} msg/s, "
+                f"lost {r['lost']} dup {r['duplicated']} wrong {r['wrong_text']}")
+            runs.append(r)
+        return {
+            "backend": backend, "messages": messages or self.args.messages,
+            "msgs_per_s": summary(r["msgs_per_s"] for r in runs),
+            "connector_cpu_s": summary(r["connector_cpu_s"] for r in runs),
+            "max_threads": summary(r["max_threads"] for r in runs),
+            "lost": sum(r["lost"] for r in runs),
+            "duplicated": sum(r["duplicated"] for r in runs),
+            "wrong_text": sum(r["wrong_text"] for r in runs),
+            "pass_correctness": all(r["correct"] for r in runs),
+            "runs": runs,
+        }
+
+    # -------------------------------------------------------------- spawn (issue 14)
+    def raw_spawn_rate(self, n):
+        """Spawns of `cat` per second without molecule: C posix_spawn when a C compiler is
+        there, else Python's os.posix_spawn (slower: the figure is then a lower bound)."""
+        cat = shutil.which("cat")
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc:
+            src, exe = os.path.join(self.workdir, "spawn.c"), os.path.join(self.workdir, "spawn")
+            if not os.path.exists(exe):
+                with open(src, "w") as f:
+                    f.write(SPAWN_C)
+                subprocess.run([cc, "-O2", "-o", exe, src], check=True)
+            out = subprocess.run([exe, str(n), cat], capture_output=True, text=True, check=True)
+            return {"how": "C posix_spawn", "spawns_per_s": round(float(out.stdout), 1)}
+        msg = b"spawn-1 backlog message 1 of 2000"
+        t0 = time.monotonic()
+        for _ in range(n):
+            r_in, w_in = os.pipe()
+            r_out, w_out = os.pipe()
+            pid = os.posix_spawn(cat, ["cat"], os.environ, file_actions=[
+                (os.POSIX_SPAWN_DUP2, r_in, 0), (os.POSIX_SPAWN_DUP2, w_out, 1),
+                (os.POSIX_SPAWN_CLOSE, r_in), (os.POSIX_SPAWN_CLOSE, w_in),
+                (os.POSIX_SPAWN_CLOSE, r_out), (os.POSIX_SPAWN_CLOSE, w_out)])
+            os.close(r_in)
+            os.close(w_out)
+            os.write(w_in, msg)
+            os.close(w_in)
+            while os.read(r_out, 4096):
+                pass
+            os.close(r_out)
+            os.waitpid(pid, 0)
+        return {"how": "Python os.posix_spawn", "spawns_per_s": round(n / (time.monotonic() - t0), 1)}
+
+    def spawn(self, conn):
+        """exec cat against the raw spawn rate of cat, measured right before and after."""
+        n = self.args.messages
+        before = self.raw_spawn_rate(n)
+        exec_cat = self.backlog_runs(conn, "exec")
+        after = self.raw_spawn_rate(n)
+        raw = statistics.median([before["spawns_per_s"], after["spawns_per_s"]])
+        med = exec_cat["msgs_per_s"]["median"]
+        log(f"raw spawn of cat ({before['how']}): {before['spawns_per_s']}/s before, "
+            f"{after['spawns_per_s']}/s after; exec cat {med} msg/s")
+        return {
+            "raw_spawn_before": before, "raw_spawn_after": after, "raw_spawns_per_s": raw,
+            "exec_cat": exec_cat,
+            "fraction_of_raw_spawn": round(med / raw, 3) if med and raw else None,
+            "connector_cpu_ms_per_msg": round(1000 * exec_cat["connector_cpu_s"]["median"] / n, 3)
+            if exec_cat["connector_cpu_s"]["median"] else None,
+        }
+
+    # -------------------------------------------------------------- worker (issue 14)
+    def worker(self, conn):
+        """The Python agent as exec and as worker; cat as a worker against mock (the
+        handling overhead) and against the emulator's ceiling."""
+        exec_n = min(self.args.messages, self.args.exec_py_messages)
+        out = {
+            "exec_py": self.backlog_runs(conn, "exec_py", exec_n),
+            "worker_py": self.backlog_runs(conn, "worker_py"),
+            "worker_cat": self.backlog_runs(conn, "worker_cat"),
+            "mock": self.backlog_runs(conn, "mock"),
+        }
+        med = {k: v["msgs_per_s"]["median"] for k, v in out.items()}
+        out["worker_vs_exec_python"] = round(med["worker_py"] / med["exec_py"], 1) \
+            if med["worker_py"] and med["exec_py"] else None
+        # What a worker round trip adds to a message: its time per message over mock's.
+        out["handling_overhead_ms"] = round(1000 / med["worker_cat"] - 1000 / med["mock"], 3) \
+            if med["worker_cat"] and med["mock"] else None
+        for k in ("exec_py", "worker_py", "worker_cat", "mock"):
+            cpu = out[k]["connector_cpu_s"]["median"]
+            out[k]["connector_cpu_ms_per_msg"] = round(1000 * cpu / out[k]["messages"], 3) if cpu else None
+        # The same in the connector's CPU time, which other load on the machine disturbs less.
+        cat_cpu, mock_cpu = out["worker_cat"]["connector_cpu_ms_per_msg"], out["mock"]["connector_cpu_ms_per_msg"]
+        out["handling_overhead_cpu_ms"] = round(cat_cpu - mock_cpu, 3) if cat_cpu and mock_cpu else None
         return out
 
     # -------------------------------------------------------------- latency
@@ -1115,6 +1294,21 @@ def targets(res, interval_ms):
         t[-1]["pass"] = t[-1]["pass"] and lat["pass_correctness"]
         add("latency p95 (ms)", lat["p95_ms"]["median"], interval_ms + 50)
         t[-1]["pass"] = t[-1]["pass"] and lat["pass_correctness"]
+    sp = m.get("spawn")
+    if sp is not None:
+        add("exec cat vs raw spawn of cat (fraction)", sp["fraction_of_raw_spawn"], 0.5, ">=")
+        t[-1]["pass"] = t[-1]["pass"] and sp["exec_cat"]["pass_correctness"]
+    w = m.get("worker")
+    if w is not None:
+        ok = all(w[k]["pass_correctness"] for k in ("exec_py", "worker_py", "worker_cat", "mock"))
+        add("worker vs exec, Python agent (x throughput)", w["worker_vs_exec_python"], 20, ">=")
+        t[-1]["pass"] = t[-1]["pass"] and ok
+        add("worker handling overhead (ms per message)", w["handling_overhead_ms"], 0.3)
+        t[-1]["pass"] = t[-1]["pass"] and ok
+        frac = w["worker_cat"].get("fraction_of_emulator_ceiling")
+        if frac is not None:
+            add("cat worker vs emulator ceiling, sequential (fraction)", frac, 0.6, ">=")
+            t[-1]["pass"] = t[-1]["pass"] and ok
     st = m.get("startup")
     if st is not None:
         add("SIGTERM -> exit, idle (ms)", st["sigterm_exit_ms"]["median"], 200)
@@ -1159,6 +1353,14 @@ def table(res):
     row("idle threads", lambda c: c["idle"]["threads"])
     row("idle CPU % of a core", lambda c: c["idle"]["cpu_pct_of_core"])
     row("idle requests/min", lambda c: c["idle"]["requests_per_min"])
+    row("spawn: raw cat spawns/s", lambda c: c["spawn"]["raw_spawns_per_s"])
+    row("spawn: exec cat msg/s", lambda c: c["spawn"]["exec_cat"]["msgs_per_s"])
+    row("spawn: exec cat / raw spawn", lambda c: c["spawn"]["fraction_of_raw_spawn"])
+    for k in ("exec_py", "worker_py", "worker_cat", "mock"):
+        row(f"worker phase: {k} msg/s", lambda c, k=k: c["worker"][k]["msgs_per_s"])
+    row("worker phase: worker/exec (Python)", lambda c: c["worker"]["worker_vs_exec_python"])
+    row("worker phase: overhead ms/msg", lambda c: c["worker"]["handling_overhead_ms"])
+    row("worker phase: overhead CPU ms/msg", lambda c: c["worker"]["handling_overhead_cpu_ms"])
     row("start -> register ms", lambda c: c["startup"]["to_register_ms"])
     row("start -> first poll ms", lambda c: c["startup"]["to_first_poll_ms"])
     row("SIGTERM -> exit ms", lambda c: c["startup"]["sigterm_exit_ms"])
@@ -1185,8 +1387,12 @@ def parse_args(argv):
     p.add_argument("--startup-runs", type=int, default=5, help="start-up/SIGTERM runs (at least --repeat; default 5)")
     p.add_argument("--raw-requests", type=int, default=8000, help="requests per raw emulator measurement")
     p.add_argument("--raw-threads", type=int, default=4)
-    p.add_argument("--phases", default="binary,raw,backlog,latency,idle,startup",
-                   help="comma-separated subset of binary,raw,backlog,latency,idle,startup")
+    p.add_argument("--phases", default="binary,raw,backlog,latency,idle,startup,spawn,worker",
+                   help="comma-separated subset of binary,raw,backlog,latency,idle,startup,spawn,worker "
+                        "(spawn: exec cat against the raw spawn rate of cat; worker: a Python agent as "
+                        "exec and as worker, a cat worker against mock and the emulator's ceiling)")
+    p.add_argument("--exec-py-messages", type=int, default=100,
+                   help="backlog of the Python agent run as exec, in the worker phase (default 100)")
     p.add_argument("--out", default="bench-results.json")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 200 messages, 5 s idle, 10 latency samples, repeat 1")
@@ -1281,10 +1487,12 @@ def main(argv):
         if "raw" in a.phases:
             log("emulator raw request rate")
             res["emulator_raw"] = bench.emulator_raw()
-        for phase in ("backlog", "latency", "idle", "startup"):
+        for phase in ("backlog", "latency", "idle", "startup", "spawn", "worker"):
             if phase not in a.phases:
                 continue
             for c in connectors:
+                if phase in ("spawn", "worker") and c.kind != "molecule":
+                    continue
                 log(f"phase {phase}: {c.name}")
                 res["connectors"][c.name][phase] = getattr(bench, phase)(c)
         raw = res.get("emulator_raw")
@@ -1294,6 +1502,14 @@ def main(argv):
                     med = v["msgs_per_s"]["median"]
                     v["fraction_of_emulator_ceiling"] = round(med / raw["message_ceiling_per_s"], 3) if med else None
                     v["fraction_of_emulator_post_a2a"] = round(med / raw["post_a2a"]["req_per_s"], 3) if med else None
+                w = c.get("worker")
+                if w:
+                    med = w["worker_cat"]["msgs_per_s"]["median"]
+                    w["worker_cat"]["fraction_of_emulator_ceiling"] = \
+                        round(med / raw["message_ceiling_per_s"], 3) if med else None
+                    med = w["mock"]["msgs_per_s"]["median"]
+                    w["mock"]["fraction_of_emulator_ceiling"] = \
+                        round(med / raw["message_ceiling_per_s"], 3) if med else None
     except KeyboardInterrupt:
         log("interrupted")
         res["error"] = "interrupted"

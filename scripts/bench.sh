@@ -16,7 +16,14 @@
 #   - start-up (spawn -> register -> first poll) and SIGTERM -> exit when idle;
 #   - static musl binary size (stripped);
 #   - the emulator's own raw request rate (keep-alive Python client), and molecule's
-#     throughput as a fraction of it.
+#     throughput as a fraction of it;
+#   - spawn (issue 14): exec cat sequential against the raw spawn rate of `cat` (C
+#     posix_spawn with a pipe each way, measured right before and after; Python's
+#     os.posix_spawn without a C compiler), goal >= 50 %;
+#   - worker (issue 14): the same Python agent (a few standard-library imports, echo the
+#     text) as an exec command and as a worker (goal: worker >= 20x), `cat` as a worker
+#     against mock (handling overhead per message, goal <= 0.3 ms) and against the
+#     emulator's ceiling (with the raw phase; goal >= 60 % sequentially).
 # Every phase counts lost, duplicated and wrong-text replies; any of them fails the phase.
 # `--vs 'CMD {url} {workspace} {token} {token_file} {state_dir}'` (optional {backend_args},
 # {concurrency}, {interval_ms}) runs a second connector through the same phases in the
@@ -27,6 +34,7 @@
 # passes, 1 otherwise, 2 on a set-up error.
 #
 # Run:   scripts/bench.sh                 # full run, several minutes
+#        scripts/bench.sh --phases raw,spawn,worker   # issue 14's phases only
 #        scripts/bench.sh --quick         # smoke test (~1 minute)
 #        scripts/bench.sh --help          # all options
 # Set BENCH_NO_BUILD=1 to skip the cargo builds. Needs cargo, python3 (stdlib only), Linux /proc.
