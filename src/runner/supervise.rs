@@ -134,16 +134,28 @@ impl Supervisor {
         }
     }
 
-    /// SIGHUP: the token files are being re-read.
+    /// SIGHUP: the token files are being re-read. Before the first READY=1 (or
+    /// while stopping) there is no ready state to leave, so nothing is said.
     pub fn reloading(&self) {
-        self.notifier
-            .send("RELOADING=1\nSTATUS=reloading the token\n");
+        if self.is_ready() {
+            self.notifier
+                .send("RELOADING=1\nSTATUS=reloading the token\n");
+        }
     }
 
     /// The re-read is done.
     pub fn reloaded(&self) {
-        let line = status_line(&self.inner());
-        self.notifier.send(&format!("READY=1\nSTATUS={line}\n"));
+        let inner = self.inner();
+        if inner.ready_sent && !inner.stopping {
+            let line = status_line(&inner);
+            drop(inner);
+            self.notifier.send(&format!("READY=1\nSTATUS={line}\n"));
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        let inner = self.inner();
+        inner.ready_sent && !inner.stopping
     }
 
     /// The drain starts; it may take up to `bound` (a backend finishing).
@@ -359,6 +371,57 @@ mod tests {
         assert!(p.busy_for(later).unwrap() >= Duration::from_secs(4));
         p.idle();
         assert_eq!(p.busy_for(later), None);
+    }
+
+    #[test]
+    fn ready_waits_for_every_workspace_and_reload_waits_for_ready() {
+        use std::os::unix::net::UnixDatagram;
+        let path = std::env::temp_dir().join(format!(
+            "molecule-supervise-{}-{}.sock",
+            std::process::id(),
+            crate::uuid::new_v4()
+        ));
+        let listener = UnixDatagram::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let notifier = Notifier::open(&crate::notify::NotifySettings {
+            socket: Some(path.display().to_string()),
+            ..Default::default()
+        })
+        .unwrap();
+        let sup = Supervisor::new(notifier, None, 3);
+        let next = || {
+            let mut buf = [0u8; 512];
+            listener
+                .recv(&mut buf)
+                .ok()
+                .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+        };
+        // A SIGHUP during start-up must not claim readiness.
+        sup.reloading();
+        sup.reloaded();
+        sup.settled(true);
+        sup.settled(false);
+        assert_eq!(next(), None);
+        sup.settled(true);
+        assert!(next().unwrap().starts_with("READY=1\nSTATUS="));
+        sup.reloading();
+        assert!(next().unwrap().starts_with("RELOADING=1\n"));
+        sup.reloaded();
+        assert!(next().unwrap().starts_with("READY=1\n"));
+        sup.stopping(Duration::from_secs(40));
+        let stop = next().unwrap();
+        assert!(
+            stop.contains("STOPPING=1\nEXTEND_TIMEOUT_USEC=40000000\n"),
+            "{stop}"
+        );
+        sup.stopping(Duration::from_secs(40));
+        sup.reloading();
+        assert_eq!(next(), None);
+        // Nothing ready at all: no READY=1.
+        let none = Supervisor::new(Notifier::none(), None, 1);
+        none.settled(false);
+        assert!(!none.inner().ready_sent);
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
