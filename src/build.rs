@@ -6,10 +6,12 @@
 //! `unknown`, so a build without git or outside a checkout still works.
 //!
 //! Size (release builds for `*-linux-musl` only, i.e. the shipped static binaries):
-//! - `-z pack-relative-relocs`: a static-PIE carries one 24-byte relocation per
-//!   pointer to fix up at start; RELR packs them into a bitmap (x86_64: 84 KB to 1 KB).
-//!   musl's static-PIE start code (`rcrt1.o`, musl >= 1.2.4; Rust ships 1.2.5)
-//!   applies them. A linker without RELR for the target ignores the flag with a warning.
+//! - `-z pack-relative-relocs` (x86_64 and aarch64): a static-PIE carries one
+//!   24-byte relocation per pointer to fix up at start; RELR packs them into a
+//!   bitmap (x86_64: 84 KB to 1 KB). musl's static-PIE start code (`rcrt1.o`, from
+//!   musl 1.2.4 on; Rust ships 1.2.5 for these targets) applies them. Not for armv7: its
+//!   release build links Debian's musl 1.2.3 (scripts/release.sh), whose start code
+//!   would leave RELR relocations unapplied.
 //! - `.eh_frame` and `.eh_frame_hdr` dropped (x86_64: 270 KB): with `panic = "abort"`
 //!   nothing unwinds, and the binary is stripped, so the tables only fed address-only
 //!   backtraces. A panic still prints its message and aborts. The crt objects keep
@@ -124,7 +126,9 @@ fn shrink_release_link() {
         return;
     }
     let bin = "cargo:rustc-link-arg-bin=molecule";
-    println!("{bin}=-Wl,-z,pack-relative-relocs");
+    if env::var("CARGO_CFG_TARGET_ARCH").is_ok_and(|a| a == "x86_64" || a == "aarch64") {
+        println!("{bin}=-Wl,-z,pack-relative-relocs");
+    }
     println!("{bin}=-Wl,--no-eh-frame-hdr");
     println!("{bin}=-Wl,-T,{}", script.display());
 }

@@ -11,6 +11,7 @@ pub use tools::{
     AskArgs, BroadcastArgs, CardArgs, DownloadArgs, HistoryArgs, MemoryArgs, RequestArgs,
     RequestsArgs,
 };
+pub mod options;
 
 /// An argument detached from the parser's borrow, so a helper can still call
 /// `parser.value()` while we hold it.
@@ -258,6 +259,10 @@ pub enum Command {
     Broadcast(BroadcastArgs),
     /// Fetch a pending upload's bytes.
     Download(DownloadArgs),
+    /// Print the completion script for this shell (one of `options::SHELLS`).
+    Completions(String),
+    /// Print the man page.
+    Man,
 }
 
 /// Everything parsed from argv.
@@ -286,23 +291,6 @@ impl From<lexopt::Error> for UsageError {
         UsageError(e.to_string())
     }
 }
-
-/// Commands that exist, for the "unknown command" message.
-const COMMANDS: &[&str] = &[
-    "connect",
-    "send",
-    "peers",
-    "discover",
-    "info",
-    "delegate",
-    "delegations",
-    "notify",
-    "heartbeat",
-    "status",
-    "doctor",
-    "help",
-    "version",
-];
 
 /// Parses argv (program name first).
 pub fn parse<I>(argv: I) -> Result<Args, UsageError>
@@ -360,6 +348,11 @@ where
         "heartbeat" => parse_heartbeat(&mut parser, &mut global)?,
         "status" => parse_status(&mut parser, &mut global)?,
         "doctor" => parse_doctor(&mut parser, &mut global)?,
+        "completions" => parse_completions(&mut parser, &mut global)?,
+        "man" => match sub_args(&mut parser, &mut global, "man", 0, |_, _| Ok(false))? {
+            Some(_) => Command::Man,
+            None => help("man"),
+        },
         "help" => {
             let topic = match next(&mut parser)? {
                 Some(Value(v)) => Some(string(v, "help topic")?),
@@ -368,14 +361,20 @@ where
             };
             Command::Help(topic)
         }
-        "version" => Command::Version,
+        "version" => match sub_args(&mut parser, &mut global, "version", 0, |_, _| Ok(false))? {
+            Some(_) => Command::Version,
+            None => help("version"),
+        },
         other => match tools::parse(other, &mut parser, &mut global) {
             Some(parsed) => parsed?,
             None => {
                 return Err(UsageError(format!(
-                    "unknown command {other:?} (commands: {}, {}; see 'molecule --help')",
-                    COMMANDS.join(", "),
-                    tools::TOOL_COMMANDS.join(", ")
+                    "unknown command {other:?} (commands: {}; see 'molecule --help')",
+                    options::COMMANDS
+                        .iter()
+                        .map(|c| c.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
         },
@@ -402,6 +401,9 @@ fn parse_global(
             _ => Ok(false),
         };
     };
+    if !options::has(options::GLOBAL, name) {
+        return Ok(false);
+    }
     match name.as_str() {
         "api-url" => g.api_url = Some(string(parser.value()?, "--api-url")?),
         "workspace" => g.workspace = Some(string(parser.value()?, "--workspace")?),
@@ -425,7 +427,8 @@ fn parse_connect(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Comm
         }
         let name = match &arg {
             Short('h') => "help".to_string(),
-            Long(l) => l.clone(),
+            Long(l) if l == "help" || options::has(options::of("connect"), l) => l.clone(),
+            Long(_) => return Err(UsageError(format!("connect: {}", unexpected(arg)))),
             _ => String::new(),
         };
         match (name.as_str(), arg) {
@@ -510,13 +513,14 @@ fn sub_args(
             Short('h') => return Ok(None),
             Long(ref l) if l == "help" => return Ok(None),
             Long(ref l) => {
-                if !flag(l, parser)? {
+                if !options::has(options::of(cmd), l) || !flag(l, parser)? {
                     return Err(looks_like_option(cmd, &format!("--{l}")));
                 }
             }
             // Short options reach `flag` as "-c" (e.g. download's -o).
             Short(c) => {
-                if !flag(&format!("-{c}"), parser)? {
+                let known = options::of(cmd).iter().any(|o| o.short == Some(c));
+                if !known || !flag(&format!("-{c}"), parser)? {
                     return Err(looks_like_option(cmd, &format!("-{c}")));
                 }
             }
@@ -726,6 +730,25 @@ fn parse_doctor(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Comma
     Ok(Command::Doctor(a))
 }
 
+fn parse_completions(
+    parser: &mut lexopt::Parser,
+    g: &mut GlobalArgs,
+) -> Result<Command, UsageError> {
+    let Some(pos) = sub_args(parser, g, "completions", 1, |_, _| Ok(false))? else {
+        return Ok(help("completions"));
+    };
+    match pos.into_iter().next() {
+        Some(shell) if options::SHELLS.contains(&shell.as_str()) => Ok(Command::Completions(shell)),
+        other => Err(UsageError(format!(
+            "completions: {} (expected one of: {})",
+            other.map_or("which shell?".to_string(), |s| format!(
+                "unknown shell {s:?}"
+            )),
+            options::SHELLS.join(", ")
+        ))),
+    }
+}
+
 fn decimal(parser: &mut lexopt::Parser, flag: &str) -> Result<f64, UsageError> {
     let raw = string(parser.value()?, flag)?;
     raw.trim()
@@ -807,6 +830,9 @@ Commands:
   card update              change what the agent card says
   broadcast TEXT|-         message every workspace of the org
   download URI             fetch a file uploaded to this workspace
+  completions bash|zsh|fish
+                           print a shell completion script
+  man                      print the man page (roff): molecule man | man -l -
   help [COMMAND]           show help for a command
   version                  print the version
 
@@ -960,7 +986,7 @@ delegation may still finish: see molecule delegations) or the platform is unreac
 );
 
 /// The statuses a delegation can have (§API-2.14: activity log and ledger).
-const DELEGATION_STATUSES: &[&str] = &[
+pub(crate) const DELEGATION_STATUSES: &[&str] = &[
     "pending",
     "dispatched",
     "queued",
@@ -1212,6 +1238,30 @@ delegation result), <id>.delegations.state.json (results delivered or pending).
 Global options (--api-url, --token-file, --state-dir, ...): see 'molecule --help'.
 ";
 
+/// `molecule completions --help`.
+pub const COMPLETIONS_HELP: &str = "\
+molecule completions: print a shell completion script
+
+Usage: molecule completions bash|zsh|fish
+
+Completes commands, options and the values of --backend, --mode and path options.
+Generated from the same option tables the parser uses. Install:
+  bash  molecule completions bash > /etc/bash_completion.d/molecule
+        (or ~/.local/share/bash-completion/completions/molecule)
+  zsh   molecule completions zsh > \"${fpath[1]}/_molecule\"
+  fish  molecule completions fish > ~/.config/fish/completions/molecule.fish
+";
+
+/// `molecule man --help`.
+pub const MAN_HELP: &str = "\
+molecule man: print the man page
+
+Usage: molecule man
+
+Prints molecule(1) in roff, generated from the same option tables the parser uses
+(the release archives ship it as molecule.1). Read it with: molecule man | man -l -
+";
+
 /// Help text for `topic`, or `None` if there is no such command.
 pub fn help_for(topic: Option<&str>) -> Option<&'static str> {
     match topic {
@@ -1227,6 +1277,8 @@ pub fn help_for(topic: Option<&str>) -> Option<&'static str> {
         Some("heartbeat") => Some(HEARTBEAT_HELP),
         Some("status") => Some(STATUS_HELP),
         Some("doctor") => Some(DOCTOR_HELP),
+        Some("completions") => Some(COMPLETIONS_HELP),
+        Some("man") => Some(MAN_HELP),
         Some(other) => tools::help_for(other),
     }
 }

@@ -18,6 +18,7 @@ pub mod backend;
 pub mod backoff;
 pub mod cli;
 pub mod commands;
+pub mod completions;
 pub mod config;
 pub mod duration;
 pub mod error;
@@ -72,6 +73,15 @@ pub fn run(
             write_quiet(out, text)
         }
         cli::Command::Version => write_quiet(out, &format!("molecule {VERSION}\n")),
+        cli::Command::Completions(shell) => {
+            let script = completions::script(&shell).ok_or_else(|| {
+                Error::Usage(cli::UsageError(format!(
+                    "completions: unknown shell {shell:?}"
+                )))
+            })?;
+            write_quiet(out, &script)
+        }
+        cli::Command::Man => write_quiet(out, &completions::man_page()),
         cli::Command::Connect(c) => {
             let sup = config::supervision(&c, env)?;
             match &c.workspaces {

@@ -317,6 +317,10 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// Every backend `build` knows, in `--help` order (also what completions offer for
+/// `--backend`).
+pub const NAMES: &[&str] = &["exec", "claude-code", "worker", "mock"];
+
 /// Builds a backend by name from `--backend-opt` pairs; `concurrency` is
 /// `--concurrency` (the default number of workers).
 pub fn build(
@@ -330,7 +334,8 @@ pub fn build(
         "worker" => Ok(Box::new(WorkerBackend::from_opts(opts, concurrency)?)),
         "mock" => Ok(Box::new(MockBackend::from_opts(opts)?)),
         other => Err(BackendError::Config(format!(
-            "unknown backend {other:?} (choose exec, claude-code, worker or mock)"
+            "unknown backend {other:?} (choose {})",
+            NAMES.join(", ")
         ))),
     }
 }

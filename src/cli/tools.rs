@@ -140,18 +140,6 @@ pub(super) fn parse(
     Some(parsed)
 }
 
-/// The tool commands, for the "unknown command" message.
-pub(super) const TOOL_COMMANDS: &[&str] = &[
-    "memory",
-    "ask",
-    "requests",
-    "request",
-    "history",
-    "card",
-    "broadcast",
-    "download",
-];
-
 /// `--budget SECS`, shared by every tool command.
 fn budget(name: &str, p: &mut lexopt::Parser, slot: &mut Option<u64>) -> Result<bool, UsageError> {
     if name == "budget" {

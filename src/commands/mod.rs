@@ -72,9 +72,13 @@ pub fn run(
             let json = global.json;
             Ctx::new(global, env).and_then(|c| files::download(&c, &a, json))
         }
-        Command::Help(_) | Command::Version | Command::Connect(_) => Err(Failure::new(
-            Error::Runtime("internal: not an agent-side command".into()),
-        )),
+        Command::Help(_)
+        | Command::Version
+        | Command::Connect(_)
+        | Command::Completions(_)
+        | Command::Man => Err(Failure::new(Error::Runtime(
+            "internal: not an agent-side command".into(),
+        ))),
     };
     match result {
         Ok(report) => {

@@ -104,6 +104,33 @@ fn peer_round_trip_with_type_parts_and_exec_backend() {
     assert_eq!(msg["messageId"], id.as_str());
 }
 
+/// The round trip scripts/qemu-test.sh runs each foreign release binary through:
+/// the exec backend answers a peer and a canvas user, then SIGTERM stops cleanly.
+#[test]
+fn exec_backend_answers_a_peer_and_a_canvas_user() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let mut c = Connector::start(
+        &emu,
+        &a,
+        &dir,
+        &[
+            "--backend",
+            "exec",
+            "--backend-opt",
+            "cmd=printf '%s says: ' \"$MOLECULE_ORIGIN\"; cat",
+        ],
+    );
+    emu.enqueue(&a.id, json!({"from": b.id, "text": "ping"}));
+    let got = wait_received(&emu, &b.id, 1, &c);
+    assert_eq!(got[0]["text"], "peer says: ping");
+    emu.say(&a.id, None, "hello from the canvas");
+    let n = wait_notifies(&emu, &a.id, 1, &c);
+    assert_eq!(n[0]["message"], "canvas says: hello from the canvas");
+    assert!(c.stop().success(), "{}", c.stderr());
+}
+
 #[test]
 fn canvas_message_gets_one_notify_and_the_echo_is_not_dispatched() {
     let emu = Emulator::start();

@@ -194,9 +194,12 @@ impl Drop for TempDir {
 }
 
 /// A base `molecule` command with a clean environment: no proxies, no MOLECULE_* or
-/// RUST_LOG from the developer's shell.
+/// RUST_LOG from the developer's shell. `MOLECULE_TEST_BIN` runs another build
+/// instead (scripts/qemu-test.sh: a foreign release binary under qemu-user).
 pub fn molecule() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_molecule"));
+    let bin = std::env::var_os("MOLECULE_TEST_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_molecule").into());
+    let mut cmd = Command::new(bin);
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().to_string();
         if k.starts_with("MOLECULE_")
