@@ -209,6 +209,11 @@ const CONNECT: &[Opt] = &[
         "N",
         "delivered delegation ids remembered across restarts [default: 1024]",
     ),
+    value(
+        "broadcasts-secs",
+        "SECS",
+        "look for broadcasts to the org every SECS; 0 = off",
+    ),
     path(
         "workspaces",
         "FILE",
