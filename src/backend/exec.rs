@@ -46,8 +46,12 @@ const DRAIN_AFTER_KILL: Duration = Duration::from_secs(1);
 /// Input up to this size is written by the calling thread: no pipe is smaller
 /// (PIPE_BUF, one page), so the write completes at once. Larger input gets a thread.
 const INLINE_INPUT: usize = 4096;
-/// Read chunk for the output pipes.
-const CHUNK: usize = 64 * 1024;
+/// Read chunk for the output pipes, on the helper's stack: a heap buffer this size is
+/// an mmap and munmap per pipe per message.
+const CHUNK: usize = 16 * 1024;
+/// Stack of a helper thread (read loops and a wait: shallow); the 2 MiB default costs
+/// more to map and unmap per message.
+const HELPER_STACK: usize = 128 * 1024;
 /// First words that are shell syntax or builtins: `check` can't resolve them on PATH.
 const SHELL_WORDS: &[&str] = &[
     "!", ".", ":", "[", "[[", "{", "}", "alias", "bg", "break", "case", "cd", "command",
@@ -333,6 +337,7 @@ impl ExecBackend {
         let (status_tx, status_rx) = mpsc::channel::<WaitResult>();
         let waiter = thread::Builder::new()
             .name("exec-wait".into())
+            .stack_size(HELPER_STACK)
             .spawn(move || {
                 let r = child.wait();
                 let _ = status_tx.send(r);
@@ -520,7 +525,10 @@ fn kill_and_reap(pgid: u32, child: &mut Child) {
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
-    thread::Builder::new().name(name.into()).spawn(f)
+    thread::Builder::new()
+        .name(name.into())
+        .stack_size(HELPER_STACK)
+        .spawn(f)
 }
 
 /// Waits until every helper has dropped its sender, for at most `d`.
@@ -543,7 +551,7 @@ struct Capture {
 /// Reads to EOF keeping at most `cap` bytes. Past the cap it keeps reading and
 /// discarding, so the command doesn't block on a full pipe.
 fn read_capped(mut r: impl Read, cap: usize, out: &Mutex<Capture>) {
-    let mut chunk = vec![0u8; CHUNK];
+    let mut chunk = [0u8; CHUNK];
     loop {
         let n = match r.read(&mut chunk) {
             Ok(0) => return,
@@ -566,7 +574,7 @@ fn read_capped(mut r: impl Read, cap: usize, out: &Mutex<Capture>) {
 
 /// Reads to EOF keeping only the last `keep` bytes.
 fn read_tail(mut r: impl Read, keep: usize, out: &Mutex<Vec<u8>>) {
-    let mut chunk = vec![0u8; CHUNK];
+    let mut chunk = [0u8; CHUNK];
     loop {
         let n = match r.read(&mut chunk) {
             Ok(0) => return,
