@@ -53,7 +53,7 @@ fn status_file(dir: &TempDir, ws: &str) -> Option<Value> {
 }
 
 /// `molecule delegate <target> <task> --json` as workspace `ws`; returns the id.
-fn delegate(emu: &Emulator, ws: &Ws, dir: &TempDir, target: &str) -> String {
+pub(crate) fn delegate(emu: &Emulator, ws: &Ws, dir: &TempDir, target: &str) -> String {
     let token_file = dir.path().join("token");
     if !token_file.exists() {
         write_secret(&token_file, &ws.token);
@@ -73,7 +73,7 @@ fn delegate(emu: &Emulator, ws: &Ws, dir: &TempDir, target: &str) -> String {
     v["delegation_id"].as_str().unwrap().to_string()
 }
 
-fn complete(emu: &Emulator, did: &str) {
+pub(crate) fn complete(emu: &Emulator, did: &str) {
     emu.post(
         &format!("/_admin/delegations/{did}/complete"),
         json!({"status": "completed", "text": "the report is done: 42 pages"}),

@@ -284,6 +284,35 @@ fn kill_9_with_requests_in_flight_answers_each_once_after_restart() {
 }
 
 #[test]
+fn delegation_results_go_to_the_worker() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let mut c = start(&emu, &a, &dir, &[], &["--delegations-secs", "1"]);
+    let did = crate::delegations::delegate(&emu, &a, &dir, &b.id);
+    crate::delegations::complete(&emu, &did);
+    let path = dir.path().join("delegations");
+    let line = wait_until(WAIT, "the result at the worker", &c, || {
+        std::fs::read_to_string(&path)
+            .ok()
+            .filter(|s| !s.is_empty())
+    });
+    let req: Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(req["origin"], "delegation_result");
+    assert_eq!(req["env"]["MOLECULE_DELEGATION_ID"], did.as_str());
+    assert_eq!(req["request"]["delegation_id"], did.as_str());
+    assert!(
+        req["text"]
+            .as_str()
+            .unwrap()
+            .contains("the report is done: 42 pages"),
+        "{req}"
+    );
+    c.stop();
+    assert_no_workers_left(dir.path(), &c);
+}
+
+#[test]
 fn doctor_starts_the_worker_and_stops_it() {
     let emu = Emulator::start();
     let (a, _) = emu.pair();

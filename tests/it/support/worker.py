@@ -7,6 +7,7 @@ Behaviour by message text (state in $TEST_DIR):
   garbage     print a line that is not JSON
   big         answer with 5000 bytes of text
   anything    answer "w:<text>"
+A delegation result is appended to $TEST_DIR/delegations and not answered.
 Every start appends its pid to $TEST_DIR/pids. Requests are answered one at a time.
 """
 
@@ -35,7 +36,11 @@ for line in sys.stdin:
     req = json.loads(line)
     text = req["text"]
     out = {"id": req["id"], "text": "w:" + text}
-    if text.startswith("slow"):
+    if req.get("origin") == "delegation_result":
+        with open(os.path.join(d, "delegations"), "a") as f:
+            f.write(line)
+        out = {"id": req["id"], "no_reply": True}
+    elif text.startswith("slow"):
         open(os.path.join(d, "got-" + text), "w").close()
         time.sleep(1)
     elif text == "crash-once" and once(text):
