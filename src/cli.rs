@@ -107,6 +107,10 @@ pub struct ConnectArgs {
     pub broadcasts_secs: Option<u64>,
     /// `--card-file FILE`: the agent card sent on register.
     pub card_file: Option<PathBuf>,
+    /// `--wake auto|events|poll`.
+    pub wake: Option<String>,
+    /// `--safety-poll-secs` (poll cadence while the event stream is healthy).
+    pub safety_poll_secs: Option<u64>,
     /// `--dry-run`.
     pub dry_run: bool,
     /// `--metrics-file PATH`.
@@ -463,6 +467,10 @@ fn parse_connect(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Comm
             ("card-file", _) => a.card_file = Some(PathBuf::from(parser.value()?)),
             ("broadcasts-secs", _) => {
                 a.broadcasts_secs = Some(number(parser, "--broadcasts-secs")?)
+            }
+            ("wake", _) => a.wake = Some(string(parser.value()?, "--wake")?),
+            ("safety-poll-secs", _) => {
+                a.safety_poll_secs = Some(number(parser, "--safety-poll-secs")?)
             }
             ("dry-run", _) => a.dry_run = true,
             ("metrics-file", _) => a.metrics_file = Some(PathBuf::from(parser.value()?)),
@@ -1160,7 +1168,17 @@ Options:
   --token TOKEN            workspace token (visible in ps: prefer --token-file or
                            env MOLECULE_WORKSPACE_TOKEN)
   --mode poll              delivery mode; only poll is supported
-  --interval-ms N          pause between polls when the inbox is empty   [default: 1000]
+  --wake MODE              auto | events | poll                         [default: auto]
+                           auto: keep the workspace's event stream open and poll at once
+                           when it says a message was logged; blind polls only every
+                           --safety-poll-secs while it is healthy; --interval-ms polling
+                           while it is down or the platform has none (404). events: the
+                           same, but a platform without a stream is an error (exit 5).
+                           poll: no stream, poll every --interval-ms
+  --safety-poll-secs N     blind poll period while the event stream is healthy (catches
+                           dropped events)                                 [default: 30]
+  --interval-ms N          pause between polls when the inbox is empty and there is no
+                           healthy event stream                          [default: 1000]
   --since-secs N           first start (no cursor) or after a pruned cursor (410): look
                            back N seconds                                [default: 30]
   --heartbeat-secs N       heartbeat period                              [default: 20]

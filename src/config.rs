@@ -117,12 +117,38 @@ pub struct ConnectConfig {
     pub delegations_every: Duration,
     /// Delivered delegation ids remembered (persisted LRU).
     pub delegations_capacity: usize,
+    /// How new messages are noticed (`--wake`).
+    pub wake: WakeMode,
+    /// Poll period while the event stream is healthy (`--safety-poll-secs`).
+    pub safety_poll: Duration,
     /// Check and print, do not run.
     pub dry_run: bool,
     /// Broadcast cadence; zero = off.
     pub broadcasts_every: Duration,
     /// `--card-file`: the agent card to register with.
     pub agent_card: Option<serde_json::Value>,
+}
+
+/// `--wake`: how `connect` learns that a message is waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeMode {
+    /// The event stream where the platform has one, else polling.
+    Auto,
+    /// The event stream; a platform without one is an error.
+    Events,
+    /// Polling only.
+    Poll,
+}
+
+impl WakeMode {
+    /// The flag's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WakeMode::Auto => "auto",
+            WakeMode::Events => "events",
+            WakeMode::Poll => "poll",
+        }
+    }
 }
 
 /// Resolves `connect`'s configuration. `env` looks up one environment variable.
@@ -235,6 +261,22 @@ pub fn connect_config(
             "--delegations-capacity {delegations_capacity}: must be between 64 and 1000000"
         )));
     }
+    let wake = match a.wake.as_deref() {
+        None | Some("auto") => WakeMode::Auto,
+        Some("events") => WakeMode::Events,
+        Some("poll") => WakeMode::Poll,
+        Some(other) => {
+            return Err(ConfigError(format!(
+                "--wake {other:?}: must be auto, events or poll"
+            )));
+        }
+    };
+    let safety_poll_secs = a.safety_poll_secs.unwrap_or(30);
+    if !(1..=3600).contains(&safety_poll_secs) {
+        return Err(ConfigError(format!(
+            "--safety-poll-secs {safety_poll_secs}: must be between 1 and 3600"
+        )));
+    }
     Ok(ConnectConfig {
         common,
         workspace_id,
@@ -254,6 +296,8 @@ pub fn connect_config(
         lock_wait: Duration::from_secs(a.lock_wait_secs.unwrap_or(0)),
         delegations_every: Duration::from_secs(delegations_secs),
         delegations_capacity,
+        wake,
+        safety_poll: Duration::from_secs(safety_poll_secs),
         dry_run: a.dry_run,
         agent_card: a.card_file.as_deref().map(read_card_file).transpose()?,
         broadcasts_every: Duration::from_secs(broadcasts_secs),
@@ -864,6 +908,35 @@ mod tests {
         ] {
             let args: Vec<&str> = ["connect", WS].iter().chain(bad).copied().collect();
             assert!(connect(&args, &env).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn wake_flags() {
+        let env = [
+            ("MOLECULE_API_URL", "https://x"),
+            ("MOLECULE_WORKSPACE_TOKEN", "t"),
+            ("HOME", "/h"),
+        ];
+        let c = connect(&["connect", WS], &env).unwrap();
+        assert_eq!(c.wake, WakeMode::Auto);
+        assert_eq!(c.safety_poll, Duration::from_secs(30));
+        let args = ["connect", WS, "--wake", "poll", "--safety-poll-secs", "5"];
+        let c = connect(&args, &env).unwrap();
+        assert_eq!(
+            (c.wake, c.safety_poll),
+            (WakeMode::Poll, Duration::from_secs(5))
+        );
+        let c = connect(&["connect", WS, "--wake", "events"], &env).unwrap();
+        assert_eq!(c.wake.as_str(), "events");
+        for bad in [
+            &["--wake", "push"][..],
+            &["--safety-poll-secs", "0"],
+            &["--safety-poll-secs", "3601"],
+        ] {
+            let args: Vec<&str> = ["connect", WS].iter().chain(bad).copied().collect();
+            let e = connect(&args, &env).unwrap_err();
+            assert!(e.0.contains(bad[0]), "{e}");
         }
     }
 

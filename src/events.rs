@@ -65,9 +65,13 @@ impl Event {
         }
     }
 
-    /// A delegation this workspace sent changed state (`DELEGATION_*`, §API-2.17).
+    /// A delegation this workspace sent has a result (`DELEGATION_COMPLETE` or
+    /// `DELEGATION_FAILED`, §API-2.17); its `delegate_result` row has no event.
     pub fn is_delegation_hint(&self) -> bool {
-        self.kind.starts_with("DELEGATION_")
+        matches!(
+            self.kind.as_str(),
+            "DELEGATION_COMPLETE" | "DELEGATION_FAILED"
+        )
     }
 
     fn parse(raw: &[u8], truncated: bool) -> Event {
@@ -474,6 +478,8 @@ mod tests {
         );
         assert!(!self_report.is_inbox_hint());
         assert!(ev("DELEGATION_COMPLETE", Value::Null).is_delegation_hint());
+        assert!(ev("DELEGATION_FAILED", Value::Null).is_delegation_hint());
+        assert!(!ev("DELEGATION_SENT", Value::Null).is_delegation_hint());
         assert!(!ev("AGENT_MESSAGE", Value::Null).is_inbox_hint());
     }
 

@@ -136,6 +136,21 @@ pub(super) fn run(
             .to_string(),
         ],
     ];
+    if let Some(w) = doc.get("wake").filter(|w| w.is_object()) {
+        let wtext = |k: &str| w.get(k).and_then(Value::as_str).unwrap_or("");
+        let how = match w.get("events_connected_since").and_then(Value::as_u64) {
+            Some(t) => format!(
+                "events (stream connected {} s ago, {} events seen)",
+                now.saturating_sub(t),
+                w.get("events_seen").and_then(Value::as_u64).unwrap_or(0)
+            ),
+            None => format!("polling: {}", wtext("polling_because")),
+        };
+        rows.push(vec![
+            "wake:".to_string(),
+            format!("{how}; --wake {}", wtext("mode")),
+        ]);
+    }
     let last_error = text("last_error");
     if !last_error.is_empty() {
         rows.push(vec!["last error:".to_string(), last_error]);

@@ -14,6 +14,7 @@ mod register;
 mod report;
 mod status;
 mod supervise;
+mod wake;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use crate::api::{Client, ClientConfig, Transport};
 use crate::backend::{self, Backend, RunHandle};
-use crate::config::{ConnectConfig, Supervision, TokenSource};
+use crate::config::{ConnectConfig, Supervision, TokenSource, WakeMode};
 use crate::error::Error;
 use crate::shutdown::{Shutdown, StopReason, ThreadGuard};
 use crate::signal::{self, Signal};
@@ -125,14 +126,27 @@ pub fn connect_many(
     }
 }
 
+/// How new messages are noticed, in words.
+fn wake_summary(cfg: &ConnectConfig) -> String {
+    if cfg.wake == WakeMode::Poll || cfg.once {
+        return format!("polling every {} ms", cfg.poll_interval.as_millis());
+    }
+    format!(
+        "waking on the event stream (--wake {}; safety poll every {} s, polling every {} ms while the stream is down)",
+        cfg.wake.as_str(),
+        cfg.safety_poll.as_secs(),
+        cfg.poll_interval.as_millis()
+    )
+}
+
 fn dry_run_summary(cfg: &ConnectConfig, backend: &dyn Backend) -> Result<String, Error> {
     let check = backend.check()?;
     Ok(format!(
-        "molecule connect (dry run): workspace {} at {}\n  backend: {check}\n  state: {}\n  poll every {} ms, cold-start window {} s, heartbeat every {} s, concurrency {}\n",
+        "molecule connect (dry run): workspace {} at {}\n  backend: {check}\n  state: {}\n  {}, cold-start window {} s, heartbeat every {} s, concurrency {}\n",
         cfg.workspace_id,
         cfg.common.api_url,
         state::state_path(&cfg.common.state_dir, &cfg.workspace_id).display(),
-        cfg.poll_interval.as_millis(),
+        wake_summary(cfg),
         cfg.since_secs,
         cfg.heartbeat_every.as_secs(),
         cfg.concurrency,
@@ -381,11 +395,11 @@ fn run_connected(
         return Ok(()); // stopped by a signal while registering
     }
     log::info!(
-        "connected: workspace {} registered in poll mode at {}; backend {}; polling every {} ms",
+        "connected: workspace {} registered in poll mode at {}; backend {}; {}",
         cfg.workspace_id,
         cfg.common.api_url,
         backend.name(),
-        cfg.poll_interval.as_millis()
+        wake_summary(cfg)
     );
     backend.start(client.workspace_id(), client.api_url())?;
 
@@ -581,6 +595,25 @@ fn run_connected(
             }
         })?);
     }
+    let wake_state = wake::WakeState::new(if cfg.once { WakeMode::Poll } else { cfg.wake });
+    // A cron run drains and exits: an event stream would only add a request.
+    if cfg.wake != WakeMode::Poll && !cfg.once {
+        let settings = wake::Settings {
+            mode: cfg.wake,
+            silence: cfg.heartbeat_every.saturating_mul(2),
+            interval: cfg.poll_interval,
+            safety_poll: cfg.safety_poll,
+        };
+        let (client, state, hints) = (client.clone(), wake_state.clone(), events_tx.clone());
+        let tracker = delegation_wake.clone();
+        let (shutdown, done) = (shutdown.clone(), done_tx.clone());
+        threads.push(spawn("events", move || {
+            let _guard = ThreadGuard::new(&shutdown, "events");
+            let _done = DoneOnDrop(done, "events");
+            debug_panic_hook("events");
+            wake::run(client, settings, state, hints, tracker, shutdown.clone());
+        })?);
+    }
     drop(events_tx);
     let poller = poll::Poller::new(
         client,
@@ -598,9 +631,11 @@ fn run_connected(
         status,
         report::Reporter::new(&cfg.common.state_dir, &cfg.workspace_id, cfg.poll_interval)
             .with_extras(Some(peer_cache), tracker_on.then_some(delegation_counters))
-            .with_published(published),
+            .with_published(published)
+            .with_wake(wake_state.clone(), cfg.safety_poll),
     )
     .with_hooks(Some(enrichment), delegation_wake)
+    .with_wake(wake_state, cfg.safety_poll)
     .with_supervision(poll_progress, {
         let (settled, sup) = (settled.clone(), process.supervisor.clone());
         Box::new(move || {

@@ -81,6 +81,10 @@ pub enum Event {
     },
     /// Shutdown was requested: stop waiting.
     Wake,
+    /// The event stream says a row was logged, or its health changed: poll now
+    /// (unless a poll started after this was sent; the platform sends two events
+    /// per message).
+    Hint(Instant),
 }
 
 /// The poll loop and what it owns.
@@ -115,6 +119,14 @@ pub struct Poller {
     peers: Option<crate::peers::Enrichment>,
     /// Wakes the delegation tracker when a `delegate_result` row arrives.
     delegation_wake: Option<super::delegations::Waker>,
+    /// Event-stream health: decides between the safety-net and the fallback period.
+    wake: Option<(Arc<super::wake::WakeState>, Duration)>,
+    /// When the last fetch started (older hints are already answered).
+    last_fetch_at: Option<Instant>,
+    /// A hint newer than the last fetch arrived.
+    hinted: bool,
+    /// The last fetch failed: its backoff wins over hints.
+    retrying: bool,
     /// A cold start reading its window backwards (see [`Poller::scan_window`]).
     scan: Option<WindowScan>,
     /// Full pages in a row that did not move the fetch position.
@@ -172,6 +184,10 @@ impl Poller {
             last_activity: Instant::now(),
             peers: None,
             delegation_wake: None,
+            wake: None,
+            last_fetch_at: None,
+            hinted: false,
+            retrying: false,
             scan: None,
             stuck_pages: 0,
             state_attempts: 0,
@@ -204,6 +220,22 @@ impl Poller {
         self
     }
 
+    /// Polls on event-stream hints, and only every `safety_poll` while the stream
+    /// is healthy.
+    pub fn with_wake(mut self, state: Arc<super::wake::WakeState>, safety_poll: Duration) -> Self {
+        self.wake = Some((state, safety_poll));
+        self
+    }
+
+    /// The pause after an empty poll: the safety net while the event stream is
+    /// healthy, else `--interval-ms`.
+    fn idle_interval(&self) -> Duration {
+        match &self.wake {
+            Some((state, safety)) if state.stream_up() => *safety,
+            _ => self.settings.interval,
+        }
+    }
+
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -231,11 +263,17 @@ impl Poller {
                 break;
             }
             // While the state cannot be written nothing new is taken in.
+            if std::mem::take(&mut self.hinted) && !self.retrying {
+                next_fetch = Instant::now();
+            }
             let can_fetch = state_ok && self.order.outstanding() < MAX_OUTSTANDING;
             if can_fetch && Instant::now() >= next_fetch {
-                next_fetch = match self.fetch() {
+                self.last_fetch_at = Some(Instant::now());
+                let fetched = self.fetch();
+                self.retrying = matches!(fetched, Fetched::RetryIn(_));
+                next_fetch = match fetched {
                     Fetched::More => Instant::now(),
-                    Fetched::Idle => Instant::now() + self.settings.interval,
+                    Fetched::Idle => Instant::now() + self.idle_interval(),
                     Fetched::RetryIn(d) => Instant::now() + d,
                 };
                 continue;
@@ -248,6 +286,8 @@ impl Poller {
             } else {
                 Duration::from_secs(3600)
             };
+            // The status file stays fresh between rare polls (event wake-ups).
+            wait = wait.min(super::report::IDLE_EVERY);
             // The idle deadline only matters when nothing is running: a long backend
             // run must not turn this wait into a spin.
             if let Some(idle) = self.settings.idle_exit
@@ -335,16 +375,23 @@ impl Poller {
     }
 
     fn on_event(&mut self, ev: Event) {
-        if let Event::Finished {
-            ticket,
-            sender,
-            finish,
-        } = ev
-        {
-            self.last_activity = Instant::now();
-            self.running = self.running.saturating_sub(1);
-            self.jobs.remove(&ticket);
-            self.order.complete(ticket, &sender, finish == Finish::Done);
+        match ev {
+            Event::Finished {
+                ticket,
+                sender,
+                finish,
+            } => {
+                self.last_activity = Instant::now();
+                self.running = self.running.saturating_sub(1);
+                self.jobs.remove(&ticket);
+                self.order.complete(ticket, &sender, finish == Finish::Done);
+            }
+            Event::Hint(sent) => {
+                if self.last_fetch_at.is_none_or(|f| sent >= f) {
+                    self.hinted = true;
+                }
+            }
+            Event::Wake => {}
         }
     }
 

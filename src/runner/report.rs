@@ -35,6 +35,8 @@ pub struct Reporter {
     fingerprint: String,
     peers: Option<Arc<crate::peers::PeerCache>>,
     delegations: Option<Arc<super::delegations::Counters>>,
+    /// Event-stream state and the safety-poll period used while it is up.
+    wake: Option<(Arc<super::wake::WakeState>, Duration)>,
     /// The last write failed (logged once, not every second).
     failing: bool,
     /// The last document written, for the process's metrics file.
@@ -53,6 +55,7 @@ impl Reporter {
             fingerprint: String::new(),
             peers: None,
             delegations: None,
+            wake: None,
             failing: false,
             published: None,
         }
@@ -75,6 +78,21 @@ impl Reporter {
         self
     }
 
+    /// Also reports how new messages are noticed (event stream or polling, and why);
+    /// while the stream is up the blind poll period is `safety_poll`.
+    pub fn with_wake(mut self, wake: Arc<super::wake::WakeState>, safety_poll: Duration) -> Self {
+        self.wake = Some((wake, safety_poll));
+        self
+    }
+
+    /// The current blind-poll period: `molecule status` judges staleness by it.
+    fn poll_interval(&self) -> Duration {
+        match &self.wake {
+            Some((w, safety)) if w.stream_up() => *safety,
+            _ => self.poll_interval,
+        }
+    }
+
     /// Rewrites the file: within a second of a change (counters, cursor, in flight,
     /// error, wedge), and every [`IDLE_EVERY`] otherwise so the poll and heartbeat
     /// times stay fresh for `molecule status`. Idle, that is one small write per
@@ -88,8 +106,16 @@ impl Reporter {
     ) {
         let (c, active, wedged) = RuntimeStatus::snapshot(status);
         let fingerprint = format!(
-            "{}/{}/{}/{in_flight}/{active}/{wedged}/{cursor:?}/{}/{:?}",
-            c.handled, c.failed, c.dead_lettered, c.last_error, c.state_error
+            "{}/{}/{}/{in_flight}/{active}/{wedged}/{cursor:?}/{}/{:?}/{}",
+            c.handled,
+            c.failed,
+            c.dead_lettered,
+            c.last_error,
+            c.state_error,
+            self.wake
+                .as_ref()
+                .map(|(w, _)| w.fingerprint())
+                .unwrap_or_default()
         );
         let since = self.last_write.map(|t| t.elapsed());
         let due = match since {
@@ -121,7 +147,7 @@ impl Reporter {
             "stop_reason": stop_reason,
             "started_at": unix(Some(self.started)),
             "updated_at": unix(Some(SystemTime::now())),
-            "poll_interval_ms": u64::try_from(self.poll_interval.as_millis()).unwrap_or(u64::MAX),
+            "poll_interval_ms": u64::try_from(self.poll_interval().as_millis()).unwrap_or(u64::MAX),
             "last_poll_ok": unix(c.last_poll_ok),
             "last_heartbeat_ok": unix(c.last_heartbeat_ok),
             "cursor": cursor,
@@ -145,6 +171,9 @@ impl Reporter {
         }
         if let Some(d) = &self.delegations {
             doc["delegations"] = d.to_json();
+        }
+        if let Some((w, _)) = &self.wake {
+            doc["wake"] = w.to_json();
         }
         let bytes = format!("{doc:#}\n");
         let written = crate::state::write_file(&self.path, bytes.as_bytes(), false)
@@ -234,7 +263,7 @@ fn metrics_json(c: &Counters, requests: Option<&RequestStats>) -> Value {
     })
 }
 
-fn unix(t: Option<SystemTime>) -> Option<u64> {
+pub(super) fn unix(t: Option<SystemTime>) -> Option<u64> {
     t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_secs())
 }

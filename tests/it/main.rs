@@ -15,4 +15,5 @@ mod hardening;
 mod ops;
 mod supervise;
 mod tools;
+mod wake;
 mod worker;

@@ -276,6 +276,8 @@ fn many_workspaces_in_one_process_and_a_revoked_one_stops_alone() {
         ])
         .args(["--state-dir", state.to_str().unwrap(), "--backend", "mock"])
         .args(["--interval-ms", "100", "--heartbeat-secs", "1"])
+        // Event wake-ups (the default); a revoked token shows at the next safety poll.
+        .args(["--safety-poll-secs", "1"])
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -248,7 +248,17 @@ impl Connector {
             .arg(&token_file)
             .arg("--state-dir")
             .arg(dir.path().join("state"))
-            .args(["--interval-ms", "100", "--heartbeat-secs", "1", "-v"])
+            // Blind polling unless a test asks for `--wake auto` (a later flag wins):
+            // many tests count polls to prove that nothing happened.
+            .args([
+                "--interval-ms",
+                "100",
+                "--heartbeat-secs",
+                "1",
+                "--wake",
+                "poll",
+            ])
+            .arg("-v")
             .args(args)
             .envs(env.iter().copied());
         Self::spawn(cmd, dir, ws)
