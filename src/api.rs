@@ -589,6 +589,21 @@ impl Client {
         Ok(())
     }
 
+    /// `POST /workspaces/<own>/activity/ack` (§API-2.5): rows up to `seq` are done,
+    /// so retention may prune them after 7 days instead of 30. Returns the stored
+    /// value, which only grows (someone may have acked further). A 404 is a server
+    /// from before acks.
+    pub fn ack(&self, seq: i64) -> Result<i64, ApiError> {
+        let op = "ack";
+        let path = format!("/workspaces/{}/activity/ack", self.cfg.workspace_id);
+        let resp = self.post(op, &path, &serde_json::json!({ "acked_seq": seq }))?;
+        let body = read_value(op, resp, SMALL_BODY_LIMIT)?;
+        Ok(body
+            .get("last_acked_seq")
+            .and_then(Value::as_i64)
+            .unwrap_or(seq))
+    }
+
     /// `POST /workspaces/<own>/activity` (§API-2.6): a row in our own log.
     pub fn self_report(&self, row: &Value) -> Result<(), ApiError> {
         let path = format!("/workspaces/{}/activity", self.cfg.workspace_id);

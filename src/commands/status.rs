@@ -151,6 +151,9 @@ pub(super) fn run(
             format!("{how}; --wake {}", wtext("mode")),
         ]);
     }
+    if let Some(seq) = doc.get("last_acked_seq").and_then(Value::as_i64) {
+        rows.push(vec!["acked seq:".to_string(), seq.to_string()]);
+    }
     let last_error = text("last_error");
     if !last_error.is_empty() {
         rows.push(vec!["last error:".to_string(), last_error]);

@@ -100,6 +100,17 @@ impl Order {
         }
     }
 
+    /// The highest `seq` that may be acked when `handled` is the highest handled one:
+    /// never at or past a row still tracked (unfinished, or finished behind one that
+    /// is not), whatever order the platform's `seq` values came in.
+    pub fn ack_ceiling(&self, handled: i64) -> i64 {
+        self.slots
+            .iter()
+            .filter_map(|s| s.seq)
+            .map(|s| s.saturating_sub(1))
+            .fold(handled, i64::min)
+    }
+
     /// Drops the finished prefix and returns the newest row it contained (the new
     /// cursor) with the highest `seq` seen in it.
     pub fn advance(&mut self) -> Option<(String, Option<i64>)> {
@@ -160,6 +171,20 @@ mod tests {
         assert_eq!(o.advance(), None);
         o.complete(a1, "A", true);
         assert_eq!(o.advance(), Some(("skip".into(), Some(3))));
+    }
+
+    #[test]
+    fn acks_stay_below_every_tracked_row() {
+        let mut o = Order::new();
+        let a = o.push_job("a", Some(7), "A");
+        o.push_done("b", Some(5)); // seqs need not follow the row order
+        assert_eq!(o.ack_ceiling(10), 4);
+        o.next_job();
+        o.complete(a, "A", true);
+        assert!(o.advance().is_some());
+        assert_eq!(o.ack_ceiling(10), 10);
+        o.push_job("c", None, "A");
+        assert_eq!(o.ack_ceiling(10), 10, "a row without seq cannot lower it");
     }
 
     #[test]

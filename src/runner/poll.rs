@@ -37,6 +37,8 @@ const ONCE_POLL_ATTEMPTS: u32 = 5;
 const MAX_PERMANENT_POLL_FAILURES: u32 = 12;
 /// Full pages in a row that do not move the cursor before a `--once` run gives up.
 const STUCK_PAGES_ONCE: u32 = 3;
+/// Acks go out at most this often (and once more at shutdown).
+const ACK_EVERY: Duration = Duration::from_secs(5);
 /// Fetched rows not yet behind the cursor before fetching pauses (bounds memory).
 const MAX_OUTSTANDING: usize = 1000;
 
@@ -127,6 +129,8 @@ pub struct Poller {
     hinted: bool,
     /// The last fetch failed: its backoff wins over hints.
     retrying: bool,
+    /// Progress acks (§API-2.5).
+    acks: Acks,
     /// A cold start reading its window backwards (see [`Poller::scan_window`]).
     scan: Option<WindowScan>,
     /// Full pages in a row that did not move the fetch position.
@@ -188,6 +192,7 @@ impl Poller {
             last_fetch_at: None,
             hinted: false,
             retrying: false,
+            acks: Acks::default(),
             scan: None,
             stuck_pages: 0,
             state_attempts: 0,
@@ -254,6 +259,7 @@ impl Poller {
                 self.release(&jobs_tx);
             }
             self.advance_cursor();
+            self.maybe_ack(false);
             self.report("running", None);
             if let Some(why) = self.finished() {
                 log::info!("{why}: stopping");
@@ -315,6 +321,11 @@ impl Poller {
         match saved {
             Ok(()) => {
                 RuntimeStatus::state_ok(&self.status);
+                // The last progress, once it is on disk (not after a fatal stop: the
+                // token or the workspace may be gone).
+                if !matches!(self.shutdown.reason(), Some(StopReason::Fatal { .. })) {
+                    self.maybe_ack(true);
+                }
             }
             Err(e) => {
                 log::error!("{e}");
@@ -426,6 +437,39 @@ impl Poller {
             self.running += 1;
             self.released += 1;
             self.last_activity = Instant::now();
+        }
+    }
+
+    /// Acks the highest `seq` below which every row is finished, at most every
+    /// [`ACK_EVERY`] (`now` ignores that, for the last one at shutdown). Never past
+    /// an unfinished row; a 404 turns acking off for good.
+    fn maybe_ack(&mut self, now: bool) {
+        if self.acks.unsupported {
+            return;
+        }
+        if !now && self.acks.last_try.is_some_and(|t| t.elapsed() < ACK_EVERY) {
+            return;
+        }
+        let Some(handled) = self.store().last_seq() else {
+            return;
+        };
+        let seq = self.order.ack_ceiling(handled);
+        if seq < 0 || self.acks.acked.is_some_and(|a| a >= seq) {
+            return;
+        }
+        self.acks.last_try = Some(Instant::now());
+        match self.client.ack(seq) {
+            Ok(stored) => {
+                let acked = stored.max(seq);
+                log::debug!("acked seq {seq} (the platform has {stored})");
+                self.acks.acked = Some(acked);
+                RuntimeStatus::count(&self.status, |c| c.last_acked_seq = Some(acked));
+            }
+            Err(e) if e.status() == Some(404) => {
+                log::info!("the platform does not take acks ({e}): not acking");
+                self.acks.unsupported = true;
+            }
+            Err(e) => log::debug!("{e}; acking again later"),
         }
     }
 
@@ -817,6 +861,16 @@ struct WindowScan {
     before: String,
     /// The oldest row seen so far.
     oldest: Value,
+}
+
+/// What has been acked, and when.
+#[derive(Default)]
+struct Acks {
+    /// The platform's stored value after our last ack.
+    acked: Option<i64>,
+    last_try: Option<Instant>,
+    /// 404: a server from before acks; stop trying.
+    unsupported: bool,
 }
 
 /// What a fetch means for the next one.

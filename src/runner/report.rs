@@ -159,6 +159,7 @@ impl Reporter {
             "last_error": c.last_error,
             "wedged": wedged,
             "state_error": c.state_error,
+            "last_acked_seq": c.last_acked_seq,
             "metrics": metrics_json(&c, requests),
         });
         if let Some(p) = &self.peers {

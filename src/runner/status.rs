@@ -50,6 +50,8 @@ pub struct Counters {
     pub state_error: Option<String>,
     /// Messages whose outcome could not be saved when the process stopped.
     pub unsaved: u64,
+    /// The `seq` the platform last confirmed as acked (§API-2.5).
+    pub last_acked_seq: Option<i64>,
     /// Messages whose reply the platform accepted.
     pub answered: u64,
     /// Messages handled without posting an answer (the backend's choice, loop guards).

@@ -5,6 +5,7 @@
 mod support;
 
 mod a2a;
+mod ack;
 mod cli;
 mod commands;
 mod connect;

@@ -700,6 +700,10 @@ fn ack(app: &App, req: &Request, id: &str) -> Handled {
         .get_mut(id)
         .ok_or_else(|| err(404, "workspace not found"))?;
     ws.acked_seq = ws.acked_seq.max(n);
+    ws.acks.push_back((n, ids::now_ms()));
+    if ws.acks.len() > 1000 {
+        ws.acks.pop_front();
+    }
     ok(&json!({ "last_acked_seq": ws.acked_seq }))
 }
 

@@ -339,6 +339,8 @@ pub struct Workspace {
     pub register_count: u64,
     pub last_register: Option<Value>,
     pub acked_seq: i64,
+    /// Every `acked_seq` received, with its time in ms (admin API; last 1000).
+    pub acks: VecDeque<(i64, i64)>,
     pub active_tasks: i64,
     pub uptime_seconds: i64,
     /// Last `current_task` heartbeat value (a change broadcasts `TASK_UPDATED`).
@@ -376,6 +378,7 @@ impl Workspace {
             register_count: 0,
             last_register: None,
             acked_seq: 0,
+            acks: VecDeque::new(),
             active_tasks: 0,
             uptime_seconds: 0,
             current_task: String::new(),
@@ -520,6 +523,7 @@ impl Workspace {
             "heartbeat_count": self.heartbeat_count,
             "register_count": self.register_count,
             "acked_seq": self.acked_seq,
+            "acks": self.acks.iter().map(|(seq, at)| json!({"seq": seq, "at_ms": at})).collect::<Vec<_>>(),
             "active_tasks": self.active_tasks,
             "rows": self.inbox.len(),
             "received": self.received.len(),
