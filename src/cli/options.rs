@@ -160,10 +160,21 @@ const CONNECT: &[Opt] = &[
         takes: Takes::OneOf(&["poll"]),
         help: "delivery mode; only poll is supported",
     },
+    Opt {
+        long: "wake",
+        short: None,
+        takes: Takes::OneOf(&["auto", "events", "poll"]),
+        help: "how new messages are noticed: event stream, else polling [default: auto]",
+    },
+    value(
+        "safety-poll-secs",
+        "N",
+        "blind poll period while the event stream is healthy [default: 30]",
+    ),
     value(
         "interval-ms",
         "N",
-        "pause between polls when the inbox is empty [default: 1000]",
+        "pause between polls when no event stream is healthy [default: 1000]",
     ),
     value(
         "since-secs",
