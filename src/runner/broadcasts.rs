@@ -5,10 +5,17 @@
 //! characters by the platform) and never posts the output. The cursor and the ids
 //! delivered lately live in `<state-dir>/<id>.broadcasts.json` (0600, atomic), saved
 //! after every delivery, so a restart delivers nothing twice.
+//!
+//! With the event stream up, the thread costs nothing while idle: it looks once at
+//! start, then only when the event thread hands it a `BROADCAST_MESSAGE` ([`Hints`]),
+//! whose full text replaces the truncated summary of the matching row. When the stream
+//! is down it looks every `--broadcasts-secs`.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -31,6 +38,69 @@ const PAGE_BYTES: u64 = 4 * 1024 * 1024;
 const MAX_FAILURES: u32 = 3;
 /// Larger state files are refused rather than read.
 const MAX_STATE_BYTES: u64 = 1024 * 1024;
+/// Full texts from the event stream kept until their row is read.
+const MAX_HINTS: usize = 64;
+/// How often "is the stream still up?" is asked while waiting (no request).
+const STREAM_CHECK: Duration = Duration::from_secs(2);
+
+/// The event thread's handle: `BROADCAST_MESSAGE` events (sender id and full text)
+/// for the broadcast thread. Never blocks.
+#[derive(Clone)]
+pub struct Hints {
+    texts: Arc<Mutex<VecDeque<(String, String)>>>,
+    wake: SyncSender<()>,
+}
+
+impl Hints {
+    /// The event's `data` (`{"message","sender","sender_id"}`, §API-2.17): keeps the
+    /// text and wakes the thread.
+    pub fn seen(&self, data: &Value) {
+        let field = |k: &str| {
+            data.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        let (sender, message) = (field("sender_id"), field("message"));
+        if message.is_empty() {
+            return;
+        }
+        {
+            let mut t = self.texts.lock().unwrap_or_else(PoisonError::into_inner);
+            if t.len() >= MAX_HINTS {
+                t.pop_front();
+            }
+            t.push_back((sender, message));
+        }
+        let _ = self.wake.try_send(());
+    }
+
+    /// The full text of `row`, if an event carried it: same sender, and the text the
+    /// summary holds (cut at 120 characters) is its start.
+    fn take_for(&self, row: &Value, short: &str) -> Option<String> {
+        let sender = row.get("source_id").and_then(Value::as_str).unwrap_or("");
+        let head = short.strip_suffix('…').unwrap_or(short);
+        let mut t = self.texts.lock().unwrap_or_else(PoisonError::into_inner);
+        let i = t
+            .iter()
+            .position(|(s, m)| s == sender && m.starts_with(head))?;
+        t.remove(i).map(|(_, m)| m)
+    }
+}
+
+/// The hint handle and the thread's end of it; a stop request wakes the thread too.
+pub fn hint_channel(shutdown: &Shutdown) -> (Hints, Receiver<()>) {
+    let (tx, rx) = mpsc::sync_channel(1);
+    let hints = Hints {
+        texts: Arc::default(),
+        wake: tx,
+    };
+    let on_stop = hints.wake.clone();
+    shutdown.on_trigger(move || {
+        let _ = on_stop.try_send(());
+    });
+    (hints, rx)
+}
 
 /// `<dir>/<workspace-id>.broadcasts.json`.
 pub fn state_path(dir: &Path, workspace_id: &str) -> PathBuf {
@@ -93,10 +163,15 @@ pub struct Context {
     pub concurrency: usize,
     /// The state file.
     pub path: PathBuf,
+    /// Full texts from the event stream (shared with the event thread).
+    pub hints: Hints,
+    /// Whether the event stream is up right now (the event thread knows); `None`:
+    /// no event thread, look every `every`.
+    pub stream_up: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
 /// The thread: look at start-up and every `every`; deliver oldest first.
-pub fn run(ctx: Context, mut saved: Saved) {
+pub fn run(ctx: Context, mut saved: Saved, wake: Receiver<()>) {
     let backoff = Backoff {
         max: ctx.every.max(Duration::from_secs(1)),
         ..Backoff::default()
@@ -143,8 +218,37 @@ pub fn run(ctx: Context, mut saved: Saved) {
                 backoff.delay(failures, seed)
             }
         };
-        if ctx.shutdown.wait_timeout(wait) {
+        if wait_for_hint(&ctx, &wake, wait) {
             return;
+        }
+    }
+}
+
+/// Waits `d`, or until a hint arrives; while the stream is up the time-based look is
+/// skipped (a broadcast comes with its event). `true` = stop requested.
+fn wait_for_hint(ctx: &Context, wake: &Receiver<()>, d: Duration) -> bool {
+    let until = Instant::now().checked_add(d);
+    loop {
+        if ctx.shutdown.is_triggered() {
+            return true;
+        }
+        let up = ctx.stream_up.as_ref().is_some_and(|f| f());
+        let left = match until {
+            Some(t) if !up => t.saturating_duration_since(Instant::now()),
+            _ => STREAM_CHECK,
+        };
+        if !up && left.is_zero() {
+            return false;
+        }
+        let step = if up {
+            STREAM_CHECK
+        } else {
+            left.min(STREAM_CHECK)
+        };
+        match wake.recv_timeout(step) {
+            Ok(()) => return ctx.shutdown.is_triggered(),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return ctx.shutdown.wait_timeout(step),
         }
     }
 }
@@ -261,7 +365,8 @@ pub fn text_of(row: &Value) -> String {
 
 fn run_backend(ctx: &Context, row: &Value, id: &str, attempt: u32) -> Result<(), BackendError> {
     let s = |k: &str| row.get(k).and_then(Value::as_str).map(str::to_string);
-    let text = text_of(row);
+    let short = text_of(row);
+    let text = ctx.hints.take_for(row, &short).unwrap_or(short);
     let req = Request {
         workspace_id: ctx.client.workspace_id().to_string(),
         api_url: ctx.client.api_url().to_string(),
@@ -308,6 +413,27 @@ mod tests {
         assert_eq!(text_of(&r), "b: c");
         assert_eq!(text_of(&json!({"summary": "Broadcast from x: hi"})), "hi");
         assert_eq!(text_of(&json!({"summary": "odd"})), "odd");
+    }
+
+    #[test]
+    fn hints_give_the_full_text_of_the_matching_row() {
+        let (h, _rx) = hint_channel(&Shutdown::new());
+        let long = format!("{} and the rest", "x".repeat(120));
+        h.seen(&json!({"message": long, "sender": "a", "sender_id": "s1"}));
+        h.seen(&json!({"message": "short one", "sender": "a", "sender_id": "s1"}));
+        let row = |summary: &str| json!({"source_id": "s1", "summary": summary, "peer_name": "a"});
+        let cut = format!("Broadcast from a: {}…", "x".repeat(120));
+        assert_eq!(
+            h.take_for(&row(&cut), &text_of(&row(&cut))).as_deref(),
+            Some(long.as_str())
+        );
+        let other = json!({"source_id": "s2", "summary": "Broadcast from b: short one"});
+        assert_eq!(h.take_for(&other, "short one"), None, "another sender");
+        assert_eq!(
+            h.take_for(&row("x"), "short one").as_deref(),
+            Some("short one")
+        );
+        assert_eq!(h.take_for(&row("x"), "short one"), None, "used once");
     }
 
     #[test]

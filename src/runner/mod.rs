@@ -530,6 +530,7 @@ fn run_connected(
         }
     };
 
+    let (broadcast_hints, broadcast_wake) = broadcasts::hint_channel(shutdown);
     if let Some(saved) = broadcast_saved {
         let bctx = broadcasts::Context {
             client: client.clone(),
@@ -541,13 +542,15 @@ fn run_connected(
             since_secs: cfg.since_secs,
             concurrency: cfg.concurrency,
             path: broadcast_path,
+            hints: broadcast_hints.clone(),
+            stream_up: None,
         };
         let (shutdown, done) = (shutdown.clone(), done_tx.clone());
         threads.push(spawn("broadcasts", move || {
             let _guard = ThreadGuard::new(&shutdown, "broadcasts");
             let _done = DoneOnDrop(done, "broadcasts");
             debug_panic_hook("broadcasts");
-            broadcasts::run(bctx, saved);
+            broadcasts::run(bctx, saved, broadcast_wake);
         })?);
     }
 
