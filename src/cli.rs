@@ -1201,9 +1201,11 @@ Options:
                            0 = off                                            [default: 30]
   --delegations-capacity N delivered delegation ids remembered across restarts (oldest
                            forgotten first; at least 64)                    [default: 1024]
-  --broadcasts-secs SECS   look for broadcasts to the org every SECS; each is handed to
-                           the backend once (MOLECULE_ORIGIN=broadcast, the text cut
-                           at 120 characters by the platform) and never answered;
+  --broadcasts-secs SECS   broadcasts to the org: each is handed to the backend once
+                           (MOLECULE_ORIGIN=broadcast) and never answered. With the
+                           event stream up they are read when their event arrives
+                           (full text) and cost nothing while idle; otherwise every
+                           SECS (text cut at 120 characters by the platform);
                            0 = off                                            [default: 60]
   --card-file FILE         a JSON agent card (object) sent on register instead of the
                            built-in one (name, description, skills...; url is removed,

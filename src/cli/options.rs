@@ -223,7 +223,7 @@ const CONNECT: &[Opt] = &[
     value(
         "broadcasts-secs",
         "SECS",
-        "look for broadcasts to the org every SECS; 0 = off",
+        "without the event stream, look for broadcasts every SECS; 0 = off",
     ),
     path(
         "workspaces",

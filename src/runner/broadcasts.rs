@@ -228,11 +228,16 @@ pub fn run(ctx: Context, mut saved: Saved, wake: Receiver<()>) {
 /// skipped (a broadcast comes with its event). `true` = stop requested.
 fn wait_for_hint(ctx: &Context, wake: &Receiver<()>, d: Duration) -> bool {
     let until = Instant::now().checked_add(d);
+    let was_up = ctx.stream_up.as_ref().is_some_and(|f| f());
     loop {
         if ctx.shutdown.is_triggered() {
             return true;
         }
         let up = ctx.stream_up.as_ref().is_some_and(|f| f());
+        if up && !was_up {
+            // The stream is back: what arrived while it was down had no event.
+            return false;
+        }
         let left = match until {
             Some(t) if !up => t.saturating_duration_since(Instant::now()),
             _ => STREAM_CHECK,

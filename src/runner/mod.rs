@@ -530,6 +530,9 @@ fn run_connected(
         }
     };
 
+    let wake_state = wake::WakeState::new(if cfg.once { WakeMode::Poll } else { cfg.wake });
+    // A cron run drains and exits: an event stream would only add a request.
+    let events_on = cfg.wake != WakeMode::Poll && !cfg.once;
     let (broadcast_hints, broadcast_wake) = broadcasts::hint_channel(shutdown);
     if let Some(saved) = broadcast_saved {
         let bctx = broadcasts::Context {
@@ -543,7 +546,10 @@ fn run_connected(
             concurrency: cfg.concurrency,
             path: broadcast_path,
             hints: broadcast_hints.clone(),
-            stream_up: None,
+            stream_up: events_on.then(|| {
+                let state = wake_state.clone();
+                Arc::new(move || state.stream_up()) as Arc<dyn Fn() -> bool + Send + Sync>
+            }),
         };
         let (shutdown, done) = (shutdown.clone(), done_tx.clone());
         threads.push(spawn("broadcasts", move || {
@@ -598,9 +604,7 @@ fn run_connected(
             }
         })?);
     }
-    let wake_state = wake::WakeState::new(if cfg.once { WakeMode::Poll } else { cfg.wake });
-    // A cron run drains and exits: an event stream would only add a request.
-    if cfg.wake != WakeMode::Poll && !cfg.once {
+    if events_on {
         let settings = wake::Settings {
             mode: cfg.wake,
             silence: cfg.heartbeat_every.saturating_mul(2),
@@ -609,12 +613,18 @@ fn run_connected(
         };
         let (client, state, hints) = (client.clone(), wake_state.clone(), events_tx.clone());
         let tracker = delegation_wake.clone();
+        let broadcasts = (!cfg.broadcasts_every.is_zero()).then(|| broadcast_hints.clone());
         let (shutdown, done) = (shutdown.clone(), done_tx.clone());
         threads.push(spawn("events", move || {
             let _guard = ThreadGuard::new(&shutdown, "events");
             let _done = DoneOnDrop(done, "events");
             debug_panic_hook("events");
-            wake::run(client, settings, state, hints, tracker, shutdown.clone());
+            let wakes = wake::Wakes {
+                poll: hints,
+                tracker,
+                broadcasts,
+            };
+            wake::run(client, settings, state, wakes, shutdown.clone());
         })?);
     }
     drop(events_tx);

@@ -127,15 +127,29 @@ pub struct Settings {
     pub safety_poll: Duration,
 }
 
+/// Who the event thread wakes.
+pub struct Wakes {
+    /// The poll thread (an inbox row was logged).
+    pub poll: Sender<poll::Event>,
+    /// The delegation tracker (a delegation of ours finished).
+    pub tracker: Option<Waker>,
+    /// The broadcast thread (a broadcast arrived, with its full text).
+    pub broadcasts: Option<super::broadcasts::Hints>,
+}
+
 /// The event thread: runs until shutdown.
 pub fn run(
     client: Client,
     settings: Settings,
     state: Arc<WakeState>,
-    poll_wake: Sender<poll::Event>,
-    tracker_wake: Option<Waker>,
+    wakes: Wakes,
     shutdown: Shutdown,
 ) {
+    let Wakes {
+        poll: poll_wake,
+        tracker: tracker_wake,
+        broadcasts,
+    } = wakes;
     let hint = || {
         let _ = poll_wake.send(poll::Event::Hint(Instant::now()));
     };
@@ -160,7 +174,14 @@ pub fn run(
                 ever_connected = true;
                 // Whatever arrived while we were not listening.
                 hint();
-                let end = listen(stream, &settings, &state, &hint, tracker_wake.as_ref());
+                let end = listen(
+                    stream,
+                    &settings,
+                    &state,
+                    &hint,
+                    tracker_wake.as_ref(),
+                    broadcasts.as_ref(),
+                );
                 if end == End::Stopped {
                     return;
                 }
@@ -239,6 +260,7 @@ fn listen(
     state: &WakeState,
     hint: &dyn Fn(),
     tracker_wake: Option<&Waker>,
+    broadcasts: Option<&super::broadcasts::Hints>,
 ) -> End {
     stream = stream.with_silence_limit(settings.silence);
     loop {
@@ -253,6 +275,12 @@ fn listen(
                     && let Some(w) = tracker_wake
                 {
                     w.wake();
+                }
+                // The only place a broadcast's full text exists (§API-2.20).
+                if ev.kind == "BROADCAST_MESSAGE"
+                    && let Some(b) = broadcasts
+                {
+                    b.seen(&ev.data);
                 }
             }
             Err(end) => return end,

@@ -873,3 +873,76 @@ fn broadcast_delivered_once_across_a_restart() {
         "broadcasts are never answered"
     );
 }
+
+/// Broadcast looks the connector made (`GET /activity?type=broadcast_receive`).
+fn broadcast_looks(emu: &Emulator) -> usize {
+    emu.get("/_admin/stats")["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["query"]
+                .as_str()
+                .unwrap_or("")
+                .contains("type=broadcast_receive")
+        })
+        .count()
+}
+
+#[test]
+fn broadcast_full_text_from_the_event_stream_and_no_idle_looks() {
+    let emu = Emulator::start();
+    let (root, child) = family(&emu);
+    emu.post(
+        &format!("/_admin/workspaces/{}/abilities", root.ws.id),
+        json!({"broadcast_enabled": true}),
+    );
+    let dir = Arc::new(TempDir::new());
+    let (cmd, log) = recorder(&dir);
+    let c = Connector::start(
+        &emu,
+        &child.ws,
+        &dir,
+        &[
+            "--backend",
+            "exec",
+            "--backend-opt",
+            &cmd,
+            "--broadcasts-secs",
+            "1",
+            "--wake",
+            "auto",
+        ],
+    );
+    // Connected and looked once at start.
+    wait_until(WAIT, "the first broadcast look", &c, || {
+        (broadcast_looks(&emu) >= 1).then_some(())
+    });
+    wait_until(WAIT, "the event stream", &c, || {
+        c.stderr().contains("event stream connected").then_some(())
+    });
+    // Idle with the stream up: heartbeats go by (1 s each), no further look (after
+    // the one the connection itself may cause).
+    let beats = |emu: &Emulator| emu.heartbeats(&child.ws.id)["count"].as_u64().unwrap();
+    let after = |n: u64| {
+        wait_until(WAIT, "more heartbeats", &c, || {
+            (beats(&emu) >= n).then_some(())
+        });
+    };
+    after(beats(&emu) + 3);
+    let looks = broadcast_looks(&emu);
+    after(beats(&emu) + 3);
+    assert_eq!(
+        broadcast_looks(&emu),
+        looks,
+        "a look while idle with the stream up"
+    );
+    // A long broadcast arrives whole (the row's summary is cut at 120 characters).
+    let long = format!("release notes: {}", "word ".repeat(40).trim_end());
+    assert_eq!(root.run(&["broadcast", &long]).code, 0);
+    let seen = wait_until(WAIT, "the broadcast at the backend", &c, || {
+        let l = lines(&log);
+        (!l.is_empty()).then_some(l)
+    });
+    assert_eq!(seen, [format!("broadcast||[]|{long}")]);
+}
