@@ -75,6 +75,20 @@ fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// The human answers request `rid` on the canvas (the human route; without an admin
+/// token any live workspace token may use it).
+fn human_answers(emu: &Emulator, any: &Agent, rid: &str, action: &str) {
+    let path = format!("/requests/{rid}/respond");
+    let (s, v) = call(
+        emu,
+        &any.ws.token,
+        "POST",
+        &path,
+        Some(json!({"action": action})),
+    );
+    assert_eq!(s, 200, "{v}");
+}
+
 fn requests_of(emu: &Emulator) -> Vec<Value> {
     emu.get("/_admin/requests")["requests"]
         .as_array()
@@ -298,14 +312,7 @@ fn ask_wait_approved_and_rejected() {
         Some(json!({"body": "which region?", "author_type": "human"})),
     );
     assert_eq!(s, 201);
-    let (s, _) = call(
-        &emu,
-        &root.ws.token,
-        "POST",
-        &format!("/requests/{rid}/respond"),
-        Some(json!({"action": "approved"})),
-    );
-    assert_eq!(s, 200);
+    human_answers(&emu, &root, &rid, "approved");
     let o = finish(waiting);
     assert_eq!(o.code, 0, "{o:?}");
     let v = o.json();
@@ -322,14 +329,7 @@ fn ask_wait_approved_and_rejected() {
             .find(|r| r["id"] != rid.as_str())
             .and_then(|r| r["id"].as_str().map(str::to_string))
     });
-    let (s, _) = call(
-        &emu,
-        &root.ws.token,
-        "POST",
-        &format!("/requests/{rid2}/respond"),
-        Some(json!({"action": "rejected"})),
-    );
-    assert_eq!(s, 200);
+    human_answers(&emu, &root, &rid2, "rejected");
     let o = finish(waiting);
     let f = o.json_failure(1, "was rejected");
     assert_eq!(f["status"], "rejected");
@@ -342,14 +342,7 @@ fn ask_wait_reads_the_status_without_an_event_stream() {
     let (root, child) = family(&emu);
     let waiting = ask_wait(&child, &[]);
     let rid = pending_request(&emu);
-    let (s, _) = call(
-        &emu,
-        &root.ws.token,
-        "POST",
-        &format!("/requests/{rid}/respond"),
-        Some(json!({"action": "approved"})),
-    );
-    assert_eq!(s, 200);
+    human_answers(&emu, &root, &rid, "approved");
     let o = finish(waiting);
     assert_eq!(o.code, 0, "{o:?}");
     assert_eq!(o.json()["status"], "approved");
@@ -456,14 +449,7 @@ fn answer_turn_reaches_the_backend_and_is_never_notified() {
     let (cmd, log) = recorder(&dir);
     let o = child.run(&["ask", "Deploy v2", "--json"]);
     let rid = o.json()["request_id"].as_str().unwrap().to_string();
-    let (s, _) = call(
-        &emu,
-        &root.ws.token,
-        "POST",
-        &format!("/requests/{rid}/respond"),
-        Some(json!({"action": "approved"})),
-    );
-    assert_eq!(s, 200);
+    human_answers(&emu, &root, &rid, "approved");
     let c = Connector::start(
         &emu,
         &child.ws,
