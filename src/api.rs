@@ -81,6 +81,15 @@ pub enum ApiError {
         /// Parser message.
         detail: String,
     },
+    /// The platform cannot be used as configured: it redirects (the token must not
+    /// follow), its certificate does not verify, or the port does not speak TLS.
+    /// Retrying cannot help; the operator must change `--api-url` or `--ca-file`.
+    Misconfigured {
+        /// Operation.
+        op: &'static str,
+        /// What is wrong and what to do.
+        detail: String,
+    },
     /// A request we refuse to send (bad URL, body too large): our side, permanent.
     Invalid {
         /// Operation.
@@ -104,7 +113,9 @@ impl ApiError {
                 delivery_confirmed,
                 ..
             } => !delivery_confirmed && (*status == 429 || *status == 408 || *status >= 500),
-            ApiError::TooLarge { .. } | ApiError::Invalid { .. } => false,
+            ApiError::TooLarge { .. }
+            | ApiError::Invalid { .. }
+            | ApiError::Misconfigured { .. } => false,
         }
     }
 
@@ -159,7 +170,9 @@ impl fmt::Display for ApiError {
             }
             ApiError::TooLarge { op, limit } => write!(f, "{op}: answer larger than {limit} bytes"),
             ApiError::BadBody { op, detail } => write!(f, "{op}: unreadable answer: {detail}"),
-            ApiError::Invalid { op, detail } => write!(f, "{op}: {detail}"),
+            ApiError::Invalid { op, detail } | ApiError::Misconfigured { op, detail } => {
+                write!(f, "{op}: {detail}")
+            }
         }
     }
 }
@@ -216,6 +229,48 @@ pub struct ClientConfig {
     /// The agent card to register with (`connect --card-file`); `None` = the
     /// built-in one ([`crate::wire::agent_card`]).
     pub agent_card: Option<Value>,
+    /// Root certificates from `--ca-file` (a private CA). Defaults to none: the
+    /// built-in Mozilla roots.
+    pub ca_roots: Option<CaRoots>,
+}
+
+/// Root certificates read from a PEM file (`--ca-file`, `MOLECULE_CA_FILE`,
+/// `SSL_CERT_FILE`). Cheap to clone.
+#[derive(Clone)]
+pub struct CaRoots(Arc<Vec<ureq::tls::Certificate<'static>>>);
+
+impl CaRoots {
+    /// Parses every certificate in `pem`; at least one is required.
+    pub fn from_pem(pem: &[u8]) -> Result<CaRoots, String> {
+        let mut certs = Vec::new();
+        for item in ureq::tls::parse_pem(pem) {
+            match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+                Ok(_) => {}
+                Err(e) => return Err(format!("not a PEM certificate file: {e}")),
+            }
+        }
+        if certs.is_empty() {
+            return Err("no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into());
+        }
+        Ok(CaRoots(Arc::new(certs)))
+    }
+
+    /// How many certificates.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Never true: [`CaRoots::from_pem`] refuses an empty file.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for CaRoots {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CaRoots({} certificate(s))", self.0.len())
+    }
 }
 
 impl ClientConfig {
@@ -229,6 +284,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             send_timeout: Duration::from_secs(300),
             agent_card: None,
+            ca_roots: None,
         }
     }
 }
@@ -241,11 +297,19 @@ impl Transport {
     /// One agent with `cfg`'s timeouts, statuses left to us, and no redirects (the
     /// token must not follow one).
     pub fn new(cfg: &ClientConfig) -> Self {
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(roots) = &cfg.ca_roots {
+            // ureq 3 takes either its built-in roots or a list of certificates, and
+            // the built-in set holds trust anchors, not certificates: with a CA file,
+            // that file is the trust store (as with curl's --cacert).
+            tls = tls.root_certs(ureq::tls::RootCerts::Specific(roots.0.clone()));
+        }
         let config = ureq::Agent::config_builder()
             .timeout_global(Some(cfg.timeout))
             .timeout_connect(Some(cfg.connect_timeout))
             .http_status_as_error(false)
             .max_redirects(0)
+            .tls_config(tls.build())
             .user_agent(concat!("molecule/", env!("CARGO_PKG_VERSION")))
             .build();
         Transport(ureq::Agent::with_parts(
@@ -1001,10 +1065,44 @@ fn transport_error(op: &'static str, e: ureq::Error) -> ApiError {
             op,
             detail: "connection failed".into(),
         },
-        other => ApiError::Transport {
+        ureq::Error::Rustls(e) => tls_error(op, &e.to_string()),
+        ureq::Error::Tls(e) => tls_error(op, e),
+        // rustls failures usually arrive wrapped in an I/O error.
+        other => tls_error(op, &other.to_string()),
+    }
+}
+
+/// The base URL a redirect points at: the `Location` up to our API path.
+fn moved_base(location: &str) -> &str {
+    ["/registry/", "/workspaces/", "/api/"]
+        .iter()
+        .filter_map(|p| location.find(p))
+        .min()
+        .map_or(location, |i| &location[..i])
+}
+
+/// A TLS failure: a certificate that does not verify or a server that does not
+/// speak TLS is a configuration error (retrying for minutes would only hide it).
+fn tls_error(op: &'static str, detail: &str) -> ApiError {
+    if detail.contains("invalid peer certificate") || detail.contains("UnknownIssuer") {
+        ApiError::Misconfigured {
             op,
-            detail: other.to_string(),
-        },
+            detail: format!(
+                "TLS: {detail} (a private CA: pass --ca-file PATH or set MOLECULE_CA_FILE; or the host name in --api-url is not the one in the certificate)"
+            ),
+        }
+    } else if detail.contains("corrupt message") || detail.contains("InvalidContentType") {
+        ApiError::Misconfigured {
+            op,
+            detail: format!(
+                "TLS: {detail}: the server does not speak TLS on that port; is it a plain-HTTP port (http://)?"
+            ),
+        }
+    } else {
+        ApiError::Transport {
+            op,
+            detail: detail.to_string(),
+        }
     }
 }
 
@@ -1016,6 +1114,24 @@ fn check_status(op: &'static str, mut resp: Resp) -> Result<Resp, ApiError> {
     let status = resp.status().as_u16();
     if (200..300).contains(&status) {
         return Ok(resp);
+    }
+    if (300..400).contains(&status) {
+        // Never followed (the token would go along); said plainly instead.
+        let location = resp
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(|l| snippet(l.trim()))
+            .unwrap_or_default();
+        let detail = if location.is_empty() {
+            format!("HTTP {status} redirect without a Location: check --api-url")
+        } else {
+            format!(
+                "HTTP {status} redirect to {location}: the platform moved: use --api-url {} (redirects are not followed, so the token never goes to another host)",
+                moved_base(&location)
+            )
+        };
+        return Err(ApiError::Misconfigured { op, detail });
     }
     let header_retry = resp
         .headers()

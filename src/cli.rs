@@ -52,6 +52,8 @@ pub struct GlobalArgs {
     pub org_id: Option<String>,
     /// `--state-dir`.
     pub state_dir: Option<PathBuf>,
+    /// `--ca-file`.
+    pub ca_file: Option<PathBuf>,
     /// `--allow-insecure-http`.
     pub allow_insecure_http: bool,
     /// `--json`.
@@ -415,6 +417,7 @@ fn parse_global(
         "org-id" => g.org_id = Some(string(parser.value()?, "--org-id")?),
         "state-dir" => g.state_dir = Some(PathBuf::from(parser.value()?)),
         "allow-insecure-http" => g.allow_insecure_http = true,
+        "ca-file" => g.ca_file = Some(PathBuf::from(parser.value()?)),
         "json" => g.json = true,
         "verbose" => g.verbosity = g.verbosity.saturating_add(1),
         "quiet" => g.verbosity = g.verbosity.saturating_sub(1),
@@ -856,6 +859,8 @@ Global options (accepted before or after the command; flag > env > default):
   --state-dir DIR          where cursor state lives           [env MOLECULE_STATE_DIR]
                            default $XDG_CONFIG_HOME/molecule/state or ~/.config/molecule/state
   --allow-insecure-http    allow sending the token over plain http:// to a non-loopback host
+  --ca-file PATH           trust the CA certificates (PEM) in PATH (a private CA)
+                           [env MOLECULE_CA_FILE, else SSL_CERT_FILE]
   --json                   machine-readable output on stdout
   -v, --verbose            more logging (repeat for more)     [env MOLECULE_LOG=debug|info|...]
   -q, --quiet              less logging

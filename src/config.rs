@@ -76,6 +76,8 @@ pub struct Common {
     pub token: Secret,
     /// Where it came from.
     pub token_source: TokenSource,
+    /// Extra trust roots from `--ca-file` / `MOLECULE_CA_FILE` / `SSL_CERT_FILE`.
+    pub ca_roots: Option<crate::api::CaRoots>,
 }
 
 /// Everything `connect` needs, validated.
@@ -486,6 +488,7 @@ pub fn common(
     }
     let state_dir = state_dir(g, env)?;
     let (token, token_source) = resolve_token(g, token_arg, env)?;
+    let ca_roots = ca_roots(g, env)?;
     if is_plain_http(&api_url) && !is_loopback_url(&api_url) && !g.allow_insecure_http {
         return Err(ConfigError(format!(
             "refusing to send the workspace token over plain http to {api_url}: use https, or pass --allow-insecure-http for a trusted LAN platform"
@@ -497,7 +500,49 @@ pub fn common(
         state_dir,
         token,
         token_source,
+        ca_roots,
     })
+}
+
+/// Largest CA file read (a full system bundle is about 200 KB).
+const MAX_CA_FILE: u64 = 4 * 1024 * 1024;
+
+/// `--ca-file`, else `MOLECULE_CA_FILE`, else `SSL_CERT_FILE`: read and parsed at
+/// start, so a bad file is exit 2 and not a TLS error on every request.
+fn ca_roots(
+    g: &GlobalArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<crate::api::CaRoots>, ConfigError> {
+    use std::io::Read;
+    let (path, what) = match (
+        &g.ca_file,
+        non_empty(env("MOLECULE_CA_FILE")),
+        non_empty(env("SSL_CERT_FILE")),
+    ) {
+        (Some(p), _, _) => (p.clone(), "--ca-file"),
+        (None, Some(p), _) => (PathBuf::from(p), "MOLECULE_CA_FILE"),
+        (None, None, Some(p)) => (PathBuf::from(p), "SSL_CERT_FILE"),
+        (None, None, None) => return Ok(None),
+    };
+    let fail = |detail: String| ConfigError(format!("{what} {}: {detail}", path.display()));
+    let meta = std::fs::metadata(&path).map_err(|e| fail(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    let mut pem = Vec::new();
+    std::fs::File::open(&path)
+        .and_then(|f| f.take(MAX_CA_FILE + 1).read_to_end(&mut pem))
+        .map_err(|e| fail(e.to_string()))?;
+    if pem.len() as u64 > MAX_CA_FILE {
+        return Err(fail(format!("larger than {MAX_CA_FILE} bytes")));
+    }
+    let roots = crate::api::CaRoots::from_pem(&pem).map_err(fail)?;
+    log::debug!(
+        "{what}: {} CA certificate(s) from {}",
+        roots.len(),
+        path.display()
+    );
+    Ok(Some(roots))
 }
 
 fn resolve_token(

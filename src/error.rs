@@ -60,6 +60,7 @@ impl Error {
                 | StateError::Unusable { .. },
             ) => EXIT_USAGE,
             Error::State(_) => EXIT_FAILURE,
+            Error::Api(ApiError::Misconfigured { .. }) => EXIT_USAGE,
             Error::Api(e) if e.is_retryable() => EXIT_UNREACHABLE,
             Error::Api(_) => EXIT_FAILURE,
             Error::Credentials(_) => EXIT_CREDENTIALS,

@@ -204,6 +204,7 @@ impl Ctx {
 
     fn from_config(cfg: AgentConfig) -> Ctx {
         let mut client_cfg = ClientConfig::new(&cfg.common.api_url, &cfg.workspace_id);
+        client_cfg.ca_roots = cfg.common.ca_roots.clone();
         client_cfg.org_id = cfg.common.org_id.clone();
         let client = Client::new(client_cfg, cfg.common.token.clone());
         Ctx {
@@ -450,7 +451,7 @@ fn describe(ctx: &Ctx, e: ApiError) -> Failure {
             "{e}: an empty 404 usually means a wrong --org-id / MOLECULE_ORG_ID, or a URL that \
              is not the platform's"
         )),
-        ApiError::Invalid { .. } => Failure::input(e.to_string()),
+        ApiError::Invalid { .. } | ApiError::Misconfigured { .. } => Failure::input(e.to_string()),
         _ => Failure::runtime(with_hint(e.to_string())),
     };
     if let Some(s) = status {

@@ -39,6 +39,10 @@ use supervise::{Progress, Supervisor, Watched};
 
 /// After the drain timeout: time between SIGTERM and SIGKILL of the backends.
 const KILL_GRACE: Duration = Duration::from_secs(2);
+/// Once no backend runs, how long a stop waits for requests still in flight (a
+/// stalled platform must not hold the exit for a whole request timeout). State is
+/// journaled before every side effect, so leaving them is safe.
+const REQUEST_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs `molecule connect` for one workspace until a signal or a fatal error.
 pub fn connect(cfg: ConnectConfig, sup: &Supervision, out: &mut dyn Write) -> Result<(), Error> {
@@ -215,7 +219,11 @@ impl Process {
         };
         Ok(Process {
             shutdown,
-            transport: Transport::new(&ClientConfig::new("", "")),
+            // --ca-file is a global option: every workspace shares it (and one transport).
+            transport: Transport::new(&ClientConfig {
+                ca_roots: cfgs.first().and_then(|c| c.common.ca_roots.clone()),
+                ..ClientConfig::new("", "")
+            }),
             targets,
             watcher: Arc::new(Mutex::new(Some(watcher))),
             supervisor,
@@ -686,21 +694,26 @@ fn run_connected(
         cancel_all(all_runs, signal::SIGTERM);
     }
     let drain = if clean { cfg.drain_timeout } else { KILL_GRACE };
-    if wait_for_threads(done_rx, threads.len(), drain, all_runs) {
+    let busy = || RuntimeStatus::snapshot(&final_status).1 > 0;
+    let waited = wait_for_threads(done_rx, threads.len(), drain, all_runs, &busy);
+    if waited.is_ok() {
         for t in threads {
             let _ = t.join();
         }
-    } else {
-        log::warn!(
-            "a thread did not stop in time; exiting anyway (state is journaled after every message)"
-        );
+    }
+    if let Err(stop_reason) = waited {
+        if stop_reason != "forced" {
+            log::warn!(
+                "a thread did not stop in time; exiting anyway (state is journaled before every side effect)"
+            );
+        }
         // Without this the status file would still say running, and `status` would
         // call the exit a crash.
         report::record_stop(
             &cfg.common.state_dir,
             &cfg.workspace_id,
             cfg.poll_interval,
-            "forced",
+            stop_reason,
         );
         // That thread may still write the state: keep the lock until the process
         // exits, so no other connector starts on this workspace meanwhile.
@@ -746,33 +759,54 @@ fn cancel_all(handles: &[RunHandle], sig: i32) {
 }
 
 /// Waits for `n` thread-exit notices: `drain` for running backends to finish, then
-/// SIGTERM to their process groups, a grace period, SIGKILL. `false` if they did not
-/// all arrive (a thread stuck in a network call) or a second signal forced the stop.
+/// SIGTERM to their process groups, a grace period, SIGKILL. With no backend running
+/// only [`REQUEST_GRACE`] is given to threads stuck in a request. `Err` (the stop
+/// reason for the status file) if they did not all arrive or a second signal forced
+/// the stop.
 fn wait_for_threads(
     done: &mpsc::Receiver<&'static str>,
     n: usize,
     drain: Duration,
     run: &[RunHandle],
-) -> bool {
+    busy: &dyn Fn() -> bool,
+) -> Result<(), &'static str> {
     let mut remaining = n;
     let phases = [
         (drain, Some(signal::SIGTERM)),
         (KILL_GRACE, Some(signal::SIGKILL)),
         (KILL_GRACE, None),
     ];
-    for (wait, then_send) in phases {
-        let deadline = Instant::now()
+    for (i, (wait, then_send)) in phases.into_iter().enumerate() {
+        let mut deadline = Instant::now()
             .checked_add(wait)
             .unwrap_or_else(Instant::now);
+        let mut graced = false;
         while remaining > 0 {
-            match done.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok("forced") => return false,
+            // The drain is for backends; with none running, threads stuck in a
+            // request get a short grace, not the rest of the drain.
+            if i == 0 && !graced && !busy() {
+                graced = true;
+                deadline = deadline.min(Instant::now() + REQUEST_GRACE);
+            }
+            let tick = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(200));
+            match done.recv_timeout(tick) {
+                Ok("forced") => return Err("forced"),
                 Ok(_) => remaining -= 1,
-                Err(_) => break,
+                Err(_) if Instant::now() >= deadline => break,
+                Err(_) => {}
             }
         }
         if remaining == 0 {
-            return true;
+            return Ok(());
+        }
+        if i == 0 && graced && !busy() {
+            log::warn!(
+                "requests still in flight after {}s; not waiting for them",
+                REQUEST_GRACE.as_secs()
+            );
+            return Err("signal (requests in flight abandoned)");
         }
         if let Some(sig) = then_send {
             log::warn!(
@@ -786,7 +820,7 @@ fn wait_for_threads(
             cancel_all(run, sig);
         }
     }
-    false
+    Err("forced (a thread did not stop in time)")
 }
 
 /// Sends the thread's name when it ends, panic or not.

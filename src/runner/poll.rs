@@ -554,7 +554,7 @@ impl Poller {
                 }
                 let full = rows.len() >= limit as usize;
                 if !matches!(since, Since::Cursor(_)) && (full || self.scan.is_some()) {
-                    return self.scan_window(rows, full, secs);
+                    return self.scan_window(rows, full, secs, limit);
                 }
                 if !matches!(since, Since::Cursor(_)) {
                     // Without a cursor the page is newest first (§API-4.2).
@@ -608,7 +608,7 @@ impl Poller {
     /// `(created_at, seq)` order loses nothing at a page boundary. Each
     /// `before_ts` is one microsecond after the page's oldest row, so rows sharing
     /// its timestamp come again (and are recognised) rather than being skipped.
-    fn scan_window(&mut self, rows: Vec<Value>, full: bool, secs: u64) -> Fetched {
+    fn scan_window(&mut self, rows: Vec<Value>, full: bool, secs: u64, limit: u32) -> Fetched {
         self.caught_up = false;
         let previous = self.scan.take();
         let oldest = rows
@@ -628,31 +628,45 @@ impl Poller {
             let same = previous
                 .as_ref()
                 .is_some_and(|p| p.oldest.get("id") == oldest.get("id"));
+            let stepped = previous.as_ref().is_some_and(|p| p.stepped);
             let before = created.and_then(crate::timestamp::parse_rfc3339).map(|us| {
                 // No progress means a whole page shares one timestamp: step past it.
                 let us = if same { us } else { us.saturating_add(1) };
                 crate::timestamp::rfc3339(us)
             });
-            if let Some(before) = before {
-                if same {
-                    log::warn!(
-                        "more than a page of rows share the timestamp {}; some of them may be skipped",
-                        created.unwrap_or("")
-                    );
+            match before {
+                // Stepping past the timestamp did not help either: the platform
+                // ignores before_ts. Go on forward from here.
+                Some(_) if same && stepped => log::warn!(
+                    "the platform ignores before_ts: older rows in the last {secs}s window are skipped"
+                ),
+                Some(before) => {
+                    if same {
+                        log::warn!(
+                            "more than a page of rows share the timestamp {}; some of them may be skipped",
+                            created.unwrap_or("")
+                        );
+                    }
+                    self.scan = Some(WindowScan {
+                        before,
+                        oldest,
+                        stepped: same,
+                    });
+                    return Fetched::More;
                 }
-                self.scan = Some(WindowScan { before, oldest });
-                return Fetched::More;
+                None => log::warn!(
+                    "row without a usable created_at: older rows in the last {secs}s window are skipped"
+                ),
             }
-            log::warn!(
-                "row without a usable created_at: older rows in the last {secs}s window are skipped"
-            );
         }
         // The window's oldest row: handle it, then page forward from it.
         let before = self.fetch_from.clone();
         self.take_page(vec![oldest]);
         if self.fetch_from == before {
             log::warn!("the oldest row of the window has no usable id: older rows are skipped");
+            return self.stuck_full_page(limit);
         }
+        self.stuck_pages = 0;
         Fetched::More
     }
 
@@ -807,6 +821,12 @@ impl Poller {
     /// online is the Go connector's half-dead state (§API-5.8), so it ends the process
     /// with an exit code the supervisor will not restart-loop on.
     fn give_up(&self, e: &ApiError) -> Option<StopReason> {
+        if matches!(e, ApiError::Misconfigured { .. }) {
+            return Some(StopReason::Fatal {
+                code: EXIT_USAGE,
+                message: e.to_string(),
+            });
+        }
         if self.settings.once && self.failures >= ONCE_POLL_ATTEMPTS {
             return Some(StopReason::Fatal {
                 code: EXIT_UNREACHABLE,
@@ -861,6 +881,8 @@ struct WindowScan {
     before: String,
     /// The oldest row seen so far.
     oldest: Value,
+    /// `before` already steps past a timestamp a whole page shared.
+    stepped: bool,
 }
 
 /// What has been acked, and when.

@@ -402,3 +402,350 @@ fn token_files_are_read_carefully() {
     assert!(err.contains("byte-order mark"), "{err}");
     assert!(err.contains("readable by group or others"), "{err}");
 }
+
+use crate::support::hostile::{Answer, Hostile};
+
+const REGISTERED: &str = r#"{"status":"registered","delivery_mode":"poll"}"#;
+
+/// `molecule connect` against a hostile server, with a token file in `dir`.
+fn connect_to(url: &str, dir: &TempDir, extra: &[&str]) -> std::process::Child {
+    let tok = dir.path().join("token");
+    write_secret(&tok, "t0k3n");
+    molecule()
+        .args(["connect", PEER, "--api-url", url, "--backend", "mock", "-v"])
+        .arg("--token-file")
+        .arg(&tok)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn redirects_are_reported_with_their_location_and_exit_2() {
+    let server = Hostile::start(|_, path| {
+        Answer::Json(
+            301,
+            vec![("location", format!("https://moved.example{path}"))],
+            String::new(),
+        )
+    });
+    let dir = TempDir::new();
+    let out = connect_to(&server.url, &dir, &[])
+        .wait_with_output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("the platform moved: use --api-url https://moved.example"),
+        "{err}"
+    );
+    // One register, never re-tried in a loop, never followed.
+    assert_eq!(server.seen().len(), 1, "{:?}", server.seen());
+    let (code, _, err) = run(&[
+        "info",
+        "--api-url",
+        &server.url,
+        "--workspace",
+        PEER,
+        "--token-file",
+        dir.path().join("token").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("HTTP 301 redirect to https://moved.example/workspaces/"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sigterm_stops_on_time_when_the_platform_drips() {
+    let server = Hostile::start(|_, path| {
+        if path.starts_with("/registry/register") {
+            Answer::Json(200, vec![], REGISTERED.into())
+        } else if path.starts_with("/registry/heartbeat") {
+            Answer::Json(200, vec![], "{}".into())
+        } else {
+            Answer::Drip(1 << 20)
+        }
+    });
+    let dir = TempDir::new();
+    let mut child = connect_to(&server.url, &dir, &["--drain-timeout", "30"]);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !server.seen().iter().any(|r| r.contains("/activity")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no poll: {:?}",
+            server.seen()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // Failure bound only: far below the 30 s drain and the 30 s request timeout.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(!err.contains("waiting up to"), "no backend ran: {err}");
+    assert!(err.contains("not waiting for them"), "{err}");
+}
+
+#[test]
+fn once_gives_up_on_full_pages_that_never_move_the_cursor() {
+    let page = |n: usize| {
+        let rows: Vec<Value> = (0..n)
+            .map(|i| {
+                json!({"id": format!("00000000-0000-4000-8000-{i:012}"), "activity_type": "a2a_receive",
+                       "method": "notify", "source_id": null, "created_at": "2026-01-01T00:00:00Z"})
+            })
+            .collect();
+        Value::Array(rows).to_string()
+    };
+    let server = Hostile::start(move |_, path| {
+        if path.starts_with("/registry/register") {
+            Answer::Json(200, vec![], REGISTERED.into())
+        } else if path.starts_with("/registry/heartbeat") {
+            Answer::Json(200, vec![], "{}".into())
+        } else {
+            // A full page of the same rows whatever the cursor.
+            let limit = path
+                .split(['?', '&'])
+                .find_map(|kv| kv.strip_prefix("limit="))
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(100);
+            Answer::Json(200, vec![], page(limit))
+        }
+    });
+    let dir = TempDir::new();
+    let out = connect_to(&server.url, &dir, &["--once", "--interval-ms", "50"])
+        .wait_with_output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains("do not move the cursor"), "{err}");
+}
+
+#[test]
+fn a_private_ca_works_with_ca_file_and_bad_certificates_are_exit_2() {
+    let dir = TempDir::new();
+    let d = dir.path();
+    let openssl = |args: &[&str]| {
+        Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    std::fs::write(
+        d.join("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let made = openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Test CA",
+    ]) && openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]) && openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ]);
+    if !made {
+        eprintln!("skipping the private-CA test: openssl is not available");
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new("openssl")
+        .args([
+            "s_server",
+            "-quiet",
+            "-www",
+            "-accept",
+            &port.to_string(),
+            "-cert",
+            "leaf.pem",
+            "-key",
+            "leaf.key",
+        ])
+        .current_dir(d)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("https://127.0.0.1:{port}");
+    let tok = d.join("token");
+    write_secret(&tok, "t0k3n");
+    let info = |extra: &[&str], env: &[(&str, &str)]| {
+        let out = molecule()
+            .args([
+                "info",
+                "--api-url",
+                &url,
+                "--workspace",
+                PEER,
+                "--token-file",
+            ])
+            .arg(&tok)
+            .args(extra)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Wait until the server answers the handshake at all.
+    let deadline = std::time::Instant::now() + WAIT;
+    let (code, err) = loop {
+        let r = info(&[], &[]);
+        if r.1.contains("certificate") || std::time::Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--ca-file"), "{err}");
+    // With the CA the handshake succeeds; the answer is s_server's HTML, not JSON.
+    let ca = d.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    for (extra, env) in [
+        (&["--ca-file", ca][..], &[][..]),
+        (&[], &[("MOLECULE_CA_FILE", ca)]),
+        (&[], &[("SSL_CERT_FILE", ca)]),
+    ] {
+        let (code, err) = info(extra, env);
+        assert_eq!(code, Some(1), "{extra:?} {env:?}: {err}");
+        assert!(err.contains("unreadable answer"), "{err}");
+    }
+    // The wrong host name is a configuration error too.
+    let out = molecule()
+        .args([
+            "info",
+            "--api-url",
+            &format!("https://localhost:{port}"),
+            "--workspace",
+            PEER,
+        ])
+        .arg("--token-file")
+        .arg(&tok)
+        .args(["--ca-file", ca])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not valid for name"));
+    let _ = server.kill();
+    let _ = server.wait();
+    // An https:// URL on a plain-HTTP port says so.
+    let emu = Emulator::start();
+    let plain = emu.url.replace("http://", "https://");
+    let out = molecule()
+        .args([
+            "info",
+            "--api-url",
+            &plain,
+            "--workspace",
+            PEER,
+            "--token-file",
+        ])
+        .arg(&tok)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("plain-HTTP port"), "{err}");
+}
+
+#[test]
+fn after_a_forced_stop_status_says_forced() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let mut c = Connector::start(
+        &emu,
+        &a,
+        &dir,
+        &["--backend", "exec", "--backend-opt", "cmd=sleep 1000"],
+    );
+    emu.say(&a.id, Some(&b.id), "take your time");
+    wait_until(WAIT, "the backend to run", &c, || {
+        status_doc(&c).filter(|d| d["active_tasks"] == 1)
+    });
+    c.signal("TERM");
+    wait_until(WAIT, "the stop to begin", &c, || {
+        c.stderr().contains("running backend").then_some(())
+    });
+    c.signal("TERM");
+    c.wait_exit(WAIT);
+    let (code, out, err) = run(&[
+        "status",
+        "--workspace",
+        &a.id,
+        "--state-dir",
+        dir.path().join("state").to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        format!("{out}{err}").contains("stopped (forced)"),
+        "{out}{err}"
+    );
+}

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+pub mod hostile;
+
 pub mod a2a_schema;
 
 /// Default bound for "this should happen": generous, only hit when a test fails.
