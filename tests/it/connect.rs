@@ -685,7 +685,14 @@ fn crash_with_a_slow_message_in_flight_loses_nothing() {
     let got = wait_received(&emu, &slow_peer, 1, &c2);
     assert_eq!(texts(&got), ["echo: slow"]);
     emu.wait_polls(3, &c2);
-    assert_eq!(emu.received(&fast_peer).len(), 1, "{}", c2.stderr());
+    // A kill between posting the fast reply and journaling it re-posts it with the
+    // same messageId, which the platform drops (marked duplicate): still one answer.
+    let fresh = emu
+        .received(&fast_peer)
+        .into_iter()
+        .filter(|m| m["duplicate"] != true)
+        .count();
+    assert_eq!(fresh, 1, "{}", c2.stderr());
 }
 
 #[test]
@@ -725,6 +732,10 @@ fn sigterm_lets_a_running_backend_finish_and_a_second_signal_forces() {
         started.exists().then_some(())
     });
     c.signal("TERM");
+    // Two signals sent back to back can merge into one in the kernel.
+    wait_until(WAIT, "the first signal", &c, || {
+        c.stderr().contains("signal received").then_some(())
+    });
     c.signal("TERM");
     let status = c.wait_exit(WAIT);
     assert_eq!(status.code(), Some(0), "{}", c.stderr());
