@@ -106,6 +106,11 @@ pub const GLOBAL: &[Opt] = &[
         "allow-insecure-http",
         "allow sending the token over plain http:// to a non-loopback host",
     ),
+    path(
+        "ca-file",
+        "PATH",
+        "trust the CA certificates (PEM) in PATH [env MOLECULE_CA_FILE, else SSL_CERT_FILE]",
+    ),
     flag("json", "machine-readable output on stdout"),
     Opt {
         long: "verbose",
