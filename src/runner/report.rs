@@ -200,14 +200,17 @@ impl Reporter {
 /// process's poll thread already wrote its own final status (which has the counters).
 pub fn record_stop(dir: &Path, workspace_id: &str, poll_interval: Duration, reason: &str) {
     let path = status_path(dir, workspace_id);
-    let already = std::fs::read(&path)
-        .ok()
-        .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
-        .is_some_and(|v| {
-            v.get("state").and_then(serde_json::Value::as_str) == Some("stopped")
-                && v.get("pid").and_then(serde_json::Value::as_u64)
-                    == Some(u64::from(std::process::id()))
-        });
+    // A forced stop overrides whatever the poll thread managed to write.
+    let forced = reason.starts_with("forced");
+    let already = !forced
+        && std::fs::read(&path)
+            .ok()
+            .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
+            .is_some_and(|v| {
+                v.get("state").and_then(serde_json::Value::as_str) == Some("stopped")
+                    && v.get("pid").and_then(serde_json::Value::as_u64)
+                        == Some(u64::from(std::process::id()))
+            });
     if already {
         return;
     }
