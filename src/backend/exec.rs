@@ -229,7 +229,9 @@ impl ExecBackend {
         for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
             c.env_remove(var);
         }
-        let opt = |o: &Option<String>| o.clone().unwrap_or_default();
+        // Values come from the platform: a NUL byte cannot go into the environment
+        // (the spawn would fail), so it is dropped rather than failing the message.
+        let opt = |o: &Option<String>| env_safe(o.as_deref().unwrap_or_default());
         c.env("MOLECULE_WORKSPACE_ID", &req.workspace_id)
             .env("MOLECULE_API_URL", &req.api_url)
             .env("MOLECULE_CALLER_ID", opt(&req.caller_id))
@@ -237,7 +239,7 @@ impl ExecBackend {
             .env("MOLECULE_CALLER_ROLE", opt(&req.caller_role))
             .env("MOLECULE_ORIGIN", req.origin.as_str())
             .env("MOLECULE_MESSAGE_ID", opt(&req.message_id))
-            .env("MOLECULE_ACTIVITY_ID", &req.activity_id)
+            .env("MOLECULE_ACTIVITY_ID", env_safe(&req.activity_id))
             .env("MOLECULE_CONTEXT_ID", opt(&req.context_id))
             .env("MOLECULE_ATTEMPT", req.attempt.to_string())
             .env(
@@ -245,13 +247,17 @@ impl ExecBackend {
                 serde_json::Value::from(req.attachments.clone()).to_string(),
             );
         if let Some(rid) = &req.request_id {
-            c.env("MOLECULE_REQUEST_ID", rid);
+            c.env("MOLECULE_REQUEST_ID", env_safe(rid));
         }
         if self.settings.pass_meta {
             c.env("MOLECULE_TASK_ID", opt(&req.task_id))
-                .env("MOLECULE_METHOD", &req.method);
+                .env("MOLECULE_METHOD", env_safe(&req.method));
         }
-        c.envs(&req.extra_env);
+        for (k, v) in &req.extra_env {
+            if !k.is_empty() && !k.contains(['\0', '=']) {
+                c.env(k, env_safe(v));
+            }
+        }
         c
     }
 
@@ -270,10 +276,14 @@ impl ExecBackend {
     /// Starts the command and collects its result; `guard` cleans up on every path.
     fn run(&self, req: &Request, guard: &mut GroupGuard<'_>) -> Result<Outcome, BackendError> {
         let input = self.input(req);
-        let mut child = self
-            .command(req)
-            .spawn()
-            .map_err(|e| BackendError::Spawn(format!("{SHELL}: {e}")))?;
+        let mut child = self.command(req).spawn().map_err(|e| {
+            let program = self
+                .argv
+                .as_deref()
+                .and_then(<[String]>::first)
+                .map_or(SHELL, String::as_str);
+            BackendError::Spawn(format!("{program}: {e}"))
+        })?;
         let pgid = child.id();
         guard.pgid = Some(pgid);
         if !guard.handle.started(pgid) {
@@ -311,7 +321,11 @@ impl ExecBackend {
                     self.settings.max_output,
                 );
                 helpers.push(spawn("exec-stdout", move || {
-                    read_capped(stdout, cap, &buf);
+                    if read_capped(stdout, cap, &buf) {
+                        // Past max_output the reply is lost anyway: end the command
+                        // now instead of letting it run (`yes`) until the timeout.
+                        let _ = kill_process_group(pgid, SIGKILL);
+                    }
                     drop(tx);
                 })?);
             }
@@ -360,6 +374,12 @@ impl ExecBackend {
 
         if guard.handle.is_cancelled() {
             return Err(BackendError::Cancelled);
+        }
+        if stdout.overflowed {
+            return Err(BackendError::BadOutput(format!(
+                "output too large: more than max_output {} bytes",
+                self.settings.max_output
+            )));
         }
         if timed_out {
             return Err(BackendError::Timeout {
@@ -548,28 +568,31 @@ struct Capture {
     overflowed: bool,
 }
 
-/// Reads to EOF keeping at most `cap` bytes. Past the cap it keeps reading and
-/// discarding, so the command doesn't block on a full pipe.
-fn read_capped(mut r: impl Read, cap: usize, out: &Mutex<Capture>) {
+/// Reads to EOF keeping at most `cap` bytes; `true` (and it stops reading) as soon
+/// as more than `cap` arrived.
+fn read_capped(mut r: impl Read, cap: usize, out: &Mutex<Capture>) -> bool {
     let mut chunk = [0u8; CHUNK];
     loop {
         let n = match r.read(&mut chunk) {
-            Ok(0) => return,
+            Ok(0) => return false,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
+            Err(_) => return false,
         };
         let mut c = out.lock().unwrap_or_else(PoisonError::into_inner);
-        if c.overflowed {
-            continue;
-        }
         if c.buf.len().saturating_add(n) > cap {
             c.overflowed = true;
             c.buf = Vec::new();
+            return true;
         } else {
             c.buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
         }
     }
+}
+
+/// `s` without NUL bytes, which an environment value cannot hold.
+fn env_safe(s: &str) -> String {
+    s.replace('\0', "")
 }
 
 /// Reads to EOF keeping only the last `keep` bytes.
@@ -1187,11 +1210,35 @@ mod tests {
     }
 
     #[test]
+    fn nul_bytes_from_the_platform_never_fail_the_start() {
+        let b = exec(&[("cmd", "printf %s \"$MOLECULE_MESSAGE_ID\"")]);
+        let mut r = req("x");
+        r.message_id = Some("m-\u{0}1".into());
+        r.activity_id = "act\u{0}".into();
+        let mut g = GroupGuard {
+            pgid: None,
+            handle: &RunHandle::new(),
+        };
+        assert_eq!(reply_text(b.run(&r, &mut g)), "m-1");
+    }
+
+    #[test]
+    fn a_start_failure_names_the_real_program() {
+        let b = exec(&[("cmd", "/nonexistent/my-agent.sh")]);
+        match run(&b, "x") {
+            Err(BackendError::Spawn(m)) => {
+                assert!(m.starts_with("/nonexistent/my-agent.sh:"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn output_limits() {
         let b = exec(&[("cmd", "printf '%020d' 0"), ("max_output", "10")]);
         match run(&b, "x") {
             Err(BackendError::BadOutput(m)) => {
-                assert_eq!(m, "reply exceeds max_output 10 bytes")
+                assert_eq!(m, "output too large: more than max_output 10 bytes")
             }
             other => panic!("{other:?}"),
         }
@@ -1201,6 +1248,12 @@ mod tests {
         // Far over the cap: we keep draining so the command can finish.
         let b = exec(&[("cmd", "head -c 5000000 /dev/zero"), ("max_output", "1000")]);
         assert!(matches!(run(&b, "x"), Err(BackendError::BadOutput(_))));
+        // A command that never stops writing is ended at the cap, not at the timeout.
+        let b = exec(&[("cmd", "yes"), ("max_output", "1000"), ("timeout", "300s")]);
+        match run(&b, "x") {
+            Err(BackendError::BadOutput(m)) => assert!(m.starts_with("output too large"), "{m}"),
+            other => panic!("{other:?}"),
+        }
         let b = exec(&[("cmd", "printf 'a\\377b'")]);
         assert!(matches!(run(&b, "x"), Err(BackendError::BadOutput(m)) if m.contains("UTF-8")));
     }

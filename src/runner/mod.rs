@@ -54,6 +54,9 @@ pub fn connect(cfg: ConnectConfig, sup: &Supervision, out: &mut dyn Write) -> Re
     if cfg.dry_run {
         return write_out(out, &dry_run_summary(&cfg, backend.as_ref())?);
     }
+    // The same check as `doctor`, before any message: a command that cannot start
+    // would otherwise fail every message and tell every sender.
+    backend.check()?;
     let process = Process::start(sup, std::slice::from_ref(&cfg))?;
     let result = run_workspace(&cfg, backend, &process, Duration::ZERO);
     process.finish();
@@ -87,6 +90,14 @@ pub fn connect_many(
             text.push_str(&dry_run_summary(cfg, backend.as_ref())?);
         }
         return write_out(out, &text);
+    }
+    for (cfg, backend) in cfgs.iter().zip(&backends) {
+        backend.check().map_err(|e| {
+            Error::Config(crate::config::ConfigError(format!(
+                "workspace {}: {e}",
+                cfg.workspace_id
+            )))
+        })?;
     }
     let process = Process::start(sup, &cfgs)?;
     let seed = crate::uuid::random_u64();

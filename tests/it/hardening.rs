@@ -749,3 +749,32 @@ fn after_a_forced_stop_status_says_forced() {
         "{out}{err}"
     );
 }
+
+#[test]
+fn connect_checks_the_exec_command_before_the_first_message() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    emu.say(&a.id, Some(&b.id), "hello");
+    let dir = TempDir::new();
+    let tok = dir.path().join("token");
+    write_secret(&tok, &a.token);
+    let (code, _, err) = run(&[
+        "connect",
+        &a.id,
+        "--api-url",
+        &emu.url,
+        "--token-file",
+        tok.to_str().unwrap(),
+        "--state-dir",
+        dir.path().join("state").to_str().unwrap(),
+        "--backend",
+        "exec",
+        "--backend-opt",
+        "cmd=my-agent.sh",
+        "--once",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("my-agent.sh"), "{err}");
+    // Nothing was taken, nothing was told to the sender.
+    assert!(emu.received(&b.id).is_empty());
+}
