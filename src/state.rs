@@ -152,6 +152,10 @@ pub struct PendingReply {
     /// Extra parts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<Value>,
+    /// When it was saved, just before its post began (Unix µs): a canvas reply's
+    /// echo row created after this shows it was already posted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_us: Option<i64>,
 }
 
 /// One line of the journal: what happened since the last checkpoint.
@@ -720,6 +724,7 @@ mod tests {
         PendingReply {
             text: t.into(),
             parts: vec![],
+            at_us: None,
         }
     }
 

@@ -35,6 +35,9 @@ pub(super) const STATE_RETRY: Backoff = Backoff {
     jitter: 0.25,
 };
 
+/// How far the platform's clock may be behind ours when matching a notify echo.
+const ECHO_CLOCK_SLACK_US: i64 = 2_000_000;
+
 /// A conversation that has been quiet this long starts counting from zero again.
 const QUIET_RESET: Duration = Duration::from_secs(600);
 /// Conversations remembered for the guard (bounded like every cache).
@@ -157,6 +160,18 @@ impl Worker {
         // running the backend a second time.
         let saved = self.store().pending_reply(&msg.activity_id);
         if let Some(reply) = saved {
+            // /notify has no idempotency key: look for the platform's echo of the
+            // canvas reply before showing it a second time (§API-2.13, §API-2.4.1).
+            if msg.source_id.is_none()
+                && let Some(echo) = self.canvas_echo(&reply)
+            {
+                log::info!(
+                    "row {}: its canvas reply is already shown (echo row {echo}); not posting it again",
+                    msg.activity_id
+                );
+                self.count_handled();
+                return self.finish(msg);
+            }
             log::info!(
                 "row {}: posting the reply saved before a restart",
                 msg.activity_id
@@ -223,6 +238,10 @@ impl Worker {
                 let reply = PendingReply {
                     text: r.text,
                     parts: r.parts,
+                    at_us: SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .ok()
+                        .and_then(|d| i64::try_from(d.as_micros()).ok()),
                 };
                 // Never post what is not journaled: a crash would answer twice.
                 let saved = self.save(msg, "its reply (not posted)", |s| {
@@ -324,6 +343,45 @@ impl Worker {
                 self.finish(msg)
             }
         }
+    }
+
+    /// The id of our own `notify` echo row showing `reply` (same text, created after
+    /// its post began), if the inbox has one. Any doubt (no time saved, the lookup
+    /// fails) answers `None`: a reply shown twice is better than one never shown.
+    fn canvas_echo(&self, reply: &PendingReply) -> Option<String> {
+        let at_us = reply.at_us?;
+        let now_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .and_then(|d| i64::try_from(d.as_micros()).ok())?;
+        let text = if reply.text.trim().is_empty() {
+            attachment_names(&inbox::attachments_of(&reply.parts))
+        } else {
+            reply.text.clone()
+        };
+        // Small clock differences between us and the platform.
+        let from_us = at_us.saturating_sub(ECHO_CLOCK_SLACK_US);
+        let secs = u64::try_from(now_us.saturating_sub(from_us) / 1_000_000)
+            .unwrap_or(0)
+            .saturating_add(2);
+        let rows = self
+            .ctx
+            .client
+            .activity_raw(&crate::api::Since::Secs(secs), 500, 8 * 1024 * 1024)
+            .map_err(|e| log::warn!("looking for the canvas reply's echo: {e}"))
+            .ok()?;
+        rows.iter()
+            .find(|r| {
+                r.get("method").and_then(Value::as_str) == Some("notify")
+                    && r.get("source_id").is_none_or(Value::is_null)
+                    && r.pointer("/response_body/result").and_then(Value::as_str)
+                        == Some(text.as_str())
+                    && r.get("created_at")
+                        .and_then(Value::as_str)
+                        .and_then(crate::timestamp::parse_rfc3339)
+                        .is_some_and(|t| t >= from_us)
+            })
+            .and_then(|r| r.get("id").and_then(Value::as_str).map(str::to_string))
     }
 
     /// One more message answered (or deliberately not answered) for the status file;

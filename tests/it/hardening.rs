@@ -778,3 +778,51 @@ fn connect_checks_the_exec_command_before_the_first_message() {
     // Nothing was taken, nothing was told to the sender.
     assert!(emu.received(&b.id).is_empty());
 }
+
+#[test]
+fn a_journaled_canvas_reply_already_shown_is_not_shown_again() {
+    let emu = Emulator::start();
+    let (a, _) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let tok = dir.path().join("token");
+    write_secret(&tok, &a.token);
+    // Two canvas messages whose replies were journaled before a kill; the first
+    // reply reached the canvas (its echo is in the inbox), the second did not.
+    let shown = emu.say(&a.id, None, "first");
+    let lost = emu.say(&a.id, None, "second");
+    let at = now_us() - 1000;
+    let mut journal = String::new();
+    for (row, text) in [(&shown, "echo: first"), (&lost, "echo: second")] {
+        journal.push_str(
+            &json!({"t": "reply", "row": row, "reply": {"text": text, "at_us": at}}).to_string(),
+        );
+        journal.push('\n');
+    }
+    let jp = state.join(format!("{}.journal", a.id));
+    std::fs::write(&jp, journal).unwrap();
+    std::fs::set_permissions(&jp, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, _, err) = run(&[
+        "notify",
+        "echo: first",
+        "--api-url",
+        &emu.url,
+        "--workspace",
+        &a.id,
+        "--token-file",
+        tok.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let mut c = Connector::start(&emu, &a, &dir, &["--backend", "mock", "--once"]);
+    assert_eq!(c.wait_exit(WAIT).code(), Some(0), "{}", c.stderr());
+    let notes: Vec<String> = emu
+        .notifies(&a.id)
+        .iter()
+        .map(|n| n["message"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(notes, ["echo: first", "echo: second"], "{}", c.stderr());
+    assert!(c.stderr().contains("already shown"), "{}", c.stderr());
+}
