@@ -88,6 +88,7 @@ struct Inner {
 pub struct Supervisor {
     notifier: Notifier,
     metrics_file: Option<PathBuf>,
+    metrics_failing: AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -97,6 +98,7 @@ impl Supervisor {
         Supervisor {
             notifier,
             metrics_file,
+            metrics_failing: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 pending: workspaces,
                 ..Inner::default()
@@ -282,8 +284,16 @@ impl Supervisor {
             })
             .collect();
         let text = crate::metrics::render(&samples);
-        if let Err(e) = crate::state::write_file_mode(path, text.as_bytes(), false, 0o644) {
-            log::warn!("metrics file {}: {e}", path.display());
+        // Logged when it starts failing and when it works again, not every 5 s.
+        match crate::state::write_file_mode(path, text.as_bytes(), false, 0o644) {
+            Ok(()) if self.metrics_failing.swap(false, Ordering::Relaxed) => {
+                log::info!("metrics file {}: written again", path.display());
+            }
+            Ok(()) => {}
+            Err(e) if !self.metrics_failing.swap(true, Ordering::Relaxed) => {
+                log::warn!("metrics file {}: {e}", path.display());
+            }
+            Err(_) => {}
         }
     }
 }
