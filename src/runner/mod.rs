@@ -464,6 +464,7 @@ fn run_connected(
         Some(broadcasts::load(&broadcast_path)?)
     };
     let all_runs = run_handles;
+    let wake_state = wake::WakeState::new(if cfg.once { WakeMode::Poll } else { cfg.wake });
     let watched = Watched {
         id: cfg.workspace_id.clone(),
         status: status.clone(),
@@ -471,6 +472,7 @@ fn run_connected(
         heartbeat: Arc::new(Progress::default()),
         doc: Arc::default(),
         client: client.clone(),
+        wake: Some(wake_state.clone()),
         stopped: Arc::default(),
     };
     let (poll_progress, heartbeat_progress, published, stopped) = (
@@ -549,7 +551,6 @@ fn run_connected(
         }
     };
 
-    let wake_state = wake::WakeState::new(if cfg.once { WakeMode::Poll } else { cfg.wake });
     // A cron run drains and exits: an event stream would only add a request.
     let events_on = cfg.wake != WakeMode::Poll && !cfg.once;
     let (broadcast_hints, broadcast_wake) = broadcasts::hint_channel(shutdown);

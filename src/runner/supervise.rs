@@ -68,6 +68,8 @@ pub struct Watched {
     pub doc: Arc<Mutex<Value>>,
     /// Its platform client (request counters).
     pub client: crate::api::Client,
+    /// Whether its event stream is wanted and up.
+    pub wake: Option<Arc<super::wake::WakeState>>,
     /// Its threads have ended.
     pub stopped: Arc<AtomicBool>,
 }
@@ -307,6 +309,7 @@ fn status_line(inner: &Inner) -> String {
         .filter(|w| !w.stopped.load(Ordering::Relaxed))
         .collect();
     let (mut handled, mut active, mut polling, mut wedged) = (0u64, 0u32, 0usize, 0usize);
+    let (mut want_events, mut events_up) = (0usize, 0usize);
     let mut last_error = String::new();
     for w in &running {
         let (c, a, is_wedged) = RuntimeStatus::snapshot(&w.status);
@@ -314,6 +317,10 @@ fn status_line(inner: &Inner) -> String {
         active = active.saturating_add(a);
         polling += usize::from(c.last_poll_ok.is_some());
         wedged += usize::from(is_wedged);
+        if let Some(w) = w.wake.as_ref().filter(|w| w.wants_events()) {
+            want_events += 1;
+            events_up += usize::from(w.stream_up());
+        }
         if last_error.is_empty() {
             last_error = c.last_error;
         }
@@ -327,7 +334,14 @@ fn status_line(inner: &Inner) -> String {
     } else {
         "starting".to_string()
     };
-    let mut line = format!("{state}, {} handled", thousands(handled));
+    let mut line = state;
+    match (running.len(), want_events, events_up) {
+        (_, 0, _) => {}
+        (1, _, 1) => line.push_str(", events connected"),
+        (1, _, _) => line.push_str(", events not connected"),
+        (_, _, up) => line.push_str(&format!(", {up} events connected")),
+    }
+    line.push_str(&format!(", {} handled", thousands(handled)));
     if active > 0 {
         line.push_str(&format!(", {active} running"));
     }
@@ -448,6 +462,7 @@ mod tests {
             heartbeat: Arc::default(),
             doc: Arc::default(),
             client: client.clone(),
+            wake: None,
             stopped: Arc::default(),
         };
         let mut inner = Inner::default();
@@ -462,6 +477,15 @@ mod tests {
             status_line(&inner),
             "polling, 1,234 handled, last error poll: HTTP 503"
         );
+        // A workspace that wants an event stream says whether it is up.
+        inner.watched[0].wake = Some(super::super::wake::WakeState::new(
+            crate::config::WakeMode::Auto,
+        ));
+        assert_eq!(
+            status_line(&inner),
+            "polling, events not connected, 1,234 handled, last error poll: HTTP 503"
+        );
+        inner.watched[0].wake = None;
         inner
             .watched
             .push(w("b", &RuntimeStatus::new(Instant::now())));

@@ -72,6 +72,11 @@ impl WakeState {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Is an event stream wanted at all (`--wake` other than `poll`, not `--once`)?
+    pub fn wants_events(&self) -> bool {
+        self.mode != WakeMode::Poll
+    }
+
     /// The stream is open and healthy: blind polling is only a safety net.
     pub fn stream_up(&self) -> bool {
         self.info().connected_since.is_some()

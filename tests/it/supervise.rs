@@ -48,6 +48,28 @@ impl NotifyListener {
         }
     }
 
+    /// Datagrams up to and including the first with a `STATUS=` line starting `prefix`.
+    fn until_status(&self, prefix: &str, c: &Connector) -> Vec<String> {
+        let deadline = Instant::now() + WAIT;
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            if let Some(m) = self.next(Duration::from_millis(200)) {
+                let hit = m.lines().any(|l| {
+                    l.strip_prefix("STATUS=")
+                        .is_some_and(|s| s.starts_with(prefix))
+                });
+                seen.push(m);
+                if hit {
+                    return seen;
+                }
+            }
+        }
+        panic!(
+            "no STATUS={prefix}... within {WAIT:?}; got {seen:?}; connector stderr:\n{}",
+            c.stderr()
+        );
+    }
+
     /// Datagrams up to and including the first with the line `line`.
     fn until(&self, line: &str, c: &Connector) -> Vec<String> {
         let deadline = Instant::now() + WAIT;
@@ -82,6 +104,16 @@ fn refuse_polls(emu: &Emulator, ws: &str, n: u64) {
     );
 }
 
+/// Has the emulator answered an inbox poll (`type=a2a_receive`) of `ws` with 200?
+fn inbox_polled(stats: &serde_json::Value, ws: &str) -> bool {
+    stats["requests"].as_array().unwrap().iter().any(|r| {
+        r["workspace_id"] == ws
+            && r["status"] == 200
+            && r["path"].as_str().unwrap().ends_with("/activity")
+            && r["query"].as_str().unwrap().contains("type=a2a_receive")
+    })
+}
+
 fn pending_faults(emu: &Emulator) -> usize {
     emu.get("/_admin/faults")["faults"]
         .as_array()
@@ -107,9 +139,11 @@ fn systemd_ready_after_the_first_poll_then_reload_and_stop() {
     // At READY the register and three polls (two refused, one good) had happened.
     assert!(registers(&emu, &a.id) >= 1);
     assert!(emu.route_count(POLL_ROUTE) >= 3, "{before:?}");
+    assert!(inbox_polled(&emu.get("/_admin/stats"), &a.id), "{before:?}");
     assert_eq!(pending_faults(&emu), 0);
     let ready = before.last().unwrap();
-    assert!(ready.contains("STATUS=polling, 0 handled"), "{ready:?}");
+    assert!(ready.contains("STATUS=polling, "), "{ready:?}");
+    assert!(ready.contains(", 0 handled, last error"), "{ready:?}");
     assert!(
         before[..before.len() - 1]
             .iter()
@@ -132,6 +166,22 @@ fn systemd_ready_after_the_first_poll_then_reload_and_stop() {
     // --drain-timeout defaults to 30 s: the extension covers it.
     assert!(extend.parse::<u64>().unwrap() >= 30_000_000, "{stopping:?}");
     assert!(c.wait_exit(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn status_line_says_when_the_event_stream_is_up() {
+    let emu = Emulator::start();
+    let (a, _) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let listener = NotifyListener::at_path(&dir);
+    let c = Connector::start_with_env(
+        &emu,
+        &a,
+        &dir,
+        &["--backend", "mock", "--wake", "auto"],
+        &[("NOTIFY_SOCKET", &listener.name)],
+    );
+    listener.until_status("polling, events connected, 0 handled", &c);
 }
 
 #[test]
@@ -171,14 +221,10 @@ fn workspaces_ready_once_each_has_polled_or_failed_for_good() {
     // At READY the slow workspace has polled successfully and the revoked one has
     // given up.
     let stats = emu.get("/_admin/stats");
-    let polled_ok = |ws: &str| {
-        stats["requests"].as_array().unwrap().iter().any(|r| {
-            r["workspace_id"] == ws
-                && r["status"] == 200
-                && r["path"].as_str().unwrap().ends_with("/activity")
-        })
-    };
-    assert!(polled_ok(&ids[0]) && polled_ok(&ids[1]), "{before:?}");
+    assert!(
+        inbox_polled(&stats, &ids[0]) && inbox_polled(&stats, &ids[1]),
+        "{before:?}"
+    );
     assert_eq!(pending_faults(&emu), 0);
     let stopped = format!("workspace {}: stopped", ids[2]);
     wait_until(WAIT, "the revoked workspace's stop in the log", &c, || {
