@@ -381,6 +381,95 @@ pub struct Client {
     origin: Arc<str>,
     token: Arc<RwLock<Secret>>,
     stats: Arc<RequestStats>,
+    pacer: Option<Arc<dyn Pacer>>,
+}
+
+/// How much a request matters when the rate budget is short (§API-1.4): liveness
+/// first, then what delivers an answer, then reads that can wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Heartbeat, register.
+    Liveness,
+    /// Replies, notifies, acks: an answer must never be lost.
+    Answer,
+    /// Polls, tracker reads, lookups, the event stream: stretched first.
+    Read,
+}
+
+impl Class {
+    fn of(op: &str) -> Class {
+        match op {
+            "heartbeat" | "register" => Class::Liveness,
+            "send" | "notify" | "ack" | "self-report" | "upload" | "delegate" => Class::Answer,
+            _ => Class::Read,
+        }
+    }
+}
+
+/// What a rate-limit header set said (§API-1.4), as read from one answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RateHeaders {
+    /// `X-RateLimit-Limit`; `None` when absent.
+    pub limit: Option<Limit>,
+    /// `X-RateLimit-Remaining`.
+    pub remaining: Option<u64>,
+    /// `X-RateLimit-Reset`: seconds until the window resets.
+    pub reset_secs: Option<u64>,
+    /// The answer's status (429 = over the limit).
+    pub status: u16,
+    /// `Retry-After` on a 429.
+    pub retry_after: Option<Duration>,
+}
+
+/// `X-RateLimit-Limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// Requests per window.
+    PerWindow(u64),
+    /// A dev platform without a limit.
+    Unlimited,
+}
+
+/// The seam between the client and the connector's rate budget: `before` may block
+/// (the budget lives in the runner, which owns waiting); `after` is called once per
+/// `before`, with the headers when there was an answer.
+pub trait Pacer: Send + Sync {
+    /// Before a request of `class` is sent.
+    fn before(&self, class: Class);
+    /// After it: `None` when no answer came (transport error, timeout).
+    fn after(&self, headers: Option<RateHeaders>);
+}
+
+impl RateHeaders {
+    fn read(status: u16, headers: &ureq::http::HeaderMap) -> RateHeaders {
+        let get = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).map(str::trim);
+        let number = |k: &str| get(k).and_then(|v| v.parse::<u64>().ok());
+        let limit = get("x-ratelimit-limit").and_then(|v| {
+            if v.eq_ignore_ascii_case("unlimited") {
+                Some(Limit::Unlimited)
+            } else {
+                v.parse().ok().map(Limit::PerWindow)
+            }
+        });
+        // Seconds until the reset; a Unix time (some limiters send one) is converted.
+        let reset_secs = number("x-ratelimit-reset").map(|r| {
+            if r > 1_000_000_000 {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                r.saturating_sub(now)
+            } else {
+                r
+            }
+        });
+        RateHeaders {
+            limit,
+            remaining: number("x-ratelimit-remaining"),
+            reset_secs,
+            status,
+            retry_after: get("retry-after").and_then(parse_retry_after),
+        }
+    }
 }
 
 /// What a client's requests met, for the metrics: answers per endpoint (the route
@@ -485,6 +574,21 @@ impl Client {
             origin,
             token: Arc::new(RwLock::new(token)),
             stats: Arc::new(RequestStats::new()),
+            pacer: None,
+        }
+    }
+
+    /// Every request first asks `pacer` for its turn (the connector's rate budget)
+    /// and every answer's rate-limit headers go back to it.
+    pub fn with_pacer(mut self, pacer: Arc<dyn Pacer>) -> Self {
+        self.pacer = Some(pacer);
+        self
+    }
+
+    /// Waits for the pacer's permission to send a request of `op`'s class.
+    fn pace(&self, op: &'static str) {
+        if let Some(p) = &self.pacer {
+            p.before(Class::of(op));
         }
     }
 
@@ -584,6 +688,7 @@ impl Client {
                 req.query("since_id", id)
             }
         };
+        self.pace(op);
         let resp = self.answered(op, "GET", &path, req.call())?;
         read_json(op, resp, body_limit)
     }
@@ -629,6 +734,7 @@ impl Client {
             .config()
             .timeout_global(Some(timeout))
             .build();
+        self.pace(op);
         let resp = self.answered(op, "POST", &path, req.send(&bytes[..]))?;
         let status = resp.status().as_u16();
         // A 2xx means the platform took the message: an unreadable answer must not
@@ -693,6 +799,7 @@ impl Client {
             });
         }
         let path = format!("/workspaces/{id}");
+        self.pace(op);
         let sent = self
             .with_headers(self.agent.get(self.url(&path)), false)
             .call();
@@ -727,6 +834,7 @@ impl Client {
         let op = "discover";
         check_uuid(op, "peer id", target)?;
         let path = format!("/registry/discover/{target}");
+        self.pace(op);
         let sent = self
             .with_headers(self.agent.get(self.url(&path)), true)
             .config()
@@ -780,6 +888,7 @@ impl Client {
     pub fn event_stream(&self, tick: Duration) -> Result<EventBody, ApiError> {
         let op = "events";
         let path = format!("/workspaces/{}/events/stream", self.cfg.workspace_id);
+        self.pace(op);
         let resp = self
             .auth_headers(self.agent.get(self.url(&path)))
             .header("Accept", "text/event-stream")
@@ -813,6 +922,7 @@ impl Client {
                 for (k, v) in query {
                     req = req.query(*k, *v);
                 }
+                self.pace(op);
                 req.call()
             }
             ("DELETE", _) => {
@@ -820,6 +930,7 @@ impl Client {
                 for (k, v) in query {
                     req = req.query(*k, *v);
                 }
+                self.pace(op);
                 req.call()
             }
             (_, body) => {
@@ -837,6 +948,7 @@ impl Client {
                 if body.is_some() {
                     req = req.header("Content-Type", "application/json");
                 }
+                self.pace(op);
                 req.send(&bytes[..])
             }
         };
@@ -868,6 +980,7 @@ impl Client {
         }
         body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
         let path = format!("/workspaces/{}/chat/uploads", self.cfg.workspace_id);
+        self.pace(op);
         let sent = self
             .with_headers(self.agent.post(self.url(&path)), false)
             .header(
@@ -897,6 +1010,7 @@ impl Client {
             "/workspaces/{}/pending-uploads/{file_id}/content",
             self.cfg.workspace_id
         );
+        self.pace(op);
         let sent = self
             .with_headers(self.agent.get(self.url(&path)), false)
             .config()
@@ -935,6 +1049,7 @@ impl Client {
         for (k, v) in query {
             req = req.query(*k, *v);
         }
+        self.pace(op);
         self.answered(op, "GET", path, req.call())
     }
 
@@ -976,6 +1091,7 @@ impl Client {
         let req = self
             .with_headers(self.agent.post(self.url(path)), false)
             .header("Content-Type", "application/json");
+        self.pace(op);
         self.answered(op, "POST", path, req.send(&bytes[..]))
     }
 
@@ -993,6 +1109,9 @@ impl Client {
                 let status = resp.status().as_u16();
                 self.stats.record(method, path, &status.to_string());
                 self.stats.note_rate_limit(status, resp.headers());
+                if let Some(p) = &self.pacer {
+                    p.after(Some(RateHeaders::read(status, resp.headers())));
+                }
                 check_status(op, resp)
             }
             Err(e) => {
@@ -1002,6 +1121,9 @@ impl Client {
                     _ => "error",
                 };
                 self.stats.record(method, path, code);
+                if let Some(p) = &self.pacer {
+                    p.after(None);
+                }
                 Err(e)
             }
         }

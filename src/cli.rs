@@ -113,6 +113,8 @@ pub struct ConnectArgs {
     pub wake: Option<String>,
     /// `--safety-poll-secs` (poll cadence while the event stream is healthy).
     pub safety_poll_secs: Option<u64>,
+    /// `--rate-reserve PCT` (share of the rate bucket left to other clients).
+    pub rate_reserve: Option<u64>,
     /// `--dry-run`.
     pub dry_run: bool,
     /// `--metrics-file PATH`.
@@ -475,6 +477,7 @@ fn parse_connect(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Comm
             ("safety-poll-secs", _) => {
                 a.safety_poll_secs = Some(number(parser, "--safety-poll-secs")?)
             }
+            ("rate-reserve", _) => a.rate_reserve = Some(number(parser, "--rate-reserve")?),
             ("dry-run", _) => a.dry_run = true,
             ("metrics-file", _) => a.metrics_file = Some(PathBuf::from(parser.value()?)),
             ("notification-fd", _) => {
@@ -1182,6 +1185,10 @@ Options:
                            poll: no stream, poll every --interval-ms
   --safety-poll-secs N     blind poll period while the event stream is healthy (catches
                            dropped events)                                 [default: 30]
+  --rate-reserve PCT       share of the platform's rate bucket (org or token) left to
+                           other clients; requests are spent heartbeats first, then
+                           replies/notifies/acks, then polls (stretched, in turn across
+                           workspaces), from what X-RateLimit-Remaining says [default: 30]
   --interval-ms N          pause between polls when the inbox is empty and there is no
                            healthy event stream                          [default: 1000]
   --since-secs N           first start (no cursor) or after a pruned cursor (410): look

@@ -123,6 +123,8 @@ pub struct ConnectConfig {
     pub wake: WakeMode,
     /// Poll period while the event stream is healthy (`--safety-poll-secs`).
     pub safety_poll: Duration,
+    /// Percent of the rate bucket left for other clients (`--rate-reserve`).
+    pub rate_reserve_pct: u8,
     /// Check and print, do not run.
     pub dry_run: bool,
     /// Broadcast cadence; zero = off.
@@ -279,6 +281,12 @@ pub fn connect_config(
             "--safety-poll-secs {safety_poll_secs}: must be between 1 and 3600"
         )));
     }
+    let rate_reserve = a.rate_reserve.unwrap_or(30);
+    if rate_reserve > 90 {
+        return Err(ConfigError(format!(
+            "--rate-reserve {rate_reserve}: must be between 0 and 90 (percent of the bucket)"
+        )));
+    }
     Ok(ConnectConfig {
         common,
         workspace_id,
@@ -300,6 +308,7 @@ pub fn connect_config(
         delegations_capacity,
         wake,
         safety_poll: Duration::from_secs(safety_poll_secs),
+        rate_reserve_pct: u8::try_from(rate_reserve).unwrap_or(90),
         dry_run: a.dry_run,
         agent_card: a.card_file.as_deref().map(read_card_file).transpose()?,
         broadcasts_every: Duration::from_secs(broadcasts_secs),
@@ -966,6 +975,7 @@ mod tests {
         let c = connect(&["connect", WS], &env).unwrap();
         assert_eq!(c.wake, WakeMode::Auto);
         assert_eq!(c.safety_poll, Duration::from_secs(30));
+        assert_eq!(c.rate_reserve_pct, 30);
         let args = ["connect", WS, "--wake", "poll", "--safety-poll-secs", "5"];
         let c = connect(&args, &env).unwrap();
         assert_eq!(
@@ -978,6 +988,7 @@ mod tests {
             &["--wake", "push"][..],
             &["--safety-poll-secs", "0"],
             &["--safety-poll-secs", "3601"],
+            &["--rate-reserve", "91"],
         ] {
             let args: Vec<&str> = ["connect", WS].iter().chain(bad).copied().collect();
             let e = connect(&args, &env).unwrap_err();

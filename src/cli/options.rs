@@ -177,6 +177,11 @@ const CONNECT: &[Opt] = &[
         "blind poll period while the event stream is healthy [default: 30]",
     ),
     value(
+        "rate-reserve",
+        "PCT",
+        "share of the rate bucket left to other clients [default: 30]",
+    ),
+    value(
         "interval-ms",
         "N",
         "pause between polls when no event stream is healthy [default: 1000]",

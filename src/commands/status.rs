@@ -151,6 +151,29 @@ pub(super) fn run(
             format!("{how}; --wake {}", wtext("mode")),
         ]);
     }
+    if let Some(r) = doc
+        .get("rate_budget")
+        .filter(|r| r.get("limit").is_some_and(|l| !l.is_null()))
+    {
+        let n = |k: &str| {
+            r.get(k).map_or("?".to_string(), |v| match v {
+                Value::String(s) => s.clone(),
+                Value::Null => "?".to_string(),
+                other => other.to_string(),
+            })
+        };
+        rows.push(vec![
+            "rate budget:".to_string(),
+            format!(
+                "limit {}, remaining {}, reset in {} s (as last seen); {} waited, {} x 429",
+                n("limit"),
+                n("remaining"),
+                n("reset_secs"),
+                n("waited"),
+                n("rate_limited")
+            ),
+        ]);
+    }
     if let Some(seq) = doc.get("last_acked_seq").and_then(Value::as_i64) {
         rows.push(vec!["acked seq:".to_string(), seq.to_string()]);
     }

@@ -10,6 +10,7 @@ mod dispatch;
 mod heartbeat;
 mod order;
 mod poll;
+mod rate;
 mod register;
 mod report;
 mod status;
@@ -193,6 +194,8 @@ struct Process {
     single: bool,
     /// Longest a drain may take (for `EXTEND_TIMEOUT_USEC`).
     drain_bound: Duration,
+    /// One rate budget per platform bucket (org, else token), for every workspace.
+    budgets: Arc<Mutex<std::collections::HashMap<String, Arc<rate::RateBudget>>>>,
 }
 
 impl Process {
@@ -241,7 +244,23 @@ impl Process {
             ticker: Arc::new(Mutex::new(ticker)),
             single: cfgs.len() == 1,
             drain_bound,
+            budgets: Arc::default(),
         })
+    }
+
+    /// The rate budget of `cfg`'s bucket (§API-1.4): the org when an org id is sent,
+    /// else the workspace's own token; created by the first workspace in it.
+    fn budget_for(&self, cfg: &ConnectConfig) -> Arc<rate::RateBudget> {
+        let key = match &cfg.common.org_id {
+            Some(org) => format!("{} org:{org}", cfg.common.api_url),
+            None => format!("{} ws:{}", cfg.common.api_url, cfg.workspace_id),
+        };
+        self.budgets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_insert_with(|| rate::RateBudget::new(cfg.rate_reserve_pct))
+            .clone()
     }
 
     fn add(&self, target: Target) {
@@ -346,7 +365,6 @@ fn run_locked(
     let mut client_cfg = ClientConfig::new(&cfg.common.api_url, &cfg.workspace_id);
     client_cfg.org_id = cfg.common.org_id.clone();
     client_cfg.agent_card = cfg.agent_card.clone();
-    let client = Client::with_transport(&process.transport, client_cfg, cfg.common.token.clone());
     let shutdown = Shutdown::new();
     {
         let ws_shutdown = shutdown.clone();
@@ -354,6 +372,8 @@ fn run_locked(
             .shutdown
             .on_trigger(move || ws_shutdown.trigger(StopReason::Signal));
     }
+    let client = Client::with_transport(&process.transport, client_cfg, cfg.common.token.clone())
+        .with_pacer(process.budget_for(cfg).pacer(&shutdown));
     // One run handle per worker, then the delegation tracker's and the broadcast
     // thread's, so a second signal can kill every backend run.
     let run_handles: Vec<RunHandle> = (0..cfg.concurrency + 2).map(|_| RunHandle::new()).collect();
@@ -665,7 +685,8 @@ fn run_connected(
         report::Reporter::new(&cfg.common.state_dir, &cfg.workspace_id, cfg.poll_interval)
             .with_extras(Some(peer_cache), tracker_on.then_some(delegation_counters))
             .with_published(published)
-            .with_wake(wake_state.clone(), cfg.safety_poll),
+            .with_wake(wake_state.clone(), cfg.safety_poll)
+            .with_rate(process.budget_for(cfg)),
     )
     .with_hooks(Some(enrichment), delegation_wake)
     .with_wake(wake_state, cfg.safety_poll)

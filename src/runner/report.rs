@@ -37,6 +37,8 @@ pub struct Reporter {
     delegations: Option<Arc<super::delegations::Counters>>,
     /// Event-stream state and the safety-poll period used while it is up.
     wake: Option<(Arc<super::wake::WakeState>, Duration)>,
+    /// The rate budget of this workspace's bucket.
+    rate: Option<Arc<super::rate::RateBudget>>,
     /// The last write failed (logged once, not every second).
     failing: bool,
     /// The last document written, for the process's metrics file.
@@ -56,6 +58,7 @@ impl Reporter {
             peers: None,
             delegations: None,
             wake: None,
+            rate: None,
             failing: false,
             published: None,
         }
@@ -82,6 +85,12 @@ impl Reporter {
     /// while the stream is up the blind poll period is `safety_poll`.
     pub fn with_wake(mut self, wake: Arc<super::wake::WakeState>, safety_poll: Duration) -> Self {
         self.wake = Some((wake, safety_poll));
+        self
+    }
+
+    /// Also reports the rate budget as last seen (limit, remaining, reset).
+    pub fn with_rate(mut self, rate: Arc<super::rate::RateBudget>) -> Self {
+        self.rate = Some(rate);
         self
     }
 
@@ -175,6 +184,9 @@ impl Reporter {
         }
         if let Some((w, _)) = &self.wake {
             doc["wake"] = w.to_json();
+        }
+        if let Some(r) = &self.rate {
+            doc["rate_budget"] = r.to_json();
         }
         let bytes = format!("{doc:#}\n");
         let written = crate::state::write_file(&self.path, bytes.as_bytes(), false)

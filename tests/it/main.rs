@@ -14,6 +14,7 @@ mod events;
 mod fault;
 mod hardening;
 mod ops;
+mod rate;
 mod supervise;
 mod tools;
 mod wake;
