@@ -33,6 +33,10 @@
 # short table and PASS/FAIL per target of issue 6 on stderr. Exit 0 when every target
 # passes, 1 otherwise, 2 on a set-up error.
 #
+#   - issue 12 (scripts/bench-wake.py, run alone with --phases): wake-latency (enqueue ->
+#     reply, exec cat, --wake auto vs poll), wake-idle (requests/min with a healthy event
+#     stream), org-bucket (20 workspaces sharing a 600/min org bucket for 2 min: 429s,
+#     heartbeat gaps, lost), burst700 (700 queued under 600/min: time vs the limit, 429s).
 # Run:   scripts/bench.sh                 # full run, several minutes
 #        scripts/bench.sh --phases raw,spawn,worker   # issue 14's phases only
 #        scripts/bench.sh --quick         # smoke test (~1 minute)
@@ -54,4 +58,11 @@ if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
   fi
 fi
 
+# Issue 12's phases (event wake-ups and the rate budget) live in bench-wake.py; they run
+# alone: scripts/bench.sh --phases wake-latency,wake-idle,org-bucket,burst700
+case " $* " in
+  *wake-latency*|*wake-idle*|*org-bucket*|*burst700*)
+    exec python3 "$ROOT/scripts/bench-wake.py" --molecule "$ROOT/target/release/molecule" \
+      --emulator "$ROOT/target/release/molecule-emulator" "$@" ;;
+esac
 exec python3 "$ROOT/scripts/bench.py" "$@"

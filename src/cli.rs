@@ -1122,6 +1122,8 @@ earlier failure makes a check meaningless):
   poll-mode  register answers delivery_mode \"poll\" (register is idempotent: it is
              what molecule connect does on start)
   cursor     an unknown since_id answers 410, as poll mode needs
+  events     the workspace's event stream opens (connect wakes on it); skipped when
+             the platform has none (404: connect polls instead)
   state-dir  the state dir is writable (a temporary file is created and removed)
   backend    only with --backend/--backend-opt: the backend's command is found;
              for `worker` the worker is also started, seen ready (ready=true) or

@@ -159,7 +159,7 @@ fn network_checks(checks: &mut Checks, ctx: &Ctx) {
     } else {
         "http"
     };
-    let later = [http_name, "auth", "poll-mode", "cursor"];
+    let later = [http_name, "auth", "poll-mode", "cursor", "events"];
     let skip_rest = |checks: &mut Checks, from: usize, why: &str| {
         for name in later.iter().skip(from) {
             checks.skip(name, why);
@@ -229,6 +229,35 @@ fn network_checks(checks: &mut Checks, ctx: &Ctx) {
     }
     checks.push("poll-mode", poll_mode(ctx));
     checks.push("cursor", cursor_probe(ctx));
+    match event_stream(ctx) {
+        Ok(Some(d)) => {
+            checks.push("events", Ok(d));
+        }
+        Ok(None) => checks.skip(
+            "events",
+            "the platform has no event stream (HTTP 404): connect --wake auto polls every --interval-ms instead",
+        ),
+        Err(e) => {
+            checks.push("events", Err(e));
+        }
+    }
+}
+
+/// Does `GET /workspaces/<id>/events/stream` open (§API-2.17)? `None`: the platform
+/// has none (404), which `--wake auto` handles by polling.
+fn event_stream(ctx: &Ctx) -> Result<Option<String>, String> {
+    let t = Instant::now();
+    match crate::events::EventStream::open(&ctx.client, &crate::shutdown::Shutdown::new()) {
+        Ok(_) => Ok(Some(format!(
+            "the event stream opens (GET /workspaces/{}/events/stream, {} ms): connect wakes on events",
+            ctx.workspace_id(),
+            t.elapsed().as_millis()
+        ))),
+        Err(e) if e.status() == Some(404) => Ok(None),
+        Err(e) => Err(format!(
+            "{e}; connect falls back to polling every --interval-ms"
+        )),
+    }
 }
 
 /// `scheme://host[:port]/…` → host (IPv6 without brackets) and port.

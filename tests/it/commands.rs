@@ -1053,6 +1053,7 @@ fn doctor_passes_against_the_emulator_and_flags_a_bad_token() {
             "auth",
             "poll-mode",
             "cursor",
+            "events",
             "state-dir",
             "backend"
         ]
@@ -1071,8 +1072,21 @@ fn doctor_passes_against_the_emulator_and_flags_a_bad_token() {
     );
     assert_eq!(
         v["checks"].as_array().unwrap().len(),
-        8,
+        9,
         "no backend line unless asked"
+    );
+    // A platform without an event stream: skipped, not failed.
+    emu.post(
+        &format!("/_admin/workspaces/{}/events", a.id),
+        json!({"no_stream": true}),
+    );
+    let o = agent.run(&["doctor"]);
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(
+        o.out
+            .contains("skip events: the platform has no event stream"),
+        "{}",
+        o.out
     );
     // A wrong token: auth fails, what depends on it is skipped, exit 1.
     write_secret(&agent.token_file(), "not-the-token");
