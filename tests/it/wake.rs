@@ -168,15 +168,15 @@ fn no_stream_means_polling_with_one_quiet_log_line() {
     assert_eq!(lines.len(), 1, "{log}");
     assert!(lines[0].starts_with("INFO"), "{log}");
     assert_eq!(emu.route_count(STREAM_ROUTE), 1, "not retried per poll");
-    let s = status(&c);
-    assert_eq!(s["wake"]["mode"], "auto");
-    assert!(
+    // The status file is rewritten within a second of the change.
+    let s = wait_until(WAIT, "the status file says why it polls", &c, || {
+        let s = status(&c);
         s["wake"]["polling_because"]
             .as_str()
-            .unwrap()
-            .contains("no event stream"),
-        "{s}"
-    );
+            .is_some_and(|w| w.contains("no event stream"))
+            .then_some(s)
+    });
+    assert_eq!(s["wake"]["mode"], "auto");
 }
 
 #[test]
