@@ -295,6 +295,21 @@ fn answered(rid: &str, v: &Value) -> Result<Report, Failure> {
     Err(f)
 }
 
+/// 404 "request not found or already resolved" (§API-2.19).
+fn is_already_resolved(e: &ApiError) -> bool {
+    e.status() == Some(404) && e.to_string().contains("already resolved")
+}
+
+/// The answer our earlier attempt would have had, when the request now shows
+/// `status` (that attempt was applied and only its answer was lost).
+fn applied_before(c: &crate::api::Client, path: &str, status: &str) -> Option<Value> {
+    let v = c
+        .call_json("request show", "GET", path, &[], None, LIST_LIMIT)
+        .ok()?;
+    let now = v.pointer("/request/status").and_then(Value::as_str)?;
+    (now == status).then(|| json!({"request_id": v.pointer("/request/id"), "status": now}))
+}
+
 fn request_path(ctx: &Ctx, rid: &str) -> String {
     format!("/workspaces/{}/requests/{rid}", ctx.workspace_id())
 }
@@ -436,11 +451,30 @@ pub(super) fn one(ctx: &Ctx, a: &RequestArgs) -> Result<Report, Failure> {
         "message" => "request message",
         _ => "request cancel",
     };
+    // What a respond or cancel leaves behind: after a lost answer the retry finds the
+    // request "already resolved", by our own first attempt if it shows that outcome.
+    let outcome = match action {
+        "respond" => a.arg.as_deref(),
+        "cancel" => Some("cancelled"),
+        _ => None,
+    };
+    let mut tries: u32 = 0;
     let v = ctx
         .call_within(
             &budget,
             idempotent,
-            |c| c.call_json(op, method, &path, &[], body.as_ref(), LIST_LIMIT),
+            |c| {
+                tries += 1;
+                match c.call_json(op, method, &path, &[], body.as_ref(), LIST_LIMIT) {
+                    Err(e) if tries > 1 && is_already_resolved(&e) => {
+                        match outcome.and_then(|o| applied_before(c, &request_path(ctx, &rid), o)) {
+                            Some(v) => Ok(v),
+                            None => Err(e),
+                        }
+                    }
+                    other => other,
+                }
+            },
             describe_request,
         )
         .map_err(|f| f.with("request_id", rid.as_str()))?;

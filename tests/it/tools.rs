@@ -349,6 +349,35 @@ fn ask_wait_reads_the_status_without_an_event_stream() {
 }
 
 #[test]
+fn respond_and_cancel_whose_answer_was_lost_still_succeed() {
+    let emu = Emulator::start();
+    let (root, child) = family(&emu);
+    let ask = |title: &str| {
+        let o = child.run(&["ask", title, "--to", &root.ws.id, "--json"]);
+        o.json()["request_id"].as_str().unwrap().to_string()
+    };
+    // The platform applies the answer, then the connection drops: the retry finds
+    // the request "already resolved" by that very answer.
+    let rid = ask("Merge?");
+    emu.fault(json!({"method": "POST",
+                     "path_prefix": format!("/workspaces/{}/requests/{rid}/respond", root.ws.id),
+                     "drop_after": true, "count": 1}));
+    let o = root.run(&["request", "respond", &rid, "approved", "--json"]);
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(o.json()["status"], "approved");
+    let rid2 = ask("Deploy?");
+    emu.fault(json!({"method": "POST",
+                     "path_prefix": format!("/workspaces/{}/requests/{rid2}/cancel", child.ws.id),
+                     "drop_after": true, "count": 1}));
+    let o = child.run(&["request", "cancel", &rid2, "--json"]);
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(o.json()["status"], "cancelled");
+    // Answering again (a first attempt, not a retry) is still refused.
+    root.run(&["request", "respond", &rid, "rejected"])
+        .fails(1, "already");
+}
+
+#[test]
 fn ask_wait_timed_out_and_cancelled() {
     let emu = Emulator::start();
     let (_root, child) = family(&emu);
