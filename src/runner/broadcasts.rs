@@ -228,7 +228,9 @@ pub fn run(ctx: Context, mut saved: Saved, wake: Receiver<()>) {
 /// skipped (a broadcast comes with its event). `true` = stop requested.
 fn wait_for_hint(ctx: &Context, wake: &Receiver<()>, d: Duration) -> bool {
     let until = Instant::now().checked_add(d);
-    let was_up = ctx.stream_up.as_ref().is_some_and(|f| f());
+    // Updated every turn: a stream that drops and comes back within one wait still
+    // triggers the look for what arrived while it was down.
+    let mut was_up = ctx.stream_up.as_ref().is_some_and(|f| f());
     loop {
         if ctx.shutdown.is_triggered() {
             return true;
@@ -250,6 +252,7 @@ fn wait_for_hint(ctx: &Context, wake: &Receiver<()>, d: Duration) -> bool {
         } else {
             left.min(STREAM_CHECK)
         };
+        was_up = up;
         match wake.recv_timeout(step) {
             Ok(()) => return ctx.shutdown.is_triggered(),
             Err(RecvTimeoutError::Timeout) => {}
