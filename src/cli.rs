@@ -31,6 +31,11 @@ fn next(parser: &mut lexopt::Parser) -> Result<Option<Arg>, UsageError> {
     }))
 }
 
+/// `-h` or `--help`: the one place that recognises it, for every command's loop.
+fn is_help(arg: &Arg) -> bool {
+    matches!(arg, Short('h')) || matches!(arg, Long(l) if l == "help")
+}
+
 fn unexpected(arg: Arg) -> UsageError {
     match arg {
         Short(c) => UsageError(format!("invalid option '-{c}'")),
@@ -315,34 +320,17 @@ where
         if parse_global(&arg, &mut parser, &mut global)? {
             continue;
         }
-        match arg {
-            Short('h') => {
-                return Ok(Args {
-                    global,
-                    command: Command::Help(None),
-                });
-            }
-            Long(ref l) if l == "help" => {
-                return Ok(Args {
-                    global,
-                    command: Command::Help(None),
-                });
-            }
-            Short('V') => {
-                return Ok(Args {
-                    global,
-                    command: Command::Version,
-                });
-            }
-            Long(ref l) if l == "version" => {
-                return Ok(Args {
-                    global,
-                    command: Command::Version,
-                });
-            }
+        let early = match arg {
+            ref a if is_help(a) => Command::Help(None),
+            Short('V') => Command::Version,
+            Long(ref l) if l == "version" => Command::Version,
             Value(v) => break string(v, "command")?,
             other => return Err(unexpected(other)),
-        }
+        };
+        return Ok(Args {
+            global,
+            command: early,
+        });
     };
     let command = match command_name.as_str() {
         "connect" => parse_connect(&mut parser, &mut global)?,
@@ -434,14 +422,15 @@ fn parse_connect(parser: &mut lexopt::Parser, g: &mut GlobalArgs) -> Result<Comm
         if parse_global(&arg, parser, g)? {
             continue;
         }
+        if is_help(&arg) {
+            return Ok(help("connect"));
+        }
         let name = match &arg {
-            Short('h') => "help".to_string(),
-            Long(l) if l == "help" || options::has(options::of("connect"), l) => l.clone(),
+            Long(l) if options::has(options::of("connect"), l) => l.clone(),
             Long(_) => return Err(UsageError(format!("connect: {}", unexpected(arg)))),
             _ => String::new(),
         };
         match (name.as_str(), arg) {
-            ("help", _) => return Ok(Command::Help(Some("connect".into()))),
             ("backend", _) => a.backend = Some(string(parser.value()?, "--backend")?),
             ("backend-opt", _) => a
                 .backend_opts
@@ -523,9 +512,10 @@ fn sub_args(
         if parse_global(&arg, parser, g)? {
             continue;
         }
+        if is_help(&arg) {
+            return Ok(None);
+        }
         match arg {
-            Short('h') => return Ok(None),
-            Long(ref l) if l == "help" => return Ok(None),
             Long(ref l) => {
                 if !options::has(options::of(cmd), l) || !flag(l, parser)? {
                     return Err(looks_like_option(cmd, &format!("--{l}")));
