@@ -32,6 +32,7 @@ pub mod runner;
 pub mod shutdown;
 pub mod signal;
 pub mod state;
+mod status_file;
 pub mod timestamp;
 pub mod uuid;
 pub mod wire;

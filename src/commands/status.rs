@@ -15,9 +15,7 @@ use crate::cli::GlobalArgs;
 use crate::config;
 use crate::error::Error;
 use crate::state;
-
-/// Status files larger than this are not a status file.
-const MAX_STATUS_BYTES: u64 = 1024 * 1024;
+use crate::status_file::{IDLE_EVERY, RunState, StatusFile, status_path};
 
 pub(super) fn run(
     g: &GlobalArgs,
@@ -27,13 +25,13 @@ pub(super) fn run(
 ) -> Result<Report, Failure> {
     let ws = config::workspace_id(g, env)?;
     let dir = config::resolve_state_dir(g, env)?;
-    let status_path = crate::runner::status_path(&dir, &ws);
+    let status_path = status_path(&dir, &ws);
     let saved = state::read_state_file(&state::state_path(&dir, &ws), &ws)?;
     let saved_cursor = saved
         .as_ref()
         .map(|s| s.last_since_id.clone())
         .filter(|c| !c.is_empty());
-    let Some(doc) = read_status(&status_path)? else {
+    let Some(file) = StatusFile::read(&status_path).map_err(Failure::runtime)? else {
         return Err(Failure::new(Error::Runtime(format!(
             "status: no status file at {}: molecule connect is not running for workspace {ws} \
              with this state dir (or never ran; check --state-dir / MOLECULE_STATE_DIR)",
@@ -43,167 +41,31 @@ pub(super) fn run(
         .with("saved_cursor", saved_cursor));
     };
 
-    let now = unix_now();
-    let num = |k: &str| doc.get(k).and_then(Value::as_u64);
-    let interval_ms = num("poll_interval_ms").unwrap_or(1000);
-    // Three poll intervals (at least 3 s), plus the time the connector may take to
-    // refresh the file while idle.
-    let limit = stale_after.unwrap_or_else(|| {
-        (3 * interval_ms).div_ceil(1000).max(3) + crate::runner::STATUS_IDLE_REFRESH.as_secs()
-    });
-    let last_poll = num("last_poll_ok");
-    let poll_age = last_poll.map(|t| now.saturating_sub(t));
-    let running = doc.get("state").and_then(Value::as_str) == Some("running");
-    // A bounded run (--once, --max-messages, --idle-exit) that finished cleanly is
-    // healthy as long as its last poll is recent: cron runs it again.
-    let finished = doc.get("state").and_then(Value::as_str) == Some("stopped")
-        && doc.get("stop_reason").and_then(Value::as_str) == Some("finished");
-    let alive = num("pid").is_some_and(process_alive);
-    let problem = if finished {
-        match poll_age {
-            Some(age) if age <= limit => None,
-            Some(age) => Some(format!(
-                "last run finished; its last successful poll was {age} s ago (limit {limit} s)"
-            )),
-            None => Some("the last run finished without a successful poll".to_string()),
-        }
-    } else if !running {
-        Some(format!(
-            "the connector stopped ({})",
-            doc.get("stop_reason")
-                .and_then(Value::as_str)
-                .unwrap_or("no reason recorded")
-        ))
-    } else if !alive {
-        Some("the connector's process is gone (killed or crashed)".to_string())
-    } else if let Some(e) = doc.get("state_error").and_then(Value::as_str) {
-        Some(format!(
-            "state cannot be written ({e}); intake is paused until it can"
-        ))
-    } else {
-        match poll_age {
-            None => Some("the connector has not completed a poll yet".to_string()),
-            Some(age) if age > limit => Some(format!(
-                "last successful poll was {age} s ago (limit {limit} s)"
-            )),
-            Some(_) => None,
-        }
-    };
-
-    let ago = |k: &str| {
-        num(k).map_or("never".to_string(), |t| {
-            format!("{} s ago", now.saturating_sub(t))
-        })
-    };
-    let text = |k: &str| doc.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-    let mut rows = vec![
-        vec!["workspace:".to_string(), ws.clone()],
-        vec![
-            "state:".to_string(),
-            match &problem {
-                None if finished => "finished a bounded run (cron)".to_string(),
-                None => "running".to_string(),
-                Some(p) => format!("STALE: {p}"),
-            },
-        ],
-        vec!["last poll:".to_string(), ago("last_poll_ok")],
-        vec!["last heartbeat:".to_string(), ago("last_heartbeat_ok")],
-        vec![
-            "cursor:".to_string(),
-            doc.get("cursor")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .or(saved_cursor.clone())
-                .unwrap_or_else(|| "none (cold start)".to_string()),
-        ],
-        vec![
-            "messages:".to_string(),
-            format!(
-                "{} handled, {} failed, {} dead-lettered, {} in flight",
-                num("handled").unwrap_or(0),
-                num("failed").unwrap_or(0),
-                num("dead_lettered").unwrap_or(0),
-                num("in_flight").unwrap_or(0)
-            ),
-        ],
-        vec![
-            "wedged:".to_string(),
-            if doc.get("wedged").and_then(Value::as_bool) == Some(true) {
-                "yes"
-            } else {
-                "no"
-            }
-            .to_string(),
-        ],
-    ];
-    if let Some(w) = doc.get("wake").filter(|w| w.is_object()) {
-        let wtext = |k: &str| w.get(k).and_then(Value::as_str).unwrap_or("");
-        let how = match w.get("events_connected_since").and_then(Value::as_u64) {
-            Some(t) => format!(
-                "events (stream connected {} s ago, {} events seen)",
-                now.saturating_sub(t),
-                w.get("events_seen").and_then(Value::as_u64).unwrap_or(0)
-            ),
-            None => format!("polling: {}", wtext("polling_because")),
-        };
-        rows.push(vec![
-            "wake:".to_string(),
-            format!("{how}; --wake {}", wtext("mode")),
-        ]);
-    }
-    if let Some(r) = doc
-        .get("rate_budget")
-        .filter(|r| r.get("limit").is_some_and(|l| !l.is_null()))
-    {
-        let n = |k: &str| {
-            r.get(k).map_or("?".to_string(), |v| match v {
-                Value::String(s) => s.clone(),
-                Value::Null => "?".to_string(),
-                other => other.to_string(),
-            })
-        };
-        rows.push(vec![
-            "rate budget:".to_string(),
-            format!(
-                "limit {}, remaining {}, reset in {} s (as last seen); {} waited, {} x 429",
-                n("limit"),
-                n("remaining"),
-                n("reset_secs"),
-                n("waited"),
-                n("rate_limited")
-            ),
-        ]);
-    }
-    if let Some(seq) = doc.get("last_acked_seq").and_then(Value::as_i64) {
-        rows.push(vec!["acked seq:".to_string(), seq.to_string()]);
-    }
-    let last_error = text("last_error");
-    if !last_error.is_empty() {
-        rows.push(vec!["last error:".to_string(), last_error]);
-    }
+    let health = Health::judge(&file, unix_now(), stale_after);
+    let doc = file.to_json();
     // The same rendering as `connect --metrics-file`, from the same document.
     let human = if prometheus {
         crate::metrics::render(&[crate::metrics::Sample {
             doc: &doc,
-            up: problem.is_none(),
+            up: health.problem.is_none(),
         }])
     } else {
-        table(&rows)
+        table(&rows(&ws, &file, &health, saved_cursor.as_deref()))
     };
-    let mut out = doc.clone();
+    let mut out = doc;
     if let Some(m) = out.as_object_mut() {
-        m.insert("ok".into(), Value::Bool(problem.is_none()));
-        m.insert("stale".into(), Value::Bool(problem.is_some()));
-        m.insert("stale_after_secs".into(), json!(limit));
-        m.insert("last_poll_age_secs".into(), json!(poll_age));
-        m.insert("process_alive".into(), json!(alive));
+        m.insert("ok".into(), Value::Bool(health.problem.is_none()));
+        m.insert("stale".into(), Value::Bool(health.problem.is_some()));
+        m.insert("stale_after_secs".into(), json!(health.limit));
+        m.insert("last_poll_age_secs".into(), json!(health.poll_age));
+        m.insert("process_alive".into(), json!(health.alive));
         m.insert("saved_cursor".into(), json!(saved_cursor));
         m.insert(
             "status_file".into(),
             json!(status_path.display().to_string()),
         );
     }
-    match problem {
+    match health.problem {
         None => Ok(Report { json: out, human }),
         Some(p) => {
             let mut f = Failure::new(Error::Runtime(format!("status: workspace {ws}: {p}")));
@@ -218,29 +80,145 @@ pub(super) fn run(
     }
 }
 
-/// The status file as JSON; `None` if there is none.
-fn read_status(path: &Path) -> Result<Option<Value>, Failure> {
-    let meta = match fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(Failure::runtime(format!(
-                "status file {}: {e}",
-                path.display()
-            )));
+/// What the status file says about the connector, judged at `now`.
+struct Health {
+    now: u64,
+    /// Staleness limit for the last poll, seconds.
+    limit: u64,
+    poll_age: Option<u64>,
+    /// The connector's process still exists.
+    alive: bool,
+    /// A bounded run (--once, --max-messages, --idle-exit) that finished cleanly.
+    finished: bool,
+    /// Why it is not healthy; `None`: healthy.
+    problem: Option<String>,
+}
+
+impl Health {
+    fn judge(file: &StatusFile, now: u64, stale_after: Option<u64>) -> Health {
+        let interval_ms = file.poll_interval_ms.unwrap_or(1000);
+        // Three poll intervals (at least 3 s), plus the time the connector may take to
+        // refresh the file while idle.
+        let limit = stale_after
+            .unwrap_or_else(|| (3 * interval_ms).div_ceil(1000).max(3) + IDLE_EVERY.as_secs());
+        let poll_age = file.last_poll_ok.map(|t| now.saturating_sub(t));
+        let running = file.state == RunState::Running;
+        // A finished bounded run is healthy as long as its last poll is recent: cron
+        // runs it again.
+        let finished =
+            file.state == RunState::Stopped && file.stop_reason.as_deref() == Some("finished");
+        let alive = file.pid != 0 && process_alive(u64::from(file.pid));
+        let problem = if finished {
+            match poll_age {
+                Some(age) if age <= limit => None,
+                Some(age) => Some(format!(
+                    "last run finished; its last successful poll was {age} s ago (limit {limit} s)"
+                )),
+                None => Some("the last run finished without a successful poll".to_string()),
+            }
+        } else if !running {
+            Some(format!(
+                "the connector stopped ({})",
+                file.stop_reason.as_deref().unwrap_or("no reason recorded")
+            ))
+        } else if !alive {
+            Some("the connector's process is gone (killed or crashed)".to_string())
+        } else if let Some(e) = &file.state_error {
+            Some(format!(
+                "state cannot be written ({e}); intake is paused until it can"
+            ))
+        } else {
+            match poll_age {
+                None => Some("the connector has not completed a poll yet".to_string()),
+                Some(age) if age > limit => Some(format!(
+                    "last successful poll was {age} s ago (limit {limit} s)"
+                )),
+                Some(_) => None,
+            }
+        };
+        Health {
+            now,
+            limit,
+            poll_age,
+            alive,
+            finished,
+            problem,
         }
-    };
-    if meta.len() > MAX_STATUS_BYTES {
-        return Err(Failure::runtime(format!(
-            "status file {}: too large",
-            path.display()
-        )));
     }
-    let raw = fs::read(path)
-        .map_err(|e| Failure::runtime(format!("status file {}: {e}", path.display())))?;
-    serde_json::from_slice(&raw)
-        .map(Some)
-        .map_err(|e| Failure::runtime(format!("status file {}: not JSON: {e}", path.display())))
+}
+
+/// The text table.
+fn rows(ws: &str, f: &StatusFile, h: &Health, saved_cursor: Option<&str>) -> Vec<Vec<String>> {
+    let ago = |t: Option<u64>| {
+        t.map_or("never".to_string(), |t| {
+            format!("{} s ago", h.now.saturating_sub(t))
+        })
+    };
+    let row = |k: &str, v: String| vec![k.to_string(), v];
+    let mut rows = vec![
+        row("workspace:", ws.to_string()),
+        row(
+            "state:",
+            match &h.problem {
+                None if h.finished => "finished a bounded run (cron)".to_string(),
+                None => "running".to_string(),
+                Some(p) => format!("STALE: {p}"),
+            },
+        ),
+        row("last poll:", ago(f.last_poll_ok)),
+        row("last heartbeat:", ago(f.last_heartbeat_ok)),
+        row(
+            "cursor:",
+            f.cursor
+                .as_deref()
+                .or(saved_cursor)
+                .unwrap_or("none (cold start)")
+                .to_string(),
+        ),
+        row(
+            "messages:",
+            format!(
+                "{} handled, {} failed, {} dead-lettered, {} in flight",
+                f.handled, f.failed, f.dead_lettered, f.in_flight
+            ),
+        ),
+        row("wedged:", if f.wedged { "yes" } else { "no" }.to_string()),
+    ];
+    if let Some(w) = &f.wake {
+        let how = match w.events_connected_since {
+            Some(t) => format!(
+                "events (stream connected {} s ago, {} events seen)",
+                h.now.saturating_sub(t),
+                w.events_seen
+            ),
+            None => format!("polling: {}", w.polling_because.as_deref().unwrap_or("")),
+        };
+        rows.push(row("wake:", format!("{how}; --wake {}", w.mode)));
+    }
+    if let Some(r) = f.rate_budget.as_ref().filter(|r| !r.limit.is_null()) {
+        let n = |v: Option<u64>| v.map_or("?".to_string(), |n| n.to_string());
+        let limit = match &r.limit {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        rows.push(row(
+            "rate budget:",
+            format!(
+                "limit {limit}, remaining {}, reset in {} s (as last seen); {} waited, {} x 429",
+                n(r.remaining),
+                n(r.reset_secs),
+                r.waited,
+                r.rate_limited
+            ),
+        ));
+    }
+    if let Some(seq) = f.last_acked_seq {
+        rows.push(row("acked seq:", seq.to_string()));
+    }
+    if !f.last_error.is_empty() {
+        rows.push(row("last error:", f.last_error.clone()));
+    }
+    rows
 }
 
 fn unix_now() -> u64 {

@@ -44,6 +44,7 @@ use crate::lru::Lru;
 use crate::peers::{Cached, PeerCache};
 use crate::shutdown::{Shutdown, StopReason};
 use crate::state::{StateError, write_atomic};
+use crate::status_file::DelegationCounts;
 
 use super::status::{RuntimeStatus, SharedStatus};
 
@@ -194,15 +195,15 @@ pub struct Counters {
 
 impl Counters {
     /// The `delegations` object of the status file.
-    pub fn to_json(&self) -> Value {
+    pub fn report(&self) -> DelegationCounts {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        json!({
-            "pending": get(&self.pending),
-            "delivered": get(&self.delivered),
-            "logged": get(&self.logged),
-            "foreign_skipped": get(&self.foreign_skipped),
-            "given_up": get(&self.given_up),
-        })
+        DelegationCounts {
+            pending: get(&self.pending),
+            delivered: get(&self.delivered),
+            logged: get(&self.logged),
+            foreign_skipped: get(&self.foreign_skipped),
+            given_up: get(&self.given_up),
+        }
     }
 
     fn add(a: &AtomicU64) {

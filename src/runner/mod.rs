@@ -31,8 +31,8 @@ use crate::shutdown::{Shutdown, StopReason, ThreadGuard};
 use crate::signal::{self, Signal};
 use crate::state::{self, InstanceLock, StateError, Store};
 
+pub use crate::status_file::status_path;
 pub use auth::reload_token;
-pub use report::{IDLE_EVERY as STATUS_IDLE_REFRESH, status_path};
 pub use status::{RuntimeStatus, SharedStatus, WEDGE_AFTER};
 pub use supervise::METRICS_EVERY;
 

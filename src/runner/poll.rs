@@ -24,6 +24,7 @@ use super::dispatch::Finish;
 use super::report::Reporter;
 use super::status::{RuntimeStatus, SharedStatus};
 use super::supervise::Progress;
+use crate::status_file::RunState;
 
 /// Rows per page. A full page means more is waiting: fetch again at once.
 const PAGE_LIMIT: u32 = 100;
@@ -260,7 +261,7 @@ impl Poller {
             }
             self.advance_cursor();
             self.maybe_ack(false);
-            self.report("running", None);
+            self.report(RunState::Running, None);
             if let Some(why) = self.finished() {
                 log::info!("{why}: stopping");
                 self.shutdown.trigger(StopReason::Finished);
@@ -293,7 +294,7 @@ impl Poller {
                 Duration::from_secs(3600)
             };
             // The status file stays fresh between rare polls (event wake-ups).
-            wait = wait.min(super::report::IDLE_EVERY);
+            wait = wait.min(crate::status_file::IDLE_EVERY);
             // The idle deadline only matters when nothing is running: a long backend
             // run must not turn this wait into a spin.
             if let Some(idle) = self.settings.idle_exit
@@ -339,13 +340,13 @@ impl Poller {
             Some(StopReason::Signal) => Some("signal".to_string()),
             None => None,
         };
-        self.report("stopped", reason.as_deref());
+        self.report(RunState::Stopped, reason.as_deref());
     }
 
-    fn report(&mut self, state: &str, stop_reason: Option<&str>) {
+    fn report(&mut self, state: RunState, stop_reason: Option<&str>) {
         let cursor = self.store().cursor().map(str::to_string);
         let in_flight = self.order.outstanding();
-        if state == "running" {
+        if state == RunState::Running {
             self.reporter.maybe_write(
                 &self.status,
                 Some(self.client.stats()),

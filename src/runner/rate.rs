@@ -12,10 +12,11 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::api::{Class, Limit, Pacer, RateHeaders};
 use crate::shutdown::Shutdown;
+use crate::status_file::RateReport;
 
 /// The window assumed when a reset time is not known (the platform's is 60 s).
 const WINDOW: Duration = Duration::from_secs(60);
@@ -90,18 +91,24 @@ impl RateBudget {
 
     /// What the status file shows: limit, remaining and reset as last seen, the
     /// reserve, and how many requests waited or met a 429.
-    pub fn to_json(&self) -> Value {
+    pub fn report(&self) -> RateReport {
         let b = self.lock();
         let now = Instant::now();
-        json!({
-            "limit": if b.unlimited { json!("unlimited") } else { json!(b.limit) },
-            "remaining": b.last_remaining,
-            "reset_secs": b.limit.map(|_| b.reset_at.saturating_duration_since(now).as_secs()),
-            "reserve_pct": self.reserve_pct,
-            "workspaces": b.members,
-            "waited": b.waited,
-            "rate_limited": b.rate_limited,
-        })
+        RateReport {
+            limit: if b.unlimited {
+                json!("unlimited")
+            } else {
+                json!(b.limit)
+            },
+            remaining: b.last_remaining,
+            reset_secs: b
+                .limit
+                .map(|_| b.reset_at.saturating_duration_since(now).as_secs()),
+            reserve_pct: self.reserve_pct,
+            workspaces: b.members,
+            waited: b.waited,
+            rate_limited: b.rate_limited,
+        }
     }
 
     /// Blocks until a request of `class` may go, or `shutdown` is triggered (then it
@@ -227,6 +234,11 @@ impl Pacer for Member {
 mod tests {
     use super::*;
 
+    /// The `rate_budget` object as the status file has it.
+    fn json(b: &RateBudget) -> serde_json::Value {
+        serde_json::to_value(b.report()).unwrap()
+    }
+
     fn headers(limit: u64, remaining: u64, reset: u64) -> Option<RateHeaders> {
         Some(RateHeaders {
             limit: Some(Limit::PerWindow(limit)),
@@ -252,8 +264,8 @@ mod tests {
             p.before(Class::Read);
             p.after(None);
         }
-        assert_eq!(b.to_json()["limit"], "unlimited");
-        assert_eq!(b.to_json()["waited"], 0);
+        assert_eq!(json(&b)["limit"], "unlimited");
+        assert_eq!(json(&b)["waited"], 0);
     }
 
     #[test]
@@ -276,7 +288,7 @@ mod tests {
         p.after(None);
         p.before(Class::Answer);
         p.after(None);
-        assert_eq!(b.to_json()["waited"], 0);
+        assert_eq!(json(&b)["waited"], 0);
     }
 
     #[test]
@@ -297,7 +309,7 @@ mod tests {
         p.before(Class::Read); // spaced to seconds from now: only the stop ends it
         p.after(None);
         t.join().unwrap();
-        let j = b.to_json();
+        let j = json(&b);
         assert_eq!(j["waited"], 1);
         assert_eq!(j["remaining"], 10);
         assert_eq!(j["limit"], 600);
@@ -314,6 +326,6 @@ mod tests {
             ..headers(600, 0, 30).unwrap()
         }));
         assert_eq!(b.lock().remaining, 0);
-        assert_eq!(b.to_json()["rate_limited"], 1);
+        assert_eq!(json(&b)["rate_limited"], 1);
     }
 }

@@ -1,28 +1,21 @@
-//! The status file `<state-dir>/<id>.status.json`: what a watchdog or `molecule
-//! status` needs to tell a healthy connector from a stuck one (last good poll and
-//! heartbeat, cursor, counters, in-flight, last error, wedged; the peer cache's size
-//! and the delegation tracker's counters). Rewritten atomically at most once a
-//! second; advisory, so not fsynced.
+//! Writes the status file (its type: `crate::status_file`): what a watchdog or
+//! `molecule status` needs to tell a healthy connector from a stuck one (last good
+//! poll and heartbeat, cursor, counters, in-flight, last error, wedged; the peer
+//! cache's size and the delegation tracker's counters). Rewritten at most once a
+//! second.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
 
 use super::status::{Counters, RuntimeStatus, SharedStatus};
 use crate::api::RequestStats;
+use crate::status_file::{IDLE_EVERY, PeerCacheReport, RunState, StatusFile, status_path, unix};
 
 /// How often the file is rewritten while running.
 const EVERY: Duration = Duration::from_secs(1);
-/// How often the file is rewritten when nothing but the times changed; `molecule
-/// status` adds this to its staleness limit.
-pub const IDLE_EVERY: Duration = Duration::from_secs(5);
-
-/// `<dir>/<workspace-id>.status.json`.
-pub fn status_path(dir: &Path, workspace_id: &str) -> PathBuf {
-    dir.join(format!("{workspace_id}.status.json"))
-}
 
 /// Writes the status file on a schedule.
 pub struct Reporter {
@@ -42,7 +35,7 @@ pub struct Reporter {
     /// The last write failed (logged once, not every second).
     failing: bool,
     /// The last document written, for the process's metrics file.
-    published: Option<Arc<Mutex<Value>>>,
+    published: Option<Arc<Mutex<Option<StatusFile>>>>,
 }
 
 impl Reporter {
@@ -65,7 +58,7 @@ impl Reporter {
     }
 
     /// Also keeps every document written in `slot` (the metrics file renders it).
-    pub fn with_published(mut self, slot: Arc<Mutex<Value>>) -> Self {
+    pub fn with_published(mut self, slot: Arc<Mutex<Option<StatusFile>>>) -> Self {
         self.published = Some(slot);
         self
     }
@@ -134,66 +127,55 @@ impl Reporter {
         };
         if due {
             self.fingerprint = fingerprint;
-            self.write(status, requests, cursor, in_flight, "running", None);
+            self.write(status, requests, cursor, in_flight, RunState::Running, None);
         }
     }
 
-    /// Rewrites the file now; `state` is `running` or `stopped`.
+    /// Rewrites the file now.
     pub fn write(
         &mut self,
         status: &SharedStatus,
         requests: Option<&RequestStats>,
         cursor: Option<&str>,
         in_flight: usize,
-        state: &str,
+        state: RunState,
         stop_reason: Option<&str>,
     ) {
         let (c, active, wedged) = RuntimeStatus::snapshot(status);
-        let mut doc = json!({
-            "workspace_id": self.workspace_id,
-            "pid": std::process::id(),
-            "state": state,
-            "stop_reason": stop_reason,
-            "started_at": unix(Some(self.started)),
-            "updated_at": unix(Some(SystemTime::now())),
-            "poll_interval_ms": u64::try_from(self.poll_interval().as_millis()).unwrap_or(u64::MAX),
-            "last_poll_ok": unix(c.last_poll_ok),
-            "last_heartbeat_ok": unix(c.last_heartbeat_ok),
-            "cursor": cursor,
-            "handled": c.handled,
-            "failed": c.failed,
-            "dead_lettered": c.dead_lettered,
-            "in_flight": in_flight,
-            "active_tasks": active,
-            "last_error": c.last_error,
-            "wedged": wedged,
-            "state_error": c.state_error,
-            "last_acked_seq": c.last_acked_seq,
-            "metrics": metrics_json(&c, requests),
-        });
-        if let Some(p) = &self.peers {
-            doc["peer_cache"] = json!({
-                "size": p.len(),
-                "capacity": p.capacity(),
-                "high_water": p.high_water(),
-                "in_flight": p.in_flight(),
-            });
-        }
-        if let Some(d) = &self.delegations {
-            doc["delegations"] = d.to_json();
-        }
-        if let Some((w, _)) = &self.wake {
-            doc["wake"] = w.to_json();
-        }
-        if let Some(r) = &self.rate {
-            doc["rate_budget"] = r.to_json();
-        }
-        let bytes = format!("{doc:#}\n");
-        let written = crate::state::write_file(&self.path, bytes.as_bytes(), false)
-            // On a full disk a new file cannot be made, but the old one's blocks can
-            // be overwritten, so `molecule status` still learns why intake stopped.
-            .or_else(|_| crate::state::overwrite_in_place(&self.path, bytes.as_bytes()));
-        match written {
+        let doc = StatusFile {
+            workspace_id: self.workspace_id.clone(),
+            pid: std::process::id(),
+            state,
+            stop_reason: stop_reason.map(str::to_string),
+            started_at: unix(Some(self.started)),
+            updated_at: unix(Some(SystemTime::now())),
+            poll_interval_ms: Some(
+                u64::try_from(self.poll_interval().as_millis()).unwrap_or(u64::MAX),
+            ),
+            last_poll_ok: unix(c.last_poll_ok),
+            last_heartbeat_ok: unix(c.last_heartbeat_ok),
+            cursor: cursor.map(str::to_string),
+            handled: c.handled,
+            failed: c.failed,
+            dead_lettered: c.dead_lettered,
+            in_flight: in_flight as u64,
+            active_tasks: active,
+            last_error: c.last_error.clone(),
+            wedged,
+            state_error: c.state_error.clone(),
+            last_acked_seq: c.last_acked_seq,
+            metrics: metrics_json(&c, requests),
+            peer_cache: self.peers.as_ref().map(|p| PeerCacheReport {
+                size: p.len(),
+                capacity: p.capacity(),
+                high_water: p.high_water(),
+                in_flight: p.in_flight(),
+            }),
+            delegations: self.delegations.as_ref().map(|d| d.report()),
+            wake: self.wake.as_ref().map(|(w, _)| w.report()),
+            rate_budget: self.rate.as_ref().map(|r| r.report()),
+        };
+        match doc.write(&self.path) {
             Ok(()) => self.failing = false,
             Err(e) if !self.failing => {
                 self.failing = true;
@@ -202,7 +184,7 @@ impl Reporter {
             Err(_) => {}
         }
         if let Some(slot) = &self.published {
-            *slot.lock().unwrap_or_else(PoisonError::into_inner) = doc;
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(doc);
         }
         self.last_write = Some(Instant::now());
     }
@@ -211,18 +193,13 @@ impl Reporter {
 /// Records in the status file that the workspace stopped with `reason`, unless this
 /// process's poll thread already wrote its own final status (which has the counters).
 pub fn record_stop(dir: &Path, workspace_id: &str, poll_interval: Duration, reason: &str) {
-    let path = status_path(dir, workspace_id);
     // A forced stop overrides whatever the poll thread managed to write.
     let forced = reason.starts_with("forced");
     let already = !forced
-        && std::fs::read(&path)
+        && StatusFile::read(&status_path(dir, workspace_id))
             .ok()
-            .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
-            .is_some_and(|v| {
-                v.get("state").and_then(serde_json::Value::as_str) == Some("stopped")
-                    && v.get("pid").and_then(serde_json::Value::as_u64)
-                        == Some(u64::from(std::process::id()))
-            });
+            .flatten()
+            .is_some_and(|f| f.state == RunState::Stopped && f.pid == std::process::id());
     if already {
         return;
     }
@@ -233,7 +210,7 @@ pub fn record_stop(dir: &Path, workspace_id: &str, poll_interval: Duration, reas
         None,
         None,
         0,
-        "stopped",
+        RunState::Stopped,
         Some(reason),
     );
 }
@@ -241,15 +218,13 @@ pub fn record_stop(dir: &Path, workspace_id: &str, poll_interval: Duration, reas
 /// Brings a published document's counters and times up to date (the metrics file is
 /// written more often than an idle status file, and once more after every thread
 /// has stopped).
-pub fn refresh(doc: &mut Value, status: &SharedStatus, requests: &RequestStats) {
+pub fn refresh(doc: &mut StatusFile, status: &SharedStatus, requests: &RequestStats) {
     let (c, active, wedged) = RuntimeStatus::snapshot(status);
-    if let Some(m) = doc.as_object_mut() {
-        m.insert("last_poll_ok".into(), json!(unix(c.last_poll_ok)));
-        m.insert("last_heartbeat_ok".into(), json!(unix(c.last_heartbeat_ok)));
-        m.insert("active_tasks".into(), json!(active));
-        m.insert("wedged".into(), json!(wedged));
-        m.insert("metrics".into(), metrics_json(&c, Some(requests)));
-    }
+    doc.last_poll_ok = unix(c.last_poll_ok);
+    doc.last_heartbeat_ok = unix(c.last_heartbeat_ok);
+    doc.active_tasks = active;
+    doc.wedged = wedged;
+    doc.metrics = metrics_json(&c, Some(requests));
 }
 
 /// The counters `molecule_*` metrics are rendered from (see `metrics.rs`).
@@ -277,9 +252,4 @@ fn metrics_json(c: &Counters, requests: Option<&RequestStats>) -> Value {
         "backend_seconds": c.backend_seconds.to_json(),
         "inbound_to_reply_seconds": c.inbound_to_reply_seconds.to_json(),
     })
-}
-
-pub(super) fn unix(t: Option<SystemTime>) -> Option<u64> {
-    t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_secs())
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::notify::Notifier;
+use crate::status_file::RunState;
 
 use super::status::{RuntimeStatus, SharedStatus};
 
@@ -65,7 +66,7 @@ pub struct Watched {
     /// The heartbeat loop.
     pub heartbeat: Arc<Progress>,
     /// The last status document, for the metrics file.
-    pub doc: Arc<Mutex<Value>>,
+    pub doc: Arc<Mutex<Option<crate::status_file::StatusFile>>>,
     /// Its platform client (request counters).
     pub client: crate::api::Client,
     /// Whether its event stream is wanted and up.
@@ -266,24 +267,23 @@ impl Supervisor {
         let Some(path) = &self.metrics_file else {
             return;
         };
-        let docs: Vec<Value> = self
+        let docs: Vec<(Value, bool)> = self
             .inner()
             .watched
             .iter()
             .filter_map(|w| {
-                let mut doc = w.doc.lock().unwrap_or_else(PoisonError::into_inner).clone();
-                doc.is_object().then(|| {
-                    super::report::refresh(&mut doc, &w.status, w.client.stats());
-                    doc
-                })
+                let mut doc = w
+                    .doc
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone()?;
+                super::report::refresh(&mut doc, &w.status, w.client.stats());
+                Some((doc.to_json(), doc.state == RunState::Running))
             })
             .collect();
         let samples: Vec<crate::metrics::Sample<'_>> = docs
             .iter()
-            .map(|doc| crate::metrics::Sample {
-                doc,
-                up: doc.get("state").and_then(Value::as_str) == Some("running"),
-            })
+            .map(|(doc, up)| crate::metrics::Sample { doc, up: *up })
             .collect();
         let text = crate::metrics::render(&samples);
         // Logged when it starts failing and when it works again, not every 5 s.

@@ -11,14 +11,13 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde_json::{Value, json};
-
 use crate::api::Client;
 use crate::backoff::Backoff;
 use crate::config::WakeMode;
 use crate::error::EXIT_TOO_OLD;
 use crate::events::{End, EventStream};
 use crate::shutdown::{Shutdown, StopReason};
+use crate::status_file::{WakeReport, unix};
 
 use super::delegations::Waker;
 use super::poll;
@@ -100,17 +99,16 @@ impl WakeState {
         self.info().events += 1;
     }
 
-    /// For the status file: `{"mode", "events_connected_since" | "polling_because",
-    /// "events_seen", "stream_losses"}`.
-    pub fn to_json(&self) -> Value {
+    /// The `wake` part of the status file.
+    pub fn report(&self) -> WakeReport {
         let i = self.info().clone();
-        json!({
-            "mode": self.mode.as_str(),
-            "events_connected_since": super::report::unix(i.connected_since),
-            "polling_because": i.polling_because,
-            "events_seen": i.events,
-            "stream_losses": i.reconnects,
-        })
+        WakeReport {
+            mode: self.mode.as_str().to_string(),
+            events_connected_since: unix(i.connected_since),
+            polling_because: i.polling_because,
+            events_seen: i.events,
+            stream_losses: i.reconnects,
+        }
     }
 
     /// A short summary that changes when the state does (status-file fingerprint).
@@ -297,26 +295,31 @@ fn listen(
 mod tests {
     use super::*;
 
+    /// The `wake` object as the status file has it.
+    fn json(s: &WakeState) -> serde_json::Value {
+        serde_json::to_value(s.report()).unwrap()
+    }
+
     #[test]
     fn state_reports_mode_connection_and_why_polling() {
         let s = WakeState::new(WakeMode::Auto);
         assert!(!s.stream_up());
         assert_eq!(
-            s.to_json()["polling_because"],
+            json(&s)["polling_because"],
             "event stream not connected yet"
         );
         let before = s.fingerprint();
         s.connected();
         assert!(s.stream_up());
         assert_ne!(s.fingerprint(), before);
-        let j = s.to_json();
+        let j = json(&s);
         assert_eq!(j["mode"], "auto");
         assert!(j["events_connected_since"].is_number(), "{j}");
         assert!(j["polling_because"].is_null());
         s.polling("event stream lost: closed".into());
         assert!(!s.stream_up());
-        assert_eq!(s.to_json()["stream_losses"], 1);
+        assert_eq!(json(&s)["stream_losses"], 1);
         let p = WakeState::new(WakeMode::Poll);
-        assert_eq!(p.to_json()["polling_because"], "--wake poll");
+        assert_eq!(json(&p)["polling_because"], "--wake poll");
     }
 }
