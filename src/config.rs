@@ -198,73 +198,64 @@ pub fn connect_config(
     let backend = a.backend.clone().unwrap_or_else(|| "claude-code".into());
     let backend_opts = backend_opts(&a.backend_opts)?;
     let interval_ms = a.interval_ms.unwrap_or(1000);
-    if !(10..=3_600_000).contains(&interval_ms) {
-        return Err(ConfigError(format!(
-            "--interval-ms {interval_ms}: must be between 10 and 3600000"
-        )));
-    }
+    let interval_ms = Between(10, 3_600_000).check(
+        format_args!("--interval-ms {interval_ms}"),
+        interval_ms,
+        "",
+    )?;
     let since_secs = a.since_secs.unwrap_or(30);
-    if !(1..=30 * 86_400).contains(&since_secs) {
-        return Err(ConfigError(format!(
-            "--since-secs {since_secs}: must be between 1 and 2592000 (30 days)"
-        )));
-    }
+    let since_secs = Between(1, 30 * 86_400).check(
+        format_args!("--since-secs {since_secs}"),
+        since_secs,
+        " (30 days)",
+    )?;
     let heartbeat_secs = a.heartbeat_secs.unwrap_or(20);
-    if !(1..=120).contains(&heartbeat_secs) {
-        return Err(ConfigError(format!(
-            "--heartbeat-secs {heartbeat_secs}: must be between 1 and 120 (the platform marks a workspace offline after 180 s)"
-        )));
-    }
+    let heartbeat_secs = Between(1, 120).check(
+        format_args!("--heartbeat-secs {heartbeat_secs}"),
+        heartbeat_secs,
+        " (the platform marks a workspace offline after 180 s)",
+    )?;
     let drain_secs = a.drain_timeout_secs.unwrap_or(30);
-    if drain_secs > 3600 {
-        return Err(ConfigError(format!(
-            "--drain-timeout {drain_secs}: at most 3600"
-        )));
-    }
+    let drain_secs =
+        AtMost(3600).check(format_args!("--drain-timeout {drain_secs}"), drain_secs, "")?;
     let max_attempts = a.max_attempts.unwrap_or(3);
-    if !(1..=100).contains(&max_attempts) {
-        return Err(ConfigError(format!(
-            "--max-attempts {max_attempts}: must be between 1 and 100"
-        )));
-    }
+    let max_attempts = Between(1, 100).check(
+        format_args!("--max-attempts {max_attempts}"),
+        max_attempts,
+        "",
+    )?;
     let concurrency = a.concurrency.unwrap_or(1);
-    if !(1..=64).contains(&concurrency) {
-        return Err(ConfigError(format!(
-            "--concurrency {concurrency}: must be between 1 and 64"
-        )));
+    let concurrency =
+        Between(1, 64).check(format_args!("--concurrency {concurrency}"), concurrency, "")?;
+    if let Some(n) = a.max_messages {
+        AtLeast(1).check(format_args!("--max-messages {n}"), n, "")?;
     }
-    let max_messages = a.max_messages;
-    if max_messages == Some(0) {
-        return Err(ConfigError("--max-messages 0: must be at least 1".into()));
+    if let Some(s) = a.idle_exit_secs {
+        AtLeast(1).check(format_args!("--idle-exit {s}"), s, " second")?;
     }
-    if a.idle_exit_secs == Some(0) {
-        return Err(ConfigError(
-            "--idle-exit 0: must be at least 1 second".into(),
-        ));
-    }
-    if a.lock_wait_secs.is_some_and(|s| s > 86_400) {
-        return Err(ConfigError("--lock-wait: at most 86400 seconds".into()));
+    if let Some(s) = a.lock_wait_secs {
+        AtMost(86_400).check("--lock-wait", s, " seconds")?;
     }
     let delegations_secs = a.delegations_secs.unwrap_or(30);
-    if delegations_secs > 86_400 {
-        return Err(ConfigError(format!(
-            "--delegations-secs {delegations_secs}: at most 86400 (0 turns the tracker off)"
-        )));
-    }
+    let delegations_secs = AtMost(86_400).check(
+        format_args!("--delegations-secs {delegations_secs}"),
+        delegations_secs,
+        " (0 turns the tracker off)",
+    )?;
     let broadcasts_secs = a.broadcasts_secs.unwrap_or(60);
-    if broadcasts_secs > 86_400 {
-        return Err(ConfigError(format!(
-            "--broadcasts-secs {broadcasts_secs}: at most 86400 (0 turns broadcasts off)"
-        )));
-    }
+    let broadcasts_secs = AtMost(86_400).check(
+        format_args!("--broadcasts-secs {broadcasts_secs}"),
+        broadcasts_secs,
+        " (0 turns broadcasts off)",
+    )?;
     let delegations_capacity = a.delegations_capacity.unwrap_or(1024);
     // The platform lists up to 50 delegations: remembering fewer delivered ids could
     // forget one that is still listed and deliver it again.
-    if !(64..=1_000_000).contains(&delegations_capacity) {
-        return Err(ConfigError(format!(
-            "--delegations-capacity {delegations_capacity}: must be between 64 and 1000000"
-        )));
-    }
+    let delegations_capacity = Between(64, 1_000_000).check(
+        format_args!("--delegations-capacity {delegations_capacity}"),
+        delegations_capacity,
+        "",
+    )?;
     let wake = match a.wake.as_deref() {
         None | Some("auto") => WakeMode::Auto,
         Some("events") => WakeMode::Events,
@@ -276,17 +267,17 @@ pub fn connect_config(
         }
     };
     let safety_poll_secs = a.safety_poll_secs.unwrap_or(30);
-    if !(1..=3600).contains(&safety_poll_secs) {
-        return Err(ConfigError(format!(
-            "--safety-poll-secs {safety_poll_secs}: must be between 1 and 3600"
-        )));
-    }
+    let safety_poll_secs = Between(1, 3600).check(
+        format_args!("--safety-poll-secs {safety_poll_secs}"),
+        safety_poll_secs,
+        "",
+    )?;
     let rate_reserve = a.rate_reserve.unwrap_or(30);
-    if rate_reserve > 90 {
-        return Err(ConfigError(format!(
-            "--rate-reserve {rate_reserve}: must be between 0 and 90 (percent of the bucket)"
-        )));
-    }
+    let rate_reserve = Between(0, 90).check(
+        format_args!("--rate-reserve {rate_reserve}"),
+        rate_reserve,
+        " (percent of the bucket)",
+    )?;
     Ok(ConnectConfig {
         common,
         workspace_id,
@@ -301,7 +292,7 @@ pub fn connect_config(
         max_auto_replies: a.max_auto_replies.unwrap_or(20),
         concurrency,
         once: a.once,
-        max_messages,
+        max_messages: a.max_messages,
         idle_exit: a.idle_exit_secs.map(Duration::from_secs),
         lock_wait: Duration::from_secs(a.lock_wait_secs.unwrap_or(0)),
         delegations_every: Duration::from_secs(delegations_secs),
@@ -313,6 +304,44 @@ pub fn connect_config(
         agent_card: a.card_file.as_deref().map(read_card_file).transpose()?,
         broadcasts_every: Duration::from_secs(broadcasts_secs),
     })
+}
+
+/// The values a numeric setting may take. Its error names the range in the same
+/// words for every flag: `must be between A and B`, `at most B`, `must be at least A`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Range<T> {
+    /// `A..=B`.
+    Between(T, T),
+    /// `..=B`.
+    AtMost(T),
+    /// `A..`.
+    AtLeast(T),
+}
+use Range::{AtLeast, AtMost, Between};
+
+impl<T: PartialOrd + Copy + fmt::Display> Range<T> {
+    /// `value` if the range holds it, else the configuration error (exit 2)
+    /// `{what}: {the range}{note}`, where `what` names the flag (and usually the value).
+    pub(crate) fn check(
+        self,
+        what: impl fmt::Display,
+        value: T,
+        note: &str,
+    ) -> Result<T, ConfigError> {
+        let (ok, says) = match self {
+            Between(lo, hi) => (
+                lo <= value && value <= hi,
+                format!("must be between {lo} and {hi}"),
+            ),
+            AtMost(hi) => (value <= hi, format!("at most {hi}")),
+            AtLeast(lo) => (lo <= value, format!("must be at least {lo}")),
+        };
+        if ok {
+            Ok(value)
+        } else {
+            Err(ConfigError(format!("{what}: {says}{note}")))
+        }
+    }
 }
 
 /// Process-wide `connect` settings: what the supervisor is told and where the
@@ -1057,6 +1086,21 @@ mod tests {
         );
         assert!(backend_opts(&["cmd=cat".into(), "x".into()]).is_err());
         assert_eq!(backend_opts(&["cmd=a=b".into()]).unwrap()["cmd"], "a=b");
+    }
+
+    #[test]
+    fn ranges_say_their_shape() {
+        assert_eq!(Between(1, 64).check("--x 9", 9, "").unwrap(), 9);
+        assert_eq!(AtMost(5).check("--x", 5, "").unwrap(), 5);
+        assert_eq!(AtLeast(1).check("--x", u64::MAX, "").unwrap(), u64::MAX);
+        let e = Between(1, 64).check("--concurrency 0", 0, "").unwrap_err();
+        assert_eq!(e.0, "--concurrency 0: must be between 1 and 64");
+        let e = AtMost(86_400)
+            .check("--lock-wait", 86_401, " seconds")
+            .unwrap_err();
+        assert_eq!(e.0, "--lock-wait: at most 86400 seconds");
+        let e = AtLeast(1).check("--idle-exit 0", 0, " second").unwrap_err();
+        assert_eq!(e.0, "--idle-exit 0: must be at least 1 second");
     }
 
     #[test]

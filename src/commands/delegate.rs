@@ -12,6 +12,7 @@ use super::{
 };
 use crate::api::ApiError;
 use crate::cli::{DelegateArgs, DelegationsArgs};
+use crate::config::Range::Between;
 use crate::error::Error;
 
 /// Default and largest `--timeout` for `--wait`.
@@ -33,11 +34,11 @@ pub(super) fn delegate(ctx: &Ctx, a: &DelegateArgs) -> Result<Report, Failure> {
             "delegate: --timeout only makes sense with --wait",
         ));
     }
-    if !(1..=MAX_WAIT_SECS).contains(&timeout_secs) {
-        return Err(Failure::input(format!(
-            "delegate: --timeout {timeout_secs}: must be between 1 and {MAX_WAIT_SECS} seconds"
-        )));
-    }
+    let timeout_secs = Between(1, MAX_WAIT_SECS).check(
+        format_args!("delegate: --timeout {timeout_secs}"),
+        timeout_secs,
+        " seconds",
+    )?;
     let started = ctx.call(|c| c.delegate(&target, &task, key), describe_delegate)?;
     if started.delegation_id.is_empty() {
         return Err(Failure::runtime(

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use super::{Budget, Ctx, Failure, LIST_LIMIT, Report, describe, require_uuid, str_of};
 use crate::cli::HistoryArgs;
+use crate::config::Range::Between;
 use crate::timestamp::{parse_rfc3339 as parse_micros, rfc3339 as format_micros};
 
 const DEFAULT_LIMIT: u32 = 20;
@@ -34,11 +35,7 @@ pub(super) fn run(ctx: &Ctx, a: &HistoryArgs) -> Result<Report, Failure> {
         None => Source::Canvas,
     };
     let limit = a.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(Failure::input(format!(
-            "history: --limit {limit}: must be between 1 and {MAX_LIMIT}"
-        )));
-    }
+    let limit = Between(1, MAX_LIMIT).check(format_args!("history: --limit {limit}"), limit, "")?;
     let mut before = match &a.before {
         Some(t) => Some(parse_micros(t).ok_or_else(|| {
             Failure::input(format!(

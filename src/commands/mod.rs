@@ -26,6 +26,7 @@ use serde_json::{Map, Value};
 use crate::api::{ApiError, Client, ClientConfig};
 use crate::backend::BackendError;
 use crate::cli::{Command, GlobalArgs};
+use crate::config::Range::Between;
 use crate::config::{self, AgentConfig, ConfigError, TokenSource};
 use crate::error::Error;
 use crate::state::StateError;
@@ -350,11 +351,11 @@ impl Budget {
     /// From `--budget` (default 60 s); exit 2 outside 1..=86400.
     fn new(secs: Option<u64>, cmd: &str) -> Result<Budget, Failure> {
         let secs = secs.unwrap_or(DEFAULT_BUDGET_SECS);
-        if !(1..=MAX_BUDGET_SECS).contains(&secs) {
-            return Err(Failure::input(format!(
-                "{cmd}: --budget {secs}: must be between 1 and {MAX_BUDGET_SECS} seconds"
-            )));
-        }
+        let secs = Between(1, MAX_BUDGET_SECS).check(
+            format_args!("{cmd}: --budget {secs}"),
+            secs,
+            " seconds",
+        )?;
         let now = std::time::Instant::now();
         let deadline = now
             .checked_add(std::time::Duration::from_secs(secs))

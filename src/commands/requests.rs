@@ -16,6 +16,7 @@ use super::{
 use crate::api::ApiError;
 use crate::backoff::Backoff;
 use crate::cli::{AskArgs, RequestArgs, RequestsArgs};
+use crate::config::Range::Between;
 use crate::error::Error;
 
 /// Default and largest `--timeout` for `ask --wait`.
@@ -90,11 +91,11 @@ pub(super) fn ask(ctx: &Ctx, a: &AskArgs) -> Result<Report, Failure> {
         ));
     }
     let timeout_secs = a.timeout_secs.unwrap_or(DEFAULT_WAIT_SECS);
-    if !(1..=MAX_WAIT_SECS).contains(&timeout_secs) {
-        return Err(Failure::input(format!(
-            "ask: --timeout {timeout_secs}: must be between 1 and {MAX_WAIT_SECS} seconds"
-        )));
-    }
+    let timeout_secs = Between(1, MAX_WAIT_SECS).check(
+        format_args!("ask: --timeout {timeout_secs}"),
+        timeout_secs,
+        " seconds",
+    )?;
     let body = json!({
         "kind": kind,
         "recipient_type": recipient_type,

@@ -11,6 +11,7 @@ use super::{Ctx, Failure, Report, describe, line, message_text, require_uuid, te
 use crate::api::{ApiError, SendAnswer};
 use crate::backoff::Backoff;
 use crate::cli::SendArgs;
+use crate::config::Range::Between;
 use crate::error::Error;
 
 /// Default total budget for all attempts.
@@ -43,11 +44,11 @@ pub(super) fn run(ctx: &Ctx, a: &SendArgs) -> Result<Report, Failure> {
         }
     };
     let budget_secs = a.budget_secs.unwrap_or(DEFAULT_BUDGET_SECS);
-    if !(1..=MAX_BUDGET_SECS).contains(&budget_secs) {
-        return Err(Failure::input(format!(
-            "send: --budget {budget_secs}: must be between 1 and {MAX_BUDGET_SECS} seconds"
-        )));
-    }
+    let budget_secs = Between(1, MAX_BUDGET_SECS).check(
+        format_args!("send: --budget {budget_secs}"),
+        budget_secs,
+        " seconds",
+    )?;
     let budget = Duration::from_secs(budget_secs);
     let body = crate::inbox::message_send(&message_id, &text, &[], Default::default());
     let sent = Sent {
