@@ -18,6 +18,7 @@ mod supervise;
 mod wake;
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -174,7 +175,7 @@ struct Target {
     handles: Vec<RunHandle>,
     client: Client,
     source: TokenSource,
-    done: mpsc::Sender<&'static str>,
+    done: mpsc::Sender<Done>,
 }
 
 type Ticker = (std::thread::JoinHandle<()>, mpsc::Sender<()>);
@@ -377,7 +378,7 @@ fn run_locked(
     // One run handle per worker, then the delegation tracker's and the broadcast
     // thread's, so a second signal can kill every backend run.
     let run_handles: Vec<RunHandle> = (0..cfg.concurrency + 2).map(|_| RunHandle::new()).collect();
-    let (done_tx, done_rx) = mpsc::channel::<&'static str>();
+    let (done_tx, done_rx) = mpsc::channel::<Done>();
     process.add(Target {
         handles: run_handles.clone(),
         client: client.clone(),
@@ -387,19 +388,19 @@ fn run_locked(
     if !start_delay.is_zero() && shutdown.wait_timeout(start_delay) {
         return Ok(());
     }
-    let result = run_connected(
+    let connected = Connected {
         cfg,
-        client,
-        backend.clone(),
-        store,
-        &shutdown,
-        &run_handles,
-        done_tx,
-        &done_rx,
-        lock,
         process,
-        settled,
-    );
+        status: RuntimeStatus::new(Instant::now()),
+        client,
+        backend: backend.clone(),
+        store,
+        shutdown,
+        run_handles,
+        done: done_tx,
+        threads: Vec::new(),
+    };
+    let result = connected.run(&done_rx, lock, settled);
     // Long-lived backend processes go after the drain: stdin closed, then TERM/KILL.
     backend.stop();
     if let Err(e) = &result {
@@ -415,361 +416,451 @@ fn run_locked(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_connected(
-    cfg: &ConnectConfig,
+/// What ends up on a workspace's done channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Done {
+    /// This thread ended (panic or not).
+    Thread(&'static str),
+    /// A second signal: stop at once, do not wait for the rest.
+    Forced,
+}
+
+/// One locked workspace: what its threads share and the threads started so far. `run`
+/// registers, starts one thread per `start_*` method and drains.
+struct Connected<'a> {
+    cfg: &'a ConnectConfig,
+    process: &'a Process,
+    status: SharedStatus,
     client: Client,
     backend: Arc<dyn Backend>,
     store: Arc<Mutex<Store>>,
-    shutdown: &Shutdown,
-    run_handles: &[RunHandle],
-    done_tx: mpsc::Sender<&'static str>,
-    done_rx: &mpsc::Receiver<&'static str>,
-    lock: InstanceLock,
-    process: &Process,
-    settled: &Arc<AtomicBool>,
-) -> Result<(), Error> {
-    let started = Instant::now();
-    if !register::register(&client, &cfg.common.token_source, shutdown)? {
-        return Ok(()); // stopped by a signal while registering
-    }
-    log::info!(
-        "connected: workspace {} registered in poll mode at {}; backend {}; {}",
-        cfg.workspace_id,
-        cfg.common.api_url,
-        backend.name(),
-        wake_summary(cfg)
-    );
-    backend.start(client.workspace_id(), client.api_url())?;
+    shutdown: Shutdown,
+    /// The workers' run handles, then the tracker's, then the broadcast thread's.
+    run_handles: Vec<RunHandle>,
+    done: mpsc::Sender<Done>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
 
-    let status = RuntimeStatus::new(started);
-    if cfg.once {
-        // Cron mode may finish before the heartbeat thread's first beat: beat now.
-        let hb = RuntimeStatus::heartbeat(&status, &cfg.workspace_id, Instant::now());
-        match client.heartbeat(&hb) {
-            Ok(()) => RuntimeStatus::count(&status, |c| {
+impl Connected<'_> {
+    fn run(
+        mut self,
+        done_rx: &mpsc::Receiver<Done>,
+        lock: InstanceLock,
+        settled: &Arc<AtomicBool>,
+    ) -> Result<(), Error> {
+        let cfg = self.cfg;
+        if !register::register(&self.client, &cfg.common.token_source, &self.shutdown)? {
+            return Ok(()); // stopped by a signal while registering
+        }
+        log::info!(
+            "connected: workspace {} registered in poll mode at {}; backend {}; {}",
+            cfg.workspace_id,
+            cfg.common.api_url,
+            self.backend.name(),
+            wake_summary(cfg)
+        );
+        self.backend
+            .start(self.client.workspace_id(), self.client.api_url())?;
+        if cfg.once {
+            self.beat_now();
+        }
+        // Peer names and delegation results (issue 5). The tracker's and the broadcast
+        // thread's state are read before any thread starts: a corrupt file stops
+        // start-up, not a half-started process.
+        let peer_cache = Arc::new(crate::peers::PeerCache::new(
+            crate::peers::CAPACITY,
+            crate::peers::TTL,
+        ));
+        let delegation_counters = Arc::new(delegations::Counters::default());
+        let tracker = self.open_tracker(&delegation_counters)?;
+        let broadcast_saved = self.load_broadcasts()?;
+        let wake_state = wake::WakeState::new(if cfg.once { WakeMode::Poll } else { cfg.wake });
+        let watched = Watched {
+            id: cfg.workspace_id.clone(),
+            status: self.status.clone(),
+            poll: Arc::new(Progress::default()),
+            heartbeat: Arc::new(Progress::default()),
+            doc: Arc::default(),
+            client: self.client.clone(),
+            wake: Some(wake_state.clone()),
+            stopped: Arc::default(),
+        };
+        let (poll_progress, heartbeat_progress, published, stopped) = (
+            watched.poll.clone(),
+            watched.heartbeat.clone(),
+            watched.doc.clone(),
+            watched.stopped.clone(),
+        );
+        self.process.supervisor.watch(watched);
+        self.start_heartbeat(heartbeat_progress)?;
+        let enrichment = self.start_peers(&peer_cache)?;
+        let tracker_on = tracker.is_some();
+        let delegation_wake = match tracker {
+            Some(tracker) => Some(self.start_delegations(tracker, &peer_cache)?),
+            None => None,
+        };
+        // A cron run drains and exits: an event stream would only add a request.
+        let events_on = cfg.wake != WakeMode::Poll && !cfg.once;
+        let broadcast_hints = match broadcast_saved {
+            Some((saved, path)) => {
+                Some(self.start_broadcasts(saved, path, events_on, &wake_state)?)
+            }
+            None => None,
+        };
+        let (events_tx, events_rx) = poll::event_channel(&self.shutdown);
+        let jobs_tx = self.start_workers(&events_tx)?;
+        if events_on {
+            let wakes = wake::Wakes {
+                poll: events_tx.clone(),
+                tracker: delegation_wake.clone(),
+                broadcasts: broadcast_hints,
+            };
+            self.start_events(wake_state.clone(), wakes)?;
+        }
+        drop(events_tx);
+        let reporter =
+            report::Reporter::new(&cfg.common.state_dir, &cfg.workspace_id, cfg.poll_interval)
+                .with_extras(Some(peer_cache), tracker_on.then_some(delegation_counters))
+                .with_published(published)
+                .with_wake(wake_state.clone(), cfg.safety_poll)
+                .with_rate(self.process.budget_for(cfg));
+        let poller = self
+            .poller(reporter)
+            .with_hooks(Some(enrichment), delegation_wake)
+            .with_wake(wake_state, cfg.safety_poll)
+            .with_supervision(poll_progress, {
+                let (settled, sup) = (settled.clone(), self.process.supervisor.clone());
+                Box::new(move || {
+                    if !settled.swap(true, Ordering::SeqCst) {
+                        sup.settled(true);
+                    }
+                })
+            });
+        self.start("poll", "poll", move || poller.run(jobs_tx, events_rx))?;
+        self.drain(done_rx, lock, &stopped)
+    }
+
+    fn open_tracker(
+        &self,
+        counters: &Arc<delegations::Counters>,
+    ) -> Result<Option<delegations::Tracker>, Error> {
+        let cfg = self.cfg;
+        if cfg.delegations_every.is_zero() {
+            return Ok(None);
+        }
+        delegations::Tracker::open(
+            &cfg.common.state_dir,
+            &cfg.workspace_id,
+            cfg.delegations_capacity,
+            counters.clone(),
+            Instant::now(),
+        )
+        .map(Some)
+        .map_err(delegations::open_error)
+    }
+
+    /// The broadcast thread's saved state and its path; `None` when it is off.
+    fn load_broadcasts(&self) -> Result<Option<(broadcasts::Saved, PathBuf)>, Error> {
+        let cfg = self.cfg;
+        if cfg.broadcasts_every.is_zero() {
+            return Ok(None);
+        }
+        let path = broadcasts::state_path(&cfg.common.state_dir, &cfg.workspace_id);
+        Ok(Some((broadcasts::load(&path)?, path)))
+    }
+
+    /// The poll loop, before its hooks are attached.
+    fn poller(&self, reporter: report::Reporter) -> poll::Poller {
+        let cfg = self.cfg;
+        poll::Poller::new(
+            self.client.clone(),
+            poll::PollSettings {
+                interval: cfg.poll_interval,
+                since_secs: cfg.since_secs,
+                concurrency: cfg.concurrency,
+                token_source: cfg.common.token_source.clone(),
+                once: cfg.once,
+                max_messages: cfg.max_messages,
+                idle_exit: cfg.idle_exit,
+            },
+            self.store.clone(),
+            self.shutdown.clone(),
+            self.status.clone(),
+            reporter,
+        )
+    }
+
+    /// Starts a thread for `role`: a panic in it stops the workspace, and its end is
+    /// reported on the done channel, panic or not.
+    fn start(
+        &mut self,
+        name: &str,
+        role: &'static str,
+        f: impl FnOnce() + Send + 'static,
+    ) -> Result<(), Error> {
+        let (shutdown, done) = (self.shutdown.clone(), self.done.clone());
+        self.threads.push(spawn(name, move || {
+            let _guard = ThreadGuard::new(&shutdown, role);
+            let _done = DoneOnDrop(done, role);
+            debug_panic_hook(role);
+            f();
+        })?);
+        Ok(())
+    }
+
+    /// Cron mode may finish before the heartbeat thread's first beat: beat now.
+    fn beat_now(&self) {
+        let hb = RuntimeStatus::heartbeat(&self.status, &self.cfg.workspace_id, Instant::now());
+        match self.client.heartbeat(&hb) {
+            Ok(()) => RuntimeStatus::count(&self.status, |c| {
                 c.last_heartbeat_ok = Some(std::time::SystemTime::now())
             }),
             Err(e) => log::warn!("{e}"),
         }
     }
-    // Peer names and delegation results (issue 5). The tracker's state is read before
-    // any thread starts: a corrupt file stops start-up, not a half-started process.
-    let peer_cache = Arc::new(crate::peers::PeerCache::new(
-        crate::peers::CAPACITY,
-        crate::peers::TTL,
-    ));
-    let delegation_counters = Arc::new(delegations::Counters::default());
-    let tracker = if cfg.delegations_every.is_zero() {
-        None
-    } else {
-        let t = delegations::Tracker::open(
-            &cfg.common.state_dir,
-            &cfg.workspace_id,
-            cfg.delegations_capacity,
-            delegation_counters.clone(),
-            Instant::now(),
+
+    fn start_heartbeat(&mut self, progress: Arc<Progress>) -> Result<(), Error> {
+        let (client, status, shutdown) = (
+            self.client.clone(),
+            self.status.clone(),
+            self.shutdown.clone(),
         );
-        Some(t.map_err(delegations::open_error)?)
-    };
-    // The tracker's backend runs drain and are cancelled like the workers'.
-    let (worker_runs, tracker_runs) = run_handles.split_at(cfg.concurrency.min(run_handles.len()));
-    let tracker_run = tracker_runs.first().cloned().unwrap_or_default();
-    let broadcast_run = tracker_runs.get(1).cloned().unwrap_or_default();
-    // Read before any thread starts, like the tracker's: a corrupt file stops start-up.
-    let broadcast_path = broadcasts::state_path(&cfg.common.state_dir, &cfg.workspace_id);
-    let broadcast_saved = if cfg.broadcasts_every.is_zero() {
-        None
-    } else {
-        Some(broadcasts::load(&broadcast_path)?)
-    };
-    let all_runs = run_handles;
-    let wake_state = wake::WakeState::new(if cfg.once { WakeMode::Poll } else { cfg.wake });
-    let watched = Watched {
-        id: cfg.workspace_id.clone(),
-        status: status.clone(),
-        poll: Arc::new(Progress::default()),
-        heartbeat: Arc::new(Progress::default()),
-        doc: Arc::default(),
-        client: client.clone(),
-        wake: Some(wake_state.clone()),
-        stopped: Arc::default(),
-    };
-    let (poll_progress, heartbeat_progress, published, stopped) = (
-        watched.poll.clone(),
-        watched.heartbeat.clone(),
-        watched.doc.clone(),
-        watched.stopped.clone(),
-    );
-    process.supervisor.watch(watched);
-    let mut threads = Vec::new();
-    {
-        let (client, status, shutdown) = (client.clone(), status.clone(), shutdown.clone());
-        let backend = backend.clone();
-        let progress = heartbeat_progress;
-        let (every, source, done) = (
-            cfg.heartbeat_every,
-            cfg.common.token_source.clone(),
-            done_tx.clone(),
+        let backend = self.backend.clone();
+        let (every, source) = (
+            self.cfg.heartbeat_every,
+            self.cfg.common.token_source.clone(),
         );
-        threads.push(spawn("heartbeat", move || {
-            let _guard = ThreadGuard::new(&shutdown, "heartbeat");
-            let _done = DoneOnDrop(done, "heartbeat");
-            debug_panic_hook("heartbeat");
+        self.start("heartbeat", "heartbeat", move || {
             let trouble = move || backend.trouble();
-            heartbeat::run(
-                client,
-                every,
-                status,
-                source,
-                shutdown.clone(),
-                &trouble,
-                &progress,
-            );
-        })?);
+            heartbeat::run(client, every, status, source, shutdown, &trouble, &progress);
+        })
     }
-    // The lookup worker ends when the poll thread drops its end of the queue.
-    let (enrichment, lookups) = crate::peers::channel(peer_cache.clone());
-    {
-        let (client, cache) = (client.clone(), peer_cache.clone());
-        let (shutdown, done) = (shutdown.clone(), done_tx.clone());
-        threads.push(spawn("peers", move || {
-            let _guard = ThreadGuard::new(&shutdown, "peers");
-            let _done = DoneOnDrop(done, "peers");
-            debug_panic_hook("peers");
+
+    /// The peer-name lookup worker; it ends when the poll thread drops its end of the
+    /// queue.
+    fn start_peers(
+        &mut self,
+        cache: &Arc<crate::peers::PeerCache>,
+    ) -> Result<crate::peers::Enrichment, Error> {
+        let (enrichment, lookups) = crate::peers::channel(cache.clone());
+        let (client, cache, shutdown) = (self.client.clone(), cache.clone(), self.shutdown.clone());
+        self.start("peers", "peers", move || {
             crate::peers::run_worker(lookups, &cache, &shutdown, |id| {
                 client
                     .discover_within(id, crate::peers::LOOKUP_TIMEOUT)
                     .map(|body| crate::peers::info_from_discover(&body))
                     .map_err(|e| e.to_string())
             });
-        })?);
+        })?;
+        Ok(enrichment)
     }
-    let tracker_on = tracker.is_some();
-    let delegation_wake = match tracker {
-        None => None,
-        Some(tracker) => {
-            let (waker, wake_rx) = delegations::wake_channel(shutdown);
-            let dctx = delegations::Context {
-                client: client.clone(),
-                backend: backend.clone(),
-                status: status.clone(),
-                shutdown: shutdown.clone(),
-                run: tracker_run,
-                every: cfg.delegations_every,
-                concurrency: cfg.concurrency,
-                peers: Some(peer_cache.clone()),
-            };
-            let (shutdown, done) = (shutdown.clone(), done_tx.clone());
-            threads.push(spawn("delegations", move || {
-                let _guard = ThreadGuard::new(&shutdown, "delegations");
-                let _done = DoneOnDrop(done, "delegations");
-                debug_panic_hook("delegations");
-                delegations::run(tracker, dctx, wake_rx);
-            })?);
-            Some(waker)
-        }
-    };
 
-    // A cron run drains and exits: an event stream would only add a request.
-    let events_on = cfg.wake != WakeMode::Poll && !cfg.once;
-    let (broadcast_hints, broadcast_wake) = broadcasts::hint_channel(shutdown);
-    if let Some(saved) = broadcast_saved {
+    fn start_delegations(
+        &mut self,
+        tracker: delegations::Tracker,
+        peers: &Arc<crate::peers::PeerCache>,
+    ) -> Result<delegations::Waker, Error> {
+        let (waker, wake_rx) = delegations::wake_channel(&self.shutdown);
+        let dctx = delegations::Context {
+            client: self.client.clone(),
+            backend: self.backend.clone(),
+            status: self.status.clone(),
+            shutdown: self.shutdown.clone(),
+            run: self.extra_run(0),
+            every: self.cfg.delegations_every,
+            concurrency: self.cfg.concurrency,
+            peers: Some(peers.clone()),
+        };
+        self.start("delegations", "delegations", move || {
+            delegations::run(tracker, dctx, wake_rx);
+        })?;
+        Ok(waker)
+    }
+
+    /// The broadcast thread; returns where the event thread puts broadcast texts.
+    fn start_broadcasts(
+        &mut self,
+        saved: broadcasts::Saved,
+        path: PathBuf,
+        events_on: bool,
+        wake_state: &Arc<wake::WakeState>,
+    ) -> Result<broadcasts::Hints, Error> {
+        let (hints, wake_rx) = broadcasts::hint_channel(&self.shutdown);
         let bctx = broadcasts::Context {
-            client: client.clone(),
-            backend: backend.clone(),
-            status: status.clone(),
-            shutdown: shutdown.clone(),
-            run: broadcast_run,
-            every: cfg.broadcasts_every,
-            since_secs: cfg.since_secs,
-            concurrency: cfg.concurrency,
-            path: broadcast_path,
-            hints: broadcast_hints.clone(),
+            client: self.client.clone(),
+            backend: self.backend.clone(),
+            status: self.status.clone(),
+            shutdown: self.shutdown.clone(),
+            run: self.extra_run(1),
+            every: self.cfg.broadcasts_every,
+            since_secs: self.cfg.since_secs,
+            concurrency: self.cfg.concurrency,
+            path,
+            hints: hints.clone(),
             stream_up: events_on.then(|| {
                 let state = wake_state.clone();
                 Arc::new(move || state.stream_up()) as Arc<dyn Fn() -> bool + Send + Sync>
             }),
         };
-        let (shutdown, done) = (shutdown.clone(), done_tx.clone());
-        threads.push(spawn("broadcasts", move || {
-            let _guard = ThreadGuard::new(&shutdown, "broadcasts");
-            let _done = DoneOnDrop(done, "broadcasts");
-            debug_panic_hook("broadcasts");
-            broadcasts::run(bctx, saved, broadcast_wake);
-        })?);
+        self.start("broadcasts", "broadcasts", move || {
+            broadcasts::run(bctx, saved, wake_rx);
+        })?;
+        Ok(hints)
     }
 
-    let ctx = Arc::new(dispatch::Context {
-        client: client.clone(),
-        backend,
-        store: store.clone(),
-        status: status.clone(),
-        shutdown: shutdown.clone(),
-        max_attempts: cfg.max_attempts,
-        reply_to_replies: cfg.reply_to_replies,
-        conversations: dispatch::Conversations::new(cfg.max_auto_replies),
-        token_source: cfg.common.token_source.clone(),
-        dead_letter_path: cfg
-            .common
-            .state_dir
-            .join(format!("{}.deadletter.jsonl", cfg.workspace_id)),
-    });
-    let final_status = status.clone();
-    let (events_tx, events_rx) = poll::event_channel(shutdown);
-    let (jobs_tx, jobs_rx) = mpsc::sync_channel::<poll::Job>(cfg.concurrency);
-    let jobs_rx = Arc::new(Mutex::new(jobs_rx));
-    for (i, handle) in worker_runs.iter().enumerate() {
-        let (ctx, handle, jobs, events) = (
-            ctx.clone(),
-            handle.clone(),
-            jobs_rx.clone(),
-            events_tx.clone(),
-        );
-        let (shutdown, done) = (shutdown.clone(), done_tx.clone());
-        threads.push(spawn(&format!("worker-{i}"), move || {
-            let _guard = ThreadGuard::new(&shutdown, "worker");
-            let _done = DoneOnDrop(done, "worker");
-            let mut worker = dispatch::Worker::new(ctx, handle);
-            loop {
-                // Only the lock holder waits on the channel; a closed channel ends the worker.
-                let job = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
-                let Ok(job) = job else { return };
-                let finish = worker.handle(&job.msg);
-                let _ = events.send(poll::Event::Finished {
-                    ticket: job.ticket,
-                    sender: job.sender,
-                    finish,
-                });
-            }
-        })?);
+    /// `--concurrency` workers taking jobs from one queue; returns its sending end.
+    fn start_workers(
+        &mut self,
+        events: &mpsc::Sender<poll::Event>,
+    ) -> Result<mpsc::SyncSender<poll::Job>, Error> {
+        let cfg = self.cfg;
+        let ctx = Arc::new(dispatch::Context {
+            client: self.client.clone(),
+            backend: self.backend.clone(),
+            store: self.store.clone(),
+            status: self.status.clone(),
+            shutdown: self.shutdown.clone(),
+            max_attempts: cfg.max_attempts,
+            reply_to_replies: cfg.reply_to_replies,
+            conversations: dispatch::Conversations::new(cfg.max_auto_replies),
+            token_source: cfg.common.token_source.clone(),
+            dead_letter_path: cfg
+                .common
+                .state_dir
+                .join(format!("{}.deadletter.jsonl", cfg.workspace_id)),
+        });
+        let (jobs_tx, jobs_rx) = mpsc::sync_channel::<poll::Job>(cfg.concurrency);
+        let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+        let workers = cfg.concurrency.min(self.run_handles.len());
+        for i in 0..workers {
+            let (ctx, handle, jobs, events) = (
+                ctx.clone(),
+                self.run_handles[i].clone(),
+                jobs_rx.clone(),
+                events.clone(),
+            );
+            self.start(&format!("worker-{i}"), "worker", move || {
+                let mut worker = dispatch::Worker::new(ctx, handle);
+                loop {
+                    // Only the lock holder waits on the channel; a closed channel ends
+                    // the worker.
+                    let job = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                    let Ok(job) = job else { return };
+                    let finish = worker.handle(&job.msg);
+                    let _ = events.send(poll::Event::Finished {
+                        ticket: job.ticket,
+                        sender: job.sender,
+                        finish,
+                    });
+                }
+            })?;
+        }
+        Ok(jobs_tx)
     }
-    if events_on {
+
+    /// The event-stream reader (`--wake`), waking the poll loop and the others.
+    fn start_events(
+        &mut self,
+        state: Arc<wake::WakeState>,
+        wakes: wake::Wakes,
+    ) -> Result<(), Error> {
+        let cfg = self.cfg;
         let settings = wake::Settings {
             mode: cfg.wake,
             silence: cfg.heartbeat_every.saturating_mul(2),
             interval: cfg.poll_interval,
             safety_poll: cfg.safety_poll,
         };
-        let (client, state, hints) = (client.clone(), wake_state.clone(), events_tx.clone());
-        let tracker = delegation_wake.clone();
-        let broadcasts = (!cfg.broadcasts_every.is_zero()).then(|| broadcast_hints.clone());
-        let (shutdown, done) = (shutdown.clone(), done_tx.clone());
-        threads.push(spawn("events", move || {
-            let _guard = ThreadGuard::new(&shutdown, "events");
-            let _done = DoneOnDrop(done, "events");
-            debug_panic_hook("events");
-            let wakes = wake::Wakes {
-                poll: hints,
-                tracker,
-                broadcasts,
-            };
-            wake::run(client, settings, state, wakes, shutdown.clone());
-        })?);
-    }
-    drop(events_tx);
-    let poller = poll::Poller::new(
-        client,
-        poll::PollSettings {
-            interval: cfg.poll_interval,
-            since_secs: cfg.since_secs,
-            concurrency: cfg.concurrency,
-            token_source: cfg.common.token_source.clone(),
-            once: cfg.once,
-            max_messages: cfg.max_messages,
-            idle_exit: cfg.idle_exit,
-        },
-        store,
-        shutdown.clone(),
-        status,
-        report::Reporter::new(&cfg.common.state_dir, &cfg.workspace_id, cfg.poll_interval)
-            .with_extras(Some(peer_cache), tracker_on.then_some(delegation_counters))
-            .with_published(published)
-            .with_wake(wake_state.clone(), cfg.safety_poll)
-            .with_rate(process.budget_for(cfg)),
-    )
-    .with_hooks(Some(enrichment), delegation_wake)
-    .with_wake(wake_state, cfg.safety_poll)
-    .with_supervision(poll_progress, {
-        let (settled, sup) = (settled.clone(), process.supervisor.clone());
-        Box::new(move || {
-            if !settled.swap(true, Ordering::SeqCst) {
-                sup.settled(true);
-            }
+        let (client, shutdown) = (self.client.clone(), self.shutdown.clone());
+        self.start("events", "events", move || {
+            wake::run(client, settings, state, wakes, shutdown);
         })
-    });
-    {
-        let (shutdown, done) = (shutdown.clone(), done_tx);
-        threads.push(spawn("poll", move || {
-            let _guard = ThreadGuard::new(&shutdown, "poll");
-            let _done = DoneOnDrop(done, "poll");
-            debug_panic_hook("poll");
-            poller.run(jobs_tx, events_rx);
-        })?);
     }
 
-    let reason = shutdown.wait();
-    let clean = matches!(reason, StopReason::Signal | StopReason::Finished);
-    if process.single || process.shutdown.is_triggered() {
-        process.supervisor.stopping(process.drain_bound);
+    /// The run handle after the workers' (0: the tracker's, 1: the broadcast thread's).
+    fn extra_run(&self, i: usize) -> RunHandle {
+        let workers = self.cfg.concurrency.min(self.run_handles.len());
+        self.run_handles
+            .get(workers + i)
+            .cloned()
+            .unwrap_or_default()
     }
-    if clean {
-        let (_, active, _) = RuntimeStatus::snapshot(&final_status);
-        if active > 0 {
-            log::info!(
-                "stopping: waiting up to {}s for {active} running backend(s)",
-                cfg.drain_timeout.as_secs()
-            );
+
+    /// Waits for the stop, drains (backends first, then TERM/KILL), and turns the
+    /// stop reason into the workspace's result.
+    fn drain(
+        self,
+        done_rx: &mpsc::Receiver<Done>,
+        lock: InstanceLock,
+        stopped: &AtomicBool,
+    ) -> Result<(), Error> {
+        let cfg = self.cfg;
+        let reason = self.shutdown.wait();
+        let clean = matches!(reason, StopReason::Signal | StopReason::Finished);
+        if self.process.single || self.process.shutdown.is_triggered() {
+            self.process.supervisor.stopping(self.process.drain_bound);
+        }
+        if clean {
+            let (_, active, _) = RuntimeStatus::snapshot(&self.status);
+            if active > 0 {
+                log::info!(
+                    "stopping: waiting up to {}s for {active} running backend(s)",
+                    cfg.drain_timeout.as_secs()
+                );
+            } else {
+                log::info!("stopping");
+            }
         } else {
-            log::info!("stopping");
+            cancel_all(&self.run_handles, signal::SIGTERM);
         }
-    } else {
-        cancel_all(all_runs, signal::SIGTERM);
-    }
-    let drain = if clean { cfg.drain_timeout } else { KILL_GRACE };
-    let busy = || RuntimeStatus::snapshot(&final_status).1 > 0;
-    let waited = wait_for_threads(done_rx, threads.len(), drain, all_runs, &busy);
-    if waited.is_ok() {
-        for t in threads {
-            let _ = t.join();
+        let drain = if clean { cfg.drain_timeout } else { KILL_GRACE };
+        let busy = || RuntimeStatus::snapshot(&self.status).1 > 0;
+        let waited = wait_for_threads(done_rx, self.threads.len(), drain, &self.run_handles, &busy);
+        match waited {
+            Ok(()) => {
+                for t in self.threads {
+                    let _ = t.join();
+                }
+            }
+            Err(unfinished) => {
+                if unfinished != Unfinished::Forced {
+                    log::warn!(
+                        "a thread did not stop in time; exiting anyway (state is journaled before every side effect)"
+                    );
+                }
+                // Without this the status file would still say running, and `status`
+                // would call the exit a crash.
+                report::record_stop(
+                    &cfg.common.state_dir,
+                    &cfg.workspace_id,
+                    cfg.poll_interval,
+                    unfinished.reason(),
+                );
+                // That thread may still write the state: keep the lock until the
+                // process exits, so no other connector starts on this workspace
+                // meanwhile.
+                std::mem::forget(lock);
+            }
         }
-    }
-    if let Err(stop_reason) = waited {
-        if stop_reason != "forced" {
-            log::warn!(
-                "a thread did not stop in time; exiting anyway (state is journaled before every side effect)"
-            );
+        let (counters, _, _) = RuntimeStatus::snapshot(&self.status);
+        stopped.store(true, Ordering::SeqCst);
+        match reason {
+            StopReason::Signal | StopReason::Finished
+                if counters.state_error.is_some() || counters.unsaved > 0 =>
+            {
+                Err(Error::Runtime(format!(
+                    "stopped without saving the state ({}): {} message(s) in progress were not recorded and will be handled again after a restart",
+                    counters.state_error.as_deref().unwrap_or("a write failed"),
+                    counters.unsaved
+                )))
+            }
+            StopReason::Signal | StopReason::Finished => {
+                log::info!("stopped cleanly");
+                Ok(())
+            }
+            StopReason::Fatal { code, message } => Err(Error::from_code(code, message)),
+            StopReason::ThreadDied(m) => Err(Error::Runtime(m)),
         }
-        // Without this the status file would still say running, and `status` would
-        // call the exit a crash.
-        report::record_stop(
-            &cfg.common.state_dir,
-            &cfg.workspace_id,
-            cfg.poll_interval,
-            stop_reason,
-        );
-        // That thread may still write the state: keep the lock until the process
-        // exits, so no other connector starts on this workspace meanwhile.
-        std::mem::forget(lock);
-    }
-    let (counters, _, _) = RuntimeStatus::snapshot(&final_status);
-    stopped.store(true, Ordering::SeqCst);
-    match reason {
-        StopReason::Signal | StopReason::Finished
-            if counters.state_error.is_some() || counters.unsaved > 0 =>
-        {
-            Err(Error::Runtime(format!(
-                "stopped without saving the state ({}): {} message(s) in progress were not recorded and will be handled again after a restart",
-                counters.state_error.as_deref().unwrap_or("a write failed"),
-                counters.unsaved
-            )))
-        }
-        StopReason::Signal | StopReason::Finished => {
-            log::info!("stopped cleanly");
-            Ok(())
-        }
-        StopReason::Fatal { code, message } => Err(Error::from_code(code, message)),
-        StopReason::ThreadDied(m) => Err(Error::Runtime(m)),
     }
 }
 
@@ -797,12 +888,12 @@ fn cancel_all(handles: &[RunHandle], sig: i32) {
 /// reason for the status file) if they did not all arrive or a second signal forced
 /// the stop.
 fn wait_for_threads(
-    done: &mpsc::Receiver<&'static str>,
+    done: &mpsc::Receiver<Done>,
     n: usize,
     drain: Duration,
     run: &[RunHandle],
     busy: &dyn Fn() -> bool,
-) -> Result<(), &'static str> {
+) -> Result<(), Unfinished> {
     let mut remaining = n;
     let phases = [
         (drain, Some(signal::SIGTERM)),
@@ -825,8 +916,8 @@ fn wait_for_threads(
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(200));
             match done.recv_timeout(tick) {
-                Ok("forced") => return Err("forced"),
-                Ok(_) => remaining -= 1,
+                Ok(Done::Forced) => return Err(Unfinished::Forced),
+                Ok(Done::Thread(_)) => remaining -= 1,
                 Err(_) if Instant::now() >= deadline => break,
                 Err(_) => {}
             }
@@ -839,7 +930,7 @@ fn wait_for_threads(
                 "requests still in flight after {}s; not waiting for them",
                 REQUEST_GRACE.as_secs()
             );
-            return Err("signal (requests in flight abandoned)");
+            return Err(Unfinished::RequestsAbandoned);
         }
         if let Some(sig) = then_send {
             log::warn!(
@@ -853,15 +944,37 @@ fn wait_for_threads(
             cancel_all(run, sig);
         }
     }
-    Err("forced (a thread did not stop in time)")
+    Err(Unfinished::TimedOut)
+}
+
+/// Why [`wait_for_threads`] stopped waiting before every thread had ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unfinished {
+    /// A second signal.
+    Forced,
+    /// No backend ran any more; only requests were still in flight.
+    RequestsAbandoned,
+    /// Even SIGKILL did not end every thread in time.
+    TimedOut,
+}
+
+impl Unfinished {
+    /// The stop reason for the status file (a forced one starts with `forced`).
+    fn reason(self) -> &'static str {
+        match self {
+            Unfinished::Forced => "forced",
+            Unfinished::RequestsAbandoned => "signal (requests in flight abandoned)",
+            Unfinished::TimedOut => "forced (a thread did not stop in time)",
+        }
+    }
 }
 
 /// Sends the thread's name when it ends, panic or not.
-struct DoneOnDrop(mpsc::Sender<&'static str>, &'static str);
+struct DoneOnDrop(mpsc::Sender<Done>, &'static str);
 
 impl Drop for DoneOnDrop {
     fn drop(&mut self) {
-        let _ = self.0.send(self.1);
+        let _ = self.0.send(Done::Thread(self.1));
     }
 }
 
@@ -882,7 +995,7 @@ fn watch_signals(
                 log::warn!("second signal: stopping now");
                 for t in targets().iter() {
                     cancel_all(&t.handles, signal::SIGKILL);
-                    let _ = t.done.send("forced");
+                    let _ = t.done.send(Done::Forced);
                 }
             }
             Signal::Stop => {
