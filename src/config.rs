@@ -11,6 +11,8 @@ use std::time::Duration;
 use crate::cli::{ConnectArgs, GlobalArgs};
 use crate::uuid::is_uuid;
 
+pub(crate) mod agent;
+
 /// A token. `Debug` and `Display` print `***`; use [`Secret::expose`] to send it.
 #[derive(Clone, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(transparent)]

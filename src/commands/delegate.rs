@@ -7,39 +7,19 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{
-    Ctx, Failure, Report, clip, describe, line, message_text, require_uuid, str_of, table,
-};
+use super::{Ctx, Failure, Report, clip, describe, line, str_of, table};
 use crate::api::ApiError;
-use crate::cli::{DelegateArgs, DelegationsArgs};
-use crate::config::Range::Between;
+use crate::cli::DelegationsArgs;
+use crate::config::agent;
 use crate::error::Error;
 
-/// Default and largest `--timeout` for `--wait`.
-const DEFAULT_WAIT_SECS: u64 = 600;
-const MAX_WAIT_SECS: u64 = 7 * 24 * 3600;
 /// Pause between polls while waiting: 1 s at first, then 2 s.
 const FAST_POLLS: u32 = 10;
 
-pub(super) fn delegate(ctx: &Ctx, a: &DelegateArgs) -> Result<Report, Failure> {
-    let target = require_uuid(a.target.as_deref(), "delegate", "target id")?;
-    let task = message_text(a.text.as_deref(), "delegate")?;
-    let key = a.idempotency_key.as_deref().map(str::trim);
-    if key.is_some_and(str::is_empty) {
-        return Err(Failure::input("delegate: --idempotency-key is empty"));
-    }
-    let timeout_secs = a.timeout_secs.unwrap_or(DEFAULT_WAIT_SECS);
-    if a.timeout_secs.is_some() && !a.wait {
-        return Err(Failure::input(
-            "delegate: --timeout only makes sense with --wait",
-        ));
-    }
-    let timeout_secs = Between(1, MAX_WAIT_SECS).check(
-        format_args!("delegate: --timeout {timeout_secs}"),
-        timeout_secs,
-        " seconds",
-    )?;
-    let started = ctx.call(|c| c.delegate(&target, &task, key), describe_delegate)?;
+pub(super) fn delegate(ctx: &Ctx, d: &agent::Delegate) -> Result<Report, Failure> {
+    let (target, timeout_secs) = (&d.target, d.timeout_secs);
+    let key = d.key.as_deref();
+    let started = ctx.call(|c| c.delegate(target, &d.task, key), describe_delegate)?;
     if started.delegation_id.is_empty() {
         return Err(Failure::runtime(
             "delegate: the platform answered without a delegation_id",
@@ -50,7 +30,7 @@ pub(super) fn delegate(ctx: &Ctx, a: &DelegateArgs) -> Result<Report, Failure> {
     }
     let did = started.delegation_id.clone();
     let status = started.status.clone().unwrap_or_default();
-    if !a.wait {
+    if !d.wait {
         let mut human = line(&did);
         if started.idempotent_hit {
             human.push_str(&format!(
@@ -62,7 +42,7 @@ pub(super) fn delegate(ctx: &Ctx, a: &DelegateArgs) -> Result<Report, Failure> {
                 "ok": true,
                 "delegation_id": did,
                 "status": status,
-                "target_id": started.target_id.as_deref().unwrap_or(&target),
+                "target_id": started.target_id.as_deref().unwrap_or(target),
                 "idempotent_hit": started.idempotent_hit,
             }),
             human,

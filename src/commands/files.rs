@@ -10,9 +10,9 @@ use serde_json::{Value, json};
 use super::{Budget, Ctx, Failure, Report, describe, refused, str_of};
 use crate::api::ApiError;
 use crate::cli::DownloadArgs;
+use crate::config::agent::MAX_ATTACHMENTS;
 
 /// The platform's limits (`GET /uploads/limits`, §API-2.16).
-pub(super) const MAX_ATTACHMENTS: usize = 10;
 const MAX_FILE_BYTES: u64 = 100 * 1024 * 1024;
 const MAX_REQUEST_BYTES: u64 = 100 * 1024 * 1024;
 /// Room for one part's multipart headers.

@@ -3,36 +3,24 @@
 
 use serde_json::{Value, json};
 
-use super::{Ctx, Failure, Report, describe, message_text, runtime_metadata};
+use super::{Ctx, Failure, Report, describe, runtime_metadata};
 use crate::api::ApiError;
-use crate::cli::{HeartbeatArgs, NotifyArgs};
+use crate::cli::HeartbeatArgs;
+use crate::config::agent;
 use crate::error::Error;
 use crate::wire::ManualHeartbeat;
 
-/// Longest free text sent in a heartbeat field.
-const MAX_FIELD: usize = 4096;
-
-pub(super) fn notify(ctx: &Ctx, a: &NotifyArgs) -> Result<Report, Failure> {
-    let text = message_text(a.text.as_deref(), "notify")?;
-    let mut attachments = a
-        .attach
-        .iter()
-        .map(|spec| attachment(spec))
-        .collect::<Result<Vec<Value>, Failure>>()?;
-    if !a.files.is_empty() {
+pub(super) fn notify(ctx: &Ctx, n: &agent::Notify) -> Result<Report, Failure> {
+    let mut attachments = n.attachments.clone();
+    if !n.files.is_empty() {
         let budget = super::Budget::new(None, "notify")?;
-        let uploaded = super::files::upload(ctx, &budget, &a.files, attachments.len())?;
+        let uploaded = super::files::upload(ctx, &budget, &n.files, attachments.len())?;
         attachments.extend(uploaded);
-    } else if attachments.len() > super::files::MAX_ATTACHMENTS {
-        return Err(Failure::input(format!(
-            "notify: the platform takes at most {} attachments per message",
-            super::files::MAX_ATTACHMENTS
-        )));
     }
     let count = attachments.len();
-    ctx.call(|c| c.notify(&text, attachments.clone()), describe_notify)?;
+    ctx.call(|c| c.notify(&n.text, attachments.clone()), describe_notify)?;
     let mut json = json!({"ok": true, "status": "sent", "attachments": count});
-    if !a.files.is_empty() {
+    if !n.files.is_empty() {
         // What was uploaded and sent, so a script can reuse the URIs.
         json["files"] = Value::from(attachments);
     }
@@ -76,55 +64,7 @@ fn describe_notify(ctx: &Ctx, e: ApiError) -> Failure {
     }
 }
 
-/// `URI[,NAME]`: everything after the first comma is the name; without one, the last
-/// segment of the URI.
-fn attachment(spec: &str) -> Result<Value, Failure> {
-    let (uri, name) = match spec.split_once(',') {
-        Some((u, n)) => (u.trim(), n.trim().to_string()),
-        None => {
-            let u = spec.trim();
-            let base = u
-                .trim_end_matches('/')
-                .rsplit(['/', ':'])
-                .next()
-                .unwrap_or("")
-                .to_string();
-            (u, base)
-        }
-    };
-    if uri.is_empty() || uri.chars().any(char::is_whitespace) {
-        return Err(Failure::input(format!(
-            "notify: --attach {spec:?}: expected URI[,NAME] with a URI and no spaces in it"
-        )));
-    }
-    if name.is_empty() {
-        return Err(Failure::input(format!(
-            "notify: --attach {spec:?}: no file name in the URI; give one as URI,NAME"
-        )));
-    }
-    Ok(json!({"uri": uri, "name": name}))
-}
-
 pub(super) fn heartbeat(ctx: &Ctx, a: &HeartbeatArgs) -> Result<Report, Failure> {
-    if let Some(r) = a.error_rate
-        && !(0.0..=1.0).contains(&r)
-    {
-        return Err(Failure::input(format!(
-            "heartbeat: --error-rate {r}: must be between 0.0 and 1.0"
-        )));
-    }
-    for (flag, v) in [
-        ("--current-task", &a.current_task),
-        ("--sample-error", &a.sample_error),
-    ] {
-        if let Some(t) = v
-            && t.len() > MAX_FIELD
-        {
-            return Err(Failure::input(format!(
-                "heartbeat: {flag}: at most {MAX_FIELD} bytes"
-            )));
-        }
-    }
     let hb = ManualHeartbeat {
         workspace_id: ctx.workspace_id().to_string(),
         error_rate: a.error_rate,
@@ -145,25 +85,4 @@ pub(super) fn heartbeat(ctx: &Ctx, a: &HeartbeatArgs) -> Result<Report, Failure>
         json,
         human: format!("heartbeat sent for {}\n", ctx.workspace_id()),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn attachment_specs() {
-        assert_eq!(
-            attachment("platform-pending:ws/f1,report.pdf").unwrap(),
-            json!({"uri": "platform-pending:ws/f1", "name": "report.pdf"})
-        );
-        assert_eq!(
-            attachment("https://x/files/a.png").unwrap(),
-            json!({"uri": "https://x/files/a.png", "name": "a.png"})
-        );
-        assert_eq!(attachment("u,a, b").unwrap()["name"], "a, b");
-        assert!(attachment(",name").is_err());
-        assert!(attachment("https://x/").is_ok());
-        assert!(attachment("a b").is_err());
-    }
 }

@@ -19,7 +19,7 @@ mod send;
 mod status;
 
 use std::cell::Cell;
-use std::io::{Read, Write};
+use std::io::Write;
 
 use serde_json::{Map, Value};
 
@@ -27,15 +27,13 @@ use crate::api::{ApiError, Client, ClientConfig};
 use crate::backend::BackendError;
 use crate::cli::{Command, GlobalArgs};
 use crate::config::Range::Between;
+use crate::config::agent::{self, MAX_BUDGET_SECS, message_text, require_uuid};
 use crate::config::{self, AgentConfig, ConfigError, TokenSource};
 use crate::error::Error;
 use crate::state::StateError;
 
 /// Cap for the answers of the tool routes (lists of memories, requests, history).
 const LIST_LIMIT: u64 = 16 * 1024 * 1024;
-
-/// The platform's `/a2a` cap (§API-2.7.2), also applied to text read from stdin.
-pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Runs one agent-side command and writes its output to `out`: human text, or one
 /// JSON document with `--json` (also when the command fails). The error is returned
@@ -47,16 +45,28 @@ pub fn run(
     out: &mut dyn Write,
 ) -> Result<(), Error> {
     let result = match command {
-        Command::Send(a) => Ctx::new(global, env).and_then(|c| send::run(&c, &a)),
+        Command::Send(a) => resolved(global, env, || agent::send(&a), send::run),
         Command::Peers(a) => Ctx::new(global, env).and_then(|c| registry::peers(&c, &a)),
-        Command::Discover(a) => Ctx::new(global, env).and_then(|c| registry::discover(&c, &a)),
-        Command::Info(a) => Ctx::new(global, env).and_then(|c| registry::info(&c, &a)),
-        Command::Delegate(a) => Ctx::new(global, env).and_then(|c| delegate::delegate(&c, &a)),
+        Command::Discover(a) => resolved(
+            global,
+            env,
+            || agent::discover(&a),
+            |c, p| registry::discover(c, p),
+        ),
+        Command::Info(a) => resolved(
+            global,
+            env,
+            || agent::info(&a),
+            |c, id| registry::info(c, id.as_deref()),
+        ),
+        Command::Delegate(a) => resolved(global, env, || agent::delegate(&a), delegate::delegate),
         Command::Delegations(a) => {
             Ctx::new(global, env).and_then(|c| delegate::delegations(&c, &a))
         }
-        Command::Notify(a) => Ctx::new(global, env).and_then(|c| messaging::notify(&c, &a)),
-        Command::Heartbeat(a) => Ctx::new(global, env).and_then(|c| messaging::heartbeat(&c, &a)),
+        Command::Notify(a) => resolved(global, env, || agent::notify(&a), messaging::notify),
+        Command::Heartbeat(a) => {
+            resolved(global, env, || agent::heartbeat(&a), messaging::heartbeat)
+        }
         Command::Status {
             stale_after,
             prometheus,
@@ -102,6 +112,19 @@ pub fn run(
             Err(*failure.error)
         }
     }
+}
+
+/// Runs a command whose arguments `resolve` checks: the platform settings first, then
+/// the command's own (the order its errors are reported in), then `run` with both.
+fn resolved<S>(
+    global: &GlobalArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+    resolve: impl FnOnce() -> Result<S, ConfigError>,
+    run: impl FnOnce(&Ctx, &S) -> Result<Report, Failure>,
+) -> Result<Report, Failure> {
+    let ctx = Ctx::new(global, env)?;
+    let settings = resolve()?;
+    run(&ctx, &settings)
 }
 
 /// One JSON document on one line.
@@ -338,8 +361,6 @@ const BUDGET_BACKOFF: crate::backoff::Backoff = crate::backoff::Backoff {
 };
 /// `--budget` of the tool commands when not given.
 const DEFAULT_BUDGET_SECS: u64 = 60;
-/// Largest `--budget` accepted.
-const MAX_BUDGET_SECS: u64 = 24 * 3600;
 
 /// The total time a command may spend retrying (`--budget SECS`).
 struct Budget {
@@ -464,73 +485,6 @@ fn describe(ctx: &Ctx, e: ApiError) -> Failure {
     f
 }
 
-/// A workspace id given on the command line: present and a UUID (exit 2 otherwise),
-/// checked before any URL is built.
-fn require_uuid(value: Option<&str>, cmd: &str, what: &str) -> Result<String, Failure> {
-    let Some(raw) = value else {
-        return Err(Failure::input(format!(
-            "{cmd}: the {what} is required (see 'molecule {cmd} --help')"
-        )));
-    };
-    let id = raw.trim();
-    if !crate::uuid::is_uuid(id) {
-        return Err(Failure::input(format!(
-            "{cmd}: {what} {raw:?} is not a UUID"
-        )));
-    }
-    Ok(id.to_string())
-}
-
-/// Message text from the argument, or from stdin for `-`: at most 16 MiB, UTF-8,
-/// not blank. One trailing newline from stdin is dropped (`echo hi | molecule …`).
-fn message_text(arg: Option<&str>, cmd: &str) -> Result<String, Failure> {
-    let text = match arg {
-        None => {
-            return Err(Failure::input(format!(
-                "{cmd}: the message text is required (or - to read it from stdin)"
-            )));
-        }
-        Some("-") => {
-            let mut t = read_limited(std::io::stdin().lock(), MAX_MESSAGE_BYTES)
-                .map_err(|e| Failure::input(format!("{cmd}: stdin: {e}")))?;
-            if t.ends_with('\n') {
-                t.pop();
-                if t.ends_with('\r') {
-                    t.pop();
-                }
-            }
-            t
-        }
-        Some(t) => t.to_string(),
-    };
-    if text.len() > MAX_MESSAGE_BYTES {
-        return Err(Failure::input(format!(
-            "{cmd}: the message is too large: {} bytes, the platform accepts at most {MAX_MESSAGE_BYTES}",
-            text.len()
-        )));
-    }
-    if text.trim().is_empty() {
-        return Err(Failure::input(format!("{cmd}: the message is empty")));
-    }
-    Ok(text)
-}
-
-/// Reads all of `r` as UTF-8, refusing more than `limit` bytes without reading
-/// further than one byte past it.
-fn read_limited(r: impl Read, limit: usize) -> Result<String, String> {
-    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
-    let mut buf = Vec::new();
-    r.take(cap)
-        .read_to_end(&mut buf)
-        .map_err(|e| format!("cannot read: {e}"))?;
-    if buf.len() > limit {
-        return Err(format!(
-            "the message is too large: more than {limit} bytes (the platform's limit)"
-        ));
-    }
-    String::from_utf8(buf).map_err(|_| "the message is not UTF-8 text".to_string())
-}
-
 /// Text parts (`kind` or `type` = `text`) of a parts array, joined with newlines.
 fn text_of_parts(parts: &Value) -> String {
     let mut out: Vec<&str> = Vec::new();
@@ -625,6 +579,13 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    use crate::config::agent::read_limited;
+
+    /// The resolving layer's error as the command reports it.
+    fn failure<T: std::fmt::Debug>(r: Result<T, ConfigError>) -> Failure {
+        Failure::from(r.unwrap_err())
+    }
+
     #[test]
     fn read_limited_caps_and_checks_utf8() {
         assert_eq!(read_limited(&b"hello"[..], 5).unwrap(), "hello");
@@ -643,7 +604,7 @@ mod tests {
     #[test]
     fn message_text_rules() {
         assert!(message_text(None, "send").is_err());
-        let e = message_text(Some("  \n\t"), "send").unwrap_err();
+        let e = failure(message_text(Some("  \n\t"), "send"));
         assert_eq!(e.error.exit_code(), 2);
         assert!(e.error.to_string().contains("empty"));
         assert_eq!(message_text(Some("hi"), "send").unwrap(), "hi");
@@ -651,7 +612,7 @@ mod tests {
 
     #[test]
     fn uuid_required() {
-        let e = require_uuid(Some("../etc"), "send", "peer id").unwrap_err();
+        let e = failure(require_uuid(Some("../etc"), "send", "peer id"));
         assert_eq!(e.error.exit_code(), 2);
         assert!(e.error.to_string().contains("not a UUID"));
         assert!(require_uuid(None, "send", "peer id").is_err());

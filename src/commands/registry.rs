@@ -4,9 +4,9 @@
 
 use serde_json::{Value, json};
 
-use super::{Ctx, Failure, Report, describe, removed_failure, require_uuid, str_of, table};
+use super::{Ctx, Failure, Report, describe, removed_failure, str_of, table};
 use crate::api::ApiError;
-use crate::cli::{DiscoverArgs, InfoArgs, PeersArgs};
+use crate::cli::PeersArgs;
 use crate::error::Error;
 
 pub(super) fn peers(ctx: &Ctx, a: &PeersArgs) -> Result<Report, Failure> {
@@ -69,10 +69,9 @@ fn describe_peers(ctx: &Ctx, e: ApiError) -> Failure {
     }
 }
 
-pub(super) fn discover(ctx: &Ctx, a: &DiscoverArgs) -> Result<Report, Failure> {
-    let peer = require_uuid(a.peer.as_deref(), "discover", "peer id")?;
+pub(super) fn discover(ctx: &Ctx, peer: &str) -> Result<Report, Failure> {
     let found = ctx.call(
-        |c| c.discover(&peer),
+        |c| c.discover(peer),
         |ctx, e| match e.status() {
             Some(403) => Failure::runtime(format!(
                 "{e}: not allowed to talk to {peer} (hierarchy rules: only siblings, parent and \
@@ -97,11 +96,8 @@ pub(super) fn discover(ctx: &Ctx, a: &DiscoverArgs) -> Result<Report, Failure> {
     })
 }
 
-pub(super) fn info(ctx: &Ctx, a: &InfoArgs) -> Result<Report, Failure> {
-    let id = match &a.id {
-        Some(_) => require_uuid(a.id.as_deref(), "info", "workspace id")?,
-        None => ctx.workspace_id().to_string(),
-    };
+pub(super) fn info(ctx: &Ctx, id: Option<&str>) -> Result<Report, Failure> {
+    let id = id.unwrap_or(ctx.workspace_id()).to_string();
     let record = ctx.call(
         |c| c.workspace_info(&id),
         |ctx, e| match e.status() {

@@ -7,19 +7,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{Ctx, Failure, Report, describe, line, message_text, require_uuid, text_of_parts};
+use super::{Ctx, Failure, Report, describe, line, text_of_parts};
 use crate::api::{ApiError, SendAnswer};
 use crate::backoff::Backoff;
-use crate::cli::SendArgs;
-use crate::config::Range::Between;
+use crate::config::agent;
 use crate::error::Error;
-
-/// Default total budget for all attempts.
-const DEFAULT_BUDGET_SECS: u64 = 600;
-/// Largest `--budget` accepted.
-const MAX_BUDGET_SECS: u64 = 24 * 3600;
-/// Longest `--message-id` accepted.
-const MAX_MESSAGE_ID_LEN: usize = 200;
 
 /// The retry schedule: 1, 2, 4, 8, 16, 16 … s, ±25 %.
 const BACKOFF: Backoff = Backoff {
@@ -28,33 +20,11 @@ const BACKOFF: Backoff = Backoff {
     jitter: 0.25,
 };
 
-pub(super) fn run(ctx: &Ctx, a: &SendArgs) -> Result<Report, Failure> {
-    let peer = require_uuid(a.peer.as_deref(), "send", "peer id")?;
-    let text = message_text(a.text.as_deref(), "send")?;
-    let message_id = match &a.message_id {
-        None => crate::uuid::new_v4(),
-        Some(m) => {
-            let m = m.trim();
-            if m.is_empty() || m.len() > MAX_MESSAGE_ID_LEN || m.chars().any(char::is_control) {
-                return Err(Failure::input(format!(
-                    "send: --message-id {m:?} must be 1 to {MAX_MESSAGE_ID_LEN} printable characters"
-                )));
-            }
-            m.to_string()
-        }
-    };
-    let budget_secs = a.budget_secs.unwrap_or(DEFAULT_BUDGET_SECS);
-    let budget_secs = Between(1, MAX_BUDGET_SECS).check(
-        format_args!("send: --budget {budget_secs}"),
-        budget_secs,
-        " seconds",
-    )?;
+pub(super) fn run(ctx: &Ctx, s: &agent::Send) -> Result<Report, Failure> {
+    let (peer, message_id, budget_secs) = (&s.peer, &s.message_id, s.budget_secs);
     let budget = Duration::from_secs(budget_secs);
-    let body = crate::inbox::message_send(&message_id, &text, &[], Default::default());
-    let sent = Sent {
-        peer: &peer,
-        message_id: &message_id,
-    };
+    let body = crate::inbox::message_send(message_id, &s.text, &[], Default::default());
+    let sent = Sent { peer, message_id };
     let started = Instant::now();
     let deadline = started.checked_add(budget).unwrap_or(started);
     let seed = crate::uuid::random_u64();
@@ -64,12 +34,12 @@ pub(super) fn run(ctx: &Ctx, a: &SendArgs) -> Result<Report, Failure> {
         // Each attempt may use what is left of the budget, no more.
         let left = deadline.saturating_duration_since(Instant::now());
         let timeout = left.max(Duration::from_millis(100));
-        let err = match ctx.client.send_a2a_within(&peer, &body, timeout) {
+        let err = match ctx.client.send_a2a_within(peer, &body, timeout) {
             Ok(answer) => {
                 // Our side of the conversation, for `molecule history` (best effort).
                 if let Err(e) = ctx
                     .client
-                    .self_report(&crate::inbox::send_report(&peer, &body))
+                    .self_report(&crate::inbox::send_report(peer, &body))
                 {
                     log::debug!("a2a_send self-report failed: {e}");
                 }
