@@ -1,52 +1,23 @@
-//! The delegation tracker: finds the results of delegations this workspace sent
-//! (`GET /workspaces/<own>/delegations`, §API-2.14) and delivers each terminal one
-//! exactly once: one line in `<state-dir>/<id>.delegations.jsonl`, then one local
-//! backend request (origin `delegation_result`). Nothing about a result is ever sent
-//! to the platform; the backend's output is dropped (the agent may call `molecule
-//! send`/`notify` itself).
-//!
-//! Runs on its own thread beside the heartbeat: once at start-up, then every
-//! `--delegations-secs`, and at once when the poll thread sees a `delegate_result`
-//! row (a [`Waker`]; the poll thread only does a non-blocking `try_send`).
-//!
-//! Exactly once, across restarts: `<id>.delegations.state.json` (0600, written
-//! atomically) holds the delivered ids, a bounded LRU evicted oldest first (an id
-//! the platform still lists is refreshed on every sighting), and the pending results
-//! with how far each got. Before the JSONL line is appended the result is saved as
-//! `log: "intent"`; a result found in that state (a crash between save and append,
-//! or a failed append) has the file's tail checked before the line is written, so
-//! the line is never written twice. A result counts as delivered only after the
-//! backend returned, so a crash mid-run delivers it again rather than never.
-//!
-//! Skipped, never delivered: entries whose `source_id` is not our workspace (logged
-//! once per id; a possible injection unless the delegation was sent *to* us), ids
-//! that are not UUIDs, and non-terminal statuses (`pending`, `queued`, `dispatched`,
-//! `in_progress`, `stuck`: `stuck` is a recoverable warning, §API-2.14). A result the
-//! backend keeps failing on is given up after [`MAX_FAILURES`] runs (its line stays in
-//! the JSONL file): one bad result must not be retried forever.
+//! The tracker's memory and decisions: which listed delegations are ours, terminal
+//! and not yet delivered, and how far each pending one got. Pure apart from its two
+//! files (`files.rs`); time comes in as `now`.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::api::Client;
-use crate::backend::{Backend, BackendError, Origin, Request, RunHandle};
+use super::files::{
+    DelegationResult, Logged, Saved, SavedPending, already_logged, log_path, read_saved,
+    state_path, unix_now, write_saved,
+};
 use crate::backoff::Backoff;
 use crate::lru::Lru;
-use crate::peers::{Cached, PeerCache};
-use crate::shutdown::{Shutdown, StopReason};
-use crate::state::{StateError, write_atomic};
+use crate::state::StateError;
 use crate::status_file::DelegationCounts;
-
-use super::status::{RuntimeStatus, SharedStatus};
 
 /// Statuses after which a delegation never changes again.
 pub const TERMINAL: [&str; 2] = ["completed", "failed"];
@@ -59,96 +30,8 @@ const MAX_RETRY_LATER: u32 = 100;
 const MAX_PENDING: usize = 256;
 /// Foreign delegation ids remembered so each is logged once.
 const FOREIGN_MEMORY: usize = 1024;
-/// Larger state files are refused rather than read.
-const MAX_STATE_BYTES: u64 = 16 * 1024 * 1024;
-/// Bytes at the end of the JSONL file searched for a line that may already be there.
-const TAIL_BYTES: u64 = 256 * 1024;
 /// Longest text field kept from an entry, in characters.
 const MAX_FIELD: usize = 4000;
-
-/// `<dir>/<workspace-id>.delegations.jsonl`.
-pub fn log_path(dir: &Path, workspace_id: &str) -> PathBuf {
-    dir.join(format!("{workspace_id}.delegations.jsonl"))
-}
-
-/// `<dir>/<workspace-id>.delegations.state.json`.
-pub fn state_path(dir: &Path, workspace_id: &str) -> PathBuf {
-    dir.join(format!("{workspace_id}.delegations.state.json"))
-}
-
-/// One terminal delegation, as logged and handed to the backend.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DelegationResult {
-    /// The delegation id (a UUID).
-    pub delegation_id: String,
-    /// The workspace that did the work.
-    #[serde(default)]
-    pub target_id: String,
-    /// `completed` or `failed`.
-    pub status: String,
-    /// The platform's summary (the task as sent).
-    #[serde(default)]
-    pub summary: String,
-    /// The start of the answer (≤ 300 bytes on the platform).
-    #[serde(default)]
-    pub response_preview: String,
-    /// Why it failed.
-    #[serde(default)]
-    pub error: String,
-    /// The platform's `updated_at` (or `created_at`), as sent.
-    #[serde(default)]
-    pub updated_at: Option<String>,
-}
-
-impl DelegationResult {
-    /// The backend's input: a short neutral description, then the preview or error.
-    pub fn request_text(&self) -> String {
-        let target = if self.target_id.is_empty() {
-            "(unknown)"
-        } else {
-            &self.target_id
-        };
-        let mut text = format!(
-            "Delegation {} to workspace {target} {}.",
-            self.delegation_id, self.status
-        );
-        if !self.response_preview.is_empty() {
-            text.push_str("\n\nResult preview:\n");
-            text.push_str(&self.response_preview);
-        }
-        if !self.error.is_empty() {
-            text.push_str("\n\nError:\n");
-            text.push_str(&self.error);
-        }
-        text
-    }
-
-    /// The JSONL line (and the `format=json` request body), at `time` (Unix seconds).
-    pub fn to_record(&self, time: u64) -> Value {
-        json!({
-            "delegation_id": self.delegation_id,
-            "target_id": self.target_id,
-            "status": self.status,
-            "summary": self.summary,
-            "response_preview": self.response_preview,
-            "error": self.error,
-            "updated_at": self.updated_at,
-            "time": time,
-        })
-    }
-}
-
-/// How far the JSONL line of a pending result got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum Logged {
-    /// Not written.
-    No,
-    /// About to be written, or written just before a crash: check the file first.
-    Intent,
-    /// Written.
-    Yes,
-}
 
 #[derive(Debug, Clone)]
 struct Pending {
@@ -160,27 +43,6 @@ struct Pending {
     log_failures: u32,
     next_try: Instant,
     seq: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct SavedPending {
-    result: DelegationResult,
-    logged: Logged,
-    #[serde(default)]
-    failures: u32,
-    #[serde(default)]
-    retry_later: u32,
-}
-
-/// The state file.
-#[derive(Debug, Serialize, Deserialize)]
-struct Saved {
-    workspace_id: String,
-    /// Delivered ids, oldest first.
-    #[serde(default)]
-    delivered: Vec<String>,
-    #[serde(default)]
-    pending: Vec<SavedPending>,
 }
 
 /// Numbers for the status file; the tracker writes, the reporter reads.
@@ -602,84 +464,8 @@ impl Tracker {
                 })
                 .collect(),
         };
-        let io_err = |source| StateError::Io {
-            path: self.state_path.clone(),
-            source,
-        };
-        let bytes = serde_json::to_vec_pretty(&saved).map_err(|e| io_err(io::Error::other(e)))?;
-        write_atomic(&self.state_path, &bytes).map_err(io_err)
+        write_saved(&self.state_path, &saved)
     }
-}
-
-/// The start-up error for a tracker state that cannot be read. A corrupt file is a
-/// configuration matter (exit 2) with its own advice: starting afresh is safe only
-/// if delivering a listed result a second time is.
-pub fn open_error(e: StateError) -> crate::error::Error {
-    match e {
-        StateError::Corrupt { path, detail } => {
-            crate::error::Error::Config(crate::config::ConfigError(format!(
-                "delegation state file {} is corrupt ({detail}); move it aside to start again (results the platform still lists are then delivered again)",
-                path.display()
-            )))
-        }
-        other => other.into(),
-    }
-}
-
-fn read_saved(path: &Path, workspace_id: &str) -> Result<Option<Saved>, StateError> {
-    let corrupt = |detail: String| StateError::Corrupt {
-        path: path.to_path_buf(),
-        detail,
-    };
-    let raw = match std::fs::metadata(path) {
-        Ok(m) if m.len() > MAX_STATE_BYTES => {
-            return Err(corrupt(format!("{} bytes is too large", m.len())));
-        }
-        Ok(_) => std::fs::read(path),
-        Err(e) => Err(e),
-    };
-    let raw = match raw {
-        Ok(r) => r,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(StateError::Io {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
-    };
-    let saved: Saved = serde_json::from_slice(&raw).map_err(|e| corrupt(e.to_string()))?;
-    if !saved.workspace_id.eq_ignore_ascii_case(workspace_id) {
-        return Err(corrupt(format!(
-            "it belongs to workspace {:?}",
-            saved.workspace_id
-        )));
-    }
-    Ok(Some(saved))
-}
-
-/// Does the tail of the JSONL file hold a line for `id`? Only the tail: a line that
-/// may be there was written by the last delivery attempt, just before a crash.
-fn already_logged(path: &Path, id: &str) -> io::Result<bool> {
-    let mut f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    let len = f.metadata()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))?;
-    let mut buf = Vec::new();
-    f.take(TAIL_BYTES).read_to_end(&mut buf)?;
-    Ok(buf.split(|b| *b == b'\n').any(|line| {
-        serde_json::from_slice::<Value>(line)
-            .ok()
-            .and_then(|v| {
-                v.get("delegation_id")
-                    .and_then(Value::as_str)
-                    .map(|d| d.eq_ignore_ascii_case(id))
-            })
-            .unwrap_or(false)
-    }))
 }
 
 fn result_of(e: &Value, did: &str) -> DelegationResult {
@@ -702,7 +488,7 @@ fn result_of(e: &Value, did: &str) -> DelegationResult {
     }
 }
 
-fn later(now: Instant, d: Duration) -> Instant {
+pub(super) fn later(now: Instant, d: Duration) -> Instant {
     now.checked_add(d).unwrap_or(now)
 }
 
@@ -723,183 +509,10 @@ fn failure_backoff() -> Backoff {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// The poll thread's handle: a `delegate_result` row wakes the tracker at once.
-#[derive(Clone)]
-pub struct Waker(SyncSender<()>);
-
-impl Waker {
-    /// Never blocks: a wake already waiting covers this one too.
-    pub fn wake(&self) {
-        let _ = self.0.try_send(());
-    }
-}
-
-/// The wake channel, also woken when a stop is requested.
-pub fn wake_channel(shutdown: &Shutdown) -> (Waker, Receiver<()>) {
-    let (tx, rx) = mpsc::sync_channel(1);
-    let waker = Waker(tx);
-    let on_stop = waker.clone();
-    shutdown.on_trigger(move || on_stop.wake());
-    (waker, rx)
-}
-
-/// What the tracker thread needs besides the tracker.
-pub struct Context {
-    /// The platform client.
-    pub client: Client,
-    /// The backend results are handed to.
-    pub backend: Arc<dyn Backend>,
-    /// Heartbeat numbers (busy check, active task).
-    pub status: SharedStatus,
-    /// Stop flag.
-    pub shutdown: Shutdown,
-    /// Lets the drain cancel a running delivery.
-    pub run: RunHandle,
-    /// `--delegations-secs`.
-    pub every: Duration,
-    /// `--concurrency`: the backend is busy when this many tasks run.
-    pub concurrency: usize,
-    /// Names for the target workspace, when known.
-    pub peers: Option<Arc<PeerCache>>,
-}
-
-/// The tracker thread: fetch at start-up, every `ctx.every` and on a wake; deliver
-/// what is due; wait for the earliest of the next fetch, the next retry and a wake.
-/// The first pass also runs when `--once` has already finished the inbox, so a cron
-/// run delivers the results it finds.
-pub fn run(mut tracker: Tracker, ctx: Context, wake: Receiver<()>) {
-    let fetch_backoff = Backoff {
-        max: ctx.every,
-        ..Backoff::default()
-    };
-    let mut seed = crate::uuid::random_u64();
-    let mut next_fetch = Instant::now();
-    let mut failures: u32 = 0;
-    let mut woken = false;
-    let mut first = true;
-    loop {
-        let stop = match ctx.shutdown.reason() {
-            None => false,
-            Some(StopReason::Finished) => !first,
-            Some(_) => true,
-        };
-        if stop {
-            break;
-        }
-        let now = Instant::now();
-        if woken || now >= next_fetch {
-            match ctx.client.delegations(None) {
-                Ok(list) => {
-                    if failures > 0 {
-                        log::info!("delegations: reachable again after {failures} failure(s)");
-                    }
-                    failures = 0;
-                    tracker.absorb(&list, now);
-                    next_fetch = later(now, ctx.every);
-                }
-                Err(e) => {
-                    failures = failures.saturating_add(1);
-                    if failures == 1 || failures.is_multiple_of(10) {
-                        log::warn!("{e} (attempt {failures})");
-                    }
-                    seed = seed.wrapping_add(1);
-                    next_fetch = later(now, fetch_backoff.delay(failures, seed));
-                }
-            }
-        }
-        for id in tracker.ready(Instant::now()) {
-            if ctx.shutdown.is_triggered() && !first {
-                break;
-            }
-            let (_, active, _) = RuntimeStatus::snapshot(&ctx.status);
-            let busy = active as usize >= ctx.concurrency;
-            let step = tracker.deliver(&id, Instant::now(), busy, &mut |r, attempt| {
-                run_backend(&ctx, r, attempt)
-            });
-            if step == Step::Interrupted {
-                break;
-            }
-        }
-        first = false;
-        let deadline = tracker.next_due().map_or(next_fetch, |d| d.min(next_fetch));
-        let wait = deadline.saturating_duration_since(Instant::now());
-        woken = match wake.recv_timeout(wait) {
-            Ok(()) => true,
-            Err(RecvTimeoutError::Timeout) => false,
-            Err(RecvTimeoutError::Disconnected) => {
-                ctx.shutdown.wait_timeout(wait);
-                false
-            }
-        };
-    }
-    if let Err(e) = tracker.save() {
-        log::error!("{e}");
-    }
-}
-
-fn run_backend(ctx: &Context, r: &DelegationResult, attempt: u32) -> Run {
-    let (caller_name, caller_role) = match ctx
-        .peers
-        .as_ref()
-        .map(|p| p.lookup(&r.target_id, Instant::now()))
-    {
-        Some(Cached::Found(info)) => (info.name, info.role),
-        _ => (None, None),
-    };
-    let mut extra_env = std::collections::BTreeMap::new();
-    extra_env.insert(
-        "MOLECULE_DELEGATION_ID".to_string(),
-        r.delegation_id.clone(),
-    );
-    let req = Request {
-        workspace_id: ctx.client.workspace_id().to_string(),
-        api_url: ctx.client.api_url().to_string(),
-        text: r.request_text(),
-        other_parts: Vec::new(),
-        caller_id: Some(r.target_id.clone()).filter(|t| crate::uuid::is_uuid(t)),
-        caller_name,
-        caller_role,
-        message_id: None,
-        activity_id: String::new(),
-        context_id: None,
-        task_id: None,
-        method: "delegation_result".into(),
-        origin: Origin::DelegationResult,
-        attempt,
-        raw: r.to_record(unix_now()),
-        extra_env,
-        attachments: Vec::new(),
-        request_id: None,
-    };
-    let short = r.delegation_id.get(..8).unwrap_or(&r.delegation_id);
-    RuntimeStatus::begin_task(&ctx.status, &format!("delegation result {short}"));
-    let result = ctx.backend.handle(&req, &ctx.run);
-    let (run, failure) = match result {
-        // The output goes nowhere: posting it would be a message nobody asked for.
-        Ok(_) => (Run::Delivered, None),
-        Err(BackendError::Cancelled) => (Run::Interrupted, None),
-        Err(e) if e.is_retry_later() => (Run::RetryLater(e.to_string()), None),
-        Err(e) => {
-            let text = e.to_string();
-            // The heartbeat carries the kind of failure, not the backend's stderr.
-            let class = super::dispatch::failure_class(&text);
-            (Run::Failed(text), Some(class))
-        }
-    };
-    RuntimeStatus::end_task(&ctx.status, failure.as_deref());
-    run
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const OWN: &str = "11111111-1111-4111-8111-111111111111";
     const PEER: &str = "22222222-2222-4222-8222-222222222222";

@@ -1,0 +1,183 @@
+//! The tracker's thread: when to fetch the platform's list, and handing each due
+//! result to the backend.
+
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::time::{Duration, Instant};
+
+use super::files::{DelegationResult, unix_now};
+use super::tracker::{Run, Step, Tracker, later};
+use crate::api::Client;
+use crate::backend::{Backend, BackendError, Origin, Request, RunHandle};
+use crate::backoff::Backoff;
+use crate::peers::{Cached, PeerCache};
+use crate::shutdown::{Shutdown, StopReason};
+
+use super::super::status::{RuntimeStatus, SharedStatus};
+
+/// The poll thread's handle: a `delegate_result` row wakes the tracker at once.
+#[derive(Clone)]
+pub struct Waker(SyncSender<()>);
+
+impl Waker {
+    /// Never blocks: a wake already waiting covers this one too.
+    pub fn wake(&self) {
+        let _ = self.0.try_send(());
+    }
+}
+
+/// The wake channel, also woken when a stop is requested.
+pub fn wake_channel(shutdown: &Shutdown) -> (Waker, Receiver<()>) {
+    let (tx, rx) = mpsc::sync_channel(1);
+    let waker = Waker(tx);
+    let on_stop = waker.clone();
+    shutdown.on_trigger(move || on_stop.wake());
+    (waker, rx)
+}
+
+/// What the tracker thread needs besides the tracker.
+pub struct Context {
+    /// The platform client.
+    pub client: Client,
+    /// The backend results are handed to.
+    pub backend: Arc<dyn Backend>,
+    /// Heartbeat numbers (busy check, active task).
+    pub status: SharedStatus,
+    /// Stop flag.
+    pub shutdown: Shutdown,
+    /// Lets the drain cancel a running delivery.
+    pub run: RunHandle,
+    /// `--delegations-secs`.
+    pub every: Duration,
+    /// `--concurrency`: the backend is busy when this many tasks run.
+    pub concurrency: usize,
+    /// Names for the target workspace, when known.
+    pub peers: Option<Arc<PeerCache>>,
+}
+
+/// The tracker thread: fetch at start-up, every `ctx.every` and on a wake; deliver
+/// what is due; wait for the earliest of the next fetch, the next retry and a wake.
+/// The first pass also runs when `--once` has already finished the inbox, so a cron
+/// run delivers the results it finds.
+pub fn run(mut tracker: Tracker, ctx: Context, wake: Receiver<()>) {
+    let fetch_backoff = Backoff {
+        max: ctx.every,
+        ..Backoff::default()
+    };
+    let mut seed = crate::uuid::random_u64();
+    let mut next_fetch = Instant::now();
+    let mut failures: u32 = 0;
+    let mut woken = false;
+    let mut first = true;
+    loop {
+        let stop = match ctx.shutdown.reason() {
+            None => false,
+            Some(StopReason::Finished) => !first,
+            Some(_) => true,
+        };
+        if stop {
+            break;
+        }
+        let now = Instant::now();
+        if woken || now >= next_fetch {
+            match ctx.client.delegations(None) {
+                Ok(list) => {
+                    if failures > 0 {
+                        log::info!("delegations: reachable again after {failures} failure(s)");
+                    }
+                    failures = 0;
+                    tracker.absorb(&list, now);
+                    next_fetch = later(now, ctx.every);
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    if failures == 1 || failures.is_multiple_of(10) {
+                        log::warn!("{e} (attempt {failures})");
+                    }
+                    seed = seed.wrapping_add(1);
+                    next_fetch = later(now, fetch_backoff.delay(failures, seed));
+                }
+            }
+        }
+        for id in tracker.ready(Instant::now()) {
+            if ctx.shutdown.is_triggered() && !first {
+                break;
+            }
+            let (_, active, _) = RuntimeStatus::snapshot(&ctx.status);
+            let busy = active as usize >= ctx.concurrency;
+            let step = tracker.deliver(&id, Instant::now(), busy, &mut |r, attempt| {
+                run_backend(&ctx, r, attempt)
+            });
+            if step == Step::Interrupted {
+                break;
+            }
+        }
+        first = false;
+        let deadline = tracker.next_due().map_or(next_fetch, |d| d.min(next_fetch));
+        let wait = deadline.saturating_duration_since(Instant::now());
+        woken = match wake.recv_timeout(wait) {
+            Ok(()) => true,
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => {
+                ctx.shutdown.wait_timeout(wait);
+                false
+            }
+        };
+    }
+    if let Err(e) = tracker.save() {
+        log::error!("{e}");
+    }
+}
+
+fn run_backend(ctx: &Context, r: &DelegationResult, attempt: u32) -> Run {
+    let (caller_name, caller_role) = match ctx
+        .peers
+        .as_ref()
+        .map(|p| p.lookup(&r.target_id, Instant::now()))
+    {
+        Some(Cached::Found(info)) => (info.name, info.role),
+        _ => (None, None),
+    };
+    let mut extra_env = std::collections::BTreeMap::new();
+    extra_env.insert(
+        "MOLECULE_DELEGATION_ID".to_string(),
+        r.delegation_id.clone(),
+    );
+    let req = Request {
+        workspace_id: ctx.client.workspace_id().to_string(),
+        api_url: ctx.client.api_url().to_string(),
+        text: r.request_text(),
+        other_parts: Vec::new(),
+        caller_id: Some(r.target_id.clone()).filter(|t| crate::uuid::is_uuid(t)),
+        caller_name,
+        caller_role,
+        message_id: None,
+        activity_id: String::new(),
+        context_id: None,
+        task_id: None,
+        method: "delegation_result".into(),
+        origin: Origin::DelegationResult,
+        attempt,
+        raw: r.to_record(unix_now()),
+        extra_env,
+        attachments: Vec::new(),
+        request_id: None,
+    };
+    let short = r.delegation_id.get(..8).unwrap_or(&r.delegation_id);
+    RuntimeStatus::begin_task(&ctx.status, &format!("delegation result {short}"));
+    let result = ctx.backend.handle(&req, &ctx.run);
+    let (run, failure) = match result {
+        // The output goes nowhere: posting it would be a message nobody asked for.
+        Ok(_) => (Run::Delivered, None),
+        Err(BackendError::Cancelled) => (Run::Interrupted, None),
+        Err(e) if e.is_retry_later() => (Run::RetryLater(e.to_string()), None),
+        Err(e) => {
+            let text = e.to_string();
+            // The heartbeat carries the kind of failure, not the backend's stderr.
+            let class = super::super::dispatch::failure_class(&text);
+            (Run::Failed(text), Some(class))
+        }
+    };
+    RuntimeStatus::end_task(&ctx.status, failure.as_deref());
+    run
+}
