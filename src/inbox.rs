@@ -245,27 +245,41 @@ fn notice_request_id(message_id: &str, text: &str) -> Option<String> {
 
 /// Text parts (`kind` or `type` = `text`) joined with newlines, and the rest.
 fn split_parts(message: &Value) -> (String, Vec<Value>) {
-    let mut texts = Vec::new();
-    let mut others = Vec::new();
     if let Some(parts) = message.get("parts").and_then(Value::as_array) {
-        for part in parts {
-            let kind = part
-                .get("kind")
-                .or_else(|| part.get("type"))
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            match (kind, part.get("text").and_then(Value::as_str)) {
-                ("text", Some(t)) => texts.push(t),
-                ("text", None) => {}
-                _ if part.is_object() => others.push(part.clone()),
-                _ => {}
-            }
-        }
+        let others = parts
+            .iter()
+            .filter(|p| p.is_object() && !is_text_part(p))
+            .cloned()
+            .collect();
+        (text_of(parts), others)
     } else if let Some(content) = message.get("content").and_then(Value::as_str) {
         // A2A v0.2 shape; newer platforms convert it, older ones store it as is.
-        texts.push(content);
+        (content.to_string(), Vec::new())
+    } else {
+        (String::new(), Vec::new())
     }
-    (texts.join("\n"), others)
+}
+
+/// The text parts (`kind` or `type` = `text`) of an A2A parts array, joined with
+/// newlines; anything else in it is ignored.
+pub fn text_of_parts(parts: &Value) -> String {
+    parts.as_array().map_or_else(String::new, |p| text_of(p))
+}
+
+fn text_of(parts: &[Value]) -> String {
+    let texts: Vec<&str> = parts
+        .iter()
+        .filter(|p| is_text_part(p))
+        .filter_map(|p| p.get("text").and_then(Value::as_str))
+        .collect();
+    texts.join("\n")
+}
+
+fn is_text_part(part: &Value) -> bool {
+    part.get("kind")
+        .or_else(|| part.get("type"))
+        .and_then(Value::as_str)
+        == Some("text")
 }
 
 /// The `messageId` of our reply to activity row `activity_id`: the same on every
@@ -376,6 +390,14 @@ fn short_id(id: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_text() {
+        let parts = json!([{"kind":"text","text":"a"},{"type":"text","text":"b"},
+                           {"kind":"file","file":{}},{"kind":"text"}]);
+        assert_eq!(text_of_parts(&parts), "a\nb");
+        assert_eq!(text_of_parts(&json!("x")), "");
+    }
 
     const OWN: &str = "11111111-1111-4111-8111-111111111111";
     const PEER: &str = "22222222-2222-4222-8222-222222222222";

@@ -181,7 +181,7 @@ fn entry_key(v: &Value) -> String {
 fn text_of(v: &Value) -> String {
     for p in ["/request_body/params/message/parts", "/response_body/parts"] {
         if let Some(parts) = v.pointer(p) {
-            let t = super::text_of_parts(parts);
+            let t = crate::inbox::text_of_parts(parts);
             if !t.is_empty() {
                 return t;
             }

@@ -485,23 +485,6 @@ fn describe(ctx: &Ctx, e: ApiError) -> Failure {
     f
 }
 
-/// Text parts (`kind` or `type` = `text`) of a parts array, joined with newlines.
-fn text_of_parts(parts: &Value) -> String {
-    let mut out: Vec<&str> = Vec::new();
-    for p in parts.as_array().into_iter().flatten() {
-        let kind = p
-            .get("kind")
-            .or_else(|| p.get("type"))
-            .and_then(Value::as_str);
-        if kind == Some("text")
-            && let Some(t) = p.get("text").and_then(Value::as_str)
-        {
-            out.push(t);
-        }
-    }
-    out.join("\n")
-}
-
 /// A string field of a JSON object, if present and a string.
 fn str_of<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(Value::as_str)
@@ -620,14 +603,6 @@ mod tests {
             require_uuid(Some(" 11111111-2222-4333-8444-555555555555 "), "x", "id").unwrap(),
             "11111111-2222-4333-8444-555555555555"
         );
-    }
-
-    #[test]
-    fn parts_text() {
-        let parts = json!([{"kind":"text","text":"a"},{"type":"text","text":"b"},
-                           {"kind":"file","file":{}},{"kind":"text"}]);
-        assert_eq!(text_of_parts(&parts), "a\nb");
-        assert_eq!(text_of_parts(&json!("x")), "");
     }
 
     #[test]

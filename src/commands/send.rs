@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{Ctx, Failure, Report, describe, line, text_of_parts};
+use super::{Ctx, Failure, Report, describe, line};
 use crate::api::{ApiError, SendAnswer};
 use crate::backoff::Backoff;
 use crate::config::agent;
 use crate::error::Error;
+use crate::inbox::text_of_parts;
 
 /// The retry schedule: 1, 2, 4, 8, 16, 16 … s, ±25 %.
 const BACKOFF: Backoff = Backoff {
