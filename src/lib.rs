@@ -27,6 +27,7 @@ pub mod inbox;
 pub mod lru;
 pub mod metrics;
 pub mod notify;
+pub mod orphans;
 pub mod peers;
 pub mod runner;
 pub mod shutdown;

@@ -11,6 +11,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::orphans::Groups;
+
 pub use exec::ExecBackend;
 pub use mock::MockBackend;
 pub use worker::WorkerBackend;
@@ -216,10 +218,13 @@ impl fmt::Display for BackendError {
 impl std::error::Error for BackendError {}
 
 /// Lets the runner stop a backend run from another thread (drain timeout on
-/// shutdown). The exec backend records its process group here while it runs.
+/// shutdown). The exec backend records its process group here while it runs, and
+/// the handle passes it on to the workspace's [`Groups`] record so a later start can
+/// end it if the connector dies first.
 #[derive(Clone, Default)]
 pub struct RunHandle {
     inner: Arc<Mutex<RunState>>,
+    groups: Groups,
 }
 
 /// Called by [`RunHandle::cancel`], for a run that waits on something other than a
@@ -239,20 +244,37 @@ impl RunHandle {
         Self::default()
     }
 
+    /// A handle whose runs' process groups are also kept in `groups`.
+    pub fn recording(groups: Groups) -> Self {
+        RunHandle {
+            inner: Arc::default(),
+            groups,
+        }
+    }
+
     /// Records the process group of a run that just started. Returns `false` if the
     /// handle was already cancelled: the caller must kill the group at once.
     pub fn started(&self, pgid: u32) -> bool {
-        let mut s = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        s.pgid = Some(pgid);
-        !s.cancelled
+        let cancelled = {
+            let mut s = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            s.pgid = Some(pgid);
+            s.cancelled
+        };
+        self.groups.add(pgid);
+        !cancelled
     }
 
     /// The run ended; nothing to signal any more.
     pub fn finished(&self) {
-        self.inner
+        let pgid = self
+            .inner
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .pgid = None;
+            .pgid
+            .take();
+        if let Some(pgid) = pgid {
+            self.groups.remove(pgid);
+        }
     }
 
     /// Has [`RunHandle::cancel`] been called?
@@ -304,8 +326,14 @@ pub trait Backend: Send + Sync {
         self.check()
     }
     /// `connect` is about to take messages for `workspace_id` at `api_url`: start
-    /// anything long-lived now (in the background) rather than on the first message.
-    fn start(&self, _workspace_id: &str, _api_url: &str) -> Result<(), BackendError> {
+    /// anything long-lived now (in the background) rather than on the first message,
+    /// and keep its process groups in `groups` while they run.
+    fn start(
+        &self,
+        _workspace_id: &str,
+        _api_url: &str,
+        _groups: &Groups,
+    ) -> Result<(), BackendError> {
         Ok(())
     }
     /// No more requests will come: stop anything long-lived (after the runner's drain).

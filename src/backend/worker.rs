@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::exec::{reply_from_object, request_json, shell_command, tail_text};
-use super::{Backend, BackendError, Origin, Outcome, Request, RunHandle};
+use super::{Backend, BackendError, Groups, Origin, Outcome, Request, RunHandle};
 use crate::backoff::Backoff;
 use crate::signal::{SIGKILL, SIGTERM, kill_process_group};
 
@@ -146,7 +146,8 @@ impl Backend for WorkerBackend {
     }
 
     fn handle(&self, req: &Request, run: &RunHandle) -> Result<Outcome, BackendError> {
-        self.pool.start(&req.workspace_id, &req.api_url)?;
+        self.pool
+            .start(&req.workspace_id, &req.api_url, &Groups::default())?;
         self.pool.request(req, run)
     }
 
@@ -185,7 +186,7 @@ impl Backend for WorkerBackend {
         one.workers = 1;
         let pool = Arc::new(Pool::new(one));
         let started = Instant::now();
-        let result = pool.start("", "").and_then(|()| {
+        let result = pool.start("", "", &Groups::default()).and_then(|()| {
             if s.ready {
                 pool.wait_ready(s.start_timeout)
                     .map(|()| "it said it is ready".to_string())
@@ -203,8 +204,13 @@ impl Backend for WorkerBackend {
         ))
     }
 
-    fn start(&self, workspace_id: &str, api_url: &str) -> Result<(), BackendError> {
-        self.pool.start(workspace_id, api_url)
+    fn start(
+        &self,
+        workspace_id: &str,
+        api_url: &str,
+        groups: &Groups,
+    ) -> Result<(), BackendError> {
+        self.pool.start(workspace_id, api_url, groups)
     }
 
     fn stop(&self) {
@@ -261,6 +267,8 @@ struct State {
     /// The running process of each slot (ready or still starting).
     slots: Vec<Option<Arc<Proc>>>,
     supervisors: Vec<JoinHandle<()>>,
+    /// Where the running workers' process groups are recorded.
+    groups: Groups,
     next_id: u64,
     start_failures: u32,
     last_start_error: String,
@@ -382,8 +390,14 @@ impl Pool {
         lock(&self.state)
     }
 
-    /// Starts the supervisors once; later calls do nothing.
-    fn start(self: &Arc<Self>, workspace_id: &str, api_url: &str) -> Result<(), BackendError> {
+    /// Starts the supervisors once; later calls do nothing. Every worker process
+    /// is kept in `groups` from its start until it is reaped.
+    fn start(
+        self: &Arc<Self>,
+        workspace_id: &str,
+        api_url: &str,
+        groups: &Groups,
+    ) -> Result<(), BackendError> {
         let mut st = self.lock();
         if st.started {
             return Ok(());
@@ -392,6 +406,7 @@ impl Pool {
             return Err(BackendError::Cancelled);
         }
         st.started = true;
+        st.groups = groups.clone();
         st.slots = vec![None; self.settings.workers];
         let env = Arc::new([
             ("MOLECULE_WORKSPACE_ID", workspace_id.to_string()),
@@ -702,6 +717,7 @@ impl Pool {
         };
         let proc = Arc::new(Proc::new(slot, child.id(), Some(tx)));
         st.slots[slot] = Some(Arc::clone(&proc));
+        st.groups.add(proc.pgid);
         drop(st);
         let (stdin, stdout, stderr) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take());
@@ -784,6 +800,7 @@ impl Pool {
         let status = child.wait();
         // What it left in its group must not outlive it, nor hold the pipes.
         let _ = kill_process_group(proc.pgid, SIGKILL);
+        self.lock().groups.remove(proc.pgid);
         let code = status.as_ref().ok().and_then(|s| s.code());
         let how = match &status {
             Ok(s) => s.to_string(),
@@ -1393,7 +1410,8 @@ mod tests {
     #[test]
     fn crash_loop_at_start_is_trouble() {
         let b = backend(&[("cmd", "echo broken >&2; exit 1"), ("timeout", "300ms")]);
-        b.start("ws", "http://127.0.0.1:1").unwrap();
+        b.start("ws", "http://127.0.0.1:1", &Groups::default())
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         while b.trouble().is_none() {
             assert!(Instant::now() < deadline, "never reported");
@@ -1433,7 +1451,7 @@ mod tests {
             ("start_timeout", "200ms"),
             ("kill_grace", "100ms"),
         ]);
-        b.start("", "").unwrap();
+        b.start("", "", &Groups::default()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         while b.trouble().is_none() {
             assert!(Instant::now() < deadline, "never reported");
@@ -1452,7 +1470,7 @@ mod tests {
             "echo $$ >> \"$PIDS\"; trap '' TERM; while :; do sleep 1; done",
         ] {
             let b = with_env(backend(&[("cmd", cmd), ("kill_grace", "200ms")]), &pids);
-            b.start("", "").unwrap();
+            b.start("", "", &Groups::default()).unwrap();
             let pid = read_first_pid(&pids);
             let started = Instant::now();
             b.stop();

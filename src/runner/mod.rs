@@ -28,6 +28,7 @@ use crate::api::{Client, ClientConfig, Transport};
 use crate::backend::{self, Backend, RunHandle};
 use crate::config::{ConnectConfig, Supervision, TokenSource, WakeMode};
 use crate::error::Error;
+use crate::orphans::{self, Groups};
 use crate::shutdown::{Shutdown, StopReason, ThreadGuard};
 use crate::signal::{self, Signal};
 use crate::state::{self, InstanceLock, StateError, Store};
@@ -358,6 +359,11 @@ fn run_locked(
         Err(e) => return Err(e.into()),
     };
     log::debug!("lock held on {}", lock.path().display());
+    // Under the lock no other connector runs this workspace's backends: whatever
+    // the last one recorded as running was left behind by a crash, and must not
+    // run next to the messages it was handling when they run again.
+    orphans::end_leftovers(&cfg.common.state_dir, &cfg.workspace_id, KILL_GRACE);
+    let groups = Groups::in_state_dir(&cfg.common.state_dir, &cfg.workspace_id);
     let store = Arc::new(Mutex::new(Store::open(
         &cfg.common.state_dir,
         &cfg.workspace_id,
@@ -377,7 +383,9 @@ fn run_locked(
         .with_pacer(process.budget_for(cfg).pacer(&shutdown));
     // One run handle per worker, then the delegation tracker's and the broadcast
     // thread's, so a second signal can kill every backend run.
-    let run_handles: Vec<RunHandle> = (0..cfg.concurrency + 2).map(|_| RunHandle::new()).collect();
+    let run_handles: Vec<RunHandle> = (0..cfg.concurrency + 2)
+        .map(|_| RunHandle::recording(groups.clone()))
+        .collect();
     let (done_tx, done_rx) = mpsc::channel::<Done>();
     process.add(Target {
         handles: run_handles.clone(),
@@ -397,6 +405,7 @@ fn run_locked(
         store,
         shutdown,
         run_handles,
+        groups,
         done: done_tx,
         threads: Vec::new(),
     };
@@ -437,6 +446,8 @@ struct Connected<'a> {
     shutdown: Shutdown,
     /// The workers' run handles, then the tracker's, then the broadcast thread's.
     run_handles: Vec<RunHandle>,
+    /// Where the backends' running process groups are recorded.
+    groups: Groups,
     done: mpsc::Sender<Done>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -459,8 +470,11 @@ impl Connected<'_> {
             self.backend.name(),
             wake_summary(cfg)
         );
-        self.backend
-            .start(self.client.workspace_id(), self.client.api_url())?;
+        self.backend.start(
+            self.client.workspace_id(),
+            self.client.api_url(),
+            &self.groups,
+        )?;
         if cfg.once {
             self.beat_now();
         }

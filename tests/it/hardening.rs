@@ -826,3 +826,164 @@ fn a_journaled_canvas_reply_already_shown_is_not_shown_again() {
     assert_eq!(notes, ["echo: first", "echo: second"], "{}", c.stderr());
     assert!(c.stderr().contains("already shown"), "{}", c.stderr());
 }
+
+/// The agent of the orphan tests. Its first run records its shell's pid and its
+/// child's in `$TEST_DIR/first`, then waits for ever; a later run appends the ones
+/// still running to `$TEST_DIR/alive`, counts itself in `$TEST_DIR/runs` and answers.
+const ORPHAN_AGENT: &str = r#"#!/bin/sh
+d="$TEST_DIR"
+if [ ! -e "$d/first" ]; then
+  sleep 1000 &
+  echo "$$ $!" > "$d/first.tmp" && mv "$d/first.tmp" "$d/first"
+  wait
+  exit 0
+fi
+for p in $(cat "$d/first"); do
+  s=$(cut -d' ' -f3 "/proc/$p/stat" 2>/dev/null)
+  case "$s" in ''|Z|X) ;; *) echo "$p $s" >> "$d/alive" ;; esac
+done
+echo run >> "$d/runs"
+echo "answered: $(cat)"
+"#;
+
+/// Item 4 for `backend`, run with `--backend-opt <opt><agent path>`.
+fn no_orphan_after_kill_9(backend: &str, opt: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let agent = dir.path().join("agent.sh");
+    std::fs::write(&agent, ORPHAN_AGENT).unwrap();
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let opt = format!("{opt}{}", agent.display());
+    let args = ["--backend", backend, "--backend-opt", &opt];
+    let test_dir = dir.path().display().to_string();
+    let env = [("TEST_DIR", test_dir.as_str())];
+    let mut c = Connector::start_with_env(&emu, &a, &dir, &args, &env);
+    emu.say(&a.id, Some(&b.id), "hello");
+    let first = dir.path().join("first");
+    let old: Vec<u32> = wait_until(WAIT, "the first run to start", &c, || {
+        std::fs::read_to_string(&first).ok()
+    })
+    .split_whitespace()
+    .map(|p| p.parse().unwrap())
+    .collect();
+    let _cleanup = KillOnDrop(old.clone());
+    let running = dir.path().join("state").join(format!("{}.running", a.id));
+    let record = std::fs::read_to_string(&running).unwrap();
+    assert!(record.contains(&format!("\"pgid\":{}", old[0])), "{record}");
+    c.signal("KILL");
+    c.wait_exit(WAIT);
+    assert!(
+        old.iter().all(|p| alive(*p)),
+        "the killed connector's backend runs on"
+    );
+
+    let mut c = Connector::start_with_env(&emu, &a, &dir, &args, &env);
+    let got = wait_received(&emu, &b.id, 1, &c);
+    assert_eq!(got[0]["text"], "answered: hello", "{}", c.stderr());
+    assert!(
+        !dir.path().join("alive").exists(),
+        "the old run still ran when the message ran again: {}",
+        std::fs::read_to_string(dir.path().join("alive")).unwrap_or_default()
+    );
+    assert!(old.iter().all(|p| !alive(*p)));
+    assert!(
+        c.stderr()
+            .contains(&format!("ending process group {}", old[0])),
+        "{}",
+        c.stderr()
+    );
+    assert_eq!(c.stop().code(), Some(0), "{}", c.stderr());
+    let replies = emu
+        .received(&b.id)
+        .iter()
+        .filter(|m| m["duplicate"] != true)
+        .count();
+    assert_eq!(replies, 1, "answered once");
+    let runs = std::fs::read_to_string(dir.path().join("runs")).unwrap();
+    assert_eq!(runs.lines().count(), 1, "ran once after the restart");
+    let record: Value = serde_json::from_slice(&std::fs::read(&running).unwrap()).unwrap();
+    assert_eq!(
+        record["groups"],
+        json!([]),
+        "nothing runs after a clean stop"
+    );
+}
+
+#[test]
+fn an_exec_run_left_by_kill_9_is_ended_before_its_message_runs_again() {
+    no_orphan_after_kill_9("exec", "cmd=sh ");
+}
+
+#[test]
+fn a_claude_code_run_left_by_kill_9_is_ended_before_its_message_runs_again() {
+    no_orphan_after_kill_9("claude-code", "bin=");
+}
+
+/// The start time of `pid` (field 22 of its stat line).
+fn start_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 1..];
+    rest.split_whitespace().nth(19).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_recorded_process_group_that_is_no_longer_ours_is_not_signalled() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    struct Sleeper(std::process::Child);
+    impl Drop for Sleeper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let sleep = |own_group: bool| {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("1000");
+        if own_group {
+            cmd.process_group(0);
+        }
+        Sleeper(cmd.spawn().unwrap())
+    };
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // A group leader whose pid was handed out again since (another start time),
+    // and a process with the right start time that leads no group of that id.
+    let mut reused = sleep(true);
+    let mut no_leader = sleep(false);
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let record = json!({
+        "boot_id": boot.trim(),
+        "groups": [
+            {"pgid": reused.0.id(), "start": start_ticks(reused.0.id()) + 1},
+            {"pgid": no_leader.0.id(), "start": start_ticks(no_leader.0.id())},
+        ],
+    });
+    let running = state.join(format!("{}.running", a.id));
+    std::fs::write(&running, record.to_string()).unwrap();
+    emu.say(&a.id, Some(&b.id), "hello");
+    let mut c = Connector::start(&emu, &a, &dir, &["--backend", "mock", "--once"]);
+    assert_eq!(c.wait_exit(WAIT).code(), Some(0), "{}", c.stderr());
+    assert_eq!(emu.received(&b.id).len(), 1, "{}", c.stderr());
+    assert!(
+        reused.0.try_wait().unwrap().is_none(),
+        "signalled a stranger"
+    );
+    assert!(
+        no_leader.0.try_wait().unwrap().is_none(),
+        "signalled a stranger"
+    );
+    assert_eq!(
+        c.stderr().matches("is not signalled").count(),
+        2,
+        "{}",
+        c.stderr()
+    );
+    assert!(!running.exists());
+}

@@ -37,17 +37,6 @@ fn pids(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
-fn alive(pid: u32) -> bool {
-    // A zombie is not an orphan: its parent (the connector, or init) reaps it.
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
-}
-
 /// Every worker process ever started in `dir` is gone.
 fn assert_no_workers_left(dir: &Path, c: &Connector) {
     let all = pids(dir);
@@ -280,6 +269,40 @@ fn kill_9_with_requests_in_flight_answers_each_once_after_restart() {
     assert_eq!(emu.received(&b.id).len(), 1, "answered once");
     assert_eq!(emu.notifies(&a.id).len(), 1, "notified once");
     c.stop();
+    assert_no_workers_left(dir.path(), &c);
+}
+
+#[test]
+fn a_worker_left_hanging_by_kill_9_is_ended_before_the_next_worker_starts() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let cmd = format!("cmd=python3 {TEST_WORKER}");
+    let args = ["--backend", "worker", "--backend-opt", &cmd];
+    let test_dir = dir.path().display().to_string();
+    let env = [("TEST_DIR", test_dir.as_str()), ("TEST_ALONE", "1")];
+    let mut c = Connector::start_with_env(&emu, &a, &dir, &args, &env);
+    emu.say(&a.id, Some(&b.id), "hang-once");
+    wait_until(WAIT, "the worker to hang on the request", &c, || {
+        dir.path().join("seen-hang-once").exists().then_some(())
+    });
+    let old = pids(dir.path());
+    assert_eq!(old.len(), 1);
+    let _cleanup = KillOnDrop(old.clone());
+    c.signal("KILL");
+    c.wait_exit(WAIT);
+    // Busy with the request, it never reads the closed stdin: it would run on.
+    assert!(alive(old[0]), "the hung worker outlived its connector");
+    let mut c = Connector::start_with_env(&emu, &a, &dir, &args, &env);
+    let got = wait_received(&emu, &b.id, 1, &c);
+    assert_eq!(texts(&got), ["w:hang-once"]);
+    assert!(
+        !dir.path().join("overlap").exists(),
+        "a new worker started next to the old one"
+    );
+    assert!(!alive(old[0]));
+    assert_eq!(c.stop().code(), Some(0), "{}", c.stderr());
+    assert_eq!(emu.received(&b.id).len(), 1, "answered once");
     assert_no_workers_left(dir.path(), &c);
 }
 

@@ -415,6 +415,29 @@ pub fn run(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Whether process `pid` still runs. A zombie does not: it is dead, and its parent
+/// (the connector, or init) reaps it.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// Kills the listed pids on drop, so a failing test leaves no long sleeper behind.
+pub struct KillOnDrop(pub Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let _ = molecule::signal::kill_process(pid, molecule::signal::SIGKILL);
+        }
+    }
+}
+
 /// Writes a token file with mode 0600, as an operator would.
 pub fn write_secret(path: &Path, token: &str) {
     use std::os::unix::fs::PermissionsExt;

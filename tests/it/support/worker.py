@@ -8,7 +8,8 @@ Behaviour by message text (state in $TEST_DIR):
   big         answer with 5000 bytes of text
   anything    answer "w:<text>"
 A delegation result is appended to $TEST_DIR/delegations and not answered.
-Every start appends its pid to $TEST_DIR/pids. Requests are answered one at a time.
+Every start appends its pid to $TEST_DIR/pids; with TEST_ALONE set it first appends
+the earlier ones still running to $TEST_DIR/overlap. Requests are answered one at a time.
 """
 
 import json
@@ -17,6 +18,23 @@ import sys
 import time
 
 d = os.environ["TEST_DIR"]
+
+
+def running(pid):
+    """Alive and not a zombie."""
+    try:
+        with open("/proc/%s/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+if os.environ.get("TEST_ALONE") and os.path.exists(os.path.join(d, "pids")):
+    with open(os.path.join(d, "pids")) as f:
+        earlier = [p for p in f.read().split() if running(p)]
+    if earlier:
+        with open(os.path.join(d, "overlap"), "a") as f:
+            f.write(" ".join(earlier) + "\n")
 with open(os.path.join(d, "pids"), "a") as f:
     f.write("%d\n" % os.getpid())
 if os.environ.get("TEST_READY"):
