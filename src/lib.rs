@@ -28,6 +28,7 @@ pub mod lru;
 pub mod metrics;
 pub mod notify;
 pub mod orphans;
+mod output;
 pub mod peers;
 pub mod runner;
 pub mod shutdown;
@@ -42,6 +43,7 @@ use std::ffi::OsString;
 use std::io::Write;
 
 pub use error::Error;
+use output::write_quiet;
 
 /// `0.1.0 (1a2b3c4, x86_64-unknown-linux-musl)`: the crate version, the git commit it
 /// was built from (`-dirty` for uncommitted changes, `unknown` without git) and the
@@ -149,13 +151,4 @@ pub fn log_level(verbosity: i8, env: &dyn Fn(&str) -> Option<String>) -> log::Le
         }
     }
     Info
-}
-
-/// Writes to stdout-like `out`; a closed pipe is not an error (`molecule … | head`).
-fn write_quiet(out: &mut dyn Write, s: &str) -> Result<(), Error> {
-    match out.write_all(s.as_bytes()).and_then(|()| out.flush()) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        Err(e) => Err(Error::Runtime(format!("writing output: {e}"))),
-    }
 }

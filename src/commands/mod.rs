@@ -98,7 +98,7 @@ pub fn run(
             } else {
                 report.human
             };
-            crate::write_quiet(out, &text)
+            crate::output::write_quiet(out, &text)
         }
         Err(failure) => {
             let text = if global.json {
@@ -107,7 +107,7 @@ pub fn run(
                 failure.human.clone()
             };
             if let Some(text) = text {
-                crate::write_quiet(out, &text)?;
+                crate::output::write_quiet(out, &text)?;
             }
             Err(*failure.error)
         }

@@ -29,6 +29,7 @@ use crate::backend::{self, Backend, RunHandle};
 use crate::config::{ConnectConfig, Supervision, TokenSource, WakeMode};
 use crate::error::Error;
 use crate::orphans::{self, Groups};
+use crate::output::write_quiet;
 use crate::shutdown::{Shutdown, StopReason, ThreadGuard};
 use crate::signal::{self, Signal};
 use crate::state::{self, InstanceLock, StateError, Store};
@@ -55,7 +56,7 @@ pub fn connect(cfg: ConnectConfig, sup: &Supervision, out: &mut dyn Write) -> Re
         cfg.concurrency,
     )?);
     if cfg.dry_run {
-        return write_out(out, &dry_run_summary(&cfg, backend.as_ref())?);
+        return write_quiet(out, &dry_run_summary(&cfg, backend.as_ref())?);
     }
     // The same check as `doctor`, before any message: a command that cannot start
     // would otherwise fail every message and tell every sender.
@@ -92,7 +93,7 @@ pub fn connect_many(
         for (cfg, backend) in cfgs.iter().zip(&backends) {
             text.push_str(&dry_run_summary(cfg, backend.as_ref())?);
         }
-        return write_out(out, &text);
+        return write_quiet(out, &text);
     }
     for (cfg, backend) in cfgs.iter().zip(&backends) {
         backend.check().map_err(|e| {
@@ -1043,12 +1044,4 @@ where
         .name(name.to_string())
         .spawn(f)
         .map_err(|e| Error::Runtime(format!("starting the {name} thread: {e}")))
-}
-
-fn write_out(out: &mut dyn Write, s: &str) -> Result<(), Error> {
-    match out.write_all(s.as_bytes()).and_then(|()| out.flush()) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        Err(e) => Err(Error::Runtime(format!("writing output: {e}"))),
-    }
 }
