@@ -8,6 +8,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::backend::{BackendError, BackendSpec};
 use crate::cli::{ConnectArgs, GlobalArgs};
 use crate::uuid::is_uuid;
 
@@ -89,10 +90,8 @@ pub struct ConnectConfig {
     pub common: Common,
     /// Own workspace id (UUID).
     pub workspace_id: String,
-    /// Backend name.
-    pub backend: String,
-    /// Backend options.
-    pub backend_opts: BTreeMap<String, String>,
+    /// The backend with its options, parsed and checked.
+    pub backend: BackendSpec,
     /// Pause between polls when the inbox is empty.
     pub poll_interval: Duration,
     /// Cold-start look-back window.
@@ -163,6 +162,31 @@ pub fn connect_config(
     a: &ConnectArgs,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<ConnectConfig, ConfigError> {
+    resolve_connect(g, a, env).map_err(|refused| match refused {
+        Refused::Flags(e) => e,
+        Refused::Backend(_, e) => ConfigError(e.to_string()),
+    })
+}
+
+/// Why `connect`'s configuration was refused: its flags, or its backend's options
+/// (checked last, once the flags are good; with `--workspaces` every entry's flags
+/// are checked before any backend, and a backend's error names the workspace).
+enum Refused {
+    Flags(ConfigError),
+    Backend(String, BackendError),
+}
+
+impl From<ConfigError> for Refused {
+    fn from(e: ConfigError) -> Self {
+        Refused::Flags(e)
+    }
+}
+
+fn resolve_connect(
+    g: &GlobalArgs,
+    a: &ConnectArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ConnectConfig, Refused> {
     let workspace_id = a
         .workspace
         .clone()
@@ -179,7 +203,8 @@ pub fn connect_config(
     if !is_uuid(&workspace_id) {
         return Err(ConfigError(format!(
             "connect: workspace id {workspace_id:?} is not a UUID"
-        )));
+        ))
+        .into());
     }
     if let Some(mode) = &a.mode {
         match mode.as_str() {
@@ -187,17 +212,16 @@ pub fn connect_config(
             "push" => {
                 return Err(ConfigError(
                     "connect: --mode push is not supported; poll mode needs no public URL".into(),
-                ));
+                )
+                .into());
             }
             other => {
-                return Err(ConfigError(format!(
-                    "connect: --mode {other:?}: must be poll"
-                )));
+                return Err(ConfigError(format!("connect: --mode {other:?}: must be poll")).into());
             }
         }
     }
     let common = common(g, a.token.as_deref(), env)?;
-    let backend = a.backend.clone().unwrap_or_else(|| "claude-code".into());
+    let backend_name = a.backend.as_deref().unwrap_or("claude-code");
     let backend_opts = backend_opts(&a.backend_opts)?;
     let interval_ms = a.interval_ms.unwrap_or(1000);
     let interval_ms = Between(10, 3_600_000).check(
@@ -263,9 +287,9 @@ pub fn connect_config(
         Some("events") => WakeMode::Events,
         Some("poll") => WakeMode::Poll,
         Some(other) => {
-            return Err(ConfigError(format!(
-                "--wake {other:?}: must be auto, events or poll"
-            )));
+            return Err(
+                ConfigError(format!("--wake {other:?}: must be auto, events or poll")).into(),
+            );
         }
     };
     let safety_poll_secs = a.safety_poll_secs.unwrap_or(30);
@@ -280,11 +304,13 @@ pub fn connect_config(
         rate_reserve,
         " (percent of the bucket)",
     )?;
+    let agent_card = a.card_file.as_deref().map(read_card_file).transpose()?;
+    let backend = BackendSpec::parse(backend_name, &backend_opts, concurrency)
+        .map_err(|e| Refused::Backend(workspace_id.clone(), e))?;
     Ok(ConnectConfig {
         common,
         workspace_id,
         backend,
-        backend_opts,
         poll_interval: Duration::from_millis(interval_ms),
         since_secs,
         heartbeat_every: Duration::from_secs(heartbeat_secs),
@@ -303,7 +329,7 @@ pub fn connect_config(
         safety_poll: Duration::from_secs(safety_poll_secs),
         rate_reserve_pct: u8::try_from(rate_reserve).unwrap_or(90),
         dry_run: a.dry_run,
-        agent_card: a.card_file.as_deref().map(read_card_file).transpose()?,
+        agent_card,
         broadcasts_every: Duration::from_secs(broadcasts_secs),
     })
 }
@@ -447,6 +473,9 @@ pub fn workspaces_config(
     }
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::with_capacity(entries.len());
+    // The first entry whose backend options are bad, reported once every entry's
+    // flags are known to be good.
+    let mut bad_backend = None;
     for (i, e) in entries.iter().enumerate() {
         let at = format!("{what}: entry {i}");
         let field = |k: &str| -> Result<Option<String>, ConfigError> {
@@ -496,11 +525,18 @@ pub fn workspaces_config(
                 )));
             }
         }
-        let cfg =
-            connect_config(&ge, &ae, env).map_err(|err| ConfigError(format!("{at}: {err}")))?;
-        out.push(cfg);
+        match resolve_connect(&ge, &ae, env) {
+            Ok(cfg) => out.push(cfg),
+            Err(Refused::Flags(err)) => return Err(ConfigError(format!("{at}: {err}"))),
+            Err(Refused::Backend(id, err)) => {
+                bad_backend.get_or_insert(ConfigError(format!("workspace {id}: {err}")));
+            }
+        }
     }
-    Ok(out)
+    match bad_backend {
+        Some(err) => Err(err),
+        None => Ok(out),
+    }
 }
 
 /// URL, org, state dir and token, shared by every platform command.
@@ -878,7 +914,7 @@ mod tests {
         );
         assert_eq!(c.poll_interval, Duration::from_secs(1));
         assert_eq!(c.since_secs, 30);
-        assert_eq!(c.backend, "claude-code");
+        assert_eq!(c.backend.name(), "claude-code");
         assert_eq!(format!("{:?}", c.common.token), "***");
     }
 
@@ -1152,6 +1188,60 @@ mod tests {
             assert!(e.0.contains(kind), "{bad:?}: {e}");
             assert!(!e.0.contains(bad), "the token itself is never printed: {e}");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn backend_options_are_checked_after_the_flags() {
+        let env = [
+            ("MOLECULE_API_URL", "https://x"),
+            ("MOLECULE_WORKSPACE_TOKEN", "t"),
+            ("HOME", "/h"),
+        ];
+        let c = connect(&["connect", WS, "--backend", "mock"], &env).unwrap();
+        assert_eq!(c.backend.name(), "mock");
+        let e = connect(&["connect", WS, "--backend", "exec"], &env).unwrap_err();
+        assert!(
+            e.0.starts_with("backend config: exec: missing option"),
+            "{e}"
+        );
+        let e = connect(&["connect", WS, "--backend-opt", "x=1"], &env).unwrap_err();
+        assert!(e.0.contains("claude-code: unknown option \"x\""), "{e}");
+        // A bad flag is reported first, as when the backend was built at start.
+        let e = connect(
+            &["connect", WS, "--backend", "exec", "--concurrency", "0"],
+            &env,
+        )
+        .unwrap_err();
+        assert!(e.0.contains("--concurrency 0"), "{e}");
+
+        let dir = std::env::temp_dir().join(format!("molecule-cfg-{}", crate::uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tok = dir.join("tok");
+        std::fs::write(&tok, "t\n").unwrap();
+        let list = dir.join("ws.json");
+        let other = "22222222-2222-4222-8222-222222222222";
+        let entry = |id: &str, backend: &str| serde_json::json!({"id": id, "token_file": tok, "backend": backend});
+        let workspaces = |entries: serde_json::Value| {
+            std::fs::write(&list, entries.to_string()).unwrap();
+            let a = crate::cli::parse(["molecule", "connect", "--workspaces", "x"]).unwrap();
+            let crate::cli::Command::Connect(c) = a.command else {
+                panic!()
+            };
+            workspaces_config(&a.global, &c, &list, &env_of(&[env[0], env[2]]))
+        };
+        let e =
+            workspaces(serde_json::json!([entry(WS, "exec"), entry(other, "nope")])).unwrap_err();
+        assert_eq!(
+            e.0,
+            format!(
+                "workspace {WS}: backend config: exec: missing option \"cmd\" (e.g. --backend-opt cmd='./agent.sh')"
+            )
+        );
+        let e =
+            workspaces(serde_json::json!([entry(WS, "exec"), {"id": "bad", "token_file": tok}]))
+                .unwrap_err();
+        assert!(e.0.contains("entry 1: connect: workspace id"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

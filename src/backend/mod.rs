@@ -15,7 +15,7 @@ use crate::orphans::Groups;
 
 pub use exec::ExecBackend;
 pub use mock::MockBackend;
-pub use worker::WorkerBackend;
+pub use worker::{Settings as WorkerSettings, WorkerBackend};
 
 /// Exit status an `exec` command uses to say "I handled it, post nothing".
 pub const EXIT_NO_REPLY: i32 = 100;
@@ -349,21 +349,64 @@ pub trait Backend: Send + Sync {
 /// `--backend`).
 pub const NAMES: &[&str] = &["exec", "claude-code", "worker", "mock"];
 
-/// Builds a backend by name from `--backend-opt` pairs; `concurrency` is
-/// `--concurrency` (the default number of workers).
+/// A `--backend` with its `--backend-opt`s parsed and checked. `connect` makes it
+/// when its configuration is resolved, so a bad option stops it before anything
+/// runs; [`BackendSpec::build`] then makes the backend itself.
+#[derive(Debug, Clone)]
+pub enum BackendSpec {
+    /// `exec` or `claude-code`: a command per message.
+    Exec(ExecBackend),
+    /// `worker`: long-lived processes.
+    Worker(WorkerSettings),
+    /// `mock`: a fixed reply.
+    Mock(MockBackend),
+}
+
+impl BackendSpec {
+    /// Parses `--backend NAME` and its `--backend-opt` pairs; `concurrency` is
+    /// `--concurrency` (the default number of workers).
+    pub fn parse(
+        name: &str,
+        opts: &BTreeMap<String, String>,
+        concurrency: usize,
+    ) -> Result<Self, BackendError> {
+        match name {
+            "exec" => Ok(Self::Exec(ExecBackend::from_opts(opts)?)),
+            "claude-code" => Ok(Self::Exec(ExecBackend::claude_code(opts)?)),
+            "worker" => Ok(Self::Worker(WorkerSettings::parse(opts, concurrency)?)),
+            "mock" => Ok(Self::Mock(MockBackend::from_opts(opts)?)),
+            other => Err(BackendError::Config(format!(
+                "unknown backend {other:?} (choose {})",
+                NAMES.join(", ")
+            ))),
+        }
+    }
+
+    /// The backend's name, as `--backend` spells it.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Exec(b) => b.name(),
+            Self::Worker(_) => "worker",
+            Self::Mock(b) => b.name(),
+        }
+    }
+
+    /// The backend; nothing starts until it is used.
+    pub fn build(&self) -> Box<dyn Backend> {
+        match self {
+            Self::Exec(b) => Box::new(b.clone()),
+            Self::Worker(s) => Box::new(WorkerBackend::new(s.clone())),
+            Self::Mock(b) => Box::new(b.clone()),
+        }
+    }
+}
+
+/// Builds a backend by name from `--backend-opt` pairs (for `doctor`); see
+/// [`BackendSpec::parse`].
 pub fn build(
     name: &str,
     opts: &BTreeMap<String, String>,
     concurrency: usize,
 ) -> Result<Box<dyn Backend>, BackendError> {
-    match name {
-        "exec" => Ok(Box::new(ExecBackend::from_opts(opts)?)),
-        "claude-code" => Ok(Box::new(ExecBackend::claude_code(opts)?)),
-        "worker" => Ok(Box::new(WorkerBackend::from_opts(opts, concurrency)?)),
-        "mock" => Ok(Box::new(MockBackend::from_opts(opts)?)),
-        other => Err(BackendError::Config(format!(
-            "unknown backend {other:?} (choose {})",
-            NAMES.join(", ")
-        ))),
-    }
+    Ok(BackendSpec::parse(name, opts, concurrency)?.build())
 }

@@ -58,8 +58,9 @@ const RESTART: Backoff = Backoff {
 /// left) before we stop waiting for its last lines.
 const PIPES_AFTER_EXIT: Duration = Duration::from_secs(1);
 
+/// The `worker` backend's options, parsed and checked ([`Settings::parse`]).
 #[derive(Debug, Clone)]
-struct Settings {
+pub struct Settings {
     cmd: String,
     workers: usize,
     max_in_flight: usize,
@@ -79,6 +80,24 @@ impl WorkerBackend {
     /// Builds the backend from `--backend-opt` pairs; `cmd` is required, `workers`
     /// defaults to `concurrency` (`--concurrency`).
     pub fn from_opts(
+        opts: &BTreeMap<String, String>,
+        concurrency: usize,
+    ) -> Result<Self, BackendError> {
+        Ok(Self::new(Settings::parse(opts, concurrency)?))
+    }
+
+    /// The backend for options already parsed; nothing starts until the first use.
+    pub(crate) fn new(settings: Settings) -> Self {
+        Self {
+            pool: Arc::new(Pool::new(settings)),
+        }
+    }
+}
+
+impl Settings {
+    /// Parses `--backend-opt` pairs; `cmd` is required, `workers` defaults to
+    /// `concurrency` (`--concurrency`).
+    pub(crate) fn parse(
         opts: &BTreeMap<String, String>,
         concurrency: usize,
     ) -> Result<Self, BackendError> {
@@ -134,9 +153,7 @@ impl WorkerBackend {
                 "worker: missing option \"cmd\" (e.g. --backend-opt cmd='python3 agent.py')".into(),
             ));
         }
-        Ok(Self {
-            pool: Arc::new(Pool::new(s)),
-        })
+        Ok(s)
     }
 }
 

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::api::{Client, ClientConfig, Transport};
-use crate::backend::{self, Backend, RunHandle};
+use crate::backend::{Backend, RunHandle};
 use crate::config::{ConnectConfig, Supervision, TokenSource, WakeMode};
 use crate::error::Error;
 use crate::orphans::{self, Groups};
@@ -50,11 +50,7 @@ const REQUEST_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs `molecule connect` for one workspace until a signal or a fatal error.
 pub fn connect(cfg: ConnectConfig, sup: &Supervision, out: &mut dyn Write) -> Result<(), Error> {
-    let backend: Arc<dyn Backend> = Arc::from(backend::build(
-        &cfg.backend,
-        &cfg.backend_opts,
-        cfg.concurrency,
-    )?);
+    let backend: Arc<dyn Backend> = Arc::from(cfg.backend.build());
     if cfg.dry_run {
         return write_quiet(out, &dry_run_summary(&cfg, backend.as_ref())?);
     }
@@ -76,18 +72,10 @@ pub fn connect_many(
     sup: &Supervision,
     out: &mut dyn Write,
 ) -> Result<(), Error> {
-    let mut backends = Vec::with_capacity(cfgs.len());
-    for cfg in &cfgs {
-        let backend: Arc<dyn Backend> = Arc::from(
-            backend::build(&cfg.backend, &cfg.backend_opts, cfg.concurrency).map_err(|e| {
-                Error::Config(crate::config::ConfigError(format!(
-                    "workspace {}: {e}",
-                    cfg.workspace_id
-                )))
-            })?,
-        );
-        backends.push(backend);
-    }
+    let backends: Vec<Arc<dyn Backend>> = cfgs
+        .iter()
+        .map(|cfg| Arc::from(cfg.backend.build()))
+        .collect();
     if cfgs.iter().any(|c| c.dry_run) {
         let mut text = String::new();
         for (cfg, backend) in cfgs.iter().zip(&backends) {
