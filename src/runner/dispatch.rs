@@ -163,7 +163,7 @@ impl Worker {
             // /notify has no idempotency key: look for the platform's echo of the
             // canvas reply before showing it a second time (§API-2.13, §API-2.4.1).
             if msg.source_id.is_none()
-                && let Some(echo) = self.canvas_echo(&reply)
+                && let Some(echo) = self.canvas_echo(&reply.text, &reply.parts, reply.at_us)
             {
                 log::info!(
                     "row {}: its canvas reply is already shown (echo row {echo}); not posting it again",
@@ -238,10 +238,7 @@ impl Worker {
                 let reply = PendingReply {
                     text: r.text,
                     parts: r.parts,
-                    at_us: SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .ok()
-                        .and_then(|d| i64::try_from(d.as_micros()).ok()),
+                    at_us: now_us(),
                 };
                 // Never post what is not journaled: a crash would answer twice.
                 let saved = self.save(msg, "its reply (not posted)", |s| {
@@ -345,20 +342,14 @@ impl Worker {
         }
     }
 
-    /// The id of our own `notify` echo row showing `reply` (same text, created after
-    /// its post began), if the inbox has one. Any doubt (no time saved, the lookup
-    /// fails) answers `None`: a reply shown twice is better than one never shown.
-    fn canvas_echo(&self, reply: &PendingReply) -> Option<String> {
-        let at_us = reply.at_us?;
-        let now_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .ok()
-            .and_then(|d| i64::try_from(d.as_micros()).ok())?;
-        let text = if reply.text.trim().is_empty() {
-            attachment_names(&inbox::attachments_of(&reply.parts))
-        } else {
-            reply.text.clone()
-        };
+    /// The id of our own `notify` echo row showing a canvas reply of `text` and
+    /// `parts` (same text, created after `at_us`, when its post began), if the inbox
+    /// has one. Any doubt (no time saved, the lookup fails) answers `None`: a reply
+    /// shown twice is better than one never shown.
+    fn canvas_echo(&self, text: &str, parts: &[Value], at_us: Option<i64>) -> Option<String> {
+        let at_us = at_us?;
+        let now_us = now_us()?;
+        let text = canvas_text(text, parts);
         // Small clock differences between us and the platform.
         let from_us = at_us.saturating_sub(ECHO_CLOCK_SLACK_US);
         let secs = u64::try_from(now_us.saturating_sub(from_us) / 1_000_000)
@@ -466,9 +457,25 @@ impl Worker {
         is_error: bool,
     ) -> Result<(), ReplyFailure> {
         let started = Instant::now();
+        let began_us = now_us();
         let mut attempt: u32 = 0;
+        // The last failure left it open whether the canvas reply was shown.
+        let mut maybe_shown = false;
         loop {
             attempt = attempt.saturating_add(1);
+            // /notify has no idempotency key: before posting a canvas reply again,
+            // look for the echo of the post whose answer was lost (§API-2.13).
+            if maybe_shown
+                && msg.source_id.is_none()
+                && let Some(echo) = self.canvas_echo(text, parts, began_us)
+            {
+                log::info!(
+                    "row {}: the canvas reply was shown although its answer was lost (echo row {echo}); not posting it again",
+                    msg.activity_id
+                );
+                RuntimeStatus::count(&self.ctx.status, |c| c.replies_canvas += 1);
+                return Ok(());
+            }
             if attempt > 1 {
                 RuntimeStatus::count(&self.ctx.status, |c| c.reply_resends += 1);
             }
@@ -483,6 +490,7 @@ impl Worker {
                 }
                 Err(e) => e,
             };
+            maybe_shown = may_have_been_done(&e);
             if e.is_unauthorized() {
                 match after_unauthorized(
                     &self.ctx.client,
@@ -571,14 +579,7 @@ impl Worker {
                 Ok(())
             }
             None => {
-                let attachments = inbox::attachments_of(parts);
-                // /notify needs a non-empty message, even for a files-only reply.
-                let text = if text.trim().is_empty() {
-                    attachment_names(&attachments)
-                } else {
-                    text.to_string()
-                };
-                client.notify(&text, attachments)?;
+                client.notify(&canvas_text(text, parts), inbox::attachments_of(parts))?;
                 log::info!("row {}: reply sent to the canvas", msg.activity_id);
                 Ok(())
             }
@@ -668,6 +669,32 @@ pub(super) fn failure_class(error: &str) -> String {
     head.strip_prefix("backend: ").unwrap_or(head).to_string()
 }
 
+/// What `/notify` shows for a canvas reply: its text, or for a files-only reply the
+/// files' names (the platform needs a non-empty message).
+fn canvas_text(text: &str, parts: &[Value]) -> String {
+    if text.trim().is_empty() {
+        attachment_names(&inbox::attachments_of(parts))
+    } else {
+        text.to_string()
+    }
+}
+
+/// Now, in Unix µs.
+fn now_us() -> Option<i64> {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_micros()).ok())
+}
+
+/// Whether a failed post may still have been carried out: no answer (timeout, a
+/// dropped connection) or a 5xx, which a gateway can send after the platform did
+/// the work. A 4xx, 429 included, was refused before anything happened.
+fn may_have_been_done(e: &ApiError) -> bool {
+    matches!(e, ApiError::Transport { .. } | ApiError::Timeout { .. })
+        || e.status().is_some_and(|s| s >= 500)
+}
+
 fn attachment_names(attachments: &[Value]) -> String {
     let names: Vec<&str> = attachments
         .iter()
@@ -752,5 +779,28 @@ mod tests {
             "Attached: a.png"
         );
         assert_eq!(attachment_names(&[]), "(empty reply)");
+    }
+
+    #[test]
+    fn only_an_unanswered_post_or_a_5xx_may_have_been_done() {
+        let status = |status| ApiError::Status {
+            op: "notify",
+            status,
+            message: String::new(),
+            hint: None,
+            retry_after: None,
+            delivery_confirmed: false,
+            busy: false,
+            code: None,
+        };
+        assert!(may_have_been_done(&ApiError::Timeout { op: "notify" }));
+        assert!(may_have_been_done(&ApiError::Transport {
+            op: "notify",
+            detail: "connection reset".into()
+        }));
+        assert!(may_have_been_done(&status(502)));
+        for refused in [429, 408, 401, 400] {
+            assert!(!may_have_been_done(&status(refused)), "{refused}");
+        }
     }
 }

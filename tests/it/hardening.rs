@@ -987,3 +987,47 @@ fn a_recorded_process_group_that_is_no_longer_ours_is_not_signalled() {
     );
     assert!(!running.exists());
 }
+
+#[test]
+fn a_canvas_reply_whose_answer_was_lost_is_not_posted_again() {
+    let emu = Emulator::start();
+    let (a, _) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let notify = format!("/workspaces/{}/notify", a.id);
+    // The platform shows each reply, then the answer is lost: the connection drops,
+    // or a gateway answers 502. A 503 before handling is a plain retry.
+    for fault in [
+        json!({"after": true, "drop": true}),
+        json!({"after": true, "status": 502}),
+        json!({"status": 503}),
+    ] {
+        let mut f = fault;
+        f["method"] = json!("POST");
+        f["path_prefix"] = json!(notify);
+        emu.fault(f);
+    }
+    for text in ["one", "two", "three"] {
+        emu.say(&a.id, None, text);
+    }
+    let mut c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    wait_notifies(&emu, &a.id, 3, &c);
+    emu.wait_polls(5, &c);
+    let notes: Vec<String> = emu
+        .notifies(&a.id)
+        .iter()
+        .map(|n| n["message"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        notes,
+        ["echo: one", "echo: two", "echo: three"],
+        "{}",
+        c.stderr()
+    );
+    assert_eq!(
+        c.stderr().matches("although its answer was lost").count(),
+        2,
+        "{}",
+        c.stderr()
+    );
+    assert_eq!(c.stop().code(), Some(0));
+}

@@ -116,7 +116,10 @@ pub fn handle(app: &Arc<App>, req: &Request) -> Response {
             })
         }
         ("DELETE", ["faults"]) => ok(&json!({ "cleared": app.faults().clear() })),
-        ("GET", ["faults"]) => ok(&json!({ "faults": app.faults().to_json() })),
+        ("GET", ["faults"]) => ok(&json!({
+            "faults": app.faults().to_json(),
+            "held": app.held.load(std::sync::atomic::Ordering::SeqCst),
+        })),
         ("GET", ["stats"]) => ok(&app.stats().to_json()),
         ("POST", ["reset_stats"]) => {
             app.stats().reset();

@@ -23,6 +23,9 @@ pub struct FaultAction {
     /// Handle the request, then close the connection without answering: the
     /// "delivered, but the answer was lost" case a client must not double up.
     pub drop_after: bool,
+    /// Apply `delay_ms`, `drop` and `status` after handling the request: the platform
+    /// did the work and the answer is late, lost, or replaced by a gateway's 5xx.
+    pub after: bool,
     /// Answer with this status (and `body`, `headers`) instead of handling.
     pub status: Option<u16>,
     pub body: Value,
@@ -85,6 +88,7 @@ impl Faults {
                 .get("drop_after")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
+            after: spec.get("after").and_then(Value::as_bool).unwrap_or(false),
             status,
             body: spec
                 .get("body")
@@ -125,6 +129,7 @@ impl Faults {
                         "delay_ms": f.action.delay_ms,
                         "drop": f.action.drop,
                         "drop_after": f.action.drop_after,
+                        "after": f.action.after,
                     })
                 })
                 .collect(),
@@ -188,6 +193,9 @@ mod tests {
         let b = f.take("GET", "/a").unwrap();
         assert!(b.drop);
         assert_eq!(f.clear(), 0);
+        f.add(&json!({"after": true, "status": 502})).unwrap();
+        let c = f.take("POST", "/a").unwrap();
+        assert!(c.after && c.status == Some(502));
     }
 
     #[test]

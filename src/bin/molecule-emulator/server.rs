@@ -3,12 +3,13 @@
 
 use std::io::BufReader;
 use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::faults::Faults;
+use crate::faults::{FaultAction, Faults};
 use crate::guard::{self, RateLimiter};
 use crate::http::{self, ReadError, Request, Response};
 use crate::stats::Stats;
@@ -43,6 +44,8 @@ pub struct App {
     pub faults: Mutex<Faults>,
     pub stats: Mutex<Stats>,
     pub limiter: Option<Mutex<RateLimiter>>,
+    /// Requests handled whose answer an `after` fault is holding back right now.
+    pub held: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -59,6 +62,7 @@ impl App {
             store: Mutex::new(store),
             faults: Mutex::new(Faults::default()),
             stats: Mutex::new(Stats::default()),
+            held: AtomicU64::new(0),
         }
     }
 
@@ -187,19 +191,13 @@ fn log(app: &App, req: &Request, status: u16, started: Instant) {
 
 fn platform(app: &Arc<App>, req: &Request, route: &routes::Route<'_>) -> Option<Response> {
     let fault = app.faults().take(&req.method, &req.path);
-    let mut drop_after = false;
+    let (mut drop_after, mut after) = (false, None);
     if let Some(action) = fault {
         drop_after = action.drop_after;
-        if action.delay_ms > 0 {
-            std::thread::sleep(Duration::from_millis(action.delay_ms));
-        }
-        if action.drop {
-            return None;
-        }
-        if let Some(status) = action.status {
-            let mut resp = Response::json(status, &action.body);
-            resp.headers = action.headers;
-            return Some(resp);
+        if action.after {
+            after = Some(action);
+        } else if let Some(resp) = apply(&action) {
+            return resp;
         }
     }
     let mut decision = None;
@@ -223,6 +221,15 @@ fn platform(app: &Arc<App>, req: &Request, route: &routes::Route<'_>) -> Option<
     if drop_after {
         return None;
     }
+    if let Some(action) = after {
+        // The platform did the work; the answer is late, lost or replaced.
+        app.held.fetch_add(1, Ordering::SeqCst);
+        let replaced = apply(&action);
+        app.held.fetch_sub(1, Ordering::SeqCst);
+        if let Some(resp) = replaced {
+            return resp;
+        }
+    }
     Some(match decision {
         Some(d) => d.decorate(resp),
         // Local-dev platforms are unlimited and say so (§1.4).
@@ -231,4 +238,20 @@ fn platform(app: &Arc<App>, req: &Request, route: &routes::Route<'_>) -> Option<
             .with_header("X-RateLimit-Remaining", "unlimited")
             .with_header("X-RateLimit-Reset", "unlimited"),
     })
+}
+
+/// Sleeps for a fault's delay, then says what goes back instead of the platform's
+/// answer: `Some(None)` drops the connection, `Some(Some(resp))` is the fault's
+/// status; `None` lets the platform's own answer through.
+fn apply(action: &FaultAction) -> Option<Option<Response>> {
+    if action.delay_ms > 0 {
+        std::thread::sleep(Duration::from_millis(action.delay_ms));
+    }
+    if action.drop {
+        return Some(None);
+    }
+    let status = action.status?;
+    let mut resp = Response::json(status, &action.body);
+    resp.headers = action.headers.clone();
+    Some(Some(resp))
 }
