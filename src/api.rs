@@ -99,24 +99,91 @@ pub enum ApiError {
     },
 }
 
+/// What a failed platform call means: the one reading of statuses and body flags
+/// (§API-4.3). Callers branch on this, never on a raw status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// No answer: the transport failed or timed out (the request may have arrived).
+    NoAnswer,
+    /// 429: over the rate limit; wait [`ApiError::retry_after`].
+    RateLimited,
+    /// 408: the platform gave up waiting for our request.
+    RequestTimeout,
+    /// A 5xx not covered below: platform trouble.
+    ServerError,
+    /// 503 (not `busy`): the platform, a feature or the target is not available now.
+    Unavailable,
+    /// A 5xx with `busy:true` (503 from `/a2a`): not delivered, the target's queue is full.
+    Busy,
+    /// A 5xx with `delivery_confirmed:true` (502 from `/a2a`): delivered; never resend.
+    Delivered,
+    /// A success status whose body we could not read: the call was applied.
+    Unreadable,
+    /// 401: the token was rejected.
+    Unauthorized,
+    /// 403: this token may not do that.
+    Forbidden,
+    /// 404: no such thing (or, empty, not the platform's route).
+    NotFound,
+    /// 410: gone for good (a removed workspace, a pruned cursor).
+    Gone,
+    /// 400: the platform cannot use the request as sent.
+    BadRequest,
+    /// 413: the request is larger than the platform accepts.
+    RequestTooLarge,
+    /// 409: conflicts with the current state (e.g. a request already answered).
+    Conflict,
+    /// 422: well-formed, but not for this workspace (e.g. uploads need poll mode).
+    Unprocessable,
+    /// Any other refusal (409, other 4xx).
+    Rejected,
+    /// The answer was larger than we accept ([`ApiError::TooLarge`]).
+    AnswerTooLarge,
+    /// The platform cannot be used as configured ([`ApiError::Misconfigured`]).
+    Misconfigured,
+    /// A request we refused to send ([`ApiError::Invalid`]).
+    Invalid,
+}
+
 impl ApiError {
-    /// The one classification: transport errors, timeouts, 429 and 5xx may succeed
-    /// on a later try; other 4xx will not (§API-4.3). A 502 whose body confirms
-    /// delivery is not retryable: the message arrived.
-    pub fn is_retryable(&self) -> bool {
+    /// What this error means; see [`Kind`].
+    pub fn kind(&self) -> Kind {
         match self {
-            ApiError::Transport { .. } | ApiError::Timeout { .. } | ApiError::BadBody { .. } => {
-                true
-            }
+            ApiError::Transport { .. } | ApiError::Timeout { .. } => Kind::NoAnswer,
+            ApiError::BadBody { .. } => Kind::Unreadable,
+            ApiError::TooLarge { .. } => Kind::AnswerTooLarge,
+            ApiError::Misconfigured { .. } => Kind::Misconfigured,
+            ApiError::Invalid { .. } => Kind::Invalid,
             ApiError::Status {
                 status,
                 delivery_confirmed,
+                busy,
                 ..
-            } => !delivery_confirmed && (*status == 429 || *status == 408 || *status >= 500),
-            ApiError::TooLarge { .. }
-            | ApiError::Invalid { .. }
-            | ApiError::Misconfigured { .. } => false,
+            } => match *status {
+                // The body's flags speak only for an answer that would be retried.
+                s if s >= 500 && *delivery_confirmed => Kind::Delivered,
+                s if s >= 500 && *busy => Kind::Busy,
+                503 => Kind::Unavailable,
+                s if s >= 500 => Kind::ServerError,
+                429 => Kind::RateLimited,
+                408 => Kind::RequestTimeout,
+                401 => Kind::Unauthorized,
+                403 => Kind::Forbidden,
+                404 => Kind::NotFound,
+                410 => Kind::Gone,
+                400 => Kind::BadRequest,
+                413 => Kind::RequestTooLarge,
+                409 => Kind::Conflict,
+                422 => Kind::Unprocessable,
+                _ => Kind::Rejected,
+            },
         }
+    }
+
+    /// May succeed on a later try (§API-4.3): no answer, 408, 429, 5xx, an
+    /// unreadable answer. Not a 5xx that confirms delivery: the message arrived.
+    pub fn is_retryable(&self) -> bool {
+        self.kind().is_retryable()
     }
 
     /// The HTTP status, when the platform answered.
@@ -145,7 +212,31 @@ impl ApiError {
 
     /// 401: the token was rejected.
     pub fn is_unauthorized(&self) -> bool {
-        self.status() == Some(401)
+        self.kind() == Kind::Unauthorized
+    }
+}
+
+impl Kind {
+    /// See [`ApiError::is_retryable`].
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            Kind::NoAnswer
+                | Kind::RateLimited
+                | Kind::RequestTimeout
+                | Kind::ServerError
+                | Kind::Unavailable
+                | Kind::Busy
+                | Kind::Unreadable
+        )
+    }
+
+    /// Worth re-sending an `/a2a` message: the platform did not take it and may
+    /// next time. Not a busy queue (the sender decides when to try again), not an
+    /// unreadable 2xx (it was delivered). A timeout is re-sent: the same
+    /// `messageId` makes that harmless.
+    pub fn is_resendable(self) -> bool {
+        self.is_retryable() && !matches!(self, Kind::Busy | Kind::Unreadable)
     }
 }
 
@@ -1446,6 +1537,44 @@ mod tests {
             .is_retryable()
         );
         assert!(!ApiError::TooLarge { op: "x", limit: 1 }.is_retryable());
+    }
+
+    #[test]
+    fn kinds() {
+        let mut busy = status(503, false);
+        if let ApiError::Status { busy: b, .. } = &mut busy {
+            *b = true;
+        }
+        let cases = [
+            (status(401, false), Kind::Unauthorized),
+            (status(403, false), Kind::Forbidden),
+            (status(404, false), Kind::NotFound),
+            (status(410, false), Kind::Gone),
+            (status(400, false), Kind::BadRequest),
+            (status(409, false), Kind::Conflict),
+            (status(413, false), Kind::RequestTooLarge),
+            (status(422, false), Kind::Unprocessable),
+            (status(418, false), Kind::Rejected),
+            (status(408, false), Kind::RequestTimeout),
+            (status(429, false), Kind::RateLimited),
+            (status(500, false), Kind::ServerError),
+            (status(502, false), Kind::ServerError),
+            (status(502, true), Kind::Delivered),
+            (status(503, false), Kind::Unavailable),
+            (busy, Kind::Busy),
+            (ApiError::Timeout { op: "x" }, Kind::NoAnswer),
+            (
+                ApiError::TooLarge { op: "x", limit: 1 },
+                Kind::AnswerTooLarge,
+            ),
+        ];
+        for (e, kind) in cases {
+            assert_eq!(e.kind(), kind, "{e}");
+        }
+        // Only a send treats a busy queue and an unreadable 2xx as final.
+        assert!(Kind::Busy.is_retryable() && !Kind::Busy.is_resendable());
+        assert!(Kind::Unreadable.is_retryable() && !Kind::Unreadable.is_resendable());
+        assert!(Kind::NoAnswer.is_resendable() && Kind::Unavailable.is_resendable());
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod cli;
 pub mod commands;
 pub mod completions;
 pub mod config;
+pub mod credentials;
 pub mod duration;
 pub mod error;
 pub mod events;

@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 
 use super::{Budget, Ctx, Failure, LIST_LIMIT, Report, describe, message_text, refused, str_of};
-use crate::api::ApiError;
+use crate::api::{ApiError, Kind};
 use crate::cli::{BroadcastArgs, CardArgs};
 
 /// Longest name and description sent.
@@ -101,13 +101,13 @@ pub(super) fn broadcast(ctx: &Ctx, a: &BroadcastArgs) -> Result<Report, Failure>
     let text = message_text(a.text.as_deref(), "broadcast")?;
     let path = format!("/workspaces/{}/broadcast", ctx.workspace_id());
     let body = json!({"message": text});
-    let describe_broadcast = |ctx: &Ctx, e: ApiError| match e.status() {
-        Some(403) if e.to_string().contains("broadcast_disabled") => refused(
+    let describe_broadcast = |ctx: &Ctx, e: ApiError| match e.kind() {
+        Kind::Forbidden if e.to_string().contains("broadcast_disabled") => refused(
             ctx,
             e,
             "this workspace does not have the broadcast ability (broadcast_disabled)",
         ),
-        Some(404) => refused(
+        Kind::NotFound => refused(
             ctx,
             e,
             "workspace not found (or a platform older than 2026-05-14, without broadcasts)",

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::{Ctx, Failure, Report, clip, describe, line, str_of, table};
-use crate::api::ApiError;
+use crate::api::{ApiError, Kind};
 use crate::cli::DelegationsArgs;
 use crate::config::agent;
 use crate::error::Error;
@@ -66,14 +66,16 @@ pub(super) fn delegate(ctx: &Ctx, d: &agent::Delegate) -> Result<Report, Failure
 
 fn describe_delegate(ctx: &Ctx, e: ApiError) -> Failure {
     let ws = ctx.workspace_id();
-    match (&e, e.status()) {
-        (ApiError::Status { message, .. }, Some(403)) if message.contains("tool call failed") => {
+    match (&e, e.kind()) {
+        (ApiError::Status { message, .. }, Kind::Forbidden)
+            if message.contains("tool call failed") =>
+        {
             Failure::runtime(format!(
                 "{e}: this workspace is not allowed to delegate (its can_delegate ability is off)"
             ))
             .with("http_status", 403)
         }
-        (ApiError::Status { message, .. }, Some(404)) if !message.is_empty() => {
+        (ApiError::Status { message, .. }, Kind::NotFound) if !message.is_empty() => {
             Failure::new(Error::Removed(format!(
                 "{e}: workspace {ws} is unknown to the platform at {}",
                 ctx.api_url()

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::{Ctx, Failure, Report};
-use crate::api::{ApiError, Since};
+use crate::api::{ApiError, Kind, Since};
 use crate::cli::{DoctorArgs, GlobalArgs};
 use crate::config::{self, TokenSource};
 use crate::error::Error;
@@ -253,7 +253,7 @@ fn event_stream(ctx: &Ctx) -> Result<Option<String>, String> {
             ctx.workspace_id(),
             t.elapsed().as_millis()
         ))),
-        Err(e) if e.status() == Some(404) => Ok(None),
+        Err(e) if e.kind() == Kind::NotFound => Ok(None),
         Err(e) => Err(format!(
             "{e}; connect falls back to polling every --interval-ms"
         )),
@@ -318,7 +318,7 @@ fn poll_mode(ctx: &Ctx) -> Result<String, String> {
 fn cursor_probe(ctx: &Ctx) -> Result<String, String> {
     let probe = Since::Cursor(crate::uuid::new_v4());
     match ctx.client.activity(&probe, 1, PROBE_BODY_LIMIT) {
-        Err(e) if e.status() == Some(410) => {
+        Err(e) if e.kind() == Kind::Gone => {
             Ok("an unknown since_id answers 410, so a pruned cursor is detected".to_string())
         }
         Ok(_) => Err(

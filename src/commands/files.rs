@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 
 use super::{Budget, Ctx, Failure, Report, describe, refused, str_of};
-use crate::api::ApiError;
+use crate::api::{ApiError, Kind};
 use crate::cli::DownloadArgs;
 use crate::config::agent::MAX_ATTACHMENTS;
 
@@ -115,15 +115,17 @@ fn checked_size(p: &Path) -> Result<u64, Failure> {
 }
 
 fn describe_upload(ctx: &Ctx, e: ApiError) -> Failure {
-    match e.status() {
-        Some(413) => Failure::input(format!("{e}: the file is larger than the platform accepts"))
-            .with("http_status", 413),
-        Some(422) => refused(
+    match e.kind() {
+        Kind::RequestTooLarge => {
+            Failure::input(format!("{e}: the file is larger than the platform accepts"))
+                .with("http_status", 413)
+        }
+        Kind::Unprocessable => refused(
             ctx,
             e,
             "uploads need a poll-mode workspace (molecule connect registers one)",
         ),
-        Some(400) => refused(ctx, e, "the platform refused the upload"),
+        Kind::BadRequest => refused(ctx, e, "the platform refused the upload"),
         _ => describe(ctx, e),
     }
 }
@@ -189,8 +191,8 @@ pub(super) fn download(ctx: &Ctx, a: &DownloadArgs, json: bool) -> Result<Report
             "download: with --json the bytes need a file: add -o FILE",
         ));
     }
-    let describe_download = |ctx: &Ctx, e: ApiError| match e.status() {
-        Some(404) => refused(
+    let describe_download = |ctx: &Ctx, e: ApiError| match e.kind() {
+        Kind::NotFound => refused(
             ctx,
             e,
             "no such pending upload (unknown, expired after 24 h, or deleted an hour after its ack)",

@@ -9,7 +9,7 @@ use super::{
     Budget, Ctx, Failure, LIST_LIMIT, Report, clip, describe, message_text, refused, require_uuid,
     str_of, table,
 };
-use crate::api::ApiError;
+use crate::api::{ApiError, Kind};
 use crate::cli::MemoryArgs;
 
 const SCOPES: [&str; 3] = ["LOCAL", "TEAM", "GLOBAL"];
@@ -53,18 +53,18 @@ fn only(a: &MemoryArgs, action: &str, allowed: &[&str]) -> Result<(), Failure> {
 
 /// The plugin-less 503 and the GLOBAL 403 in words; the rest as usual.
 fn describe_memory(ctx: &Ctx, e: ApiError) -> Failure {
-    match e.status() {
-        Some(503) if e.to_string().contains("memory plugin") => Failure::runtime(format!(
+    match e.kind() {
+        Kind::Unavailable if e.to_string().contains("memory plugin") => Failure::runtime(format!(
             "{e}: this platform has no memory plugin, so memories are not available"
         ))
         .with("http_status", 503),
-        Some(403) => refused(ctx, e, "refused"),
-        Some(404) => refused(
+        Kind::Forbidden => refused(ctx, e, "refused"),
+        Kind::NotFound => refused(
             ctx,
             e,
             "no such LOCAL memory (TEAM and GLOBAL memories cannot be deleted)",
         ),
-        Some(400) => refused(ctx, e, "the platform refused the request"),
+        Kind::BadRequest => refused(ctx, e, "the platform refused the request"),
         _ => describe(ctx, e),
     }
 }

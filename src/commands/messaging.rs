@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use super::{Ctx, Failure, Report, describe, runtime_metadata};
-use crate::api::ApiError;
+use crate::api::{ApiError, Kind};
 use crate::cli::HeartbeatArgs;
 use crate::config::agent;
 use crate::error::Error;
@@ -33,12 +33,9 @@ pub(super) fn notify(ctx: &Ctx, n: &agent::Notify) -> Result<Report, Failure> {
 fn describe_notify(ctx: &Ctx, e: ApiError) -> Failure {
     let ws = ctx.workspace_id();
     match &e {
-        ApiError::Status {
-            status: 403,
-            message,
-            hint,
-            ..
-        } if message.contains("talk_to_user_disabled") => {
+        ApiError::Status { message, hint, .. }
+            if e.kind() == Kind::Forbidden && message.contains("talk_to_user_disabled") =>
+        {
             let mut msg = format!(
                 "{e}: workspace {ws} is not allowed to message the user directly (talk_to_user_disabled)"
             );
@@ -51,15 +48,13 @@ fn describe_notify(ctx: &Ctx, e: ApiError) -> Failure {
                 None => f,
             }
         }
-        ApiError::Status {
-            status: 404,
-            message,
-            ..
-        } if !message.is_empty() => Failure::new(Error::Removed(format!(
-            "{e}: workspace {ws} is unknown to the platform at {}",
-            ctx.api_url()
-        )))
-        .with("http_status", 404),
+        ApiError::Status { message, .. } if e.kind() == Kind::NotFound && !message.is_empty() => {
+            Failure::new(Error::Removed(format!(
+                "{e}: workspace {ws} is unknown to the platform at {}",
+                ctx.api_url()
+            )))
+            .with("http_status", 404)
+        }
         _ => describe(ctx, e),
     }
 }

@@ -23,12 +23,13 @@ use std::io::Write;
 
 use serde_json::{Map, Value};
 
-use crate::api::{ApiError, Client, ClientConfig};
+use crate::api::{ApiError, Client, ClientConfig, Kind};
 use crate::backend::BackendError;
 use crate::cli::{Command, GlobalArgs};
 use crate::config::Range::Between;
 use crate::config::agent::{self, MAX_BUDGET_SECS, message_text, require_uuid};
-use crate::config::{self, AgentConfig, ConfigError, TokenSource};
+use crate::config::{self, AgentConfig, ConfigError};
+use crate::credentials::{Standing, rejected_message, removed_message};
 use crate::error::Error;
 use crate::state::StateError;
 
@@ -288,7 +289,8 @@ impl Ctx {
             let maybe_applied = matches!(e, ApiError::Timeout { .. } | ApiError::BadBody { .. });
             // A platform without the feature (503 "memory plugin is not configured")
             // will not grow it within the budget.
-            let unconfigured = e.status() == Some(503) && e.to_string().contains("not configured");
+            let unconfigured =
+                e.kind() == Kind::Unavailable && e.to_string().contains("not configured");
             if !e.is_retryable() || unconfigured || (!idempotent && maybe_applied) {
                 return Err(describe(self, e));
             }
@@ -329,27 +331,18 @@ impl Ctx {
             return Ok(());
         }
         let ws = self.workspace_id();
-        match self.client.workspace_info(ws) {
-            Err(info) if info.status() == Some(410) => Err(removed_failure(ws, &info)),
-            Err(info) if info.status() == Some(404) => Err(Failure::new(Error::Removed(format!(
-                "{e}: workspace {ws} is unknown to the platform at {}",
-                self.api_url()
-            )))
-            .with("http_status", 401)),
-            _ => {
-                let how = match &self.cfg.common.token_source {
-                    TokenSource::File(p) => format!("write it to {}", p.display()),
-                    TokenSource::Env => "set MOLECULE_WORKSPACE_TOKEN to it".into(),
-                    TokenSource::Arg => "pass it with --token-file".into(),
-                };
-                Err(Failure::new(Error::Credentials(format!(
-                    "{e}: the platform rejected the workspace token (revoked or rotated, or \
-                     not the token of workspace {ws}). Get a new one (canvas: Settings → \
-                     Workspace Tokens, or POST /workspaces/{ws}/external/rotate), then {how}"
-                )))
-                .with("http_status", 401))
-            }
+        let standing = Standing::check(&self.client);
+        if let Standing::Removed { hint } = &standing {
+            return Err(removed_failure(ws, hint.as_deref()));
         }
+        let f = match standing.gone_message(ws, self.api_url()) {
+            Some(gone) => Failure::new(Error::Removed(format!("{e}: {gone}"))),
+            None => Failure::new(Error::Credentials(format!(
+                "{e}: {}",
+                rejected_message(ws, &self.cfg.common.token_source, false)
+            ))),
+        };
+        Err(f.with("http_status", 401))
     }
 }
 
@@ -397,10 +390,18 @@ impl Budget {
 fn refused(ctx: &Ctx, e: ApiError, what: &str) -> Failure {
     match &e {
         ApiError::Status {
-            status: s @ (403 | 404 | 409 | 400 | 413 | 422),
-            message,
-            ..
-        } if !message.is_empty() => {
+            status: s, message, ..
+        } if !message.is_empty()
+            && matches!(
+                e.kind(),
+                Kind::Forbidden
+                    | Kind::NotFound
+                    | Kind::Conflict
+                    | Kind::BadRequest
+                    | Kind::RequestTooLarge
+                    | Kind::Unprocessable
+            ) =>
+        {
             let mut f = Failure::runtime(match e.hint() {
                 Some(h) => format!("{e}: {what}. Hint: {h}"),
                 None => format!("{e}: {what}"),
@@ -409,7 +410,7 @@ fn refused(ctx: &Ctx, e: ApiError, what: &str) -> Failure {
             if let Some(h) = e.hint() {
                 f = f.with("hint", h);
             }
-            if *s == 400 {
+            if e.kind() == Kind::BadRequest {
                 f.error = Box::new(Error::Config(ConfigError(f.error.to_string())));
             }
             f
@@ -419,12 +420,8 @@ fn refused(ctx: &Ctx, e: ApiError, what: &str) -> Failure {
 }
 
 /// "Workspace removed" from a 410 answer, with the platform's hint (exit 4).
-fn removed_failure(id: &str, e: &ApiError) -> Failure {
-    let hint = e.hint().map(str::to_string);
-    let mut msg = format!("removed: workspace {id} was removed from the platform");
-    if let Some(h) = &hint {
-        msg.push_str(&format!(". Hint: {h}"));
-    }
+fn removed_failure(id: &str, hint: Option<&str>) -> Failure {
+    let msg = format!("removed: {}", removed_message(id, hint));
     let mut f = Failure::new(Error::Removed(msg))
         .with("removed", true)
         .with("id", id)
@@ -448,32 +445,26 @@ fn describe(ctx: &Ctx, e: ApiError) -> Failure {
         Some(h) => format!("{msg}. Hint: {h}"),
         None => msg,
     };
-    let mut f = match &e {
-        ApiError::Transport { .. } | ApiError::Timeout { .. } => Failure::new(Error::Unreachable(
-            format!("{e} (platform at {url}); check the URL and the network, or try again later"),
-        )),
-        ApiError::Status {
-            status: 400,
-            code: Some(code),
-            ..
-        } if code == "TENANT_ORG_HEADER_REQUIRED" => Failure::input(format!(
+    let org_header_missing = matches!(&e, ApiError::Status { code: Some(code), .. } if code == "TENANT_ORG_HEADER_REQUIRED");
+    let empty = matches!(&e, ApiError::Status { message, .. } if message.is_empty());
+    let mut f = match e.kind() {
+        Kind::NoAnswer => Failure::new(Error::Unreachable(format!(
+            "{e} (platform at {url}); check the URL and the network, or try again later"
+        ))),
+        Kind::BadRequest if org_header_missing => Failure::input(format!(
             "{e}: this platform needs its org id: pass --org-id or set MOLECULE_ORG_ID"
         )),
-        ApiError::Status { status: 429, .. } => Failure::new(Error::Unreachable(format!(
+        Kind::RateLimited => Failure::new(Error::Unreachable(format!(
             "{e}: rate limited by the platform; try again later"
         ))),
-        ApiError::Status { status: s, .. } if *s >= 500 => Failure::new(Error::Unreachable(
-            with_hint(format!("{e}: platform error; try again later")),
-        )),
-        ApiError::Status {
-            status: 404,
-            message,
-            ..
-        } if message.is_empty() => Failure::runtime(format!(
+        Kind::ServerError | Kind::Unavailable | Kind::Busy | Kind::Delivered => Failure::new(
+            Error::Unreachable(with_hint(format!("{e}: platform error; try again later"))),
+        ),
+        Kind::NotFound if empty => Failure::runtime(format!(
             "{e}: an empty 404 usually means a wrong --org-id / MOLECULE_ORG_ID, or a URL that \
              is not the platform's"
         )),
-        ApiError::Invalid { .. } | ApiError::Misconfigured { .. } => Failure::input(e.to_string()),
+        Kind::Invalid | Kind::Misconfigured => Failure::input(e.to_string()),
         _ => Failure::runtime(with_hint(e.to_string())),
     };
     if let Some(s) = status {

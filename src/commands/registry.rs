@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 
 use super::{Ctx, Failure, Report, describe, removed_failure, str_of, table};
-use crate::api::ApiError;
+use crate::api::{ApiError, Kind};
 use crate::cli::PeersArgs;
 use crate::error::Error;
 
@@ -53,13 +53,13 @@ pub(super) fn peers(ctx: &Ctx, a: &PeersArgs) -> Result<Report, Failure> {
 
 fn describe_peers(ctx: &Ctx, e: ApiError) -> Failure {
     let ws = ctx.workspace_id();
-    match e.status() {
-        Some(403) => Failure::runtime(format!(
+    match e.kind() {
+        Kind::Forbidden => Failure::runtime(format!(
             "{e}: the platform refused to list the peers of {ws} with this token (a token of \
              another workspace or org?)"
         ))
         .with("http_status", 403),
-        Some(404) if !is_bare(&e) => Failure::new(Error::Removed(format!(
+        Kind::NotFound if !is_bare(&e) => Failure::new(Error::Removed(format!(
             "{e}: workspace {ws} is not registered with the platform at {}: check --workspace / \
              MOLECULE_WORKSPACE_ID, or run molecule connect once to register it",
             ctx.api_url()
@@ -72,16 +72,16 @@ fn describe_peers(ctx: &Ctx, e: ApiError) -> Failure {
 pub(super) fn discover(ctx: &Ctx, peer: &str) -> Result<Report, Failure> {
     let found = ctx.call(
         |c| c.discover(peer),
-        |ctx, e| match e.status() {
-            Some(403) => Failure::runtime(format!(
+        |ctx, e| match e.kind() {
+            Kind::Forbidden => Failure::runtime(format!(
                 "{e}: not allowed to talk to {peer} (hierarchy rules: only siblings, parent and \
                  children, and ancestors may talk)"
             ))
             .with("http_status", 403),
-            Some(404) if !is_bare(&e) => {
+            Kind::NotFound if !is_bare(&e) => {
                 Failure::runtime(format!("{e}: no such workspace {peer}")).with("http_status", 404)
             }
-            Some(503) => Failure::new(Error::Unreachable(format!(
+            Kind::Unavailable | Kind::Busy => Failure::new(Error::Unreachable(format!(
                 "{e}: {peer} exists but is not available right now (offline, paused or \
                  hibernated); a message to it may still be queued"
             )))
@@ -100,9 +100,9 @@ pub(super) fn info(ctx: &Ctx, id: Option<&str>) -> Result<Report, Failure> {
     let id = id.unwrap_or(ctx.workspace_id()).to_string();
     let record = ctx.call(
         |c| c.workspace_info(&id),
-        |ctx, e| match e.status() {
-            Some(410) => removed_failure(&id, &e),
-            Some(404) if !is_bare(&e) => Failure::new(Error::Removed(format!(
+        |ctx, e| match e.kind() {
+            Kind::Gone => removed_failure(&id, e.hint()),
+            Kind::NotFound if !is_bare(&e) => Failure::new(Error::Removed(format!(
                 "{e}: no workspace {id} on the platform at {}",
                 ctx.api_url()
             )))

@@ -13,7 +13,7 @@ use super::{
     Budget, Ctx, Failure, LIST_LIMIT, Report, clip, message_text, refused, require_uuid, str_of,
     table,
 };
-use crate::api::ApiError;
+use crate::api::{ApiError, Kind};
 use crate::backoff::Backoff;
 use crate::cli::{AskArgs, RequestArgs, RequestsArgs};
 use crate::config::Range::Between;
@@ -46,14 +46,14 @@ fn is_terminal(status: &str) -> bool {
 }
 
 fn describe_request(ctx: &Ctx, e: ApiError) -> Failure {
-    let what = match e.status() {
-        Some(404) if e.to_string().contains("already resolved") => {
+    let what = match e.kind() {
+        Kind::NotFound if is_already_resolved(&e) => {
             "no such open request (unknown, or already answered or cancelled)"
         }
-        Some(404) => {
+        Kind::NotFound => {
             "no such request (or this platform has no requests inbox: older than 2026-06-10)"
         }
-        Some(403) => "this workspace may not do that to the request",
+        Kind::Forbidden => "this workspace may not do that to the request",
         _ => "the platform refused the request",
     };
     refused(ctx, e, what)
@@ -298,7 +298,7 @@ fn answered(rid: &str, v: &Value) -> Result<Report, Failure> {
 
 /// 404 "request not found or already resolved" (§API-2.19).
 fn is_already_resolved(e: &ApiError) -> bool {
-    e.status() == Some(404) && e.to_string().contains("already resolved")
+    e.kind() == Kind::NotFound && e.to_string().contains("already resolved")
 }
 
 /// The answer our earlier attempt would have had, when the request now shows

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::{Ctx, Failure, Report, describe, line};
-use crate::api::{ApiError, SendAnswer};
+use crate::api::{ApiError, Kind, SendAnswer};
 use crate::backoff::Backoff;
 use crate::config::agent;
 use crate::error::Error;
@@ -52,7 +52,7 @@ pub(super) fn run(ctx: &Ctx, s: &agent::Send) -> Result<Report, Failure> {
             }
             Err(e) => e,
         };
-        if !is_retryable(&err) {
+        if !err.kind().is_resendable() {
             return Err(sent.tag(sent.refused(ctx, err), attempt));
         }
         let delay = BACKOFF.delay(attempt, seed.wrapping_add(u64::from(attempt)));
@@ -85,22 +85,6 @@ fn wait(d: Duration) {
     std::thread::sleep(d);
 }
 
-/// Worth another attempt: the platform did not take the message and may next time.
-/// A timeout is retried too: the same `messageId` makes a re-send harmless.
-fn is_retryable(e: &ApiError) -> bool {
-    match e {
-        ApiError::Transport { .. } | ApiError::Timeout { .. } => true,
-        ApiError::Status {
-            status,
-            delivery_confirmed,
-            busy,
-            ..
-        } => !delivery_confirmed && !busy && (*status == 429 || *status == 408 || *status >= 500),
-        // A 2xx whose body we could not read was delivered: never re-send it.
-        _ => false,
-    }
-}
-
 /// What was sent, for messages and the JSON document.
 struct Sent<'a> {
     peer: &'a str,
@@ -117,44 +101,39 @@ impl Sent<'_> {
     /// A status or error that ends the send at once, in words.
     fn refused(&self, ctx: &Ctx, e: ApiError) -> Failure {
         let peer = self.peer;
-        let ApiError::Status {
-            status,
-            delivery_confirmed,
-            busy,
-            ..
-        } = &e
-        else {
-            return match e {
-                ApiError::Invalid { .. } => {
-                    Failure::input(format!("{e} (the message is too large)"))
-                }
-                ApiError::BadBody { .. } | ApiError::TooLarge { .. } => Failure::runtime(format!(
+        let f = match e.kind() {
+            Kind::Invalid => return Failure::input(format!("{e} (the message is too large)")),
+            Kind::Unreadable | Kind::AnswerTooLarge => {
+                return Failure::runtime(format!(
                     "{e}: the peer's answer could not be read; the message was delivered, so it is not re-sent"
-                )),
-                other => describe(ctx, other),
-            };
-        };
-        let status = *status;
-        let f = match status {
-            502 if *delivery_confirmed => Failure::runtime(format!(
+                ));
+            }
+            Kind::Delivered => Failure::runtime(format!(
                 "{e}: delivered to {peer}, but its answer was lost on the way back; not re-sent"
             ))
             .with("delivered", true),
-            503 if *busy => Failure::runtime(format!(
+            Kind::Busy => Failure::runtime(format!(
                 "{e}: peer {peer} is busy and could not queue the message; not retried. Send again \
                  later with --message-id {} so the platform drops a duplicate",
                 self.message_id
             )),
-            403 => Failure::runtime(format!(
+            Kind::Forbidden => Failure::runtime(format!(
                 "{e}: not allowed to talk to this workspace (hierarchy rules: only siblings, \
                  parent and children, and ancestors may talk)"
             )),
-            404 => Failure::runtime(format!("{e}: no such workspace {peer}")),
-            410 => Failure::new(Error::Removed(format!("{e}: workspace {peer} was removed"))),
-            413 => Failure::input(format!("{e}: the message is too large for the platform")),
+            Kind::NotFound => Failure::runtime(format!("{e}: no such workspace {peer}")),
+            Kind::Gone => {
+                Failure::new(Error::Removed(format!("{e}: workspace {peer} was removed")))
+            }
+            Kind::RequestTooLarge => {
+                Failure::input(format!("{e}: the message is too large for the platform"))
+            }
             _ => return describe(ctx, e),
         };
-        f.with("http_status", status)
+        match e.status() {
+            Some(status) => f.with("http_status", status),
+            None => f,
+        }
     }
 
     /// The platform's 2xx answer: the peer's reply text, `queued`, or its JSON-RPC error.
@@ -268,6 +247,10 @@ fn reply_text(result: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn is_retryable(e: &ApiError) -> bool {
+        e.kind().is_resendable()
+    }
 
     fn status(status: u16, delivery_confirmed: bool, busy: bool) -> ApiError {
         ApiError::Status {

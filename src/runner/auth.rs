@@ -7,6 +7,7 @@ use crate::api::Client;
 use std::time::{Duration, Instant};
 
 use crate::config::{Secret, TokenSource, read_token_file};
+use crate::credentials::{Standing, rejected_message};
 use crate::error::{EXIT_CREDENTIALS, EXIT_REMOVED};
 use crate::shutdown::Shutdown;
 
@@ -58,8 +59,8 @@ pub fn after_unauthorized(
         return AuthVerdict::RetryWithNewToken;
     }
     let ws = client.workspace_id();
-    let info = client.workspace_info(ws);
-    if info.is_ok() && matches!(source, TokenSource::File(_)) {
+    let standing = Standing::check(client);
+    if matches!(standing, Standing::Exists) && matches!(source, TokenSource::File(_)) {
         let deadline = Instant::now() + ROTATION_GRACE;
         log::warn!("the workspace token was rejected; watching the token file for a rotated one");
         while !shutdown.wait_timeout(Duration::from_millis(250)) && Instant::now() < deadline {
@@ -68,40 +69,14 @@ pub fn after_unauthorized(
             }
         }
     }
-    match info {
-        Err(e) if e.status() == Some(410) => {
-            let hint = e.hint().map(|h| format!(" Hint: {h}")).unwrap_or_default();
-            AuthVerdict::Fatal(
-                EXIT_REMOVED,
-                format!("workspace {ws} was removed from the platform.{hint}"),
-            )
-        }
-        Err(e) if e.status() == Some(404) => AuthVerdict::Fatal(
-            EXIT_REMOVED,
-            format!(
-                "workspace {ws} is unknown to the platform at {}",
-                client.api_url()
-            ),
-        ),
-        Err(e) if e.is_retryable() => {
+    if let Some(message) = standing.gone_message(ws, client.api_url()) {
+        return AuthVerdict::Fatal(EXIT_REMOVED, message);
+    }
+    match standing {
+        Standing::Unanswered(e) if e.is_retryable() => {
             log::warn!("401, and the workspace check failed too ({e}); will try again");
             AuthVerdict::Unknown
         }
-        _ => {
-            let how = match source {
-                TokenSource::File(p) => {
-                    format!("write it to {} and send SIGHUP or restart", p.display())
-                }
-                TokenSource::Env => "set MOLECULE_WORKSPACE_TOKEN to it and restart".into(),
-                TokenSource::Arg => "pass it with --token-file and restart".into(),
-            };
-            AuthVerdict::Fatal(
-                EXIT_CREDENTIALS,
-                format!(
-                    "the platform rejected the workspace token (revoked or rotated). Get a new one \
-                     (canvas: Settings → Workspace Tokens, or POST /workspaces/{ws}/external/rotate), then {how}"
-                ),
-            )
-        }
+        _ => AuthVerdict::Fatal(EXIT_CREDENTIALS, rejected_message(ws, source, true)),
     }
 }

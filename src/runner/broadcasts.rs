@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::api::Client;
+use crate::api::{Client, Kind};
 use crate::backend::{Backend, BackendError, Origin, Request, RunHandle};
 use crate::backoff::Backoff;
 use crate::shutdown::{Shutdown, StopReason};
@@ -293,7 +293,7 @@ fn fetch(ctx: &Context, saved: &Saved) -> Result<Vec<Value>, FetchError> {
             Ok(rows)
         }
         Ok(_) => Ok(Vec::new()),
-        Err(e) if e.status() == Some(410) => Err(Gone),
+        Err(e) if e.kind() == Kind::Gone => Err(Gone),
         Err(e) => Err(Failed(e.to_string())),
     }
 }

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
-use crate::api::{ApiError, Client, Since};
+use crate::api::{ApiError, Client, Kind, Since};
 use crate::backoff::Backoff;
 use crate::config::TokenSource;
+use crate::credentials::Standing;
 use crate::error::{EXIT_CREDENTIALS, EXIT_REMOVED, EXIT_UNREACHABLE, EXIT_USAGE};
 use crate::inbox::{self, Inbound, Skip};
 use crate::shutdown::{Shutdown, StopReason};
@@ -466,7 +467,7 @@ impl Poller {
                 self.acks.acked = Some(acked);
                 RuntimeStatus::count(&self.status, |c| c.last_acked_seq = Some(acked));
             }
-            Err(e) if e.status() == Some(404) => {
+            Err(e) if e.kind() == Kind::NotFound => {
                 log::info!("the platform does not take acks ({e}): not acking");
                 self.acks.unsupported = true;
             }
@@ -754,7 +755,7 @@ impl Poller {
 
     fn on_poll_error(&mut self, e: &ApiError, used: &crate::config::Secret) -> Fetched {
         RuntimeStatus::note_error(&self.status, &e.to_string());
-        if e.status() == Some(410) {
+        if e.kind() == Kind::Gone {
             log::warn!(
                 "inbox cursor {} is gone (pruned, or state from another workspace): restarting from the last {}s",
                 self.fetch_from.as_deref().unwrap_or("-"),
@@ -785,7 +786,7 @@ impl Poller {
             log::warn!("{e}: asking for {} rows per page", self.page_limit);
             return Fetched::More;
         }
-        if e.status() == Some(404) && self.workspace_is_gone() {
+        if e.kind() == Kind::NotFound && self.workspace_is_gone() {
             return Fetched::Idle;
         }
         self.failures = self.failures.saturating_add(1);
@@ -796,8 +797,8 @@ impl Poller {
             self.shutdown.trigger(stop);
             return Fetched::Idle;
         }
-        let hint = match e.status() {
-            Some(400) | Some(404) => {
+        let hint = match e.kind() {
+            Kind::BadRequest | Kind::NotFound => {
                 " (on a SaaS tenant this usually means the Origin/X-Molecule-Org-Id header is rejected: check --api-url and --org-id)"
             }
             _ => "",
@@ -840,8 +841,8 @@ impl Poller {
         if self.permanent_failures < MAX_PERMANENT_POLL_FAILURES {
             return None;
         }
-        let (code, why) = match e.status() {
-            Some(403) => (
+        let (code, why) = match e.kind() {
+            Kind::Forbidden => (
                 EXIT_CREDENTIALS,
                 "the platform refuses this token access to the workspace's inbox",
             ),
@@ -859,20 +860,16 @@ impl Poller {
     /// After a 404 on our own inbox: is the workspace itself gone? Stops the process
     /// (exit 4) if so.
     fn workspace_is_gone(&mut self) -> bool {
-        let ws = self.client.workspace_id().to_string();
-        match self.client.workspace_info(&ws) {
-            Err(e) if matches!(e.status(), Some(404) | Some(410)) => {
-                let hint = e.hint().map(|h| format!(" Hint: {h}")).unwrap_or_default();
-                self.shutdown.trigger(StopReason::Fatal {
-                    code: EXIT_REMOVED,
-                    message: format!(
-                        "workspace {ws} no longer exists on the platform ({e}).{hint}"
-                    ),
-                });
-                true
-            }
-            _ => false,
-        }
+        let ws = self.client.workspace_id();
+        let Some(message) = Standing::check(&self.client).gone_message(ws, self.client.api_url())
+        else {
+            return false;
+        };
+        self.shutdown.trigger(StopReason::Fatal {
+            code: EXIT_REMOVED,
+            message,
+        });
+        true
     }
 }
 

@@ -2,7 +2,7 @@
 //! transient errors, the echoed mode checked, a freshly minted token noted (never
 //! shown) and not used.
 
-use crate::api::{ApiError, Client};
+use crate::api::{ApiError, Client, Kind};
 use crate::backoff::Backoff;
 use crate::config::TokenSource;
 use crate::error::{EXIT_TOO_OLD, Error};
@@ -91,5 +91,6 @@ pub fn register(client: &Client, source: &TokenSource, shutdown: &Shutdown) -> R
 
 /// A platform from before poll mode demands a URL on register (§API-0.1).
 fn is_pre_poll_platform(e: &ApiError) -> bool {
-    matches!(e, ApiError::Status { status: 400, message, .. } if message.contains("url is required") && !message.contains("push-mode"))
+    e.kind() == Kind::BadRequest
+        && matches!(e, ApiError::Status { message, .. } if message.contains("url is required") && !message.contains("push-mode"))
 }

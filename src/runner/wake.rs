@@ -11,7 +11,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::api::Client;
+use crate::api::{Client, Kind};
 use crate::backoff::Backoff;
 use crate::config::WakeMode;
 use crate::error::EXIT_TOO_OLD;
@@ -207,7 +207,7 @@ pub fn run(
                     RECONNECT.delay(failures - 1, seed)
                 }
             }
-            Err(e) if e.status() == Some(404) => {
+            Err(e) if e.kind() == Kind::NotFound => {
                 if settings.mode == WakeMode::Events {
                     shutdown.trigger(StopReason::Fatal {
                         code: EXIT_TOO_OLD,
