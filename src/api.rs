@@ -33,7 +33,7 @@ const SNIPPET_LEN: usize = 200;
 const RETRY_AFTER_CAP: Duration = Duration::from_secs(300);
 
 /// What went wrong talking to the platform.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ApiError {
     /// DNS, connect, TLS or I/O failure: the request may not have arrived.

@@ -288,7 +288,7 @@ pub struct Args {
 }
 
 /// A command line we cannot use (exit 2).
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageError(pub String);
 
 impl fmt::Display for UsageError {

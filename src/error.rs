@@ -24,8 +24,9 @@ pub const EXIT_TOO_OLD: u8 = 5;
 /// Exit 75: platform unreachable after the retry budget; try again later.
 pub const EXIT_UNREACHABLE: u8 = 75;
 
-/// Everything that can end a command.
-#[derive(Debug)]
+/// Everything that can end a command. Cloned and compared so that a loop's fatal
+/// stop ([`crate::shutdown::StopReason::Fatal`]) can carry it to `main`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
     /// Bad command line.
     Usage(UsageError),
@@ -68,18 +69,6 @@ impl Error {
             Error::PlatformTooOld(_) => EXIT_TOO_OLD,
             Error::Unreachable(_) => EXIT_UNREACHABLE,
             Error::Runtime(_) => EXIT_FAILURE,
-        }
-    }
-
-    /// Builds the error a fatal stop reason stands for.
-    pub fn from_code(code: u8, message: String) -> Error {
-        match code {
-            EXIT_USAGE => Error::Config(ConfigError(message)),
-            EXIT_CREDENTIALS => Error::Credentials(message),
-            EXIT_REMOVED => Error::Removed(message),
-            EXIT_TOO_OLD => Error::PlatformTooOld(message),
-            EXIT_UNREACHABLE => Error::Unreachable(message),
-            _ => Error::Runtime(message),
         }
     }
 
@@ -156,8 +145,5 @@ mod tests {
         assert_eq!(Error::Unreachable("x".into()).exit_code(), 75);
         assert_eq!(Error::Api(ApiError::Timeout { op: "x" }).exit_code(), 75);
         assert_eq!(Error::Runtime("x".into()).exit_code(), 1);
-        for code in [2, 3, 4, 5, 75, 1] {
-            assert_eq!(Error::from_code(code, "m".into()).exit_code(), code);
-        }
     }
 }

@@ -5,6 +5,8 @@
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::error::Error;
+
 /// Why the process is stopping. The first reason recorded wins.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopReason {
@@ -12,13 +14,9 @@ pub enum StopReason {
     Signal,
     /// The work asked for is done (`--once`, `--max-messages`, idle exit).
     Finished,
-    /// A fatal error ended a loop: the exit code to use and what to print.
-    Fatal {
-        /// Process exit code (DESIGN.md §4).
-        code: u8,
-        /// One line for the operator.
-        message: String,
-    },
+    /// A fatal error ended a loop: the process ends with it (its exit code and
+    /// message).
+    Fatal(Error),
     /// A loop thread died unexpectedly (a panic): never stay up half-dead.
     ThreadDied(String),
 }
@@ -165,10 +163,7 @@ mod tests {
     #[test]
     fn first_reason_wins() {
         let s = Shutdown::new();
-        let fatal = StopReason::Fatal {
-            code: 3,
-            message: "x".into(),
-        };
+        let fatal = StopReason::Fatal(Error::Credentials("x".into()));
         s.trigger(fatal.clone());
         s.trigger(StopReason::Signal);
         assert_eq!(s.reason(), Some(fatal));

@@ -123,6 +123,47 @@ impl fmt::Display for StateError {
 
 impl std::error::Error for StateError {}
 
+// By hand because `io::Error` is neither `Clone` nor `PartialEq`: a copy keeps its
+// kind and its text, which is all anyone reads of it.
+impl Clone for StateError {
+    fn clone(&self) -> Self {
+        match self {
+            StateError::Io { path, source } => StateError::Io {
+                path: path.clone(),
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            StateError::Corrupt { path, detail } => StateError::Corrupt {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+            StateError::Locked { path } => StateError::Locked { path: path.clone() },
+            StateError::Unusable { path, detail } => StateError::Unusable {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+        }
+    }
+}
+
+impl PartialEq for StateError {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (StateError::Io { path, source }, StateError::Io { path: p, source: s }) => {
+                path == p && source.kind() == s.kind() && source.to_string() == s.to_string()
+            }
+            (StateError::Corrupt { path, detail }, StateError::Corrupt { path: p, detail: d })
+            | (
+                StateError::Unusable { path, detail },
+                StateError::Unusable { path: p, detail: d },
+            ) => path == p && detail == d,
+            (StateError::Locked { path }, StateError::Locked { path: p }) => path == p,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for StateError {}
+
 /// The JSON on disk. Unknown fields from other tools are tolerated.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StateFile {

@@ -118,7 +118,7 @@ pub struct Reply {
 }
 
 /// Why a backend run failed.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendError {
     /// Bad backend configuration (unknown option, bad value): exit 2 at start-up.
     Config(String),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Secret, TokenSource, read_token_file};
 use crate::credentials::{Standing, rejected_message};
-use crate::error::{EXIT_CREDENTIALS, EXIT_REMOVED};
+use crate::error::Error;
 use crate::shutdown::Shutdown;
 
 /// The answer to a 401.
@@ -19,8 +19,8 @@ pub enum AuthVerdict {
     /// The platform could not be asked whether the workspace still exists: treat
     /// the 401 like a transient error and try again later.
     Unknown,
-    /// Stop the process with this exit code and message.
-    Fatal(u8, String),
+    /// Stop the process with this error.
+    Fatal(Error),
 }
 
 /// Re-reads the token from `source`; installs it and returns `true` if it changed.
@@ -70,13 +70,13 @@ pub fn after_unauthorized(
         }
     }
     if let Some(message) = standing.gone_message(ws, client.api_url()) {
-        return AuthVerdict::Fatal(EXIT_REMOVED, message);
+        return AuthVerdict::Fatal(Error::Removed(message));
     }
     match standing {
         Standing::Unanswered(e) if e.is_retryable() => {
             log::warn!("401, and the workspace check failed too ({e}); will try again");
             AuthVerdict::Unknown
         }
-        _ => AuthVerdict::Fatal(EXIT_CREDENTIALS, rejected_message(ws, source, true)),
+        _ => AuthVerdict::Fatal(Error::Credentials(rejected_message(ws, source, true))),
     }
 }

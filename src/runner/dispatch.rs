@@ -500,10 +500,8 @@ impl Worker {
                 ) {
                     AuthVerdict::RetryWithNewToken => continue,
                     AuthVerdict::Unknown => {}
-                    AuthVerdict::Fatal(code, message) => {
-                        self.ctx
-                            .shutdown
-                            .trigger(StopReason::Fatal { code, message });
+                    AuthVerdict::Fatal(error) => {
+                        self.ctx.shutdown.trigger(StopReason::Fatal(error));
                         return Err(ReplyFailure::Interrupted);
                     }
                 }

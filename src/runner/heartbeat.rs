@@ -47,8 +47,8 @@ pub fn run(
             match after_unauthorized(&client, &source, &used, &shutdown) {
                 AuthVerdict::RetryWithNewToken => result = client.heartbeat(&hb),
                 AuthVerdict::Unknown => {}
-                AuthVerdict::Fatal(code, message) => {
-                    shutdown.trigger(StopReason::Fatal { code, message });
+                AuthVerdict::Fatal(error) => {
+                    shutdown.trigger(StopReason::Fatal(error));
                     return;
                 }
             }

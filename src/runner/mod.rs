@@ -861,7 +861,7 @@ impl Connected<'_> {
                 log::info!("stopped cleanly");
                 Ok(())
             }
-            StopReason::Fatal { code, message } => Err(Error::from_code(code, message)),
+            StopReason::Fatal(error) => Err(error),
             StopReason::ThreadDied(m) => Err(Error::Runtime(m)),
         }
     }

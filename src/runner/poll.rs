@@ -12,9 +12,10 @@ use serde_json::Value;
 
 use crate::api::{ApiError, Client, Kind, Since};
 use crate::backoff::Backoff;
+use crate::config::ConfigError;
 use crate::config::TokenSource;
 use crate::credentials::Standing;
-use crate::error::{EXIT_CREDENTIALS, EXIT_REMOVED, EXIT_UNREACHABLE, EXIT_USAGE};
+use crate::error::Error;
 use crate::inbox::{self, Inbound, Skip};
 use crate::shutdown::{Shutdown, StopReason};
 use crate::state::Store;
@@ -325,7 +326,7 @@ impl Poller {
                 RuntimeStatus::state_ok(&self.status);
                 // The last progress, once it is on disk (not after a fatal stop: the
                 // token or the workspace may be gone).
-                if !matches!(self.shutdown.reason(), Some(StopReason::Fatal { .. })) {
+                if !matches!(self.shutdown.reason(), Some(StopReason::Fatal(_))) {
                     self.maybe_ack(true);
                 }
             }
@@ -335,7 +336,7 @@ impl Poller {
             }
         }
         let reason = match self.shutdown.reason() {
-            Some(StopReason::Fatal { message, .. }) => Some(message),
+            Some(StopReason::Fatal(e)) => Some(e.to_string()),
             Some(StopReason::ThreadDied(m)) => Some(m),
             Some(StopReason::Finished) => Some("finished".to_string()),
             Some(StopReason::Signal) => Some("signal".to_string()),
@@ -589,13 +590,11 @@ impl Poller {
         );
         if self.settings.once && self.stuck_pages >= STUCK_PAGES_ONCE {
             log::warn!("{why}");
-            self.shutdown.trigger(StopReason::Fatal {
-                code: EXIT_UNREACHABLE,
-                message: format!(
+            self.shutdown
+                .trigger(StopReason::Fatal(Error::Unreachable(format!(
                     "--once: {why} ({} pages); try again later",
                     self.stuck_pages
-                ),
-            });
+                ))));
         } else if self.stuck_pages == 1 || self.stuck_pages.is_multiple_of(100) {
             log::warn!("{why}");
         }
@@ -775,8 +774,8 @@ impl Poller {
             ) {
                 AuthVerdict::RetryWithNewToken => return Fetched::More,
                 AuthVerdict::Unknown => {}
-                AuthVerdict::Fatal(code, message) => {
-                    self.shutdown.trigger(StopReason::Fatal { code, message });
+                AuthVerdict::Fatal(error) => {
+                    self.shutdown.trigger(StopReason::Fatal(error));
                     return Fetched::Idle;
                 }
             }
@@ -824,37 +823,26 @@ impl Poller {
     /// with an exit code the supervisor will not restart-loop on.
     fn give_up(&self, e: &ApiError) -> Option<StopReason> {
         if matches!(e, ApiError::Misconfigured { .. }) {
-            return Some(StopReason::Fatal {
-                code: EXIT_USAGE,
-                message: e.to_string(),
-            });
+            return Some(StopReason::Fatal(Error::Config(ConfigError(e.to_string()))));
         }
         if self.settings.once && self.failures >= ONCE_POLL_ATTEMPTS {
-            return Some(StopReason::Fatal {
-                code: EXIT_UNREACHABLE,
-                message: format!(
-                    "--once: the inbox could not be read after {} attempts: {e}",
-                    self.failures
-                ),
-            });
+            return Some(StopReason::Fatal(Error::Unreachable(format!(
+                "--once: the inbox could not be read after {} attempts: {e}",
+                self.failures
+            ))));
         }
         if self.permanent_failures < MAX_PERMANENT_POLL_FAILURES {
             return None;
         }
-        let (code, why) = match e.kind() {
-            Kind::Forbidden => (
-                EXIT_CREDENTIALS,
+        let why = |why: &str| format!("{why}: {e} ({} attempts in a row)", self.permanent_failures);
+        Some(StopReason::Fatal(match e.kind() {
+            Kind::Forbidden => Error::Credentials(why(
                 "the platform refuses this token access to the workspace's inbox",
-            ),
-            _ => (
-                EXIT_USAGE,
+            )),
+            _ => Error::Config(ConfigError(why(
                 "the platform keeps rejecting the inbox request (on a SaaS tenant: check --api-url and --org-id)",
-            ),
-        };
-        Some(StopReason::Fatal {
-            code,
-            message: format!("{why}: {e} ({} attempts in a row)", self.permanent_failures),
-        })
+            ))),
+        }))
     }
 
     /// After a 404 on our own inbox: is the workspace itself gone? Stops the process
@@ -865,10 +853,8 @@ impl Poller {
         else {
             return false;
         };
-        self.shutdown.trigger(StopReason::Fatal {
-            code: EXIT_REMOVED,
-            message,
-        });
+        self.shutdown
+            .trigger(StopReason::Fatal(Error::Removed(message)));
         true
     }
 }

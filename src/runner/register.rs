@@ -5,7 +5,7 @@
 use crate::api::{ApiError, Client, Kind};
 use crate::backoff::Backoff;
 use crate::config::TokenSource;
-use crate::error::{EXIT_TOO_OLD, Error};
+use crate::error::Error;
 use crate::shutdown::Shutdown;
 
 use super::auth;
@@ -47,9 +47,7 @@ pub fn register(client: &Client, source: &TokenSource, shutdown: &Shutdown) -> R
         if err.is_unauthorized() {
             match auth::after_unauthorized(client, source, &used, shutdown) {
                 auth::AuthVerdict::RetryWithNewToken => continue,
-                auth::AuthVerdict::Fatal(code, message) => {
-                    return Err(Error::from_code(code, message));
-                }
+                auth::AuthVerdict::Fatal(error) => return Err(error),
                 // The workspace check failed too: back off like a transient error.
                 auth::AuthVerdict::Unknown if attempt < REGISTER_ATTEMPTS => {}
                 auth::AuthVerdict::Unknown => {
@@ -61,13 +59,10 @@ pub fn register(client: &Client, source: &TokenSource, shutdown: &Shutdown) -> R
             }
         }
         if is_pre_poll_platform(&err) {
-            return Err(Error::from_code(
-                EXIT_TOO_OLD,
-                format!(
-                    "{err}: the platform at {} does not support poll mode",
-                    client.api_url()
-                ),
-            ));
+            return Err(Error::PlatformTooOld(format!(
+                "{err}: the platform at {} does not support poll mode",
+                client.api_url()
+            )));
         }
         if !err.is_retryable() && !err.is_unauthorized() {
             return Err(Error::Api(err));

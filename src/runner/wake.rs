@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::api::{Client, Kind};
 use crate::backoff::Backoff;
 use crate::config::WakeMode;
-use crate::error::EXIT_TOO_OLD;
+use crate::error::Error;
 use crate::events::{End, EventStream};
 use crate::shutdown::{Shutdown, StopReason};
 use crate::status_file::{WakeReport, unix};
@@ -209,12 +209,9 @@ pub fn run(
             }
             Err(e) if e.kind() == Kind::NotFound => {
                 if settings.mode == WakeMode::Events {
-                    shutdown.trigger(StopReason::Fatal {
-                        code: EXIT_TOO_OLD,
-                        message: format!(
-                            "--wake events: the platform has no event stream ({e}); use --wake auto or poll"
-                        ),
-                    });
+                    shutdown.trigger(StopReason::Fatal(Error::PlatformTooOld(format!(
+                        "--wake events: the platform has no event stream ({e}); use --wake auto or poll"
+                    ))));
                     return;
                 }
                 state.polling("the platform has no event stream (HTTP 404)".into());
