@@ -7,13 +7,14 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::config::Secret;
+use crate::credentials::Credentials;
 use crate::wire::{
     ActivityRow, DelegateRequest, DelegateResponse, ErrorBody, Heartbeat, ManualHeartbeat,
     NotifyRequest, RegisterRequest, RegisterResponse,
@@ -470,7 +471,7 @@ pub struct Client {
     agent: ureq::Agent,
     cfg: Arc<ClientConfig>,
     origin: Arc<str>,
-    token: Arc<RwLock<Secret>>,
+    credentials: Credentials,
     stats: Arc<RequestStats>,
     pacer: Option<Arc<dyn Pacer>>,
 }
@@ -650,20 +651,24 @@ fn endpoint_of(method: &str, path: &str) -> String {
 impl Client {
     /// Builds the one agent. `HTTP(S)_PROXY`/`ALL_PROXY`/`NO_PROXY` from the
     /// environment are honoured (ureq's default).
-    pub fn new(cfg: ClientConfig, token: Secret) -> Self {
+    pub fn new(cfg: ClientConfig, credentials: impl Into<Credentials>) -> Self {
         let transport = Transport::new(&cfg);
-        Self::with_transport(&transport, cfg, token)
+        Self::with_transport(&transport, cfg, credentials)
     }
 
     /// A client that shares `transport` (its connection pool and TLS set-up) with
     /// other clients: many workspaces in one process need one, not one each.
-    pub fn with_transport(transport: &Transport, cfg: ClientConfig, token: Secret) -> Self {
+    pub fn with_transport(
+        transport: &Transport,
+        cfg: ClientConfig,
+        credentials: impl Into<Credentials>,
+    ) -> Self {
         let origin: Arc<str> = origin_of(&cfg.api_url).into();
         Self {
             agent: transport.0.clone(),
             cfg: Arc::new(cfg),
             origin,
-            token: Arc::new(RwLock::new(token)),
+            credentials: credentials.into(),
             stats: Arc::new(RequestStats::new()),
             pacer: None,
         }
@@ -701,17 +706,14 @@ impl Client {
             .unwrap_or_else(|| crate::wire::agent_card(&self.cfg.workspace_id))
     }
 
-    /// Replaces the token (re-read after a rotation).
-    pub fn set_token(&self, token: Secret) {
-        *self.token.write().unwrap_or_else(PoisonError::into_inner) = token;
-    }
-
     /// The token in use.
     pub fn token(&self) -> Secret {
-        self.token
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.credentials.token()
+    }
+
+    /// The token and its source; [`Credentials::reload`] re-reads it after a 401.
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
     }
 
     /// `POST /registry/register` in poll mode (§API-2.1).

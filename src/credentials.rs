@@ -1,10 +1,84 @@
-//! What a rejected token means (§API-4.4), said once for the connector and the
-//! commands: the open `GET /workspaces/<own>` tells a removed or unknown workspace
-//! (exit 4) from a token that was revoked or rotated (exit 3), and the texts say
-//! what to do about each.
+//! The workspace token and where it came from, and what a rejected token means
+//! (§API-4.4), said once for the connector and the commands: the token is re-read
+//! from its source, and the open `GET /workspaces/<own>` tells a removed or unknown
+//! workspace (exit 4) from a token that was revoked or rotated (exit 3).
+
+use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::api::{ApiError, Client, Kind};
-use crate::config::TokenSource;
+use crate::config::{Common, Secret, TokenSource, read_token_file};
+
+/// The token in use and its source. Cheap to clone: clones (and the clients that
+/// hold them) share one token, so a re-read by one is seen by all.
+#[derive(Clone)]
+pub struct Credentials(Arc<Inner>);
+
+struct Inner {
+    token: RwLock<Secret>,
+    source: TokenSource,
+}
+
+impl Credentials {
+    /// `token`, read from `source`.
+    pub fn new(token: Secret, source: TokenSource) -> Self {
+        Credentials(Arc::new(Inner {
+            token: RwLock::new(token),
+            source,
+        }))
+    }
+
+    /// The token and source the configuration resolved.
+    pub fn of(common: &Common) -> Self {
+        Credentials::new(common.token.clone(), common.token_source.clone())
+    }
+
+    /// The token in use.
+    pub fn token(&self) -> Secret {
+        self.0
+            .token
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Where the token came from.
+    pub fn source(&self) -> &TokenSource {
+        &self.0.source
+    }
+
+    /// Whether [`Credentials::reload`] can ever find a new token (a token file).
+    pub fn can_change(&self) -> bool {
+        matches!(self.0.source, TokenSource::File(_))
+    }
+
+    /// Re-reads the token from its source (after a 401 or SIGHUP); installs it and
+    /// returns `true` if it changed. An env var or argv cannot change under a running
+    /// process: only a file is re-read.
+    pub fn reload(&self) -> bool {
+        let TokenSource::File(path) = &self.0.source else {
+            return false;
+        };
+        match read_token_file(path) {
+            Ok(token) if token != self.token() => {
+                *self.0.token.write().unwrap_or_else(PoisonError::into_inner) = token;
+                log::info!("loaded a new workspace token from {}", path.display());
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                log::warn!("re-reading the token: {e}");
+                false
+            }
+        }
+    }
+}
+
+/// A token given directly (a test, a one-off client): nothing to re-read.
+impl From<Secret> for Credentials {
+    fn from(token: Secret) -> Self {
+        Credentials::new(token, TokenSource::Arg)
+    }
+}
 
 /// What `GET /workspaces/<own>` says about our workspace.
 #[derive(Debug)]
@@ -81,6 +155,23 @@ pub fn rejected_message(ws: &str, source: &TokenSource, connector: bool) -> Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reload_installs_a_changed_token_file_only() {
+        let dir = std::env::temp_dir().join(format!("molecule-cred-{}", crate::uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "tok-one-aaaaaaaaaaaa\n").unwrap();
+        let first = read_token_file(&path).unwrap();
+        let creds = Credentials::new(first.clone(), TokenSource::File(path.clone()));
+        let shared = creds.clone();
+        assert!(!creds.reload(), "unchanged file");
+        std::fs::write(&path, "tok-two-bbbbbbbbbbbb\n").unwrap();
+        assert!(creds.reload());
+        assert_ne!(shared.token(), first, "clones share the token");
+        assert!(!Credentials::from(first).reload(), "nothing to re-read");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn gone_messages() {

@@ -29,7 +29,7 @@ use crate::cli::{Command, GlobalArgs};
 use crate::config::Range::Between;
 use crate::config::agent::{self, MAX_BUDGET_SECS, message_text, require_uuid};
 use crate::config::{self, AgentConfig, ConfigError};
-use crate::credentials::{Standing, rejected_message, removed_message};
+use crate::credentials::{Credentials, Standing, rejected_message, removed_message};
 use crate::error::Error;
 use crate::state::StateError;
 
@@ -231,7 +231,7 @@ impl Ctx {
         let mut client_cfg = ClientConfig::new(&cfg.common.api_url, &cfg.workspace_id);
         client_cfg.ca_roots = cfg.common.ca_roots.clone();
         client_cfg.org_id = cfg.common.org_id.clone();
-        let client = Client::new(client_cfg, cfg.common.token.clone());
+        let client = Client::new(client_cfg, Credentials::of(&cfg.common));
         Ctx {
             client,
             cfg,
@@ -325,9 +325,7 @@ impl Ctx {
     /// installed: retry once. Otherwise the open `GET /workspaces/<own>` tells a
     /// removed workspace (exit 4) from a rejected token (exit 3, with how to rotate).
     fn unauthorized(&self, e: &ApiError) -> Result<(), Failure> {
-        if !self.reauthed.replace(true)
-            && crate::runner::reload_token(&self.client, &self.cfg.common.token_source)
-        {
+        if !self.reauthed.replace(true) && self.client.credentials().reload() {
             return Ok(());
         }
         let ws = self.workspace_id();
@@ -339,7 +337,7 @@ impl Ctx {
             Some(gone) => Failure::new(Error::Removed(format!("{e}: {gone}"))),
             None => Failure::new(Error::Credentials(format!(
                 "{e}: {}",
-                rejected_message(ws, &self.cfg.common.token_source, false)
+                rejected_message(ws, self.client.credentials().source(), false)
             ))),
         };
         Err(f.with("http_status", 401))

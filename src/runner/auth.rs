@@ -6,7 +6,7 @@
 use crate::api::Client;
 use std::time::{Duration, Instant};
 
-use crate::config::{Secret, TokenSource, read_token_file};
+use crate::config::Secret;
 use crate::credentials::{Standing, rejected_message};
 use crate::error::Error;
 use crate::shutdown::Shutdown;
@@ -23,48 +23,24 @@ pub enum AuthVerdict {
     Fatal(Error),
 }
 
-/// Re-reads the token from `source`; installs it and returns `true` if it changed.
-pub fn reload_token(client: &Client, source: &TokenSource) -> bool {
-    let TokenSource::File(path) = source else {
-        // An env var or argv cannot change under a running process.
-        return false;
-    };
-    match read_token_file(path) {
-        Ok(token) if token != client.token() => {
-            client.set_token(token);
-            log::info!("loaded a new workspace token from {}", path.display());
-            true
-        }
-        Ok(_) => false,
-        Err(e) => {
-            log::warn!("re-reading the token: {e}");
-            false
-        }
-    }
-}
-
 /// How long a rejected token file is watched for the rotated token to appear: an
 /// operator rotates on the platform first and writes the file a moment later.
 const ROTATION_GRACE: Duration = Duration::from_secs(5);
 
 /// Decides what a 401 means for a request made with the token `used`.
-pub fn after_unauthorized(
-    client: &Client,
-    source: &TokenSource,
-    used: &Secret,
-    shutdown: &Shutdown,
-) -> AuthVerdict {
+pub fn after_unauthorized(client: &Client, used: &Secret, shutdown: &Shutdown) -> AuthVerdict {
+    let creds = client.credentials();
     // Another thread (or SIGHUP) may have loaded a new token since that request.
-    if client.token() != *used || reload_token(client, source) {
+    if client.token() != *used || creds.reload() {
         return AuthVerdict::RetryWithNewToken;
     }
     let ws = client.workspace_id();
     let standing = Standing::check(client);
-    if matches!(standing, Standing::Exists) && matches!(source, TokenSource::File(_)) {
+    if matches!(standing, Standing::Exists) && creds.can_change() {
         let deadline = Instant::now() + ROTATION_GRACE;
         log::warn!("the workspace token was rejected; watching the token file for a rotated one");
         while !shutdown.wait_timeout(Duration::from_millis(250)) && Instant::now() < deadline {
-            if client.token() != *used || reload_token(client, source) {
+            if client.token() != *used || creds.reload() {
                 return AuthVerdict::RetryWithNewToken;
             }
         }
@@ -77,6 +53,10 @@ pub fn after_unauthorized(
             log::warn!("401, and the workspace check failed too ({e}); will try again");
             AuthVerdict::Unknown
         }
-        _ => AuthVerdict::Fatal(Error::Credentials(rejected_message(ws, source, true))),
+        _ => AuthVerdict::Fatal(Error::Credentials(rejected_message(
+            ws,
+            creds.source(),
+            true,
+        ))),
     }
 }

@@ -12,7 +12,6 @@ use serde_json::{Value, json};
 use crate::api::{ApiError, Client};
 use crate::backend::{Backend, BackendError, Outcome, RunHandle};
 use crate::backoff::Backoff;
-use crate::config::TokenSource;
 use crate::inbox::{self, Inbound};
 use crate::shutdown::{Shutdown, StopReason};
 use crate::state::{PendingReply, Store};
@@ -110,8 +109,6 @@ pub struct Context {
     pub reply_to_replies: bool,
     /// The second loop guard.
     pub conversations: Conversations,
-    /// Where the token came from.
-    pub token_source: TokenSource,
     /// `<state-dir>/<id>.deadletter.jsonl`.
     pub dead_letter_path: PathBuf,
 }
@@ -492,12 +489,7 @@ impl Worker {
             };
             maybe_shown = may_have_been_done(&e);
             if e.is_unauthorized() {
-                match after_unauthorized(
-                    &self.ctx.client,
-                    &self.ctx.token_source,
-                    &used,
-                    &self.ctx.shutdown,
-                ) {
+                match after_unauthorized(&self.ctx.client, &used, &self.ctx.shutdown) {
                     AuthVerdict::RetryWithNewToken => continue,
                     AuthVerdict::Unknown => {}
                     AuthVerdict::Fatal(error) => {

@@ -6,7 +6,6 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::api::Client;
-use crate::config::TokenSource;
 use crate::shutdown::{Shutdown, StopReason};
 
 use super::auth::{AuthVerdict, after_unauthorized};
@@ -21,7 +20,6 @@ pub fn run(
     client: Client,
     every: Duration,
     status: SharedStatus,
-    source: TokenSource,
     shutdown: Shutdown,
     backend_trouble: &dyn Fn() -> Option<String>,
     progress: &Progress,
@@ -44,7 +42,7 @@ pub fn run(
         if let Err(e) = &result
             && e.is_unauthorized()
         {
-            match after_unauthorized(&client, &source, &used, &shutdown) {
+            match after_unauthorized(&client, &used, &shutdown) {
                 AuthVerdict::RetryWithNewToken => result = client.heartbeat(&hb),
                 AuthVerdict::Unknown => {}
                 AuthVerdict::Fatal(error) => {

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use crate::api::{Client, ClientConfig, Transport};
 use crate::backend::{Backend, RunHandle};
-use crate::config::{ConnectConfig, Supervision, TokenSource, WakeMode};
+use crate::config::{ConnectConfig, Supervision, WakeMode};
+use crate::credentials::Credentials;
 use crate::error::Error;
 use crate::orphans::{self, Groups};
 use crate::output::write_quiet;
@@ -35,7 +36,6 @@ use crate::signal::{self, Signal};
 use crate::state::{self, InstanceLock, StateError, Store};
 
 pub use crate::status_file::status_path;
-pub use auth::reload_token;
 pub use status::{RuntimeStatus, SharedStatus, WEDGE_AFTER};
 pub use supervise::METRICS_EVERY;
 
@@ -164,7 +164,6 @@ fn dry_run_summary(cfg: &ConnectConfig, backend: &dyn Backend) -> Result<String,
 struct Target {
     handles: Vec<RunHandle>,
     client: Client,
-    source: TokenSource,
     done: mpsc::Sender<Done>,
 }
 
@@ -368,8 +367,9 @@ fn run_locked(
             .shutdown
             .on_trigger(move || ws_shutdown.trigger(StopReason::Signal));
     }
-    let client = Client::with_transport(&process.transport, client_cfg, cfg.common.token.clone())
-        .with_pacer(process.budget_for(cfg).pacer(&shutdown));
+    let client =
+        Client::with_transport(&process.transport, client_cfg, Credentials::of(&cfg.common))
+            .with_pacer(process.budget_for(cfg).pacer(&shutdown));
     // One run handle per worker, then the delegation tracker's and the broadcast
     // thread's, so a second signal can kill every backend run.
     let run_handles: Vec<RunHandle> = (0..cfg.concurrency + 2)
@@ -379,7 +379,6 @@ fn run_locked(
     process.add(Target {
         handles: run_handles.clone(),
         client: client.clone(),
-        source: cfg.common.token_source.clone(),
         done: done_tx.clone(),
     });
     if !start_delay.is_zero() && shutdown.wait_timeout(start_delay) {
@@ -449,7 +448,7 @@ impl Connected<'_> {
         settled: &Arc<AtomicBool>,
     ) -> Result<(), Error> {
         let cfg = self.cfg;
-        if !register::register(&self.client, &cfg.common.token_source, &self.shutdown)? {
+        if !register::register(&self.client, &self.shutdown)? {
             return Ok(()); // stopped by a signal while registering
         }
         log::info!(
@@ -581,7 +580,6 @@ impl Connected<'_> {
                 interval: cfg.poll_interval,
                 since_secs: cfg.since_secs,
                 concurrency: cfg.concurrency,
-                token_source: cfg.common.token_source.clone(),
                 once: cfg.once,
                 max_messages: cfg.max_messages,
                 idle_exit: cfg.idle_exit,
@@ -629,13 +627,10 @@ impl Connected<'_> {
             self.shutdown.clone(),
         );
         let backend = self.backend.clone();
-        let (every, source) = (
-            self.cfg.heartbeat_every,
-            self.cfg.common.token_source.clone(),
-        );
+        let every = self.cfg.heartbeat_every;
         self.start("heartbeat", "heartbeat", move || {
             let trouble = move || backend.trouble();
-            heartbeat::run(client, every, status, source, shutdown, &trouble, &progress);
+            heartbeat::run(client, every, status, shutdown, &trouble, &progress);
         })
     }
 
@@ -726,7 +721,6 @@ impl Connected<'_> {
             max_attempts: cfg.max_attempts,
             reply_to_replies: cfg.reply_to_replies,
             conversations: dispatch::Conversations::new(cfg.max_auto_replies),
-            token_source: cfg.common.token_source.clone(),
             dead_letter_path: cfg
                 .common
                 .state_dir
@@ -1009,7 +1003,7 @@ fn watch_signals(
             Signal::Reload => {
                 supervisor.reloading();
                 for t in targets().iter() {
-                    if !auth::reload_token(&t.client, &t.source) {
+                    if !t.client.credentials().reload() {
                         log::info!(
                             "SIGHUP: token unchanged for workspace {}",
                             t.client.workspace_id()

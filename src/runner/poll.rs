@@ -13,7 +13,6 @@ use serde_json::Value;
 use crate::api::{ApiError, Client, Kind, Since};
 use crate::backoff::Backoff;
 use crate::config::ConfigError;
-use crate::config::TokenSource;
 use crate::credentials::Standing;
 use crate::error::Error;
 use crate::inbox::{self, Inbound, Skip};
@@ -53,8 +52,6 @@ pub struct PollSettings {
     pub since_secs: u64,
     /// Workers.
     pub concurrency: usize,
-    /// Where the token came from (re-read on 401).
-    pub token_source: TokenSource,
     /// Cron mode: stop once the inbox is drained.
     pub once: bool,
     /// Stop after this many messages.
@@ -766,12 +763,7 @@ impl Poller {
             return Fetched::More;
         }
         if e.is_unauthorized() {
-            match after_unauthorized(
-                &self.client,
-                &self.settings.token_source,
-                used,
-                &self.shutdown,
-            ) {
+            match after_unauthorized(&self.client, used, &self.shutdown) {
                 AuthVerdict::RetryWithNewToken => return Fetched::More,
                 AuthVerdict::Unknown => {}
                 AuthVerdict::Fatal(error) => {

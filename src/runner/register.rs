@@ -4,7 +4,6 @@
 
 use crate::api::{ApiError, Client, Kind};
 use crate::backoff::Backoff;
-use crate::config::TokenSource;
 use crate::error::Error;
 use crate::shutdown::Shutdown;
 
@@ -15,7 +14,7 @@ const REGISTER_ATTEMPTS: u32 = 8;
 
 /// Registers in poll mode, retrying transient failures with backoff. `Ok(false)` if
 /// a stop was requested meanwhile.
-pub fn register(client: &Client, source: &TokenSource, shutdown: &Shutdown) -> Result<bool, Error> {
+pub fn register(client: &Client, shutdown: &Shutdown) -> Result<bool, Error> {
     let card = client.agent_card();
     let backoff = Backoff::default();
     let seed = crate::uuid::random_u64();
@@ -45,7 +44,7 @@ pub fn register(client: &Client, source: &TokenSource, shutdown: &Shutdown) -> R
             Err(e) => e,
         };
         if err.is_unauthorized() {
-            match auth::after_unauthorized(client, source, &used, shutdown) {
+            match auth::after_unauthorized(client, &used, shutdown) {
                 auth::AuthVerdict::RetryWithNewToken => continue,
                 auth::AuthVerdict::Fatal(error) => return Err(error),
                 // The workspace check failed too: back off like a transient error.
