@@ -7,12 +7,6 @@ use serde_json::{Value, json};
 
 use crate::support::*;
 
-fn texts(msgs: &[Value]) -> Vec<String> {
-    msgs.iter()
-        .map(|m| m["text"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
 fn originals(msgs: &[Value]) -> Vec<&Value> {
     msgs.iter()
         .filter(|m| !m["duplicate"].as_bool().unwrap_or(false))
@@ -21,10 +15,7 @@ fn originals(msgs: &[Value]) -> Vec<&Value> {
 
 #[test]
 fn peer_round_trip_with_kind_parts() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
-    let c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    let Connected { emu, a, b, c, .. } = Test::new().mock().connect();
     let inbound = emu.enqueue(
         &a.id,
         json!({"from": b.id, "text": "hello", "part_key": "kind"}),
@@ -75,20 +66,9 @@ fn peer_round_trip_with_kind_parts() {
 
 #[test]
 fn peer_round_trip_with_type_parts_and_exec_backend() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
-    let c = Connector::start(
-        &emu,
-        &a,
-        &dir,
-        &[
-            "--backend",
-            "exec",
-            "--backend-opt",
-            "cmd=printf 'got:'; cat; printf ' from %s' \"$MOLECULE_ORIGIN\"",
-        ],
-    );
+    let Connected { emu, a, b, c, .. } = Test::new()
+        .exec("printf 'got:'; cat; printf ' from %s' \"$MOLECULE_ORIGIN\"")
+        .connect();
     let inbound = emu.enqueue(
         &a.id,
         json!({"from": b.id, "text": "typed", "part_key": "type"}),
@@ -108,20 +88,11 @@ fn peer_round_trip_with_type_parts_and_exec_backend() {
 /// the exec backend answers a peer and a canvas user, then SIGTERM stops cleanly.
 #[test]
 fn exec_backend_answers_a_peer_and_a_canvas_user() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
-    let mut c = Connector::start(
-        &emu,
-        &a,
-        &dir,
-        &[
-            "--backend",
-            "exec",
-            "--backend-opt",
-            "cmd=printf '%s says: ' \"$MOLECULE_ORIGIN\"; cat",
-        ],
-    );
+    let Connected {
+        emu, a, b, mut c, ..
+    } = Test::new()
+        .exec("printf '%s says: ' \"$MOLECULE_ORIGIN\"; cat")
+        .connect();
     emu.enqueue(&a.id, json!({"from": b.id, "text": "ping"}));
     let got = wait_received(&emu, &b.id, 1, &c);
     assert_eq!(got[0]["text"], "peer says: ping");
@@ -133,10 +104,7 @@ fn exec_backend_answers_a_peer_and_a_canvas_user() {
 
 #[test]
 fn canvas_message_gets_one_notify_and_the_echo_is_not_dispatched() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
-    let dir = Arc::new(TempDir::new());
-    let c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    let Connected { emu, a, c, .. } = Test::new().mock().connect();
     emu.say(&a.id, None, "hi there");
     let n = wait_notifies(&emu, &a.id, 1, &c);
     assert_eq!(n[0]["message"], "echo: hi there");
@@ -153,8 +121,7 @@ fn canvas_message_gets_one_notify_and_the_echo_is_not_dispatched() {
 
 #[test]
 fn cold_start_ignores_old_rows_and_answers_new_ones_once_in_order() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
+    let Pair { emu, a, b, dir } = Test::new().pair();
     for i in 0..3 {
         emu.enqueue(
             &a.id,
@@ -167,7 +134,6 @@ fn cold_start_ignores_old_rows_and_answers_new_ones_once_in_order() {
             json!({"from": b.id, "text": format!("new {i}"), "age_secs": 5.0 - i as f64}),
         );
     }
-    let dir = Arc::new(TempDir::new());
     let c = Connector::start(&emu, &a, &dir, &["--backend", "mock", "--since-secs", "30"]);
     wait_received(&emu, &b.id, 3, &c);
     emu.wait_polls(5, &c);
@@ -177,8 +143,7 @@ fn cold_start_ignores_old_rows_and_answers_new_ones_once_in_order() {
 
 #[test]
 fn pages_are_drained_without_waiting_an_interval_each() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let anchor = emu.say(&a.id, Some(&b.id), "already handled");
     let batch: Vec<Value> = (0..250)
         .map(|i| json!({"from": b.id, "text": format!("m{i:03}")}))
@@ -187,7 +152,6 @@ fn pages_are_drained_without_waiting_an_interval_each() {
         &format!("/_admin/workspaces/{}/enqueue_batch", a.id),
         json!({"messages": batch}),
     );
-    let dir = Arc::new(TempDir::new());
     std::fs::create_dir_all(dir.path().join("state")).unwrap();
     std::fs::write(
         dir.path().join("state").join(format!("{}.json", a.id)),
@@ -208,9 +172,7 @@ fn pages_are_drained_without_waiting_an_interval_each() {
 
 #[test]
 fn cursor_410_resets_to_the_window_and_keeps_answering() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     // A saved cursor the platform no longer knows.
     std::fs::create_dir_all(dir.path().join("state")).unwrap();
     std::fs::write(
@@ -231,9 +193,7 @@ fn cursor_410_resets_to_the_window_and_keeps_answering() {
 
 #[test]
 fn backend_failure_does_not_stop_the_loop() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let cmd = "cmd=x=$(cat); if [ \"$x\" = fail ]; then echo boom >&2; exit 3; fi; echo \"ok $x\"";
     let c = Connector::start(
         &emu,
@@ -280,9 +240,7 @@ fn backend_failure_does_not_stop_the_loop() {
 
 #[test]
 fn backend_timeout_kills_grandchildren_and_continues() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let pidfile = dir.path().join("grandchild.pid");
     let cmd = format!(
         "cmd=x=$(cat); if [ \"$x\" = hang ]; then (sleep 300; echo late) & echo $! > {}; sleep 300; fi; echo \"ok $x\"",
@@ -325,8 +283,7 @@ fn backend_timeout_kills_grandchildren_and_continues() {
 
 #[test]
 fn transient_faults_lose_nothing_and_answer_once() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
+    let Pair { emu, a, b, dir } = Test::new().pair();
     emu.fault(json!({"method": "GET", "path_prefix": format!("/workspaces/{}/activity", a.id), "status": 503, "count": 1}));
     emu.fault(json!({"method": "GET", "path_prefix": format!("/workspaces/{}/activity", a.id), "status": 429,
         "headers": {"Retry-After": "1"}, "body": {"error": "rate limit exceeded", "retry_after": 1}, "count": 1}));
@@ -343,7 +300,6 @@ fn transient_faults_lose_nothing_and_answer_once() {
         emu.say(&a.id, Some(&b.id), &format!("p{i}"));
     }
     emu.say(&a.id, None, "canvas");
-    let dir = Arc::new(TempDir::new());
     let c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
     let got = wait_until(Duration::from_secs(60), "4 distinct replies", &c, || {
         let r = emu.received(&b.id);
@@ -372,8 +328,7 @@ fn transient_faults_lose_nothing_and_answer_once() {
 
 #[test]
 fn malformed_rows_are_skipped_and_never_used_in_a_url() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let rows = format!("/_admin/workspaces/{}/rows", a.id);
     emu.post(&rows, json!({"method": "message/send", "source_id": b.id}));
     emu.post(
@@ -387,7 +342,6 @@ fn malformed_rows_are_skipped_and_never_used_in_a_url() {
         json!({"method": "tasks/cancel", "source_id": b.id, "request_body": {}}),
     );
     emu.say(&a.id, Some(&b.id), "good");
-    let dir = Arc::new(TempDir::new());
     let c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
     let got = wait_received(&emu, &b.id, 1, &c);
     assert_eq!(texts(&got), ["echo: good"]);
@@ -402,10 +356,13 @@ fn malformed_rows_are_skipped_and_never_used_in_a_url() {
 
 #[test]
 fn sigterm_when_idle_saves_the_cursor_and_restart_does_not_reanswer() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
-    let mut c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    let Connected {
+        emu,
+        a,
+        b,
+        dir,
+        mut c,
+    } = Test::new().mock().connect();
     let id = emu.say(&a.id, Some(&b.id), "first");
     wait_received(&emu, &b.id, 1, &c);
     emu.wait_polls(2, &c);
@@ -427,10 +384,7 @@ fn sigterm_when_idle_saves_the_cursor_and_restart_does_not_reanswer() {
 
 #[test]
 fn inbound_replies_are_not_auto_answered() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
-    let c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    let Connected { emu, a, b, c, .. } = Test::new().mock().connect();
     emu.enqueue(
         &a.id,
         json!({"from": b.id, "text": "this is a reply", "metadata": {"in_reply_to": "x"}}),
@@ -443,10 +397,7 @@ fn inbound_replies_are_not_auto_answered() {
 
 #[test]
 fn second_instance_is_refused() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
-    let dir = Arc::new(TempDir::new());
-    let c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    let Connected { emu, a, dir, c, .. } = Test::new().mock().connect();
     emu.wait_polls(1, &c);
     let mut second = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
     let status = second.wait_exit(Duration::from_secs(10));
@@ -456,10 +407,7 @@ fn second_instance_is_refused() {
 
 #[test]
 fn revoked_token_exits_3_and_removed_workspace_exits_4() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
-    let dir = Arc::new(TempDir::new());
-    let mut c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    let Connected { emu, a, mut c, .. } = Test::new().mock().connect();
     emu.wait_polls(1, &c);
     emu.post(&format!("/_admin/workspaces/{}/revoke", a.id), json!({}));
     let status = c.wait_exit(WAIT);
@@ -479,10 +427,7 @@ fn revoked_token_exits_3_and_removed_workspace_exits_4() {
 
 #[test]
 fn rotated_token_file_is_picked_up_after_a_401() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
-    let c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    let Connected { emu, a, b, dir, c } = Test::new().mock().connect();
     emu.wait_polls(1, &c);
     let rotated = emu.post(&format!("/_admin/workspaces/{}/rotate", a.id), json!({}));
     write_secret(
@@ -496,21 +441,18 @@ fn rotated_token_file_is_picked_up_after_a_401() {
 
 #[test]
 fn platform_without_poll_mode_exits_5() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
+    let Pair { emu, a, dir, .. } = Test::new().pair();
     emu.fault(
         json!({"method": "POST", "path_prefix": "/registry/register", "status": 200,
         "body": {"status": "registered", "delivery_mode": "push"}, "count": 1}),
     );
-    let dir = Arc::new(TempDir::new());
     let mut c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
     assert_eq!(c.wait_exit(WAIT).code(), Some(5), "{}", c.stderr());
 }
 
 #[test]
 fn failing_agents_do_not_ping_pong_error_replies() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
+    let Pair { emu, a, b, .. } = Test::new().pair();
     let (da, db) = (Arc::new(TempDir::new()), Arc::new(TempDir::new()));
     let args = [
         "--backend",
@@ -537,15 +479,13 @@ fn failing_agents_do_not_ping_pong_error_replies() {
 
 #[test]
 fn a_row_with_a_wrongly_typed_field_does_not_block_the_inbox() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let rows = format!("/_admin/workspaces/{}/rows", a.id);
     emu.post(
         &rows,
         json!({"method": 5, "source_id": b.id, "summary": {"odd": true}}),
     );
     emu.say(&a.id, Some(&b.id), "after the odd row");
-    let dir = Arc::new(TempDir::new());
     let c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
     let got = wait_received(&emu, &b.id, 1, &c);
     assert_eq!(texts(&got), ["echo: after the odd row"]);
@@ -553,12 +493,10 @@ fn a_row_with_a_wrongly_typed_field_does_not_block_the_inbox() {
 
 #[test]
 fn saved_reply_is_posted_after_a_crash_without_running_the_backend_again() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let inbound = emu.enqueue(&a.id, json!({"from": b.id, "text": "hi"}));
     let row = inbound["activity_id"].as_str().unwrap();
     // State as a crash would leave it: the backend's reply saved, not yet posted.
-    let dir = Arc::new(TempDir::new());
     std::fs::create_dir_all(dir.path().join("state")).unwrap();
     std::fs::write(
         dir.path().join("state").join(format!("{}.journal", a.id)),
@@ -697,9 +635,7 @@ fn crash_with_a_slow_message_in_flight_loses_nothing() {
 
 #[test]
 fn sigterm_lets_a_running_backend_finish_and_a_second_signal_forces() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let started = dir.path().join("started");
     let cmd = format!("cmd=touch {}; sleep 1; echo finished", started.display());
     let mut c = Connector::start(
@@ -744,9 +680,7 @@ fn sigterm_lets_a_running_backend_finish_and_a_second_signal_forces() {
 
 #[test]
 fn wedged_is_reported_and_cleared() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let cmd = "cmd=x=$(cat); case \"$x\" in bad*) exit 4;; esac; echo ok";
     let c = Connector::start(
         &emu,
@@ -783,17 +717,12 @@ fn wedged_is_reported_and_cleared() {
 
 #[test]
 fn a_dead_loop_thread_stops_the_process_with_a_failure() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
+    let Pair { emu, a, dir, .. } = Test::new().pair();
     for thread in ["heartbeat", "poll"] {
-        let dir = Arc::new(TempDir::new());
-        let mut c = Connector::start_with_env(
-            &emu,
-            &a,
-            &dir,
-            &["--backend", "mock"],
-            &[("MOLECULE_DEBUG_PANIC", thread)],
-        );
+        let mut c = Test::new()
+            .mock()
+            .env("MOLECULE_DEBUG_PANIC", thread)
+            .start(&emu, &a, &dir);
         let status = c.wait_exit(WAIT);
         assert_eq!(status.code(), Some(1), "{thread}: {}", c.stderr());
         assert!(
@@ -806,8 +735,7 @@ fn a_dead_loop_thread_stops_the_process_with_a_failure() {
 
 #[test]
 fn two_exec_cat_connectors_do_not_ping_pong() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
+    let Pair { emu, a, b, .. } = Test::new().pair();
     let cat = ["--backend", "exec", "--backend-opt", "cmd=cat"];
     // Default: a reply is never answered automatically.
     let (da, db) = (Arc::new(TempDir::new()), Arc::new(TempDir::new()));

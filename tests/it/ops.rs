@@ -1,18 +1,11 @@
 //! Operations: cron mode (`--once`, `--max-messages`, `--idle-exit`), overlapping
 //! runs, and the status file with `molecule status` as a health check.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::support::*;
-
-fn texts(msgs: &[Value]) -> Vec<String> {
-    msgs.iter()
-        .map(|m| m["text"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
 
 fn status(dir: &TempDir, ws: &str, extra: &[&str]) -> (i32, String, String) {
     let state = dir.path().join("state");
@@ -29,8 +22,7 @@ fn status(dir: &TempDir, ws: &str, extra: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn once_drains_a_multi_page_backlog_and_exits_0_with_the_cursor_saved() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let batch: Vec<Value> = (0..230)
         .map(|i| json!({"from": b.id, "text": format!("c{i:03}")}))
         .collect();
@@ -38,7 +30,6 @@ fn once_drains_a_multi_page_backlog_and_exits_0_with_the_cursor_saved() {
         &format!("/_admin/workspaces/{}/enqueue_batch", a.id),
         json!({"messages": batch}),
     );
-    let dir = Arc::new(TempDir::new());
     // The first run starts cold (one page of up to 500); the second pages from the cursor.
     let mut c = Connector::start(
         &emu,
@@ -84,12 +75,10 @@ fn once_drains_a_multi_page_backlog_and_exits_0_with_the_cursor_saved() {
 
 #[test]
 fn overlapping_once_runs_answer_each_message_once() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
+    let Pair { emu, a, b, dir } = Test::new().pair();
     for i in 0..20 {
         emu.say(&a.id, Some(&b.id), &format!("o{i}"));
     }
-    let dir = Arc::new(TempDir::new());
     let started = dir.path().join("started");
     // The first run is slow on its first message, so the second overlaps it.
     let cmd = format!(
@@ -161,12 +150,10 @@ fn overlapping_once_runs_answer_each_message_once() {
 
 #[test]
 fn max_messages_and_idle_exit_bound_a_run() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
+    let Pair { emu, a, b, dir } = Test::new().pair();
     for i in 0..5 {
         emu.say(&a.id, Some(&b.id), &format!("x{i}"));
     }
-    let dir = Arc::new(TempDir::new());
     let mut c = Connector::start(
         &emu,
         &a,
@@ -184,9 +171,7 @@ fn max_messages_and_idle_exit_bound_a_run() {
 
 #[test]
 fn status_is_fresh_while_running_and_stale_after_a_stop_or_crash() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let (code, _, err) = status(&dir, &a.id, &[]);
     assert_eq!(code, 1, "missing status file");
     assert!(err.contains("no status file"), "{err}");
@@ -244,53 +229,33 @@ fn status_is_fresh_while_running_and_stale_after_a_stop_or_crash() {
 #[test]
 fn many_workspaces_in_one_process_and_a_revoked_one_stops_alone() {
     let emu = Emulator::start();
-    let (root, _) = emu.workspace(json!({"name": "root"}));
-    let (peer, _) =
-        emu.workspace(json!({"name": "peer", "parent_id": root, "delivery_mode": "poll"}));
-    let dir = Arc::new(TempDir::new());
-    let mut entries = Vec::new();
-    let mut wss = Vec::new();
-    for i in 0..20 {
-        let (id, token) = emu.workspace(json!({"name": format!("agent{i}"), "parent_id": root}));
-        let token_file = dir.path().join(format!("token-{i}"));
-        write_secret(&token_file, &token);
-        // Half use the command line's backend, half their own.
-        let mut e = json!({"id": id, "token_file": token_file});
+    // Half use the command line's backend, half their own.
+    let fleet = Fleet::new(&emu, 20, |i, e| {
         if i % 2 == 1 {
             e["backend"] = json!("mock");
             e["backend_opts"] = json!({"reply": format!("ws{i}: %s")});
         }
-        entries.push(e);
-        wss.push(id);
-    }
-    let list = dir.path().join("workspaces.json");
-    std::fs::write(&list, serde_json::to_vec(&entries).unwrap()).unwrap();
-    let state = dir.path().join("state");
-    let mut child = molecule()
-        .args([
-            "connect",
-            "--workspaces",
-            list.to_str().unwrap(),
-            "--api-url",
-            &emu.url,
-        ])
-        .args(["--state-dir", state.to_str().unwrap(), "--backend", "mock"])
-        .args(["--interval-ms", "100", "--heartbeat-secs", "1"])
-        // Event wake-ups (the default); a revoked token shows at the next safety poll.
-        .args(["--safety-poll-secs", "1"])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut guard = ChildGuard(Some(child.id()));
+    });
+    let (peer, wss, state) = (&fleet.peer, &fleet.ids, &fleet.state);
+    let mut c = fleet.connect(
+        &emu,
+        &[
+            "--backend",
+            "mock",
+            "--interval-ms",
+            "100",
+            "--heartbeat-secs",
+            "1",
+            // Event wake-ups (the default); a revoked token shows at the next safety poll.
+            "--safety-poll-secs",
+            "1",
+        ],
+    );
     for (i, ws) in wss.iter().enumerate() {
-        emu.say(ws, Some(&peer), &format!("hello {i}"));
+        emu.say(ws, Some(peer), &format!("hello {i}"));
     }
-    let deadline = std::time::Instant::now() + WAIT;
-    while emu.received(&peer).len() < 20 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let got = texts(&emu.received(&peer));
+    wait_received(&emu, peer, 20, &c);
+    let got = texts(&emu.received(peer));
     assert_eq!(got.len(), 20, "{got:?}");
     for i in 0..20 {
         let want = if i % 2 == 1 {
@@ -315,11 +280,15 @@ fn many_workspaces_in_one_process_and_a_revoked_one_stops_alone() {
         ]);
         serde_json::from_str::<Value>(&r.1).unwrap_or(Value::Null)
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while status_of(revoked)["state"] != "stopped" && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let st = status_of(revoked);
+    let st = wait_until(
+        Duration::from_secs(30),
+        "the revoked one to stop",
+        &c,
+        || {
+            let st = status_of(revoked);
+            (st["state"] == "stopped").then_some(st)
+        },
+    );
     assert_eq!(st["state"], "stopped", "{st}");
     assert!(
         st["stop_reason"]
@@ -329,42 +298,14 @@ fn many_workspaces_in_one_process_and_a_revoked_one_stops_alone() {
         "{st}"
     );
     for (i, ws) in wss.iter().enumerate() {
-        emu.say(ws, Some(&peer), &format!("again {i}"));
+        emu.say(ws, Some(peer), &format!("again {i}"));
     }
-    let deadline = std::time::Instant::now() + WAIT;
-    while emu.received(&peer).len() < 39 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let got = texts(&emu.received(&peer));
+    wait_received(&emu, peer, 39, &c);
+    let got = texts(&emu.received(peer));
     assert_eq!(got.len(), 39, "19 workspaces still answer: {got:?}");
     assert!(!got.iter().any(|t| t.ends_with("again 3")));
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the process must keep running"
-    );
+    assert!(c.running(), "the process must keep running");
     assert_eq!(status_of(&wss[0])["ok"], true);
     // SIGTERM stops all of them cleanly.
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = child.wait().unwrap();
-    guard.0 = None; // reaped: never signal a pid that may be reused
-    assert_eq!(status.code(), Some(0));
-}
-
-/// Kills a child by pid on drop (for processes not run through `Connector`).
-struct ChildGuard(Option<u32>);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0.take() {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-    }
+    assert_eq!(c.stop().code(), Some(0), "{}", c.stderr());
 }

@@ -3,13 +3,10 @@
 //! `history`, `card update` / `connect --card-file`, `broadcast`, and what `connect`
 //! does with request notices, inbound attachments and broadcasts.
 
-use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::commands::{Agent, Out};
 use crate::support::*;
 
 /// A root workspace and a poll-mode child of it, each with an `Agent`.
@@ -61,18 +58,6 @@ fn call(
     let status = resp.status().as_u16();
     let text = resp.body_mut().read_to_string().unwrap_or_default();
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
-/// Polls `f` until it is `Some` (a failure bound, not a timing assertion).
-fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The human answers request `rid` on the canvas (the human route; without an admin
@@ -261,7 +246,7 @@ fn transient_failures_are_retried_inside_the_budget() {
 // ---------------------------------------------------------------- requests
 
 /// Runs `ask ... --wait` in the background; returns the child.
-fn ask_wait(agent: &Agent, extra: &[&str]) -> std::process::Child {
+fn ask_wait(agent: &Agent, extra: &[&str]) -> Running {
     let mut args = vec![
         "ask",
         "Deploy v2",
@@ -271,22 +256,7 @@ fn ask_wait(agent: &Agent, extra: &[&str]) -> std::process::Child {
         "--json",
     ];
     args.extend_from_slice(extra);
-    agent
-        .cmd(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn finish(child: std::process::Child) -> Out {
-    let o = child.wait_with_output().unwrap();
-    Out {
-        code: o.status.code().unwrap_or(-1),
-        out: String::from_utf8_lossy(&o.stdout).into_owned(),
-        err: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
+    agent.cmd(&args).start()
 }
 
 fn pending_request(emu: &Emulator) -> String {
@@ -313,7 +283,7 @@ fn ask_wait_approved_and_rejected() {
     );
     assert_eq!(s, 201);
     human_answers(&emu, &root, &rid, "approved");
-    let o = finish(waiting);
+    let o = waiting.out();
     assert_eq!(o.code, 0, "{o:?}");
     let v = o.json();
     assert_eq!(v["status"], "approved");
@@ -330,7 +300,7 @@ fn ask_wait_approved_and_rejected() {
             .and_then(|r| r["id"].as_str().map(str::to_string))
     });
     human_answers(&emu, &root, &rid2, "rejected");
-    let o = finish(waiting);
+    let o = waiting.out();
     let f = o.json_failure(1, "was rejected");
     assert_eq!(f["status"], "rejected");
     assert_eq!(f["request"]["kind"], "task");
@@ -343,7 +313,7 @@ fn ask_wait_reads_the_status_without_an_event_stream() {
     let waiting = ask_wait(&child, &[]);
     let rid = pending_request(&emu);
     human_answers(&emu, &root, &rid, "approved");
-    let o = finish(waiting);
+    let o = waiting.out();
     assert_eq!(o.code, 0, "{o:?}");
     assert_eq!(o.json()["status"], "approved");
 }
@@ -382,7 +352,7 @@ fn ask_wait_timed_out_and_cancelled() {
     let emu = Emulator::start();
     let (_root, child) = family(&emu);
     // Timed out: exit 75, the request stays open.
-    let o = finish(ask_wait(&child, &["--timeout", "1"]));
+    let o = ask_wait(&child, &["--timeout", "1"]).out();
     let f = o.json_failure(75, "stays open");
     assert_eq!(f["timed_out"], true);
     let rid = f["request_id"].as_str().unwrap().to_string();
@@ -400,7 +370,7 @@ fn ask_wait_timed_out_and_cancelled() {
     });
     let o = child.run(&["request", "cancel", &rid2, "--json"]);
     assert_eq!(o.json()["status"], "cancelled");
-    let o = finish(waiting);
+    let o = waiting.out();
     o.json_failure(1, "was cancelled");
     // Cancelling again: already resolved → 404 → exit 1.
     child.run(&["request", "cancel", &rid2]).fails(1, "already");

@@ -5,13 +5,18 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-pub mod hostile;
-
 pub mod a2a_schema;
+mod harness;
+pub mod hostile;
+mod run;
+
+pub use harness::{Connected, Fleet, Pair, Test};
+pub use run::{Agent, Out, Run, Running, run};
 
 /// Default bound for "this should happen": generous, only hit when a test fails.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -220,6 +225,7 @@ pub fn molecule() -> Command {
 pub struct Connector {
     child: Option<Child>,
     stderr: Arc<Mutex<String>>,
+    reader: JoinHandle<()>,
     pub dir: Arc<TempDir>,
     pub ws: Ws,
 }
@@ -278,7 +284,7 @@ impl Connector {
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut pipe = child.stderr.take().unwrap();
         let sink = stderr.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = pipe.read(&mut buf) {
                 if n == 0 {
@@ -292,6 +298,7 @@ impl Connector {
         Connector {
             child: Some(child),
             stderr,
+            reader,
             dir: dir.clone(),
             ws: ws.clone(),
         }
@@ -330,24 +337,25 @@ impl Connector {
         assert!(ok, "kill -{sig} failed");
     }
 
-    /// Waits for the process to exit on its own.
+    /// Waits for the process to exit on its own, then for its stderr to reach EOF
+    /// (bounded: a backend child that outlives it may still hold the pipe).
     pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
         let child = self.child.as_mut().unwrap();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                // Let the stderr reader catch up.
-                std::thread::sleep(Duration::from_millis(50));
-                return status;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "connector did not exit within {within:?}; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let status = poll(within, || child.try_wait().unwrap()).unwrap_or_else(|| {
+            panic!(
+                "connector did not exit within {within:?}; stderr:\n{}",
+                self.stderr()
+            )
+        });
+        poll(Duration::from_secs(5), || {
+            self.reader.is_finished().then_some(())
+        });
+        status
+    }
+
+    /// Whether the process is still running (not exited on its own).
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
     }
 
     /// SIGTERM, then wait for the exit.
@@ -366,27 +374,40 @@ impl Drop for Connector {
     }
 }
 
-/// Polls `f` every 20 ms until it returns `Some`, or panics after `within` with the
-/// connector's stderr.
+/// Polls `f` every 20 ms until it returns `Some`, or gives up after `within`.
+pub fn poll<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics after `within` with the connector's
+/// stderr.
 pub fn wait_until<T>(
     within: Duration,
     what: &str,
     c: &Connector,
-    mut f: impl FnMut() -> Option<T>,
+    f: impl FnMut() -> Option<T>,
 ) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "timed out waiting for {what}; connector stderr:\n{}",
-                c.stderr()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll(within, f).unwrap_or_else(|| {
+        panic!(
+            "timed out waiting for {what}; connector stderr:\n{}",
+            c.stderr()
+        )
+    })
+}
+
+/// Polls `f` until it returns `Some`, or panics after [`WAIT`] (a failure bound, not a
+/// timing assertion).
+pub fn eventually<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    poll(WAIT, f).unwrap_or_else(|| panic!("timed out waiting for {what}"))
 }
 
 /// Waits until `ws` has received `n` A2A messages; returns them.
@@ -405,14 +426,11 @@ pub fn wait_notifies(emu: &Emulator, ws: &str, n: usize, c: &Connector) -> Vec<V
     })
 }
 
-/// Runs `molecule` to completion with `args`; returns (exit code, stdout, stderr).
-pub fn run(args: &[&str]) -> (i32, String, String) {
-    let out = molecule().args(args).stdin(Stdio::null()).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// The text of each A2A message (as the emulator's admin API lists them).
+pub fn texts(msgs: &[Value]) -> Vec<String> {
+    msgs.iter()
+        .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+        .collect()
 }
 
 /// Whether process `pid` still runs. A zombie does not: it is dead, and its parent
