@@ -3,8 +3,6 @@
 //! error replies and `molecule send`, as the emulator received them. A peer reply is
 //! threaded by the inbound `contextId`.
 
-use std::sync::Arc;
-
 use serde_json::{Value, json};
 
 use crate::support::a2a_schema::validate;
@@ -18,9 +16,7 @@ fn assert_valid(body: &Value) {
 
 #[test]
 fn replies_and_error_replies_validate_and_keep_the_context() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let cmd = "cmd=x=$(cat); if [ \"$x\" = fail ]; then exit 3; fi; echo \"ok $x\"";
     let c = Connector::start(
         &emu,
@@ -65,21 +61,16 @@ fn replies_and_error_replies_validate_and_keep_the_context() {
 
 #[test]
 fn send_body_validates() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = TempDir::new();
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let token = dir.path().join("token");
     write_secret(&token, &a.token);
-    let out = molecule()
-        .args(["send", &b.id, "are you there?", "--api-url", &emu.url])
-        .args(["--workspace", &a.id])
-        .arg("--token-file")
+    let out = Run::new(&["send", &b.id, "are you there?", "--api-url", &emu.url])
+        .args(&["--workspace", &a.id, "--token-file"])
         .arg(&token)
         .arg("--state-dir")
         .arg(dir.path().join("state"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+        .out();
+    assert_eq!(out.code, 0, "{out:?}");
     let got = emu.received(&b.id);
     assert_eq!(got.len(), 1, "{got:?}");
     assert_valid(&got[0]["body"]);

@@ -2,8 +2,6 @@
 //! below which every row is finished: monotonic, never past a row still in the
 //! backend, once more at shutdown, and not at all after a 404 (an older server).
 
-use std::sync::Arc;
-
 use serde_json::{Value, json};
 
 use crate::support::*;
@@ -26,9 +24,7 @@ fn seq_of(emu: &Emulator, ws: &str, activity_id: &str) -> i64 {
 
 #[test]
 fn acks_are_monotonic_and_never_pass_an_unfinished_row() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let gate = dir.path().join("gate");
     // "slow" waits for the test to open the gate; everything else answers at once.
     let cmd = format!(
@@ -88,9 +84,7 @@ fn acks_are_monotonic_and_never_pass_an_unfinished_row() {
 
 #[test]
 fn a_once_run_acks_at_shutdown_and_a_404_stops_acking() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let last = emu.say(&a.id, Some(&b.id), "pending");
     let mut c = Connector::start(&emu, &a, &dir, &["--backend", "mock", "--once"]);
     assert!(c.wait_exit(WAIT).success(), "{}", c.stderr());
@@ -100,9 +94,7 @@ fn a_once_run_acks_at_shutdown_and_a_404_stops_acking() {
     );
 
     // An older server: the first ack gets 404, no other is tried.
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     emu.fault(
         json!({"method": "POST", "path_prefix": format!("/workspaces/{}/activity/ack", a.id),
                      "status": 404, "body": {"error": "404 page not found"}, "count": 1000}),

@@ -52,19 +52,7 @@ fn status_file(dir: &TempDir, ws: &str) -> Option<Value> {
     serde_json::from_slice(&std::fs::read(p).ok()?).ok()
 }
 
-/// `molecule delegate <target> <task> --json` as workspace `ws`; returns the id.
-pub(crate) fn delegate(emu: &Emulator, ws: &Ws, dir: &TempDir, target: &str) -> String {
-    let token_file = dir.path().join("token");
-    if !token_file.exists() {
-        write_secret(&token_file, &ws.token);
-    }
-    let o = Run::new(&["--api-url", &emu.url, "--workspace", &ws.id, "--token-file"])
-        .arg(&token_file)
-        .args(&["--json", "delegate", target, "write the weekly report"])
-        .out();
-    assert_eq!(o.code, 0, "delegate failed: {o:?}");
-    o.json()["delegation_id"].as_str().unwrap().to_string()
-}
+pub(crate) const TASK: &str = "write the weekly report";
 
 pub(crate) fn complete(emu: &Emulator, did: &str) {
     emu.post(
@@ -86,7 +74,7 @@ fn a_completed_delegation_is_logged_and_delivered_once_across_restarts() {
     let args = args_of(&args);
 
     let mut c = Connector::start(&emu, &a, &dir, &args);
-    let did = delegate(&emu, &a, &dir, &b.id);
+    let did = delegate(&emu, &a, &dir, &b.id, TASK);
     // Not terminal yet: nothing is delivered while the delegation is in flight.
     let fetches = emu.route_count(DELEGATIONS_ROUTE);
     wait_until(WAIT, "two tracker fetches", &c, || {
@@ -154,7 +142,7 @@ fn a_pushed_result_row_wakes_the_tracker_and_is_never_answered() {
         (emu.route_count(DELEGATIONS_ROUTE) >= 1).then_some(())
     });
     emu.wait_polls(2, &c);
-    let did = delegate(&emu, &a, &dir, &b.id);
+    let did = delegate(&emu, &a, &dir, &b.id, TASK);
     assert_eq!(
         emu.route_count(DELEGATIONS_ROUTE),
         1,

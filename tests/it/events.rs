@@ -109,12 +109,16 @@ fn stream_faults_end_the_stream_the_way_the_platform_does() {
     // A stop request ends a quiet stream within a tick.
     emu.post(&path, json!({"no_stream": false}));
     let mut s = EventStream::open(&client(&emu, &a), &shutdown).unwrap();
-    let stopper = shutdown.clone();
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(200));
-        stopper.trigger(molecule::shutdown::StopReason::Signal);
+    // The stop comes while the reader waits on the quiet stream (or just before it
+    // starts to): either way the reader must end, not wait for data.
+    let (reading, started) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        reading.send(()).unwrap();
+        s.next_event()
     });
-    assert_eq!(s.next_event(), Err(End::Stopped));
+    started.recv().unwrap();
+    shutdown.trigger(molecule::shutdown::StopReason::Signal);
+    assert_eq!(reader.join().unwrap(), Err(End::Stopped));
 }
 
 #[test]

@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::net::UnixDatagram;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -122,11 +121,9 @@ fn pending_faults(emu: &Emulator) -> usize {
 
 #[test]
 fn systemd_ready_after_the_first_poll_then_reload_and_stop() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
+    let Pair { emu, a, dir, .. } = Test::new().pair();
     // Register works, the first two polls fail: READY must wait for a good poll.
     refuse_polls(&emu, &a.id, 2);
-    let dir = Arc::new(TempDir::new());
     let listener = NotifyListener::at_path(&dir);
     let mut c = Connector::start_with_env(
         &emu,
@@ -170,9 +167,7 @@ fn systemd_ready_after_the_first_poll_then_reload_and_stop() {
 
 #[test]
 fn status_line_says_when_the_event_stream_is_up() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, dir, .. } = Test::new().pair();
     let listener = NotifyListener::at_path(&dir);
     let c = Connector::start_with_env(
         &emu,
@@ -187,36 +182,26 @@ fn status_line_says_when_the_event_stream_is_up() {
 #[test]
 fn workspaces_ready_once_each_has_polled_or_failed_for_good() {
     let emu = Emulator::start();
-    let (root, _) = emu.workspace(json!({"name": "root"}));
-    let dir = Arc::new(TempDir::new());
-    let mut entries = Vec::new();
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        let (id, token) = emu.workspace(json!({"name": format!("agent{i}"), "parent_id": root}));
-        let token_file = dir.path().join(format!("token-{i}"));
-        write_secret(&token_file, &token);
-        entries.push(json!({"id": id, "token_file": token_file}));
-        ids.push(id);
-    }
+    let fleet = Fleet::new(&emu, 3, |_, _| {});
+    let ids = &fleet.ids;
     // The first polls fine, the second only after three refusals, the third's token
     // is revoked (it stops for good at register).
     refuse_polls(&emu, &ids[1], 3);
     emu.post(&format!("/_admin/workspaces/{}/revoke", ids[2]), json!({}));
-    let list = dir.path().join("workspaces.json");
-    std::fs::write(&list, serde_json::to_vec(&entries).unwrap()).unwrap();
-    let listener = NotifyListener::at_path(&dir);
-    let mut cmd = molecule();
-    cmd.args(["connect", "--workspaces", list.to_str().unwrap()])
-        .args(["--api-url", &emu.url, "--backend", "mock", "-v"])
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .args(["--interval-ms", "100", "--heartbeat-secs", "1"])
-        .env("NOTIFY_SOCKET", &listener.name);
-    let ws = Ws {
-        id: ids[0].clone(),
-        token: String::new(),
-    };
-    let mut c = Connector::spawn(cmd, &dir, &ws);
+    let listener = NotifyListener::at_path(&fleet.dir);
+    let mut c = fleet.connect_with_env(
+        &emu,
+        &[
+            "--backend",
+            "mock",
+            "-v",
+            "--interval-ms",
+            "100",
+            "--heartbeat-secs",
+            "1",
+        ],
+        &[("NOTIFY_SOCKET", &listener.name)],
+    );
     let before = listener.until("READY=1", &c);
     // At READY the slow workspace has polled successfully and the revoked one has
     // given up.
@@ -244,9 +229,7 @@ fn workspaces_ready_once_each_has_polled_or_failed_for_good() {
 
 #[test]
 fn abstract_socket_and_the_watchdog_stops_while_a_loop_is_blocked() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, dir, .. } = Test::new().pair();
     let listener = NotifyListener::abstract_name();
     let c = Connector::start_with_env(
         &emu,
@@ -296,10 +279,8 @@ fn abstract_socket_and_the_watchdog_stops_while_a_loop_is_blocked() {
 
 #[test]
 fn s6_notification_fd_gets_one_newline_after_the_first_poll() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
+    let Pair { emu, a, dir, .. } = Test::new().pair();
     refuse_polls(&emu, &a.id, 1);
-    let dir = Arc::new(TempDir::new());
     // The connector prints nothing on stdout, so its stdout pipe can stand in for the
     // pipe s6-supervise passes as the notification fd.
     let mut c = Connector::start(
@@ -507,9 +488,7 @@ fn prometheus_parser_rejects_broken_text() {
 
 #[test]
 fn metrics_file_is_prometheus_text_and_counts_match_the_emulator() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let metrics_dir = dir.path().join("textfile");
     std::fs::create_dir_all(&metrics_dir).unwrap();
     let file = metrics_dir.join("molecule.prom");

@@ -5,8 +5,6 @@
 //! fallback and safety periods are set far apart so only the path under test can
 //! explain an answer.
 
-use std::sync::Arc;
-
 use serde_json::{Value, json};
 
 use crate::support::*;
@@ -36,9 +34,7 @@ fn status(c: &Connector) -> Value {
 
 #[test]
 fn events_wake_the_poll_and_a_duplicate_event_does_no_harm() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     // Neither blind period would fire within the test: only events can wake a poll.
     let args = [
         "--backend",
@@ -92,9 +88,7 @@ fn events_wake_the_poll_and_a_duplicate_event_does_no_harm() {
 
 #[test]
 fn a_dropped_event_is_caught_by_the_safety_poll() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let args = [
         "--backend",
         "mock",
@@ -117,9 +111,7 @@ fn a_dropped_event_is_caught_by_the_safety_poll() {
 
 #[test]
 fn a_silent_stream_is_replaced_and_a_closed_one_reconnects() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let args = [
         "--backend",
         "mock",
@@ -153,10 +145,11 @@ fn a_silent_stream_is_replaced_and_a_closed_one_reconnects() {
 
 #[test]
 fn no_stream_means_polling_with_one_quiet_log_line() {
-    let emu = Emulator::start_with(&["--no-event-stream"]);
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
-    let c = Connector::start(&emu, &a, &dir, &["--backend", "mock", "--wake", "auto"]);
+    let Connected { emu, a, b, c, .. } = Test::new()
+        .emulator(&["--no-event-stream"])
+        .mock()
+        .args(&["--wake", "auto"])
+        .connect();
     emu.say(&a.id, Some(&b.id), "polled");
     wait_received(&emu, &b.id, 1, &c);
     emu.wait_polls(10, &c);
@@ -181,10 +174,13 @@ fn no_stream_means_polling_with_one_quiet_log_line() {
 
 #[test]
 fn wake_events_without_a_stream_exits_5() {
-    let emu = Emulator::start_with(&["--no-event-stream"]);
-    let (a, _) = emu.pair();
-    let dir = Arc::new(TempDir::new());
-    let mut c = Connector::start(&emu, &a, &dir, &["--backend", "mock", "--wake", "events"]);
+    let Connected {
+        emu: _emu, mut c, ..
+    } = Test::new()
+        .emulator(&["--no-event-stream"])
+        .mock()
+        .args(&["--wake", "events"])
+        .connect();
     let status = c.wait_exit(WAIT);
     assert_eq!(status.code(), Some(5), "{}", c.stderr());
     assert!(c.stderr().contains("--wake events"), "{}", c.stderr());
@@ -192,9 +188,7 @@ fn wake_events_without_a_stream_exits_5() {
 
 #[test]
 fn the_delegation_tracker_wakes_on_the_stream() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let calls = dir.path().join("calls");
     let cmd = format!(
         "cmd=cat >/dev/null; echo \"$MOLECULE_ORIGIN $MOLECULE_DELEGATION_ID\" >> {}",
@@ -212,18 +206,7 @@ fn the_delegation_tracker_wakes_on_the_stream() {
     ];
     let c = Connector::start(&emu, &a, &dir, &args);
     wait_streams(&emu, &a.id, 1, &c);
-    let token_file = dir.path().join("token");
-    let out = molecule()
-        .args(["--api-url", &emu.url, "--workspace", &a.id, "--token-file"])
-        .arg(&token_file)
-        .args(["--json", "delegate", &b.id, "summarise the logs"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let did = serde_json::from_slice::<Value>(&out.stdout).unwrap()["delegation_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let did = delegate(&emu, &a, &dir, &b.id, "summarise the logs");
     emu.post(
         &format!("/_admin/delegations/{did}/complete"),
         json!({"status": "completed", "text": "done"}),

@@ -11,12 +11,6 @@ use crate::support::*;
 const TEST_WORKER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/support/worker.py");
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/examples/worker.py");
 
-fn texts(msgs: &[Value]) -> Vec<String> {
-    msgs.iter()
-        .map(|m| m["text"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
 /// A connector running the test worker with `opts` (more `--backend-opt`s) and `args`.
 fn start(emu: &Emulator, ws: &Ws, dir: &Arc<TempDir>, opts: &[&str], args: &[&str]) -> Connector {
     let cmd = format!("cmd=python3 {TEST_WORKER}");
@@ -48,9 +42,7 @@ fn assert_no_workers_left(dir: &Path, c: &Connector) {
 
 #[test]
 fn example_worker_answers_peers_and_canvas() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let cmd = format!("cmd=python3 {EXAMPLE}");
     let mut c = Connector::start(
         &emu,
@@ -117,9 +109,7 @@ fn concurrency_keeps_per_sender_order_with_several_in_flight() {
 
 #[test]
 fn timeout_kills_the_worker_and_the_retry_is_answered_once() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let mut c = start(
         &emu,
         &a,
@@ -148,9 +138,7 @@ fn timeout_kills_the_worker_and_the_retry_is_answered_once() {
 
 #[test]
 fn crash_mid_request_restarts_the_worker_and_answers_once() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let mut c = start(&emu, &a, &dir, &[], &[]);
     emu.say(&a.id, Some(&b.id), "crash-once");
     emu.say(&a.id, Some(&b.id), "after");
@@ -170,9 +158,7 @@ fn crash_mid_request_restarts_the_worker_and_answers_once() {
 
 #[test]
 fn malformed_and_oversize_answers_fail_only_their_message() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let mut c = start(
         &emu,
         &a,
@@ -199,20 +185,14 @@ fn malformed_and_oversize_answers_fail_only_their_message() {
 
 #[test]
 fn crash_loop_at_start_makes_the_heartbeat_wedged() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
-    let dir = Arc::new(TempDir::new());
-    let mut c = Connector::start(
-        &emu,
-        &a,
-        &dir,
-        &[
+    let Connected { emu, a, mut c, .. } = Test::new()
+        .args(&[
             "--backend",
             "worker",
             "--backend-opt",
             "cmd=echo 'no API key' >&2; exit 1",
-        ],
-    );
+        ])
+        .connect();
     let hb = wait_until(WAIT, "a wedged heartbeat", &c, || {
         let h = emu.heartbeats(&a.id);
         (h["last"]["runtime_state"] == "wedged").then_some(h)
@@ -230,9 +210,7 @@ fn crash_loop_at_start_makes_the_heartbeat_wedged() {
 
 #[test]
 fn sigterm_drains_the_request_in_flight_then_stops_the_worker() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let mut c = start(&emu, &a, &dir, &[], &[]);
     emu.say(&a.id, Some(&b.id), "slow-1");
     wait_until(WAIT, "the worker to get the request", &c, || {
@@ -246,9 +224,7 @@ fn sigterm_drains_the_request_in_flight_then_stops_the_worker() {
 
 #[test]
 fn kill_9_with_requests_in_flight_answers_each_once_after_restart() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let c = start(&emu, &a, &dir, &["workers=2"], &["--concurrency", "2"]);
     emu.say(&a.id, Some(&b.id), "slow-a");
     emu.say(&a.id, None, "slow-b");
@@ -308,11 +284,9 @@ fn a_worker_left_hanging_by_kill_9_is_ended_before_the_next_worker_starts() {
 
 #[test]
 fn delegation_results_go_to_the_worker() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let mut c = start(&emu, &a, &dir, &[], &["--delegations-secs", "1"]);
-    let did = crate::delegations::delegate(&emu, &a, &dir, &b.id);
+    let did = delegate(&emu, &a, &dir, &b.id, crate::delegations::TASK);
     crate::delegations::complete(&emu, &did);
     let path = dir.path().join("delegations");
     let line = wait_until(WAIT, "the result at the worker", &c, || {
@@ -337,8 +311,7 @@ fn delegation_results_go_to_the_worker() {
 
 #[test]
 fn doctor_starts_the_worker_and_stops_it() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
+    let Pair { emu, a, .. } = Test::new().pair();
     let dir = TempDir::new();
     let token = dir.path().join("token");
     write_secret(&token, &a.token);

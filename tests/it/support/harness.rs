@@ -96,7 +96,8 @@ pub struct Pair {
     pub dir: Arc<TempDir>,
 }
 
-/// A [`Pair`] with `molecule connect` running for `a`.
+/// A [`Pair`] with `molecule connect` running for `a`. Bind `emu` (as `emu: _emu` if
+/// unused): a field left to `..` is dropped at once, and the emulator would stop.
 pub struct Connected {
     pub emu: Emulator,
     pub a: Ws,
@@ -147,12 +148,23 @@ impl Fleet {
 
     /// `molecule connect --workspaces <list> --api-url <emu> --state-dir <state> <args>`.
     pub fn connect(&self, emu: &Emulator, args: &[&str]) -> Connector {
+        self.connect_with_env(emu, args, &[])
+    }
+
+    /// Like [`Fleet::connect`] with extra environment variables.
+    pub fn connect_with_env(
+        &self,
+        emu: &Emulator,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Connector {
         let mut cmd = molecule();
         cmd.args(["connect", "--workspaces"])
             .arg(&self.list)
             .args(["--api-url", &emu.url, "--state-dir"])
             .arg(&self.state)
-            .args(args);
+            .args(args)
+            .envs(env.iter().copied());
         let first = Ws {
             id: self.ids[0].clone(),
             token: String::new(),

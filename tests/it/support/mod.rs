@@ -16,7 +16,7 @@ pub mod hostile;
 mod run;
 
 pub use harness::{Connected, Fleet, Pair, Test};
-pub use run::{Agent, Out, Run, Running, run};
+pub use run::{Agent, Out, Run, Running, delegate, run};
 
 /// Default bound for "this should happen": generous, only hit when a test fails.
 pub const WAIT: Duration = Duration::from_secs(20);

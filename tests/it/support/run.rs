@@ -227,6 +227,21 @@ pub fn run(args: &[&str]) -> (i32, String, String) {
     Run::new(args).out().parts()
 }
 
+/// `molecule delegate <target> <task> --json` as workspace `ws` (token file in `dir`);
+/// returns the delegation id.
+pub fn delegate(emu: &Emulator, ws: &Ws, dir: &TempDir, target: &str, task: &str) -> String {
+    let token_file = dir.path().join("token");
+    if !token_file.exists() {
+        write_secret(&token_file, &ws.token);
+    }
+    let o = Run::new(&["--api-url", &emu.url, "--workspace", &ws.id, "--token-file"])
+        .arg(&token_file)
+        .args(&["--json", "delegate", target, task])
+        .out();
+    assert_eq!(o.code, 0, "delegate failed: {o:?}");
+    o.json()["delegation_id"].as_str().unwrap().to_string()
+}
+
 /// An agent on the command line: env for one workspace, a token file, a state dir.
 pub struct Agent {
     pub url: String,
