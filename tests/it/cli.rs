@@ -178,9 +178,7 @@ fn dry_run_checks_and_prints_without_network() {
 
 #[test]
 fn corrupt_state_file_is_a_clear_error() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
-    let dir = TempDir::new();
+    let Pair { emu, a, dir, .. } = Test::new().pair();
     std::fs::write(dir.path().join(format!("{}.json", a.id)), "{oops").unwrap();
     let (code, _, err) = run(&[
         "connect",

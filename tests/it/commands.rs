@@ -114,9 +114,9 @@ fn every_command_has_help_with_options_and_env() {
 
 #[test]
 fn missing_or_bad_workspace_id_is_exit_2() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli {
+        emu: _emu, agent, ..
+    } = Test::new().cli();
     let o = agent
         .cmd(&["peers"])
         .env_remove("MOLECULE_WORKSPACE_ID")
@@ -132,9 +132,7 @@ fn missing_or_bad_workspace_id_is_exit_2() {
 
 #[test]
 fn send_prints_the_push_reply_from_each_result_shape() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, a, agent, .. } = Test::new().cli();
     let peer = push_peer(&emu, &a, json!({}));
     let shapes = [
         json!({"parts": [{"kind": "text", "text": "from parts"}]}),
@@ -187,9 +185,7 @@ fn send_prints_the_push_reply_from_each_result_shape() {
 
 #[test]
 fn send_to_a_poll_peer_is_queued_and_succeeds() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, b, agent, .. } = Test::new().cli();
     let o = agent.run(&["send", &b.id, "are you there?"]);
     assert_eq!(o.code, 0, "{o:?}");
     assert!(o.out.starts_with("queued:"), "{}", o.out);
@@ -231,9 +227,7 @@ fn send_to_a_poll_peer_is_queued_and_succeeds() {
 
 #[test]
 fn send_reads_stdin_with_dash_and_drops_one_newline() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, b, agent, .. } = Test::new().cli();
     let o = agent.run_stdin(
         &["send", &b.id, "-"],
         Some("line one\nline two\n".as_bytes()),
@@ -245,9 +239,7 @@ fn send_reads_stdin_with_dash_and_drops_one_newline() {
 
 #[test]
 fn send_bad_input_is_exit_2_before_any_request() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, b, agent, .. } = Test::new().cli();
     let before = total_requests(&emu);
     agent
         .run(&["send", NOT_A_UUID, "hi"])
@@ -281,9 +273,7 @@ fn send_bad_input_is_exit_2_before_any_request() {
 
 #[test]
 fn send_retries_with_growing_gaps_and_stops_at_the_budget() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, b, agent, .. } = Test::new().cli();
     let path = format!("/workspaces/{}/a2a", b.id);
     emu.fault(json!({"path_prefix": path, "count": 5, "status": 502,
         "body": {"error": "failed to reach workspace agent"}}));
@@ -307,9 +297,7 @@ fn send_retries_with_growing_gaps_and_stops_at_the_budget() {
 
 #[test]
 fn send_retries_transient_answers_with_the_same_message_id() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, b, agent, .. } = Test::new().cli();
     let path = format!("/workspaces/{}/a2a", b.id);
     emu.fault(json!({"path_prefix": path, "count": 1, "status": 503,
         "body": {"error": "workspace agent unreachable — container restart triggered", "restarting": true}}));
@@ -327,9 +315,7 @@ fn send_retries_transient_answers_with_the_same_message_id() {
 
 #[test]
 fn send_never_retries_a_busy_503_or_a_delivered_502() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, a, b, agent } = Test::new().cli();
     let path = format!("/workspaces/{}/a2a", b.id);
     emu.fault(json!({"path_prefix": path, "count": 3, "status": 503,
         "headers": {"Retry-After": "1"},
@@ -356,9 +342,7 @@ fn send_never_retries_a_busy_503_or_a_delivered_502() {
 
 #[test]
 fn send_failures_say_why() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, a, b, agent } = Test::new().cli();
     // Another org root: hierarchy rules forbid it.
     let (stranger, _) = emu.workspace(json!({"name": "stranger", "delivery_mode": "poll"}));
     agent
@@ -403,9 +387,7 @@ fn send_failures_say_why() {
 
 #[test]
 fn a_rejected_token_exits_3_with_how_to_rotate() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, a, b, agent } = Test::new().cli();
     // Rotate (not just revoke): with no live token left the platform's registry and
     // discovery routes fall back to bootstrap and would let any caller through.
     emu.post(&format!("/_admin/workspaces/{}/rotate", a.id), json!({}));
@@ -435,9 +417,7 @@ fn a_rejected_token_exits_3_with_how_to_rotate() {
 
 #[test]
 fn a_removed_workspace_exits_4_with_the_platform_hint() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, a, b, agent } = Test::new().cli();
     emu.post(&format!("/_admin/workspaces/{}/remove", a.id), json!({}));
     agent.run(&["send", &b.id, "hi"]).fails(4, "removed");
     let v = agent
@@ -463,9 +443,7 @@ fn a_removed_workspace_exits_4_with_the_platform_hint() {
 
 #[test]
 fn a_rotated_token_in_the_file_is_picked_up_and_retried_once() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, a, agent, .. } = Test::new().cli();
     // Rotate: the file still holds the old token. Slow the first peers call down so
     // the file can be updated after the command read it and before the 401 arrives.
     let fresh = emu.post(&format!("/_admin/workspaces/{}/rotate", a.id), json!({}))["token"]
@@ -499,9 +477,7 @@ fn a_rotated_token_in_the_file_is_picked_up_and_retried_once() {
 
 #[test]
 fn peers_lists_explains_empty_and_failed() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, a, b, agent } = Test::new().cli();
     let o = agent.run(&["peers"]);
     assert_eq!(o.code, 0, "{o:?}");
     assert!(o.out.starts_with("ID "), "{}", o.out);
@@ -556,9 +532,7 @@ fn peers_lists_explains_empty_and_failed() {
 
 #[test]
 fn discover_checks_existence_and_access() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, b, agent, .. } = Test::new().cli();
     let o = agent.run(&["discover", &b.id]);
     assert_eq!(o.code, 0, "{o:?}");
     assert!(o.out.contains("may talk to it"), "{}", o.out);
@@ -585,9 +559,7 @@ fn discover_checks_existence_and_access() {
 
 #[test]
 fn info_shows_own_or_other_workspace() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, a, b, agent } = Test::new().cli();
     let o = agent.run(&["info"]);
     assert_eq!(o.code, 0, "{o:?}");
     assert!(
@@ -638,9 +610,12 @@ fn delegate_and_complete(agent: &Agent, emu: &Emulator, target: &str, outcome: V
 
 #[test]
 fn delegate_prints_the_id_and_replays_an_idempotency_key() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli {
+        emu: _emu,
+        a,
+        b,
+        agent,
+    } = Test::new().cli();
     let o = agent.run(&["delegate", &b.id, "summarise the logs"]);
     assert_eq!(o.code, 0, "{o:?}");
     let did = o.out.trim().to_string();
@@ -671,9 +646,7 @@ fn delegate_prints_the_id_and_replays_an_idempotency_key() {
 
 #[test]
 fn delegate_wait_completed_prints_the_result() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, a, b, agent } = Test::new().cli();
     let o = delegate_and_complete(
         &agent,
         &emu,
@@ -696,9 +669,7 @@ fn delegate_wait_completed_prints_the_result() {
 
 #[test]
 fn delegate_wait_failed_exits_1_with_the_error() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, b, agent, .. } = Test::new().cli();
     let o = delegate_and_complete(
         &agent,
         &emu,
@@ -715,9 +686,7 @@ fn delegate_wait_failed_exits_1_with_the_error() {
 
 #[test]
 fn delegate_wait_times_out_with_75() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, b, agent, .. } = Test::new().cli();
     let o = agent.run(&["delegate", &b.id, "slow", "--wait", "--timeout", "2"]);
     o.fails(75, "still dispatched after 2 s");
     // It gave up at the timeout: a look a second for 2 s, not the 60 s default.
@@ -741,9 +710,7 @@ fn delegate_wait_times_out_with_75() {
 
 #[test]
 fn delegations_lists_and_filters() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, b, agent, .. } = Test::new().cli();
     let o = agent.run(&["delegations"]);
     assert_eq!(
         (o.code, o.out.as_str()),
@@ -783,9 +750,7 @@ fn delegations_lists_and_filters() {
 
 #[test]
 fn notify_sends_with_attachments_and_explains_a_403() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, a, agent, .. } = Test::new().cli();
     let o = agent.run(&[
         "notify",
         "build finished",
@@ -830,9 +795,7 @@ fn notify_sends_with_attachments_and_explains_a_403() {
 
 #[test]
 fn heartbeat_sends_only_the_given_fields() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, a, agent, .. } = Test::new().cli();
     let o = agent.run(&[
         "heartbeat",
         "--current-task",
@@ -874,9 +837,7 @@ fn heartbeat_sends_only_the_given_fields() {
 
 #[test]
 fn doctor_passes_against_the_emulator_and_flags_a_bad_token() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli { emu, a, agent, .. } = Test::new().cli();
     let o = agent.run(&["doctor", "--backend", "exec", "--backend-opt", "cmd=cat"]);
     assert_eq!(o.code, 0, "{o:?}");
     let names: Vec<&str> = o
@@ -984,9 +945,12 @@ fn doctor_passes_against_the_emulator_and_flags_a_bad_token() {
 
 #[test]
 fn json_output_is_one_document_for_every_command() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let agent = Agent::new(&emu, &a);
+    let Cli {
+        emu: _emu,
+        b,
+        agent,
+        ..
+    } = Test::new().cli();
     let b = b.id.as_str();
     let ok: Vec<Vec<&str>> = vec![
         vec!["send", b, "hi"],

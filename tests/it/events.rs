@@ -24,8 +24,7 @@ fn next(s: &mut EventStream) -> molecule::events::Event {
 
 #[test]
 fn stream_carries_the_platform_events_and_outlives_quiet_ticks() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
+    let Pair { emu, a, b, .. } = Test::new().pair();
     let shutdown = Shutdown::new();
     let s = EventStream::open(&client(&emu, &a), &shutdown).unwrap();
     // Quiet for longer than a read tick: the stream waits, it does not end.
@@ -66,8 +65,7 @@ fn stream_carries_the_platform_events_and_outlives_quiet_ticks() {
 
 #[test]
 fn stream_faults_end_the_stream_the_way_the_platform_does() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
+    let Pair { emu, a, b, .. } = Test::new().pair();
     let shutdown = Shutdown::new();
     let path = format!("/_admin/workspaces/{}/events", a.id);
 
@@ -123,8 +121,7 @@ fn stream_faults_end_the_stream_the_way_the_platform_does() {
 
 #[test]
 fn older_server_has_no_stream() {
-    let emu = Emulator::start_with(&["--no-event-stream"]);
-    let (a, _) = emu.pair();
+    let Pair { emu, a, .. } = Test::new().emulator(&["--no-event-stream"]).pair();
     let e = EventStream::open(&client(&emu, &a), &Shutdown::new())
         .err()
         .unwrap();

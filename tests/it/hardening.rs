@@ -98,9 +98,7 @@ fn wait_checkpointed(c: &Connector) {
 
 #[test]
 fn a_full_state_disk_stops_intake_and_loses_nothing() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let Some(disk) = TinyFs::mount(&dir.path().join("state"), "64k") else {
         return;
     };
@@ -194,8 +192,7 @@ fn now_us() -> i64 {
 
 #[test]
 fn a_cold_start_reads_its_whole_window_oldest_first() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
+    let Pair { emu, a, b, dir } = Test::new().pair();
     // 700 messages in the window, more than one 500-row page; rows 150..=260 share
     // one timestamp, so the first page ends in the middle of them.
     let base = now_us() - 60_000_000;
@@ -211,7 +208,6 @@ fn a_cold_start_reads_its_whole_window_oldest_first() {
         json!({ "messages": messages }),
     );
     assert_eq!(v["results"].as_array().unwrap().len(), 700, "{v}");
-    let dir = Arc::new(TempDir::new());
     let mut c = Connector::start(
         &emu,
         &a,
@@ -364,8 +360,7 @@ fn small_cli_items() {
 
 #[test]
 fn token_files_are_read_carefully() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
+    let Pair { emu, a, .. } = Test::new().pair();
     let dir = TempDir::new();
     let state = dir.path().join("state");
     let connect = |token_file: &str| {
@@ -408,21 +403,21 @@ use crate::support::hostile::{Answer, Hostile};
 const REGISTERED: &str = r#"{"status":"registered","delivery_mode":"poll"}"#;
 
 /// `molecule connect` against a hostile server, with a token file in `dir`.
-fn connect_to(url: &str, dir: &TempDir, extra: &[&str]) -> std::process::Child {
+fn connect_to(url: &str, dir: &Arc<TempDir>, extra: &[&str]) -> Connector {
+    let ws = Ws {
+        id: PEER.into(),
+        token: "t0k3n".into(),
+    };
     let tok = dir.path().join("token");
-    write_secret(&tok, "t0k3n");
-    molecule()
-        .args(["connect", PEER, "--api-url", url, "--backend", "mock", "-v"])
+    write_secret(&tok, &ws.token);
+    let mut cmd = molecule();
+    cmd.args(["connect", PEER, "--api-url", url, "--backend", "mock", "-v"])
         .arg("--token-file")
         .arg(&tok)
         .arg("--state-dir")
         .arg(dir.path().join("state"))
-        .args(extra)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+        .args(extra);
+    Connector::spawn(cmd, dir, &ws)
 }
 
 #[test]
@@ -434,12 +429,11 @@ fn redirects_are_reported_with_their_location_and_exit_2() {
             String::new(),
         )
     });
-    let dir = TempDir::new();
-    let out = connect_to(&server.url, &dir, &[])
-        .wait_with_output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let dir = Arc::new(TempDir::new());
+    let mut c = connect_to(&server.url, &dir, &[]);
+    let status = c.wait_exit(WAIT);
+    let err = c.stderr();
+    assert_eq!(status.code(), Some(2), "{err}");
     assert!(
         err.contains("the platform moved: use --api-url https://moved.example"),
         "{err}"
@@ -473,39 +467,19 @@ fn sigterm_stops_on_time_when_the_platform_drips() {
             Answer::Drip(1 << 20)
         }
     });
-    let dir = TempDir::new();
-    let mut child = connect_to(&server.url, &dir, &["--drain-timeout", "30"]);
-    let deadline = std::time::Instant::now() + WAIT;
-    while !server.seen().iter().any(|r| r.contains("/activity")) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no poll: {:?}",
-            server.seen()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let dir = Arc::new(TempDir::new());
+    let mut c = connect_to(&server.url, &dir, &["--drain-timeout", "30"]);
+    wait_until(WAIT, "a poll", &c, || {
+        server
+            .seen()
+            .iter()
+            .any(|r| r.contains("/activity"))
+            .then_some(())
+    });
+    c.signal("TERM");
     // Failure bound only: far below the 30 s drain and the 30 s request timeout.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still running after SIGTERM"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let status = c.wait_exit(std::time::Duration::from_secs(15));
+    let err = c.stderr();
     assert_eq!(status.code(), Some(0), "{err}");
     assert!(!err.contains("waiting up to"), "no backend ran: {err}");
     assert!(err.contains("not waiting for them"), "{err}");
@@ -537,12 +511,11 @@ fn once_gives_up_on_full_pages_that_never_move_the_cursor() {
             Answer::Json(200, vec![], page(limit))
         }
     });
-    let dir = TempDir::new();
-    let out = connect_to(&server.url, &dir, &["--once", "--interval-ms", "50"])
-        .wait_with_output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(75), "{err}");
+    let dir = Arc::new(TempDir::new());
+    let mut c = connect_to(&server.url, &dir, &["--once", "--interval-ms", "50"]);
+    let status = c.wait_exit(WAIT);
+    let err = c.stderr();
+    assert_eq!(status.code(), Some(75), "{err}");
     assert!(err.contains("do not move the cursor"), "{err}");
 }
 
@@ -635,34 +608,21 @@ fn a_private_ca_works_with_ca_file_and_bad_certificates_are_exit_2() {
     let tok = d.join("token");
     write_secret(&tok, "t0k3n");
     let info = |extra: &[&str], env: &[(&str, &str)]| {
-        let out = molecule()
-            .args([
-                "info",
-                "--api-url",
-                &url,
-                "--workspace",
-                PEER,
-                "--token-file",
-            ])
+        let mut run = Run::new(&["info", "--api-url", &url, "--workspace", PEER])
+            .arg("--token-file")
             .arg(&tok)
-            .args(extra)
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+            .args(extra);
+        for (k, v) in env {
+            run = run.env(k, v);
+        }
+        let o = run.out();
+        (Some(o.code), o.err)
     };
     // Wait until the server answers the handshake at all.
-    let deadline = std::time::Instant::now() + WAIT;
-    let (code, err) = loop {
+    let (code, err) = eventually("the TLS server to answer the handshake", || {
         let r = info(&[], &[]);
-        if r.1.contains("certificate") || std::time::Instant::now() > deadline {
-            break r;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+        r.1.contains("certificate").then_some(r)
+    });
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--ca-file"), "{err}");
     // With the CA the handshake succeeds; the answer is s_server's HTML, not JSON.
@@ -678,54 +638,42 @@ fn a_private_ca_works_with_ca_file_and_bad_certificates_are_exit_2() {
         assert!(err.contains("unreadable answer"), "{err}");
     }
     // The wrong host name is a configuration error too.
-    let out = molecule()
-        .args([
-            "info",
-            "--api-url",
-            &format!("https://localhost:{port}"),
-            "--workspace",
-            PEER,
-        ])
-        .arg("--token-file")
+    let out = Run::new(&["info", "--api-url", &format!("https://localhost:{port}")])
+        .args(&["--workspace", PEER, "--token-file"])
         .arg(&tok)
-        .args(["--ca-file", ca])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not valid for name"));
+        .args(&["--ca-file", ca])
+        .out();
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.err.contains("not valid for name"), "{out:?}");
     let _ = server.kill();
     let _ = server.wait();
     // An https:// URL on a plain-HTTP port says so.
     let emu = Emulator::start();
     let plain = emu.url.replace("http://", "https://");
-    let out = molecule()
-        .args([
-            "info",
-            "--api-url",
-            &plain,
-            "--workspace",
-            PEER,
-            "--token-file",
-        ])
-        .arg(&tok)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let out = Run::new(&[
+        "info",
+        "--api-url",
+        &plain,
+        "--workspace",
+        PEER,
+        "--token-file",
+    ])
+    .arg(&tok)
+    .out();
+    let err = &out.err;
+    assert_eq!(out.code, 2, "{err}");
     assert!(err.contains("plain-HTTP port"), "{err}");
 }
 
 #[test]
 fn after_a_forced_stop_status_says_forced() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
-    let mut c = Connector::start(
-        &emu,
-        &a,
-        &dir,
-        &["--backend", "exec", "--backend-opt", "cmd=sleep 1000"],
-    );
+    let Connected {
+        emu,
+        a,
+        b,
+        dir,
+        mut c,
+    } = Test::new().exec("sleep 1000").connect();
     emu.say(&a.id, Some(&b.id), "take your time");
     wait_until(WAIT, "the backend to run", &c, || {
         status_doc(&c).filter(|d| d["active_tasks"] == 1)
@@ -752,8 +700,7 @@ fn after_a_forced_stop_status_says_forced() {
 
 #[test]
 fn connect_checks_the_exec_command_before_the_first_message() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
+    let Pair { emu, a, b, .. } = Test::new().pair();
     emu.say(&a.id, Some(&b.id), "hello");
     let dir = TempDir::new();
     let tok = dir.path().join("token");
@@ -781,9 +728,7 @@ fn connect_checks_the_exec_command_before_the_first_message() {
 
 #[test]
 fn a_journaled_canvas_reply_already_shown_is_not_shown_again() {
-    let emu = Emulator::start();
-    let (a, _) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, dir, .. } = Test::new().pair();
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -849,9 +794,7 @@ echo "answered: $(cat)"
 /// Item 4 for `backend`, run with `--backend-opt <opt><agent path>`.
 fn no_orphan_after_kill_9(backend: &str, opt: &str) {
     use std::os::unix::fs::PermissionsExt;
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let agent = dir.path().join("agent.sh");
     std::fs::write(&agent, ORPHAN_AGENT).unwrap();
     std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -947,9 +890,7 @@ fn a_recorded_process_group_that_is_no_longer_ours_is_not_signalled() {
         }
         Sleeper(cmd.spawn().unwrap())
     };
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();

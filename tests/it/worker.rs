@@ -250,9 +250,7 @@ fn kill_9_with_requests_in_flight_answers_each_once_after_restart() {
 
 #[test]
 fn a_worker_left_hanging_by_kill_9_is_ended_before_the_next_worker_starts() {
-    let emu = Emulator::start();
-    let (a, b) = emu.pair();
-    let dir = Arc::new(TempDir::new());
+    let Pair { emu, a, b, dir } = Test::new().pair();
     let cmd = format!("cmd=python3 {TEST_WORKER}");
     let args = ["--backend", "worker", "--backend-opt", &cmd];
     let test_dir = dir.path().display().to_string();

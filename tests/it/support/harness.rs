@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use super::{Connector, Emulator, TempDir, Ws, molecule, write_secret};
+use super::{Agent, Connector, Emulator, TempDir, Ws, molecule, write_secret};
 
 /// What to start; nothing runs until [`Test::pair`] or [`Test::connect`].
 #[derive(Default)]
@@ -69,6 +69,13 @@ impl Test {
         }
     }
 
+    /// [`Test::pair`] with an [`Agent`] for `a`: one-shot commands, no connector.
+    pub fn cli(&self) -> Cli {
+        let Pair { emu, a, b, .. } = self.pair();
+        let agent = Agent::new(&emu, &a);
+        Cli { emu, a, b, agent }
+    }
+
     /// [`Test::pair`] with `molecule connect` running for `a`.
     pub fn connect(self) -> Connected {
         let Pair { emu, a, b, dir } = self.pair();
@@ -94,6 +101,14 @@ pub struct Pair {
     pub a: Ws,
     pub b: Ws,
     pub dir: Arc<TempDir>,
+}
+
+/// A [`Pair`] whose `a` runs commands as `agent`.
+pub struct Cli {
+    pub emu: Emulator,
+    pub a: Ws,
+    pub b: Ws,
+    pub agent: Agent,
 }
 
 /// A [`Pair`] with `molecule connect` running for `a`. Bind `emu` (as `emu: _emu` if

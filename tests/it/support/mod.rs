@@ -15,7 +15,7 @@ mod harness;
 pub mod hostile;
 mod run;
 
-pub use harness::{Connected, Fleet, Pair, Test};
+pub use harness::{Cli, Connected, Fleet, Pair, Test};
 pub use run::{Agent, Out, Run, Running, delegate, run};
 
 /// Default bound for "this should happen": generous, only hit when a test fails.
