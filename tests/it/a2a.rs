@@ -16,21 +16,10 @@ fn assert_valid(body: &Value) {
 
 #[test]
 fn replies_and_error_replies_validate_and_keep_the_context() {
-    let Pair { emu, a, b, dir } = Test::new().pair();
-    let cmd = "cmd=x=$(cat); if [ \"$x\" = fail ]; then exit 3; fi; echo \"ok $x\"";
-    let c = Connector::start(
-        &emu,
-        &a,
-        &dir,
-        &[
-            "--backend",
-            "exec",
-            "--backend-opt",
-            cmd,
-            "--max-attempts",
-            "1",
-        ],
-    );
+    let Connected { emu, a, b, c, .. } = Test::new()
+        .exec("x=$(cat); if [ \"$x\" = fail ]; then exit 3; fi; echo \"ok $x\"")
+        .args(&["--max-attempts", "1"])
+        .connect();
     emu.enqueue(
         &a.id,
         json!({"from": b.id, "text": "hello", "context_id": "ctx-hello"}),

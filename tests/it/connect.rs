@@ -193,21 +193,10 @@ fn cursor_410_resets_to_the_window_and_keeps_answering() {
 
 #[test]
 fn backend_failure_does_not_stop_the_loop() {
-    let Pair { emu, a, b, dir } = Test::new().pair();
-    let cmd = "cmd=x=$(cat); if [ \"$x\" = fail ]; then echo boom >&2; exit 3; fi; echo \"ok $x\"";
-    let c = Connector::start(
-        &emu,
-        &a,
-        &dir,
-        &[
-            "--backend",
-            "exec",
-            "--backend-opt",
-            cmd,
-            "--max-attempts",
-            "2",
-        ],
-    );
+    let Connected { emu, a, b, dir, c } = Test::new()
+        .exec("x=$(cat); if [ \"$x\" = fail ]; then echo boom >&2; exit 3; fi; echo \"ok $x\"")
+        .args(&["--max-attempts", "2"])
+        .connect();
     emu.say(&a.id, Some(&b.id), "fail");
     emu.say(&a.id, Some(&b.id), "after");
     let got = wait_received(&emu, &b.id, 2, &c);
@@ -680,21 +669,10 @@ fn sigterm_lets_a_running_backend_finish_and_a_second_signal_forces() {
 
 #[test]
 fn wedged_is_reported_and_cleared() {
-    let Pair { emu, a, b, dir } = Test::new().pair();
-    let cmd = "cmd=x=$(cat); case \"$x\" in bad*) exit 4;; esac; echo ok";
-    let c = Connector::start(
-        &emu,
-        &a,
-        &dir,
-        &[
-            "--backend",
-            "exec",
-            "--backend-opt",
-            cmd,
-            "--max-attempts",
-            "1",
-        ],
-    );
+    let Connected { emu, a, b, c, .. } = Test::new()
+        .exec("x=$(cat); case \"$x\" in bad*) exit 4;; esac; echo ok")
+        .args(&["--max-attempts", "1"])
+        .connect();
     for i in 0..3 {
         emu.say(&a.id, Some(&b.id), &format!("bad {i}"));
     }

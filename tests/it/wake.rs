@@ -32,21 +32,23 @@ fn status(c: &Connector) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap_or_default()).unwrap_or(Value::Null)
 }
 
-#[test]
-fn events_wake_the_poll_and_a_duplicate_event_does_no_harm() {
-    let Pair { emu, a, b, dir } = Test::new().pair();
-    // Neither blind period would fire within the test: only events can wake a poll.
-    let args = [
-        "--backend",
-        "mock",
+/// The mock backend woken by events only: no blind poll within a test, a safety
+/// poll every `safety_secs`.
+fn events_only(safety_secs: u32) -> Test {
+    Test::new().mock().args(&[
         "--wake",
         "auto",
         "--interval-ms",
         "3600000",
         "--safety-poll-secs",
-        "3600",
-    ];
-    let c = Connector::start(&emu, &a, &dir, &args);
+        &safety_secs.to_string(),
+    ])
+}
+
+#[test]
+fn events_wake_the_poll_and_a_duplicate_event_does_no_harm() {
+    // Neither blind period would fire within the test: only events can wake a poll.
+    let Connected { emu, a, b, c, .. } = events_only(3600).connect();
     wait_streams(&emu, &a.id, 1, &c);
     wait_until(WAIT, "the status file says events", &c, || {
         let s = status(&c);
@@ -88,18 +90,7 @@ fn events_wake_the_poll_and_a_duplicate_event_does_no_harm() {
 
 #[test]
 fn a_dropped_event_is_caught_by_the_safety_poll() {
-    let Pair { emu, a, b, dir } = Test::new().pair();
-    let args = [
-        "--backend",
-        "mock",
-        "--wake",
-        "auto",
-        "--interval-ms",
-        "3600000",
-        "--safety-poll-secs",
-        "1",
-    ];
-    let c = Connector::start(&emu, &a, &dir, &args);
+    let Connected { emu, a, b, c, .. } = events_only(1).connect();
     wait_streams(&emu, &a.id, 1, &c);
     // Both events of the message are lost (a full buffer, another replica).
     stream_fault(&emu, &a.id, json!({"drop_next": 2}));
@@ -111,19 +102,8 @@ fn a_dropped_event_is_caught_by_the_safety_poll() {
 
 #[test]
 fn a_silent_stream_is_replaced_and_a_closed_one_reconnects() {
-    let Pair { emu, a, b, dir } = Test::new().pair();
-    let args = [
-        "--backend",
-        "mock",
-        "--wake",
-        "auto",
-        "--interval-ms",
-        "3600000",
-        "--safety-poll-secs",
-        "3600",
-    ];
     // --heartbeat-secs 1 (support default): silence over 2 s means a dead stream.
-    let c = Connector::start(&emu, &a, &dir, &args);
+    let Connected { emu, a, b, c, .. } = events_only(3600).connect();
     wait_streams(&emu, &a.id, 1, &c);
     stream_fault(&emu, &a.id, json!({"silence": true}));
     wait_streams(&emu, &a.id, 2, &c);
