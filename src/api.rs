@@ -1228,6 +1228,60 @@ impl Client {
     }
 }
 
+/// The platform calls the poll loop makes, as a seam: [`Client`] in production, an
+/// in-memory fake in the loop's unit tests (ureq's test transport is the model: the
+/// code above it cannot tell). Kept to what the loop uses.
+pub trait Platform: Send + Sync {
+    /// Our workspace id.
+    fn workspace_id(&self) -> &str;
+    /// The base URL (for messages).
+    fn api_url(&self) -> &str;
+    /// The token in use and its source.
+    fn credentials(&self) -> &Credentials;
+    /// Request counters for the status file, when kept.
+    fn stats(&self) -> Option<&RequestStats>;
+    /// See [`Client::activity_raw`].
+    fn activity_raw(
+        &self,
+        since: &Since,
+        limit: u32,
+        body_limit: u64,
+    ) -> Result<Vec<Value>, ApiError>;
+    /// See [`Client::ack`].
+    fn ack(&self, seq: i64) -> Result<i64, ApiError>;
+    /// See [`Client::workspace_info`].
+    fn workspace_info(&self, id: &str) -> Result<Value, ApiError>;
+}
+
+impl Platform for Client {
+    fn workspace_id(&self) -> &str {
+        Client::workspace_id(self)
+    }
+    fn api_url(&self) -> &str {
+        Client::api_url(self)
+    }
+    fn credentials(&self) -> &Credentials {
+        Client::credentials(self)
+    }
+    fn stats(&self) -> Option<&RequestStats> {
+        Some(Client::stats(self))
+    }
+    fn activity_raw(
+        &self,
+        since: &Since,
+        limit: u32,
+        body_limit: u64,
+    ) -> Result<Vec<Value>, ApiError> {
+        Client::activity_raw(self, since, limit, body_limit)
+    }
+    fn ack(&self, seq: i64) -> Result<i64, ApiError> {
+        Client::ack(self, seq)
+    }
+    fn workspace_info(&self, id: &str) -> Result<Value, ApiError> {
+        Client::workspace_info(self, id)
+    }
+}
+
 /// An open event-stream body ([`Client::event_stream`]): bytes as they arrive, with
 /// no size cap (the SSE reader bounds each event). A read that waited a whole tick
 /// without data fails with `ErrorKind::TimedOut` and may be retried.

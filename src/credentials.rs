@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, PoisonError, RwLock};
 
-use crate::api::{ApiError, Client, Kind};
+use crate::api::{ApiError, Kind, Platform};
 use crate::config::{Common, Secret, TokenSource, read_token_file};
 
 /// The token in use and its source. Cheap to clone: clones (and the clients that
@@ -98,7 +98,7 @@ pub enum Standing {
 
 impl Standing {
     /// Asks the platform about `client`'s own workspace.
-    pub fn check(client: &Client) -> Standing {
+    pub fn check(client: &dyn Platform) -> Standing {
         match client.workspace_info(client.workspace_id()) {
             Ok(_) => Standing::Exists,
             Err(e) => match e.kind() {

@@ -3,7 +3,7 @@
 //! workspace is gone (exit 4) or the token was revoked (exit 3). Never re-registers
 //! to mint a new token: that would get around an operator's revocation.
 
-use crate::api::Client;
+use crate::api::Platform;
 use std::time::{Duration, Instant};
 
 use crate::config::Secret;
@@ -28,10 +28,14 @@ pub enum AuthVerdict {
 const ROTATION_GRACE: Duration = Duration::from_secs(5);
 
 /// Decides what a 401 means for a request made with the token `used`.
-pub fn after_unauthorized(client: &Client, used: &Secret, shutdown: &Shutdown) -> AuthVerdict {
+pub fn after_unauthorized(
+    client: &dyn Platform,
+    used: &Secret,
+    shutdown: &Shutdown,
+) -> AuthVerdict {
     let creds = client.credentials();
     // Another thread (or SIGHUP) may have loaded a new token since that request.
-    if client.token() != *used || creds.reload() {
+    if creds.token() != *used || creds.reload() {
         return AuthVerdict::RetryWithNewToken;
     }
     let ws = client.workspace_id();
@@ -40,7 +44,7 @@ pub fn after_unauthorized(client: &Client, used: &Secret, shutdown: &Shutdown) -
         let deadline = Instant::now() + ROTATION_GRACE;
         log::warn!("the workspace token was rejected; watching the token file for a rotated one");
         while !shutdown.wait_timeout(Duration::from_millis(250)) && Instant::now() < deadline {
-            if client.token() != *used || creds.reload() {
+            if creds.token() != *used || creds.reload() {
                 return AuthVerdict::RetryWithNewToken;
             }
         }

@@ -575,7 +575,7 @@ impl Connected<'_> {
     fn poller(&self, reporter: report::Reporter) -> poll::Poller {
         let cfg = self.cfg;
         poll::Poller::new(
-            self.client.clone(),
+            Arc::new(self.client.clone()),
             poll::PollSettings {
                 interval: cfg.poll_interval,
                 since_secs: cfg.since_secs,

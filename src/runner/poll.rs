@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
-use crate::api::{ApiError, Client, Kind, Since};
+use crate::api::{ApiError, Kind, Platform, Since};
 use crate::backoff::Backoff;
 use crate::config::ConfigError;
 use crate::credentials::Standing;
@@ -91,7 +91,7 @@ pub enum Event {
 
 /// The poll loop and what it owns.
 pub struct Poller {
-    client: Client,
+    client: Arc<dyn Platform>,
     settings: PollSettings,
     store: Arc<Mutex<Store>>,
     shutdown: Shutdown,
@@ -147,7 +147,7 @@ pub struct Poller {
 impl Poller {
     /// A poller starting from the store's cursor.
     pub fn new(
-        client: Client,
+        client: Arc<dyn Platform>,
         settings: PollSettings,
         store: Arc<Mutex<Store>>,
         shutdown: Shutdown,
@@ -348,14 +348,14 @@ impl Poller {
         if state == RunState::Running {
             self.reporter.maybe_write(
                 &self.status,
-                Some(self.client.stats()),
+                self.client.stats(),
                 cursor.as_deref(),
                 in_flight,
             );
         } else {
             self.reporter.write(
                 &self.status,
-                Some(self.client.stats()),
+                self.client.stats(),
                 cursor.as_deref(),
                 in_flight,
                 state,
@@ -532,7 +532,7 @@ impl Poller {
             Since::Cursor(_) => self.page_limit,
             _ => COLD_LIMIT.min(self.page_limit.saturating_mul(5)),
         };
-        let used = self.client.token();
+        let used = self.client.credentials().token();
         match self.client.activity_raw(&since, limit, PAGE_BYTES) {
             Ok(mut rows) => {
                 self.last_good_poll = Instant::now();
@@ -763,7 +763,7 @@ impl Poller {
             return Fetched::More;
         }
         if e.is_unauthorized() {
-            match after_unauthorized(&self.client, used, &self.shutdown) {
+            match after_unauthorized(self.client.as_ref(), used, &self.shutdown) {
                 AuthVerdict::RetryWithNewToken => return Fetched::More,
                 AuthVerdict::Unknown => {}
                 AuthVerdict::Fatal(error) => {
@@ -841,7 +841,8 @@ impl Poller {
     /// (exit 4) if so.
     fn workspace_is_gone(&mut self) -> bool {
         let ws = self.client.workspace_id();
-        let Some(message) = Standing::check(&self.client).gone_message(ws, self.client.api_url())
+        let Some(message) =
+            Standing::check(self.client.as_ref()).gone_message(ws, self.client.api_url())
         else {
             return false;
         };
@@ -897,4 +898,307 @@ pub fn event_channel(shutdown: &Shutdown) -> (Sender<Event>, Receiver<Event>) {
         let _ = wake.send(Event::Wake);
     });
     (tx, rx)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The loop against an in-memory platform: no network, no emulator.
+
+    use std::collections::VecDeque;
+    use std::path::{Path, PathBuf};
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::api::RequestStats;
+    use crate::config::{Secret, TokenSource};
+    use crate::credentials::Credentials;
+    use crate::error::Error;
+
+    const OWN: &str = "11111111-1111-4111-8111-111111111111";
+    const PEER: &str = "22222222-2222-4222-8222-222222222222";
+
+    /// Answers polls from a script (then empty pages) and records what was asked.
+    struct Fake {
+        creds: Credentials,
+        pages: Mutex<VecDeque<Result<Vec<Value>, ApiError>>>,
+        info: Mutex<Option<ApiError>>,
+        asked: Mutex<Vec<Since>>,
+    }
+
+    impl Fake {
+        fn new(pages: Vec<Result<Vec<Value>, ApiError>>) -> Arc<Fake> {
+            Arc::new(Fake {
+                creds: Credentials::new(Secret::new("tok-aaaaaaaaaaaaaaaa"), TokenSource::Env),
+                pages: Mutex::new(pages.into()),
+                info: Mutex::new(None),
+                asked: Mutex::new(Vec::new()),
+            })
+        }
+
+        fn asked(&self) -> Vec<Since> {
+            self.asked.lock().unwrap().clone()
+        }
+    }
+
+    impl Platform for Fake {
+        fn workspace_id(&self) -> &str {
+            OWN
+        }
+        fn api_url(&self) -> &str {
+            "http://platform.test"
+        }
+        fn credentials(&self) -> &Credentials {
+            &self.creds
+        }
+        fn stats(&self) -> Option<&RequestStats> {
+            None
+        }
+        fn activity_raw(&self, since: &Since, _: u32, _: u64) -> Result<Vec<Value>, ApiError> {
+            self.asked.lock().unwrap().push(since.clone());
+            self.pages
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(Ok(Vec::new()))
+        }
+        fn ack(&self, seq: i64) -> Result<i64, ApiError> {
+            Ok(seq)
+        }
+        fn workspace_info(&self, _: &str) -> Result<Value, ApiError> {
+            match self.info.lock().unwrap().clone() {
+                Some(e) => Err(e),
+                None => Ok(json!({"id": OWN})),
+            }
+        }
+    }
+
+    fn id(n: u32) -> String {
+        format!("00000000-0000-4000-8000-{n:012}")
+    }
+
+    fn message(n: u32) -> Value {
+        json!({
+            "id": id(n),
+            "seq": n,
+            "activity_type": "a2a_receive",
+            "source_id": PEER,
+            "method": "message/send",
+            "request_body": {"jsonrpc": "2.0", "method": "message/send", "params": {"message": {
+                "role": "user", "messageId": format!("m-{n}"),
+                "parts": [{"kind": "text", "text": format!("hello {n}")}]}}}
+        })
+    }
+
+    /// A cold-start page: newest first (§API-4.2).
+    fn cold_page(ns: &[u32]) -> Result<Vec<Value>, ApiError> {
+        Ok(ns.iter().rev().map(|n| message(*n)).collect())
+    }
+
+    fn refusal(status: u16) -> ApiError {
+        ApiError::Status {
+            op: "poll",
+            status,
+            message: "refused".into(),
+            hint: None,
+            retry_after: None,
+            delivery_confirmed: false,
+            busy: false,
+            code: None,
+        }
+    }
+
+    struct Run {
+        handled: Vec<String>,
+        cursor: Option<String>,
+        stop: Option<StopReason>,
+    }
+
+    /// Runs one poll loop over `fake` with one worker that hands each job to
+    /// `work`, until the loop stops (`--once` drained, or a fatal stop).
+    fn run(fake: &Arc<Fake>, work: impl Fn(&Job, &Shutdown) -> Finish + Send + 'static) -> Run {
+        let dir = temp_dir();
+        let r = run_in(&dir, fake, work);
+        std::fs::remove_dir_all(&dir).unwrap();
+        r
+    }
+
+    fn temp_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("molecule-poll-{}", crate::uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Like [`run`], with the state in `dir` (a restart keeps it).
+    fn run_in(
+        dir: &Path,
+        fake: &Arc<Fake>,
+        work: impl Fn(&Job, &Shutdown) -> Finish + Send + 'static,
+    ) -> Run {
+        let dir = dir.to_path_buf();
+        let store = Arc::new(Mutex::new(Store::open(&dir, OWN).unwrap()));
+        let shutdown = Shutdown::new();
+        let settings = PollSettings {
+            interval: Duration::from_millis(10),
+            since_secs: 600,
+            concurrency: 1,
+            once: true,
+            max_messages: None,
+            idle_exit: None,
+        };
+        let platform: Arc<dyn Platform> = fake.clone();
+        let poller = Poller::new(
+            platform,
+            settings,
+            store.clone(),
+            shutdown.clone(),
+            RuntimeStatus::new(Instant::now()),
+            Reporter::new(&dir, OWN, Duration::from_millis(10)),
+        );
+        let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(1);
+        let (events_tx, events_rx) = event_channel(&shutdown);
+        let worker_stop = shutdown.clone();
+        let ledger = store.clone();
+        let worker = std::thread::spawn(move || {
+            let mut handled = Vec::new();
+            for job in jobs_rx {
+                handled.push(job.msg.activity_id.clone());
+                let finish = work(&job, &worker_stop);
+                if finish == Finish::Done {
+                    // As a worker does: the ledger first, then the poll thread is told.
+                    let row = &job.msg.activity_id;
+                    ledger
+                        .lock()
+                        .unwrap()
+                        .record_done(row, vec![format!("a:{row}")])
+                        .unwrap();
+                }
+                let _ = events_tx.send(Event::Finished {
+                    ticket: job.ticket,
+                    sender: job.sender,
+                    finish,
+                });
+            }
+            handled
+        });
+        poller.run(jobs_tx, events_rx);
+        let handled = worker.join().unwrap();
+        let cursor = store.lock().unwrap().cursor().map(str::to_string);
+        let reopened = Store::open(&dir, OWN).unwrap().cursor().map(str::to_string);
+        assert_eq!(cursor, reopened, "the cursor in memory is the one on disk");
+        Run {
+            handled,
+            cursor,
+            stop: shutdown.reason(),
+        }
+    }
+
+    #[test]
+    fn a_page_is_handled_in_order_and_the_cursor_follows() {
+        let fake = Fake::new(vec![cold_page(&[1, 2, 3])]);
+        let r = run(&fake, |_, _| Finish::Done);
+        assert_eq!(r.handled, vec![id(1), id(2), id(3)]);
+        assert_eq!(r.cursor, Some(id(3)));
+        assert_eq!(r.stop, Some(StopReason::Finished));
+        // Cold start, then (if the loop polls again before the jobs end) onwards
+        // from the last row fetched.
+        let asked = fake.asked();
+        assert!(matches!(asked[0], Since::Secs(_)), "{asked:?}");
+        assert!(
+            asked[1..].iter().all(|s| *s == Since::Cursor(id(3))),
+            "{asked:?}"
+        );
+    }
+
+    #[test]
+    fn the_cursor_never_passes_an_unfinished_message() {
+        let fake = Fake::new(vec![cold_page(&[1, 2, 3])]);
+        let r = run(&fake, |job, stop| {
+            if job.msg.activity_id == id(2) {
+                // Shutdown came first: the message is redelivered after a restart.
+                stop.trigger(StopReason::Signal);
+                return Finish::Interrupted;
+            }
+            Finish::Done
+        });
+        assert_eq!(r.handled, vec![id(1), id(2)]);
+        assert_eq!(r.cursor, Some(id(1)));
+        assert_eq!(r.stop, Some(StopReason::Signal));
+    }
+
+    #[test]
+    fn a_retryable_failure_is_retried_from_the_same_place() {
+        let fake = Fake::new(vec![Err(refusal(503)), cold_page(&[1])]);
+        let r = run(&fake, |_, _| Finish::Done);
+        assert_eq!(r.handled, vec![id(1)]);
+        assert_eq!(r.cursor, Some(id(1)));
+        let asked = fake.asked();
+        assert!(
+            matches!((&asked[0], &asked[1]), (Since::Secs(_), Since::Secs(_))),
+            "{asked:?}"
+        );
+    }
+
+    #[test]
+    fn a_pruned_cursor_restarts_from_the_window() {
+        let dir = temp_dir();
+        let first = run_in(&dir, &Fake::new(vec![cold_page(&[1])]), |_, _| Finish::Done);
+        assert_eq!(first.cursor, Some(id(1)));
+        // After a restart the saved cursor is gone on the platform.
+        let fake = Fake::new(vec![Err(refusal(410)), cold_page(&[1, 2])]);
+        let r = run_in(&dir, &fake, |_, _| Finish::Done);
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Row 1 comes again in the window and is recognised, not handled twice.
+        assert_eq!(r.handled, vec![id(2)]);
+        assert_eq!(r.cursor, Some(id(2)));
+        let asked = fake.asked();
+        assert_eq!(asked[0], Since::Cursor(id(1)), "{asked:?}");
+        assert!(matches!(asked[1], Since::Secs(_)), "{asked:?}");
+        assert!(
+            asked[2..].iter().all(|s| *s == Since::Cursor(id(2))),
+            "{asked:?}"
+        );
+    }
+
+    #[test]
+    fn a_rejected_token_that_cannot_change_stops_with_exit_3() {
+        let fake = Fake::new(vec![Err(refusal(401))]);
+        let r = run(&fake, |_, _| Finish::Done);
+        assert!(r.handled.is_empty());
+        match r.stop {
+            Some(StopReason::Fatal(e @ Error::Credentials(_))) => {
+                assert_eq!(e.exit_code(), 3);
+                assert!(e.to_string().contains("MOLECULE_WORKSPACE_TOKEN"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_401_for_a_removed_workspace_stops_with_exit_4() {
+        let fake = Fake::new(vec![Err(refusal(401))]);
+        *fake.info.lock().unwrap() = Some(refusal(410));
+        let r = run(&fake, |_, _| Finish::Done);
+        match r.stop {
+            Some(StopReason::Fatal(e)) => {
+                assert_eq!(e.exit_code(), 4);
+                assert!(e.to_string().contains("was removed"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_inbox_404_for_an_unknown_workspace_stops_with_exit_4() {
+        let fake = Fake::new(vec![Err(refusal(404))]);
+        *fake.info.lock().unwrap() = Some(refusal(404));
+        let r = run(&fake, |_, _| Finish::Done);
+        match r.stop {
+            Some(StopReason::Fatal(e)) => {
+                assert_eq!(e.exit_code(), 4);
+                assert!(e.to_string().contains("unknown to the platform"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
