@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::backend::{BackendError, BackendSpec};
 use crate::cli::{ConnectArgs, GlobalArgs};
-use crate::uuid::is_uuid;
+use crate::uuid::{WorkspaceId, is_uuid};
 
 pub(crate) mod agent;
 
@@ -88,8 +88,8 @@ pub struct Common {
 pub struct ConnectConfig {
     /// URL, token, state dir.
     pub common: Common,
-    /// Own workspace id (UUID).
-    pub workspace_id: String,
+    /// Own workspace id.
+    pub workspace_id: WorkspaceId,
     /// The backend with its options, parsed and checked.
     pub backend: BackendSpec,
     /// Pause between polls when the inbox is empty.
@@ -173,7 +173,7 @@ pub fn connect_config(
 /// are checked before any backend, and a backend's error names the workspace).
 enum Refused {
     Flags(ConfigError),
-    Backend(String, BackendError),
+    Backend(WorkspaceId, BackendError),
 }
 
 impl From<ConfigError> for Refused {
@@ -199,13 +199,12 @@ fn resolve_connect(
         })?;
     // One spelling per workspace: file names, the lock and the reply ids derive
     // from it, so `ABC…` and `abc…` must not become two connectors.
-    let workspace_id = workspace_id.trim().to_ascii_lowercase();
-    if !is_uuid(&workspace_id) {
-        return Err(ConfigError(format!(
-            "connect: workspace id {workspace_id:?} is not a UUID"
+    let workspace_id = WorkspaceId::parse(&workspace_id).ok_or_else(|| {
+        ConfigError(format!(
+            "connect: workspace id {:?} is not a UUID",
+            workspace_id.trim().to_ascii_lowercase()
         ))
-        .into());
-    }
+    })?;
     if let Some(mode) = &a.mode {
         match mode.as_str() {
             "poll" => {}
@@ -661,8 +660,8 @@ fn resolve_token(
 pub struct AgentConfig {
     /// URL, token, state dir.
     pub common: Common,
-    /// Own workspace id (UUID).
-    pub workspace_id: String,
+    /// Own workspace id.
+    pub workspace_id: WorkspaceId,
 }
 
 /// Resolves an agent-side command's configuration: `--workspace` /
@@ -684,7 +683,7 @@ pub fn agent_config(
 pub fn workspace_id(
     g: &GlobalArgs,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<String, ConfigError> {
+) -> Result<WorkspaceId, ConfigError> {
     let raw = g
         .workspace
         .clone()
@@ -692,11 +691,12 @@ pub fn workspace_id(
         .ok_or_else(|| {
             ConfigError("no workspace id: pass --workspace ID or set MOLECULE_WORKSPACE_ID".into())
         })?;
-    let id = raw.trim().to_ascii_lowercase();
-    if !is_uuid(&id) {
-        return Err(ConfigError(format!("workspace id {id:?} is not a UUID")));
-    }
-    Ok(id)
+    WorkspaceId::parse(&raw).ok_or_else(|| {
+        ConfigError(format!(
+            "workspace id {:?} is not a UUID",
+            raw.trim().to_ascii_lowercase()
+        ))
+    })
 }
 
 /// The state directory alone (flag, env, XDG, HOME), for commands that need no

@@ -19,6 +19,45 @@ pub fn is_uuid(s: &str) -> bool {
     })
 }
 
+/// A workspace id known to be a UUID, in one spelling: trimmed and lower-case, as
+/// the platform writes ids (§API-1.7: Postgres reads either case). File names, the
+/// lock, reply ids and comparisons then cannot tell `ABC…` and `abc…` apart, and
+/// whoever holds one need not check it again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkspaceId(String);
+
+impl WorkspaceId {
+    /// `raw` trimmed and lower-cased, if that is a UUID.
+    pub fn parse(raw: &str) -> Option<Self> {
+        let id = raw.trim().to_ascii_lowercase();
+        is_uuid(&id).then_some(Self(id))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for WorkspaceId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for WorkspaceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<&str> for WorkspaceId {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
 /// A fresh random (version 4) UUID.
 pub fn new_v4() -> String {
     let mut bytes = random_bytes::<16>();
@@ -222,6 +261,12 @@ mod tests {
     fn validation() {
         assert!(is_uuid("6ba7b810-9dad-11d1-80b4-00c04fd430c8"));
         assert!(is_uuid("6BA7B810-9DAD-11D1-80B4-00C04FD430C8"));
+        let id = WorkspaceId::parse(" 6BA7B810-9DAD-11D1-80B4-00C04FD430C8\n").unwrap();
+        assert_eq!(id, "6ba7b810-9dad-11d1-80b4-00c04fd430c8");
+        assert_eq!(
+            WorkspaceId::parse("6ba7b810-9dad-11d1-80b4-00c04fd430c"),
+            None
+        );
         for bad in [
             "",
             "act-1",

@@ -9,9 +9,10 @@ use std::collections::HashSet;
 
 use serde_json::{Value, json};
 
-use super::{Budget, Ctx, Failure, LIST_LIMIT, Report, describe, require_uuid, str_of};
+use super::{Budget, Ctx, Failure, LIST_LIMIT, Report, describe, str_of};
 use crate::cli::HistoryArgs;
 use crate::config::Range::Between;
+use crate::config::agent::require_workspace;
 use crate::timestamp::{parse_rfc3339 as parse_micros, rfc3339 as format_micros};
 
 const DEFAULT_LIMIT: u32 = 20;
@@ -27,7 +28,7 @@ enum Source<'a> {
 pub(super) fn run(ctx: &Ctx, a: &HistoryArgs) -> Result<Report, Failure> {
     let budget = Budget::new(a.budget_secs, "history")?;
     let peer = match &a.peer {
-        Some(p) => Some(require_uuid(Some(p), "history", "--peer id")?),
+        Some(p) => Some(require_workspace(Some(p), "history", "--peer id")?),
         None => None,
     };
     let source = match &peer {

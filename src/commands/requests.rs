@@ -17,6 +17,7 @@ use crate::api::{ApiError, Kind};
 use crate::backoff::Backoff;
 use crate::cli::{AskArgs, RequestArgs, RequestsArgs};
 use crate::config::Range::Between;
+use crate::config::agent::require_workspace;
 use crate::error::Error;
 
 /// Default and largest `--timeout` for `ask --wait`.
@@ -82,7 +83,7 @@ pub(super) fn ask(ctx: &Ctx, a: &AskArgs) -> Result<Report, Failure> {
         None | Some("user") => ("user", String::new()),
         Some(id) => (
             "agent",
-            require_uuid(Some(id), "ask", "--to workspace id (or user)")?,
+            require_workspace(Some(id), "ask", "--to workspace id (or user)")?.to_string(),
         ),
     };
     if a.timeout_secs.is_some() && !a.wait {

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use super::ConfigError;
 use super::Range::Between;
 use crate::cli::{DelegateArgs, DiscoverArgs, HeartbeatArgs, InfoArgs, NotifyArgs, SendArgs};
+use crate::uuid::WorkspaceId;
 
 /// The platform's `/a2a` cap (§API-2.7.2), also applied to text read from stdin.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -32,7 +33,7 @@ const MAX_FIELD: usize = 4096;
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Send {
     /// The peer's workspace id.
-    pub peer: String,
+    pub peer: WorkspaceId,
     /// The message (from the argument or stdin).
     pub text: String,
     /// `--message-id`, or a fresh UUID.
@@ -43,7 +44,7 @@ pub(crate) struct Send {
 
 /// Resolves `send`.
 pub(crate) fn send(a: &SendArgs) -> Result<Send, ConfigError> {
-    let peer = require_uuid(a.peer.as_deref(), "send", "peer id")?;
+    let peer = require_workspace(a.peer.as_deref(), "send", "peer id")?;
     let text = message_text(a.text.as_deref(), "send")?;
     let message_id = match &a.message_id {
         None => crate::uuid::new_v4(),
@@ -75,7 +76,7 @@ pub(crate) fn send(a: &SendArgs) -> Result<Send, ConfigError> {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Delegate {
     /// The target's workspace id.
-    pub target: String,
+    pub target: WorkspaceId,
     /// The task text.
     pub task: String,
     /// `--idempotency-key`, trimmed and not empty.
@@ -88,7 +89,7 @@ pub(crate) struct Delegate {
 
 /// Resolves `delegate`.
 pub(crate) fn delegate(a: &DelegateArgs) -> Result<Delegate, ConfigError> {
-    let target = require_uuid(a.target.as_deref(), "delegate", "target id")?;
+    let target = require_workspace(a.target.as_deref(), "delegate", "target id")?;
     let task = message_text(a.text.as_deref(), "delegate")?;
     let key = a.idempotency_key.as_deref().map(str::trim);
     if key.is_some_and(str::is_empty) {
@@ -200,34 +201,53 @@ pub(crate) fn heartbeat(a: &HeartbeatArgs) -> Result<HeartbeatArgs, ConfigError>
 }
 
 /// Resolves `discover`: the peer's id.
-pub(crate) fn discover(a: &DiscoverArgs) -> Result<String, ConfigError> {
-    require_uuid(a.peer.as_deref(), "discover", "peer id")
+pub(crate) fn discover(a: &DiscoverArgs) -> Result<WorkspaceId, ConfigError> {
+    require_workspace(a.peer.as_deref(), "discover", "peer id")
 }
 
 /// Resolves `info`: the workspace asked about, `None` for our own.
-pub(crate) fn info(a: &InfoArgs) -> Result<Option<String>, ConfigError> {
+pub(crate) fn info(a: &InfoArgs) -> Result<Option<WorkspaceId>, ConfigError> {
     a.id.as_deref()
-        .map(|id| require_uuid(Some(id), "info", "workspace id"))
+        .map(|id| require_workspace(Some(id), "info", "workspace id"))
         .transpose()
 }
 
 /// A workspace id given on the command line: present and a UUID (exit 2 otherwise),
-/// checked before any URL is built.
+/// in its one spelling.
+pub(crate) fn require_workspace(
+    value: Option<&str>,
+    cmd: &str,
+    what: &str,
+) -> Result<WorkspaceId, ConfigError> {
+    let raw = required(value, cmd, what)?;
+    WorkspaceId::parse(raw).ok_or_else(|| not_a_uuid(cmd, what, raw))
+}
+
+/// Any other id given on the command line (a memory, a request): present and a
+/// UUID (exit 2 otherwise), checked before any URL is built.
 pub(crate) fn require_uuid(
     value: Option<&str>,
     cmd: &str,
     what: &str,
 ) -> Result<String, ConfigError> {
-    let Some(raw) = value else {
-        return Err(ConfigError(format!(
-            "{cmd}: the {what} is required (see 'molecule {cmd} --help')"
-        )));
-    };
+    let raw = required(value, cmd, what)?;
     let id = raw.trim();
     if !crate::uuid::is_uuid(id) {
-        return Err(ConfigError(format!("{cmd}: {what} {raw:?} is not a UUID")));
+        return Err(not_a_uuid(cmd, what, raw));
     }
     Ok(id.to_string())
+}
+
+fn required<'a>(value: Option<&'a str>, cmd: &str, what: &str) -> Result<&'a str, ConfigError> {
+    value.ok_or_else(|| {
+        ConfigError(format!(
+            "{cmd}: the {what} is required (see 'molecule {cmd} --help')"
+        ))
+    })
+}
+
+fn not_a_uuid(cmd: &str, what: &str, raw: &str) -> ConfigError {
+    ConfigError(format!("{cmd}: {what} {raw:?} is not a UUID"))
 }
 
 /// Message text from the argument, or from stdin for `-`: at most 16 MiB, UTF-8,
@@ -283,6 +303,20 @@ pub(crate) fn read_limited(r: impl Read, limit: usize) -> Result<String, String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workspace_ids_get_one_spelling() {
+        let id = require_workspace(
+            Some(" 11111111-AAAA-4333-8444-55555555555F "),
+            "send",
+            "peer id",
+        );
+        assert_eq!(id.unwrap(), "11111111-aaaa-4333-8444-55555555555f");
+        let e = require_workspace(Some("../etc"), "send", "peer id").unwrap_err();
+        assert_eq!(e.0, "send: peer id \"../etc\" is not a UUID");
+        let e = require_workspace(None, "info", "workspace id").unwrap_err();
+        assert!(e.0.contains("the workspace id is required"), "{e}");
+    }
 
     #[test]
     fn attachment_specs() {

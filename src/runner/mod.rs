@@ -478,7 +478,7 @@ impl Connected<'_> {
         let broadcast_saved = self.load_broadcasts()?;
         let wake_state = wake::WakeState::new(if cfg.once { WakeMode::Poll } else { cfg.wake });
         let watched = Watched {
-            id: cfg.workspace_id.clone(),
+            id: cfg.workspace_id.to_string(),
             status: self.status.clone(),
             poll: Arc::new(Progress::default()),
             heartbeat: Arc::new(Progress::default()),
