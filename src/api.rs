@@ -1228,9 +1228,9 @@ impl Client {
     }
 }
 
-/// The platform calls the poll loop makes, as a seam: [`Client`] in production, an
-/// in-memory fake in the loop's unit tests (ureq's test transport is the model: the
-/// code above it cannot tell). Kept to what the loop uses.
+/// The platform calls the poll loop and the workers make, as a seam: [`Client`] in
+/// production, an in-memory fake in their unit tests (ureq's test transport is the
+/// model: the code above it cannot tell). Kept to what they use.
 pub trait Platform: Send + Sync {
     /// Our workspace id.
     fn workspace_id(&self) -> &str;
@@ -1251,6 +1251,12 @@ pub trait Platform: Send + Sync {
     fn ack(&self, seq: i64) -> Result<i64, ApiError>;
     /// See [`Client::workspace_info`].
     fn workspace_info(&self, id: &str) -> Result<Value, ApiError>;
+    /// See [`Client::send_a2a`].
+    fn send_a2a(&self, target: &str, body: &Value) -> Result<SendAnswer, ApiError>;
+    /// See [`Client::self_report`].
+    fn self_report(&self, row: &Value) -> Result<(), ApiError>;
+    /// See [`Client::notify`].
+    fn notify(&self, message: &str, attachments: Vec<Value>) -> Result<(), ApiError>;
 }
 
 impl Platform for Client {
@@ -1279,6 +1285,15 @@ impl Platform for Client {
     }
     fn workspace_info(&self, id: &str) -> Result<Value, ApiError> {
         Client::workspace_info(self, id)
+    }
+    fn send_a2a(&self, target: &str, body: &Value) -> Result<SendAnswer, ApiError> {
+        Client::send_a2a(self, target, body)
+    }
+    fn self_report(&self, row: &Value) -> Result<(), ApiError> {
+        Client::self_report(self, row)
+    }
+    fn notify(&self, message: &str, attachments: Vec<Value>) -> Result<(), ApiError> {
+        Client::notify(self, message, attachments)
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use crate::api::{ApiError, Client};
+use crate::api::{ApiError, Kind, Platform};
 use crate::backend::{Backend, BackendError, Outcome, RunHandle};
 use crate::backoff::Backoff;
 use crate::inbox::{self, Inbound};
@@ -93,8 +93,8 @@ impl Conversations {
 
 /// What every worker shares.
 pub struct Context {
-    /// The platform client.
-    pub client: Client,
+    /// The platform.
+    pub client: Arc<dyn Platform>,
     /// The backend.
     pub backend: Arc<dyn Backend>,
     /// Durable state.
@@ -476,7 +476,7 @@ impl Worker {
             if attempt > 1 {
                 RuntimeStatus::count(&self.ctx.status, |c| c.reply_resends += 1);
             }
-            let used = self.ctx.client.token();
+            let used = self.ctx.client.credentials().token();
             let e = match self.post_once(msg, text, parts, is_error) {
                 Ok(()) => {
                     RuntimeStatus::count(&self.ctx.status, |c| match msg.source_id {
@@ -489,7 +489,7 @@ impl Worker {
             };
             maybe_shown = may_have_been_done(&e);
             if e.is_unauthorized() {
-                match after_unauthorized(&self.ctx.client, &used, &self.ctx.shutdown) {
+                match after_unauthorized(self.ctx.client.as_ref(), &used, &self.ctx.shutdown) {
                     AuthVerdict::RetryWithNewToken => continue,
                     AuthVerdict::Unknown => {}
                     AuthVerdict::Fatal(error) => {
@@ -497,13 +497,7 @@ impl Worker {
                         return Err(ReplyFailure::Interrupted);
                     }
                 }
-            } else if matches!(
-                e,
-                ApiError::Status {
-                    delivery_confirmed: true,
-                    ..
-                }
-            ) {
+            } else if e.kind() == Kind::Delivered {
                 // The target got it; only the answer was lost (§API-2.7.5).
                 log::info!(
                     "row {}: {e}; the platform confirms delivery",
@@ -513,9 +507,7 @@ impl Worker {
                 return Ok(());
             } else if !e.is_retryable() {
                 return Err(ReplyFailure::Failed(e.to_string()));
-            } else if e.status().is_some_and(|s| s >= 500)
-                && started.elapsed() >= REPLY_TARGET_BUDGET
-            {
+            } else if is_platform_error(e.kind()) && started.elapsed() >= REPLY_TARGET_BUDGET {
                 return Err(ReplyFailure::Failed(format!(
                     "{e} (still failing after {} s)",
                     REPLY_TARGET_BUDGET.as_secs()
@@ -681,8 +673,15 @@ fn now_us() -> Option<i64> {
 /// dropped connection) or a 5xx, which a gateway can send after the platform did
 /// the work. A 4xx, 429 included, was refused before anything happened.
 fn may_have_been_done(e: &ApiError) -> bool {
-    matches!(e, ApiError::Transport { .. } | ApiError::Timeout { .. })
-        || e.status().is_some_and(|s| s >= 500)
+    e.kind() == Kind::NoAnswer || is_platform_error(e.kind())
+}
+
+/// A 5xx: the platform (or the target behind it) failed, not our request.
+fn is_platform_error(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::ServerError | Kind::Unavailable | Kind::Busy | Kind::Delivered
+    )
 }
 
 fn attachment_names(attachments: &[Value]) -> String {
@@ -791,6 +790,149 @@ mod tests {
         assert!(may_have_been_done(&status(502)));
         for refused in [429, 408, 401, 400] {
             assert!(!may_have_been_done(&status(refused)), "{refused}");
+        }
+    }
+
+    /// A worker over the in-memory platform and the mock backend (`echo: %s`).
+    mod worker {
+        use std::collections::BTreeMap;
+
+        use super::super::super::fake::{Fake, OWN, PEER, status};
+        use super::super::*;
+        use crate::backend::MockBackend;
+        use crate::error::Error;
+        use crate::inbox::Inbound;
+
+        struct Setup {
+            dir: PathBuf,
+            worker: Worker,
+            store: Arc<Mutex<Store>>,
+            shutdown: Shutdown,
+        }
+
+        impl Drop for Setup {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.dir);
+            }
+        }
+
+        fn setup(fake: &Arc<Fake>) -> Setup {
+            let dir =
+                std::env::temp_dir().join(format!("molecule-dispatch-{}", crate::uuid::new_v4()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let store = Arc::new(Mutex::new(Store::open(&dir, OWN).unwrap()));
+            let shutdown = Shutdown::new();
+            let platform: Arc<dyn Platform> = fake.clone();
+            let ctx = Arc::new(Context {
+                client: platform,
+                backend: Arc::new(MockBackend::from_opts(&BTreeMap::new()).unwrap()),
+                store: store.clone(),
+                status: RuntimeStatus::new(Instant::now()),
+                shutdown: shutdown.clone(),
+                max_attempts: 1,
+                reply_to_replies: false,
+                conversations: Conversations::new(10),
+                dead_letter_path: dir.join("dead.jsonl"),
+            });
+            Setup {
+                worker: Worker::new(ctx, RunHandle::new()),
+                dir,
+                store,
+                shutdown,
+            }
+        }
+
+        fn message(source: Option<&str>) -> Inbound {
+            let row: crate::wire::ActivityRow = serde_json::from_value(json!({
+                "id": "33333333-3333-4333-8333-333333333333",
+                "activity_type": "a2a_receive",
+                "source_id": source,
+                "method": "message/send",
+                "request_body": {"jsonrpc": "2.0", "method": "message/send", "params": {
+                    "message": {"role": "user", "messageId": "m-1",
+                        "parts": [{"kind": "text", "text": "hello"}]}}}
+            }))
+            .unwrap();
+            crate::inbox::classify(&row, OWN).unwrap()
+        }
+
+        fn handled(s: &Setup, msg: &Inbound) -> bool {
+            s.store
+                .lock()
+                .unwrap()
+                .is_handled(&format!("a:{}", msg.activity_id))
+        }
+
+        #[test]
+        fn a_peer_message_is_answered_to_the_peer_and_recorded() {
+            let fake = Fake::new(vec![]);
+            let mut s = setup(&fake);
+            let msg = message(Some(PEER));
+            assert_eq!(s.worker.handle(&msg), Finish::Done);
+            let sent = fake.sent();
+            assert_eq!(sent.len(), 1, "{sent:?}");
+            assert_eq!(sent[0].0, PEER);
+            assert!(
+                sent[0].1.to_string().contains("echo: hello"),
+                "{}",
+                sent[0].1
+            );
+            assert!(handled(&s, &msg));
+        }
+
+        #[test]
+        fn a_canvas_message_is_answered_through_notify() {
+            let fake = Fake::new(vec![]);
+            let mut s = setup(&fake);
+            let msg = message(None);
+            assert_eq!(s.worker.handle(&msg), Finish::Done);
+            assert_eq!(fake.notified(), vec!["echo: hello".to_string()]);
+            assert!(fake.sent().is_empty());
+            assert!(handled(&s, &msg));
+        }
+
+        #[test]
+        fn a_confirmed_delivery_is_not_sent_again() {
+            let fake = Fake::new(vec![]);
+            let mut confirmed = status("send", 502);
+            if let ApiError::Status {
+                delivery_confirmed, ..
+            } = &mut confirmed
+            {
+                *delivery_confirmed = true;
+            }
+            fake.posts.lock().unwrap().push_back(confirmed);
+            let mut s = setup(&fake);
+            let msg = message(Some(PEER));
+            assert_eq!(s.worker.handle(&msg), Finish::Done);
+            assert!(fake.sent().is_empty(), "re-sent after a confirmed delivery");
+            assert!(handled(&s, &msg));
+        }
+
+        #[test]
+        fn a_refused_reply_is_dead_lettered_not_retried() {
+            let fake = Fake::new(vec![]);
+            fake.posts.lock().unwrap().push_back(status("send", 400));
+            let mut s = setup(&fake);
+            let msg = message(Some(PEER));
+            assert_eq!(s.worker.handle(&msg), Finish::Done);
+            assert!(fake.sent().is_empty());
+            let dead = std::fs::read_to_string(s.dir.join("dead.jsonl")).unwrap();
+            assert!(dead.contains(&msg.activity_id), "{dead}");
+        }
+
+        #[test]
+        fn a_rejected_token_stops_the_process_and_leaves_the_message() {
+            let fake = Fake::new(vec![]);
+            fake.posts.lock().unwrap().push_back(status("send", 401));
+            let mut s = setup(&fake);
+            let msg = message(Some(PEER));
+            assert_eq!(s.worker.handle(&msg), Finish::Interrupted);
+            assert!(!handled(&s, &msg), "redelivered after a restart");
+            match s.shutdown.reason() {
+                Some(StopReason::Fatal(e @ Error::Credentials(_))) => assert_eq!(e.exit_code(), 3),
+                other => panic!("{other:?}"),
+            }
         }
     }
 }

@@ -7,6 +7,8 @@ mod auth;
 mod broadcasts;
 mod delegations;
 mod dispatch;
+#[cfg(test)]
+mod fake;
 mod heartbeat;
 mod order;
 mod poll;
@@ -713,7 +715,7 @@ impl Connected<'_> {
     ) -> Result<mpsc::SyncSender<poll::Job>, Error> {
         let cfg = self.cfg;
         let ctx = Arc::new(dispatch::Context {
-            client: self.client.clone(),
+            client: Arc::new(self.client.clone()),
             backend: self.backend.clone(),
             store: self.store.clone(),
             status: self.status.clone(),

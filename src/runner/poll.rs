@@ -904,74 +904,13 @@ pub fn event_channel(shutdown: &Shutdown) -> (Sender<Event>, Receiver<Event>) {
 mod tests {
     //! The loop against an in-memory platform: no network, no emulator.
 
-    use std::collections::VecDeque;
     use std::path::{Path, PathBuf};
 
     use serde_json::json;
 
+    use super::super::fake::{Fake, OWN, PEER};
     use super::*;
-    use crate::api::RequestStats;
-    use crate::config::{Secret, TokenSource};
-    use crate::credentials::Credentials;
     use crate::error::Error;
-
-    const OWN: &str = "11111111-1111-4111-8111-111111111111";
-    const PEER: &str = "22222222-2222-4222-8222-222222222222";
-
-    /// Answers polls from a script (then empty pages) and records what was asked.
-    struct Fake {
-        creds: Credentials,
-        pages: Mutex<VecDeque<Result<Vec<Value>, ApiError>>>,
-        info: Mutex<Option<ApiError>>,
-        asked: Mutex<Vec<Since>>,
-    }
-
-    impl Fake {
-        fn new(pages: Vec<Result<Vec<Value>, ApiError>>) -> Arc<Fake> {
-            Arc::new(Fake {
-                creds: Credentials::new(Secret::new("tok-aaaaaaaaaaaaaaaa"), TokenSource::Env),
-                pages: Mutex::new(pages.into()),
-                info: Mutex::new(None),
-                asked: Mutex::new(Vec::new()),
-            })
-        }
-
-        fn asked(&self) -> Vec<Since> {
-            self.asked.lock().unwrap().clone()
-        }
-    }
-
-    impl Platform for Fake {
-        fn workspace_id(&self) -> &str {
-            OWN
-        }
-        fn api_url(&self) -> &str {
-            "http://platform.test"
-        }
-        fn credentials(&self) -> &Credentials {
-            &self.creds
-        }
-        fn stats(&self) -> Option<&RequestStats> {
-            None
-        }
-        fn activity_raw(&self, since: &Since, _: u32, _: u64) -> Result<Vec<Value>, ApiError> {
-            self.asked.lock().unwrap().push(since.clone());
-            self.pages
-                .lock()
-                .unwrap()
-                .pop_front()
-                .unwrap_or(Ok(Vec::new()))
-        }
-        fn ack(&self, seq: i64) -> Result<i64, ApiError> {
-            Ok(seq)
-        }
-        fn workspace_info(&self, _: &str) -> Result<Value, ApiError> {
-            match self.info.lock().unwrap().clone() {
-                Some(e) => Err(e),
-                None => Ok(json!({"id": OWN})),
-            }
-        }
-    }
 
     fn id(n: u32) -> String {
         format!("00000000-0000-4000-8000-{n:012}")
@@ -996,16 +935,7 @@ mod tests {
     }
 
     fn refusal(status: u16) -> ApiError {
-        ApiError::Status {
-            op: "poll",
-            status,
-            message: "refused".into(),
-            hint: None,
-            retry_after: None,
-            delivery_confirmed: false,
-            busy: false,
-            code: None,
-        }
+        super::super::fake::status("poll", status)
     }
 
     struct Run {

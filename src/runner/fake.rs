@@ -1,0 +1,132 @@
+//! An in-memory platform for the runner's unit tests: answers from a script,
+//! records what was asked. No network, no emulator.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+
+use crate::api::{ApiError, Platform, RequestStats, SendAnswer, Since};
+use crate::config::{Secret, TokenSource};
+use crate::credentials::Credentials;
+
+/// Our workspace.
+pub const OWN: &str = "11111111-1111-4111-8111-111111111111";
+/// A peer that writes to us.
+pub const PEER: &str = "22222222-2222-4222-8222-222222222222";
+
+/// Scripted answers (then empty pages and accepted sends), and what was asked.
+pub struct Fake {
+    creds: Credentials,
+    pages: Mutex<VecDeque<Result<Vec<Value>, ApiError>>>,
+    /// The answer to `GET /workspaces/<own>`: `None` = it exists.
+    pub info: Mutex<Option<ApiError>>,
+    asked: Mutex<Vec<Since>>,
+    /// Answers to `/a2a` sends and notifies, in turn; then success.
+    pub posts: Mutex<VecDeque<ApiError>>,
+    sent: Mutex<Vec<(String, Value)>>,
+    notified: Mutex<Vec<String>>,
+}
+
+impl Fake {
+    /// A platform whose inbox answers `pages` in turn.
+    pub fn new(pages: Vec<Result<Vec<Value>, ApiError>>) -> Arc<Fake> {
+        Arc::new(Fake {
+            creds: Credentials::new(Secret::new("tok-aaaaaaaaaaaaaaaa"), TokenSource::Env),
+            pages: Mutex::new(pages.into()),
+            info: Mutex::new(None),
+            asked: Mutex::new(Vec::new()),
+            posts: Mutex::new(VecDeque::new()),
+            sent: Mutex::new(Vec::new()),
+            notified: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The inbox requests so far.
+    pub fn asked(&self) -> Vec<Since> {
+        self.asked.lock().unwrap().clone()
+    }
+
+    /// The `/a2a` sends the platform took: (target, body).
+    pub fn sent(&self) -> Vec<(String, Value)> {
+        self.sent.lock().unwrap().clone()
+    }
+
+    /// The `/notify` texts the platform took.
+    pub fn notified(&self) -> Vec<String> {
+        self.notified.lock().unwrap().clone()
+    }
+
+    fn next_post(&self) -> Option<ApiError> {
+        self.posts.lock().unwrap().pop_front()
+    }
+}
+
+/// A refusal with `status` and a body message.
+pub fn status(op: &'static str, status: u16) -> ApiError {
+    ApiError::Status {
+        op,
+        status,
+        message: "refused".into(),
+        hint: None,
+        retry_after: None,
+        delivery_confirmed: false,
+        busy: false,
+        code: None,
+    }
+}
+
+impl Platform for Fake {
+    fn workspace_id(&self) -> &str {
+        OWN
+    }
+    fn api_url(&self) -> &str {
+        "http://platform.test"
+    }
+    fn credentials(&self) -> &Credentials {
+        &self.creds
+    }
+    fn stats(&self) -> Option<&RequestStats> {
+        None
+    }
+    fn activity_raw(&self, since: &Since, _: u32, _: u64) -> Result<Vec<Value>, ApiError> {
+        self.asked.lock().unwrap().push(since.clone());
+        self.pages
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or(Ok(Vec::new()))
+    }
+    fn ack(&self, seq: i64) -> Result<i64, ApiError> {
+        Ok(seq)
+    }
+    fn workspace_info(&self, _: &str) -> Result<Value, ApiError> {
+        match self.info.lock().unwrap().clone() {
+            Some(e) => Err(e),
+            None => Ok(json!({"id": OWN})),
+        }
+    }
+    fn send_a2a(&self, target: &str, body: &Value) -> Result<SendAnswer, ApiError> {
+        if let Some(e) = self.next_post() {
+            return Err(e);
+        }
+        self.sent
+            .lock()
+            .unwrap()
+            .push((target.to_string(), body.clone()));
+        Ok(SendAnswer {
+            status: 200,
+            body: json!({"result": {}}),
+        })
+    }
+    fn self_report(&self, _: &Value) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn notify(&self, message: &str, _: Vec<Value>) -> Result<(), ApiError> {
+        if let Some(e) = self.next_post() {
+            return Err(e);
+        }
+        self.notified.lock().unwrap().push(message.to_string());
+        Ok(())
+    }
+}
