@@ -352,11 +352,6 @@ impl CaRoots {
     pub fn len(&self) -> usize {
         self.0.len()
     }
-
-    /// Never true: [`CaRoots::from_pem`] refuses an empty file.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 impl fmt::Debug for CaRoots {

@@ -9,8 +9,6 @@ use crate::cli::UsageError;
 use crate::config::ConfigError;
 use crate::state::StateError;
 
-/// Exit 0: done, or a clean stop.
-pub const EXIT_OK: u8 = 0;
 /// Exit 1: runtime failure.
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit 2: usage or configuration error.

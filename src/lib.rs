@@ -11,40 +11,45 @@
 //! token, the `Authorization` header, bodies and the environment are never logged,
 //! and `ureq`/`rustls` are capped at `warn` (their TRACE is wire level, unredacted).
 
-#![deny(missing_docs)]
-
-pub mod api;
-pub mod backend;
-pub mod backoff;
-pub mod cli;
-pub mod commands;
-pub mod completions;
-pub mod config;
-pub mod credentials;
-pub mod duration;
-pub mod error;
+mod api;
+mod backend;
+mod backoff;
+mod cli;
+mod commands;
+mod completions;
+mod config;
+mod credentials;
+mod duration;
+mod error;
 pub mod events;
-pub mod inbox;
-pub mod lru;
-pub mod metrics;
-pub mod notify;
-pub mod orphans;
+mod inbox;
+mod lru;
+mod metrics;
+mod notify;
+mod orphans;
 mod output;
-pub mod peers;
-pub mod runner;
+mod peers;
+mod runner;
 pub mod shutdown;
 pub mod signal;
-pub mod state;
+mod state;
 mod status_file;
 pub mod timestamp;
 pub mod uuid;
-pub mod wire;
+mod wire;
 
 use std::ffi::OsString;
 use std::io::Write;
 
 pub use error::Error;
+
+// What the integration tests use besides the public modules above.
+pub use api::{Client, ClientConfig};
+pub use config::Secret;
+pub use inbox::{classify, reply_envelope, reply_message_id};
 use output::write_quiet;
+pub use status_file::status_path;
+pub use wire::{ActivityRow, Heartbeat};
 
 /// `0.1.0 (1a2b3c4, x86_64-unknown-linux-musl)`: the crate version, the git commit it
 /// was built from (`-dirty` for uncommitted changes, `unknown` without git) and the

@@ -41,6 +41,7 @@ impl<K: Eq + Hash + Clone, V> Lru<K, V> {
     }
 
     /// Is it empty?
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }

@@ -135,6 +135,7 @@ impl PeerCache {
     }
 
     /// Stores a failed lookup of `id` at `now` (a negative entry).
+    #[cfg(test)]
     pub fn remember_failure(&self, id: &str, now: Instant) {
         if let Some(key) = key_of(id) {
             self.store(key, Entry::Failed, now);
@@ -184,6 +185,7 @@ impl PeerCache {
     }
 
     /// Is nothing cached?
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -279,6 +281,7 @@ impl Enrichment {
     }
 
     /// The cache behind this handle.
+    #[cfg(test)]
     pub fn cache(&self) -> &Arc<PeerCache> {
         &self.cache
     }

@@ -510,11 +510,13 @@ impl Store {
     }
 
     /// Number of keys in the ledger.
+    #[cfg(test)]
     pub fn handled_len(&self) -> usize {
         self.handled.len()
     }
 
     /// The state file.
+    #[cfg(test)]
     pub fn path(&self) -> &Path {
         &self.path
     }

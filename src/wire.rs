@@ -18,9 +18,6 @@ pub struct RegisterRequest<'a> {
 /// `POST /registry/register` answer.
 #[derive(Debug, Default, Deserialize)]
 pub struct RegisterResponse {
-    /// `"registered"`.
-    #[serde(default)]
-    pub status: Option<String>,
     /// The effective mode; must be `"poll"`.
     #[serde(default)]
     pub delivery_mode: Option<String>,
@@ -58,27 +55,15 @@ pub struct ActivityRow {
     /// Row id, the cursor value.
     #[serde(default)]
     pub id: String,
-    /// `a2a_receive`, ...
-    #[serde(default)]
-    pub activity_type: Option<String>,
     /// Sender workspace; null for canvas users.
     #[serde(default)]
     pub source_id: Option<String>,
     /// JSON-RPC method or a marker (`notify`, `delegate_result`, ...).
     #[serde(default)]
     pub method: Option<String>,
-    /// Human summary, informational.
-    #[serde(default)]
-    pub summary: Option<String>,
     /// The normalised JSON-RPC envelope; absent for notify echoes.
     #[serde(default)]
     pub request_body: Option<Value>,
-    /// Response body, when recorded.
-    #[serde(default)]
-    pub response_body: Option<Value>,
-    /// Row status.
-    #[serde(default)]
-    pub status: Option<String>,
     /// RFC 3339 timestamp.
     #[serde(default)]
     pub created_at: Option<String>,
@@ -91,15 +76,6 @@ pub struct ActivityRow {
     /// With `include=peer_info`.
     #[serde(default)]
     pub peer_role: Option<String>,
-}
-
-/// A message part as sent: `kind` is the A2A discriminator.
-#[derive(Debug, Clone, Serialize)]
-pub struct TextPart<'a> {
-    /// Always `"text"`.
-    pub kind: &'a str,
-    /// The text.
-    pub text: &'a str,
 }
 
 /// `POST /workspaces/:id/notify` body (§API-2.13).
@@ -190,12 +166,6 @@ pub struct ErrorBody {
     /// 503 on /a2a: target busy.
     #[serde(default)]
     pub busy: Option<bool>,
-    /// 503 on /a2a: target restarting.
-    #[serde(default)]
-    pub restarting: Option<bool>,
-    /// 503 on /a2a: target waking.
-    #[serde(default)]
-    pub waking: Option<bool>,
     /// Machine code (`TENANT_ORG_HEADER_REQUIRED`, ...).
     #[serde(default)]
     pub code: Option<String>,

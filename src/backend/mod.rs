@@ -383,6 +383,7 @@ impl BackendSpec {
     }
 
     /// The backend's name, as `--backend` spells it.
+    #[cfg(test)]
     pub fn name(&self) -> &str {
         match self {
             Self::Exec(b) => b.name(),

@@ -79,6 +79,7 @@ pub struct WorkerBackend {
 impl WorkerBackend {
     /// Builds the backend from `--backend-opt` pairs; `cmd` is required, `workers`
     /// defaults to `concurrency` (`--concurrency`).
+    #[cfg(test)]
     pub fn from_opts(
         opts: &BTreeMap<String, String>,
         concurrency: usize,

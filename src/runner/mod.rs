@@ -37,10 +37,7 @@ use crate::shutdown::{Shutdown, StopReason, ThreadGuard};
 use crate::signal::{self, Signal};
 use crate::state::{self, InstanceLock, StateError, Store};
 
-pub use crate::status_file::status_path;
-pub use status::{RuntimeStatus, SharedStatus, WEDGE_AFTER};
-pub use supervise::METRICS_EVERY;
-
+use status::{RuntimeStatus, SharedStatus};
 use supervise::{Progress, Supervisor, Watched};
 
 /// After the drain timeout: time between SIGTERM and SIGKILL of the backends.

@@ -197,14 +197,6 @@ impl RuntimeStatus {
         (s.counters.clone(), s.active_tasks, s.wedged())
     }
 
-    /// Is the backend failing repeatedly?
-    pub fn is_wedged(shared: &SharedStatus) -> bool {
-        shared
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .wedged()
-    }
-
     /// The heartbeat body for `workspace_id`, at `now`.
     pub fn heartbeat(shared: &SharedStatus, workspace_id: &str, now: Instant) -> Heartbeat {
         let s = shared.lock().unwrap_or_else(PoisonError::into_inner);

@@ -67,7 +67,7 @@ fn send_body_validates() {
 
 #[test]
 fn reply_with_file_and_data_parts_validates() {
-    let inbound_row: molecule::wire::ActivityRow = serde_json::from_value(json!({
+    let inbound_row: molecule::ActivityRow = serde_json::from_value(json!({
         "id": "33333333-3333-4333-8333-333333333333",
         "source_id": "22222222-2222-4222-8222-222222222222",
         "method": "message/send",
@@ -76,14 +76,13 @@ fn reply_with_file_and_data_parts_validates() {
             "parts":[{"kind":"text","text":"hi"}]}}}
     }))
     .unwrap();
-    let inbound =
-        molecule::inbox::classify(&inbound_row, "11111111-1111-4111-8111-111111111111").unwrap();
+    let inbound = molecule::classify(&inbound_row, "11111111-1111-4111-8111-111111111111").unwrap();
     let parts = [
         json!({"kind":"file","file":{"uri":"https://x/y.pdf","name":"y.pdf","mimeType":"application/pdf"}}),
         json!({"kind":"data","data":{"score":1}}),
     ];
     for text in ["answer", ""] {
-        let body = molecule::inbox::reply_envelope("mid", text, &parts, &inbound);
+        let body = molecule::reply_envelope("mid", text, &parts, &inbound);
         assert_valid(&body);
         assert_eq!(body["params"]["message"]["contextId"], "c-1");
     }

@@ -77,7 +77,7 @@ fn acks_are_monotonic_and_never_pass_an_unfinished_row() {
             );
         }
     }
-    let status = molecule::runner::status_path(&dir.path().join("state"), &a.id);
+    let status = molecule::status_path(&dir.path().join("state"), &a.id);
     let doc: Value = serde_json::from_slice(&std::fs::read(status).unwrap()).unwrap();
     assert!(doc["last_acked_seq"].as_i64() >= Some(fast_seq), "{doc}");
 }

@@ -36,8 +36,7 @@ fn peer_round_trip_with_kind_parts() {
         json!([{"kind": "text", "text": "echo: hello"}])
     );
     assert_eq!(msg["metadata"]["in_reply_to"], inbound["message_id"]);
-    let expected_id =
-        molecule::inbox::reply_message_id(&a.id, inbound["activity_id"].as_str().unwrap());
+    let expected_id = molecule::reply_message_id(&a.id, inbound["activity_id"].as_str().unwrap());
     assert_eq!(
         msg["messageId"],
         expected_id.as_str(),
@@ -80,7 +79,7 @@ fn peer_round_trip_with_type_parts_and_exec_backend() {
     assert_eq!(msg["parts"][0]["kind"], "text");
     assert_eq!(msg["role"], "user");
     assert_eq!(msg["metadata"]["in_reply_to"], inbound["message_id"]);
-    let id = molecule::inbox::reply_message_id(&a.id, inbound["activity_id"].as_str().unwrap());
+    let id = molecule::reply_message_id(&a.id, inbound["activity_id"].as_str().unwrap());
     assert_eq!(msg["messageId"], id.as_str());
 }
 
@@ -505,7 +504,7 @@ fn saved_reply_is_posted_after_a_crash_without_running_the_backend_again() {
     );
     let got = wait_received(&emu, &b.id, 1, &c);
     assert_eq!(got[0]["text"], "saved answer");
-    let id = molecule::inbox::reply_message_id(&a.id, row);
+    let id = molecule::reply_message_id(&a.id, row);
     assert_eq!(
         got[0]["body"]["params"]["message"]["messageId"],
         id.as_str()

@@ -48,7 +48,7 @@ fn jsonl(dir: &TempDir, ws: &str) -> PathBuf {
 }
 
 fn status_file(dir: &TempDir, ws: &str) -> Option<Value> {
-    let p = molecule::runner::status_path(&dir.path().join("state"), ws);
+    let p = molecule::status_path(&dir.path().join("state"), ws);
     serde_json::from_slice(&std::fs::read(p).ok()?).ok()
 }
 

@@ -4,10 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use molecule::api::{Client, ClientConfig};
-use molecule::config::Secret;
 use molecule::events::{ACTIVITY_LOGGED, End, EventStream, TICK, WORKSPACE_HEARTBEAT};
 use molecule::shutdown::Shutdown;
+use molecule::{Client, ClientConfig, Secret};
 use serde_json::json;
 
 use crate::support::*;
@@ -47,7 +46,7 @@ fn stream_carries_the_platform_events_and_outlives_quiet_ticks() {
         assert!(ev.data["summary"].as_str().unwrap().ends_with(summary));
     }
     let c = client(&emu, &a);
-    c.heartbeat(&molecule::wire::Heartbeat {
+    c.heartbeat(&molecule::Heartbeat {
         workspace_id: a.id.clone(),
         error_rate: 0.0,
         sample_error: String::new(),

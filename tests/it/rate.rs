@@ -68,7 +68,7 @@ fn workspaces_sharing_an_org_bucket_stay_under_the_limit() {
     for ws in wss {
         let beats = emu.heartbeats(ws)["count"].as_u64().unwrap();
         assert!(beats >= 3, "workspace {ws}: {beats} heartbeats");
-        let path = molecule::runner::status_path(state, ws);
+        let path = molecule::status_path(state, ws);
         let doc: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
         assert_eq!(doc["rate_budget"]["limit"], 120, "{doc}");
         assert_eq!(doc["rate_budget"]["workspaces"], 4, "{doc}");

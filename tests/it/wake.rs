@@ -28,7 +28,7 @@ fn wait_streams(emu: &Emulator, ws: &str, n: u64, c: &Connector) {
 }
 
 fn status(c: &Connector) -> Value {
-    let path = molecule::runner::status_path(&c.dir.path().join("state"), &c.ws.id);
+    let path = molecule::status_path(&c.dir.path().join("state"), &c.ws.id);
     serde_json::from_slice(&std::fs::read(path).unwrap_or_default()).unwrap_or(Value::Null)
 }
 
