@@ -1,11 +1,37 @@
-//! `molecule`: attach a local AI agent to a Molecule AI workspace in poll mode.
+//! `molecule`: attach a local AI agent to a Molecule AI workspace in poll mode, and
+//! give shell agents the platform calls they need.
 //!
-//! `connect` registers the workspace in poll mode, heartbeats on its own thread,
-//! polls the inbox on another, hands each inbound A2A message to a backend (`exec`,
-//! `claude-code`, `mock`) and posts the reply: to a peer as a new `message/send`, to
-//! the canvas user through `/notify`. The cursor is saved only after a message is
-//! handled, and replies carry a deterministic `messageId`, so a crash neither loses
-//! nor double-answers a message.
+//! # Where things are
+//! - Entry: `main.rs` calls [`parse_args`] and [`run`] here; `cli` turns argv into
+//!   raw arguments (help texts in `cli/`), `config` resolves them with the
+//!   environment into checked settings, `error` maps failures to exit codes.
+//! - `connect`: `runner` starts and stops the threads of each workspace
+//!   (`runner/mod.rs`), one file per thread: `register`, `heartbeat`, `poll` (with
+//!   the pure `order`), `dispatch` (the workers), `wake` (event stream, read by
+//!   `events`), `delegations/`, `broadcasts`, `supervise`; `report` writes the
+//!   `status_file`.
+//! - The platform: `api` (one `Client` method per endpoint), `credentials` (the
+//!   token and where it came from), `wire` (its JSON shapes), `inbox` (what a row
+//!   means, and the A2A message we send back), `peers` (names of other workspaces).
+//! - The agent: `backend` (`exec`, `claude-code`, `mock`, long-lived workers);
+//!   `orphans` ends backend process groups a crash left behind.
+//! - On disk: `state` (cursor, handled ledger, pending replies, the lock),
+//!   `status_file` (what `molecule status` reads), `metrics` (its Prometheus text).
+//! - The process: `shutdown` (the stop flag every thread follows), `signal`
+//!   (handlers, kill), `notify` (systemd/s6 readiness and status).
+//! - One-shot commands (`send`, `status`, `doctor`, ...): `commands`, one file each;
+//!   `completions` (shell completions, man page); `output` (writing to stdout).
+//! - Small pure helpers: `backoff`, `lru`, `duration`, `timestamp`, `uuid`.
+//!
+//! # One message, end to end
+//! `runner::poll` fetches the inbox (`GET /workspaces/<id>/activity`) through
+//! `api::Client`, and `inbox::classify` turns each row into an `Inbound` or a skip;
+//! `order` queues it behind its sender's earlier messages. A `dispatch::Worker` runs
+//! the `backend`, saves the reply durably in `state`, posts it
+//! (`inbox::reply_envelope` to a peer, `/notify` for the canvas user) and records
+//! the row as done. When every earlier row is finished the poll thread moves the
+//! saved cursor past it, so a crash neither loses nor double-answers a message
+//! (replies carry a deterministic `messageId`).
 //!
 //! Log policy: logs go to stderr. `debug` is one line per request or message; the
 //! token, the `Authorization` header, bodies and the environment are never logged,
@@ -42,12 +68,12 @@ use std::ffi::OsString;
 use std::io::Write;
 
 pub use error::Error;
+use output::write_quiet;
 
 // What the integration tests use besides the public modules above.
 pub use api::{Client, ClientConfig};
 pub use config::Secret;
 pub use inbox::{classify, reply_envelope, reply_message_id};
-use output::write_quiet;
 pub use status_file::status_path;
 pub use wire::{ActivityRow, Heartbeat};
 
