@@ -36,6 +36,9 @@ pub(super) const STATE_RETRY: Backoff = Backoff {
 
 /// How far the platform's clock may be behind ours when matching a notify echo.
 const ECHO_CLOCK_SLACK_US: i64 = 2_000_000;
+/// The echo lookup reads at most this many pages of this many rows.
+const ECHO_PAGES: u32 = 8;
+const ECHO_PAGE: u32 = 500;
 
 /// A conversation that has been quiet this long starts counting from zero again.
 const QUIET_RESET: Duration = Duration::from_secs(600);
@@ -352,24 +355,51 @@ impl Worker {
         let secs = u64::try_from(now_us.saturating_sub(from_us) / 1_000_000)
             .unwrap_or(0)
             .saturating_add(2);
-        let rows = self
-            .ctx
-            .client
-            .activity_raw(&crate::api::Since::Secs(secs), 500, 8 * 1024 * 1024)
-            .map_err(|e| log::warn!("looking for the canvas reply's echo: {e}"))
-            .ok()?;
-        rows.iter()
-            .find(|r| {
-                r.get("method").and_then(Value::as_str) == Some("notify")
-                    && r.get("source_id").is_none_or(Value::is_null)
-                    && r.pointer("/response_body/result").and_then(Value::as_str)
-                        == Some(text.as_str())
-                    && r.get("created_at")
-                        .and_then(Value::as_str)
-                        .and_then(crate::timestamp::parse_rfc3339)
-                        .is_some_and(|t| t >= from_us)
-            })
-            .and_then(|r| r.get("id").and_then(Value::as_str).map(str::to_string))
+        let created_us = |r: &Value| {
+            r.get("created_at")
+                .and_then(Value::as_str)
+                .and_then(crate::timestamp::parse_rfc3339)
+        };
+        let is_echo = |r: &Value| {
+            r.get("method").and_then(Value::as_str) == Some("notify")
+                && r.get("source_id").is_none_or(Value::is_null)
+                && r.pointer("/response_body/result").and_then(Value::as_str) == Some(text.as_str())
+                && created_us(r).is_some_and(|t| t >= from_us)
+        };
+        // A busy inbox can hold more than a page of rows newer than the post: page
+        // backwards (newest first, `before_ts`) until the rows are older than it.
+        let mut since = crate::api::Since::Secs(secs);
+        for _ in 0..ECHO_PAGES {
+            let rows = self
+                .ctx
+                .client
+                .activity_raw(&since, ECHO_PAGE, 8 * 1024 * 1024)
+                .map_err(|e| log::warn!("looking for the canvas reply's echo: {e}"))
+                .ok()?;
+            if let Some(echo) = rows.iter().find(|r| is_echo(r)) {
+                return echo.get("id").and_then(Value::as_str).map(str::to_string);
+            }
+            let oldest = rows.last().and_then(created_us)?;
+            if rows.len() < ECHO_PAGE as usize || oldest < from_us {
+                return None;
+            }
+            // One microsecond later, so rows sharing the page's oldest timestamp come
+            // again rather than being skipped; a page that all shares it steps past.
+            let before = match &since {
+                crate::api::Since::Before(_, b)
+                    if crate::timestamp::parse_rfc3339(b) == Some(oldest.saturating_add(1)) =>
+                {
+                    oldest
+                }
+                _ => oldest.saturating_add(1),
+            };
+            since = crate::api::Since::Before(secs, crate::timestamp::rfc3339(before));
+        }
+        log::warn!(
+            "looking for the canvas reply's echo: more than {} rows since the post; posting again",
+            ECHO_PAGES * ECHO_PAGE
+        );
+        None
     }
 
     /// One more message answered (or deliberately not answered) for the status file;

@@ -930,6 +930,41 @@ fn a_recorded_process_group_that_is_no_longer_ours_is_not_signalled() {
 }
 
 #[test]
+fn a_lost_canvas_answer_is_found_behind_more_than_a_page_of_newer_rows() {
+    let Pair { emu, a, b, dir } = Test::new().pair();
+    // The reply is shown, its answer held back for a while and then lost; meanwhile
+    // 600 peer messages arrive, so the echo is not on the newest page any more.
+    emu.fault(
+        json!({"method": "POST", "path_prefix": format!("/workspaces/{}/notify", a.id),
+                     "after": true, "delay_ms": 2000, "drop": true}),
+    );
+    emu.say(&a.id, None, "shown once");
+    let mut c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    wait_until(
+        WAIT,
+        "the canvas reply shown and its answer held",
+        &c,
+        || (emu.get("/_admin/faults")["held"].as_u64() > Some(0)).then_some(()),
+    );
+    let messages: Vec<Value> = (0..600)
+        .map(|i| json!({"from": b.id, "text": format!("p{i:03}")}))
+        .collect();
+    let v = emu.post(
+        &format!("/_admin/workspaces/{}/enqueue_batch", a.id),
+        json!({ "messages": messages }),
+    );
+    assert_eq!(v["results"].as_array().unwrap().len(), 600, "{v}");
+    wait_received(&emu, &b.id, 600, &c);
+    let notes: Vec<Value> = emu
+        .notifies(&a.id)
+        .iter()
+        .map(|n| n["message"].clone())
+        .collect();
+    assert_eq!(notes, [json!("echo: shown once")], "{}", c.stderr());
+    assert_eq!(c.stop().code(), Some(0));
+}
+
+#[test]
 fn a_canvas_reply_whose_answer_was_lost_is_not_posted_again() {
     let emu = Emulator::start();
     let (a, _) = emu.pair();
