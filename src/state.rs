@@ -2,8 +2,8 @@
 //! state file is saved atomically (temp file in the same directory, fsync, rename,
 //! fsync of the directory; file 0600, directory 0700) with the Go CLI's path and core
 //! fields (`<state-dir>/<workspace-id>.json` with `workspace_id`, `last_since_id`), so
-//! users can switch; between checkpoints changes go to an fsynced append-only
-//! journal. Also the single-instance lock. No network.
+//! users can switch; between checkpoints changes go to an append-only journal (a
+//! saved reply fsynced before it is posted). Also the single-instance lock. No network.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -210,9 +210,10 @@ enum Record {
 }
 
 /// The connector's durable memory: cursor, handled-message ledger and pending
-/// replies. Changes are appended to a journal (`<id>.journal`, one fsynced line
-/// each) and folded into the state file at checkpoints, so a message costs two small
-/// appends instead of two rewrites of the whole file.
+/// replies. Changes are appended to a journal (`<id>.journal`, one line each, a
+/// saved reply fsynced at once) and folded into the state file at checkpoints, so a
+/// message costs two small appends and at most one fsync instead of two rewrites of
+/// the whole file.
 #[derive(Debug)]
 pub struct Store {
     path: PathBuf,
@@ -421,7 +422,11 @@ impl Store {
         }
     }
 
-    fn append(&mut self, record: Record) -> Result<(), StateError> {
+    /// Appends `record`; `durable` fsyncs it before returning. Without, the line is in
+    /// the page cache (it survives the process, not a power cut) and becomes durable
+    /// with the next durable append or checkpoint, whichever comes first: the journal
+    /// is one file, so an fsync covers every line before it.
+    fn append(&mut self, record: Record, durable: bool) -> Result<(), StateError> {
         let mut line = serde_json::to_vec(&record).map_err(|e| StateError::Io {
             path: self.journal_path.clone(),
             source: io::Error::other(e),
@@ -430,7 +435,13 @@ impl Store {
         let written = self
             .check_writable()
             .and_then(|()| self.journal.write_all(&line))
-            .and_then(|()| self.journal.sync_data());
+            .and_then(|()| {
+                if durable {
+                    self.journal.sync_data()
+                } else {
+                    Ok(())
+                }
+            });
         if let Err(source) = written {
             // A short write (full disk) must not leave half a line in the middle of
             // the journal: cut it back to the last whole record.
@@ -460,20 +471,34 @@ impl Store {
         Ok(())
     }
 
-    /// Durably records a reply that is about to be posted for `row`.
+    /// Durably records a reply that is about to be posted for `row`: once this
+    /// returns, a crash or power cut cannot lose it.
     pub fn record_reply(&mut self, row: &str, reply: PendingReply) -> Result<(), StateError> {
-        self.append(Record::Reply {
-            row: row.to_string(),
-            reply,
-        })
+        self.append(
+            Record::Reply {
+                row: row.to_string(),
+                reply,
+            },
+            true,
+        )
     }
 
-    /// Durably records that `row` is finished; `keys` go into the ledger.
+    /// Records that `row` is finished; `keys` go into the ledger. Not fsynced on its
+    /// own (one fsync per message instead of two): the next saved reply or the
+    /// checkpoint that saves the cursor past `row` makes it durable, so neither gets
+    /// ahead of it on disk. A process crash loses nothing (the line is in the page
+    /// cache); a power cut before that fsync redelivers
+    /// the row, which is the crash-after-post case the journal already covers: its
+    /// saved reply goes out again under the same `messageId` (a canvas reply only if
+    /// its echo is absent), never the backend's second answer.
     pub fn record_done(&mut self, row: &str, keys: Vec<String>) -> Result<(), StateError> {
-        self.append(Record::Done {
-            row: row.to_string(),
-            keys,
-        })
+        self.append(
+            Record::Done {
+                row: row.to_string(),
+                keys,
+            },
+            false,
+        )
     }
 
     /// The reply saved for `row` and not yet confirmed posted, if any.
