@@ -13,11 +13,11 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use super::helpers::HELPERS;
 use super::{
     Backend, BackendError, EXIT_NO_REPLY, EXIT_RETRY_LATER, Outcome, Reply, Request, RunHandle,
 };
@@ -49,9 +49,6 @@ const INLINE_INPUT: usize = 4096;
 /// Read chunk for the output pipes, on the helper's stack: a heap buffer this size is
 /// an mmap and munmap per pipe per message.
 const CHUNK: usize = 16 * 1024;
-/// Stack of a helper thread (read loops and a wait: shallow); the 2 MiB default costs
-/// more to map and unmap per message.
-const HELPER_STACK: usize = 128 * 1024;
 /// First words that are shell syntax or builtins: `check` can't resolve them on PATH.
 const SHELL_WORDS: &[&str] = &[
     "!", ".", ":", "[", "[[", "{", "}", "alias", "bg", "break", "case", "cd", "command",
@@ -298,7 +295,6 @@ impl ExecBackend {
         let (done_tx, done_rx) = mpsc::channel::<Infallible>();
         let stdout_buf = Arc::new(Mutex::new(Capture::default()));
         let stderr_buf = Arc::new(Mutex::new(Vec::new()));
-        let mut helpers = Vec::new();
         let spawned = (|| -> io::Result<()> {
             if let Some(mut stdin) = child.stdin.take() {
                 if input.len() <= INLINE_INPUT {
@@ -307,11 +303,11 @@ impl ExecBackend {
                     let _ = stdin.write_all(&input);
                 } else {
                     let tx = done_tx.clone();
-                    helpers.push(spawn("exec-stdin", move || {
+                    HELPERS.run(move || {
                         let _ = stdin.write_all(&input);
                         drop(stdin);
                         drop(tx);
-                    })?);
+                    })?;
                 }
             }
             if let Some(stdout) = child.stdout.take() {
@@ -320,21 +316,21 @@ impl ExecBackend {
                     Arc::clone(&stdout_buf),
                     self.settings.max_output,
                 );
-                helpers.push(spawn("exec-stdout", move || {
+                HELPERS.run(move || {
                     if read_capped(stdout, cap, &buf) {
                         // Past max_output the reply is lost anyway: end the command
                         // now instead of letting it run (`yes`) until the timeout.
                         let _ = kill_process_group(pgid, SIGKILL);
                     }
                     drop(tx);
-                })?);
+                })?;
             }
             if let Some(stderr) = child.stderr.take() {
                 let (tx, buf) = (done_tx.clone(), Arc::clone(&stderr_buf));
-                helpers.push(spawn("exec-stderr", move || {
+                HELPERS.run(move || {
                     read_tail(stderr, STDERR_KEEP, &buf);
                     drop(tx);
-                })?);
+                })?;
             }
             Ok(())
         })();
@@ -349,10 +345,8 @@ impl ExecBackend {
         // The waiter owns the child so this thread can wait with a timeout on a channel
         // instead of polling `try_wait`.
         let (status_tx, status_rx) = mpsc::channel::<WaitResult>();
-        let waiter = thread::Builder::new()
-            .name("exec-wait".into())
-            .stack_size(HELPER_STACK)
-            .spawn(move || {
+        HELPERS
+            .run(move || {
                 let r = child.wait();
                 let _ = status_tx.send(r);
             })
@@ -360,13 +354,12 @@ impl ExecBackend {
                 // The closure (and the child in it) is gone; the guard kills the group.
                 BackendError::Spawn(format!("cannot start a helper thread: {e}"))
             })?;
-        helpers.push(waiter);
 
         let started = Instant::now();
         let (status, timed_out) = self.wait_for_exit(&status_rx, pgid);
         // The command is gone, but a background process may still hold the pipes.
         let left = self.settings.timeout.saturating_sub(started.elapsed());
-        self.drain(&done_rx, helpers, pgid, DRAIN_AFTER_EXIT.min(left));
+        self.drain(&done_rx, pgid, DRAIN_AFTER_EXIT.min(left));
 
         let stdout =
             std::mem::take(&mut *stdout_buf.lock().unwrap_or_else(PoisonError::into_inner));
@@ -424,25 +417,14 @@ impl ExecBackend {
     }
 
     /// After the command exited: gives its pipes `first` to reach EOF, then kills the
-    /// group (a background process holding a pipe) and waits once more. Joins the
-    /// helpers when they are done.
-    fn drain(
-        &self,
-        done: &Receiver<Infallible>,
-        helpers: Vec<JoinHandle<()>>,
-        pgid: u32,
-        first: Duration,
-    ) {
+    /// group (a background process holding a pipe) and waits once more.
+    fn drain(&self, done: &Receiver<Infallible>, pgid: u32, first: Duration) {
         let mut drained = wait_done(done, first);
         if !drained {
             let _ = kill_process_group(pgid, SIGKILL);
             drained = wait_done(done, DRAIN_AFTER_KILL);
         }
-        if drained {
-            for h in helpers {
-                let _ = h.join();
-            }
-        } else {
+        if !drained {
             log::warn!(
                 "{}: a process outside the command's group still holds its pipes; not waiting for it",
                 self.name
@@ -542,13 +524,6 @@ type WaitResult = io::Result<ExitStatus>;
 fn kill_and_reap(pgid: u32, child: &mut Child) {
     let _ = kill_process_group(pgid, SIGKILL);
     let _ = child.wait();
-}
-
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
-    thread::Builder::new()
-        .name(name.into())
-        .stack_size(HELPER_STACK)
-        .spawn(f)
 }
 
 /// Waits until every helper has dropped its sender, for at most `d`.
@@ -805,6 +780,7 @@ mod tests {
     use crate::backend::Origin;
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicU32, Ordering};
+    use std::thread;
 
     fn opts(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

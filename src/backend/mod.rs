@@ -3,6 +3,7 @@
 //! the runner decides what to do with their outcome.
 
 mod exec;
+mod helpers;
 mod mock;
 mod worker;
 
