@@ -2,7 +2,9 @@
 //! fresh messages, and name-based v5 ids for replies that must be the same after a
 //! restart. No I/O beyond reading the OS random source; no clocks.
 
+use std::fs::File;
 use std::io::Read;
+use std::sync::OnceLock;
 
 /// Is `s` a UUID in the canonical 8-4-4-4-12 hex form (any case)?
 ///
@@ -85,10 +87,13 @@ pub fn v5(namespace: &str, name: &str) -> String {
 /// mix when `/dev/urandom` is unreadable (a broken chroot), which still gives ids
 /// that differ between calls and processes.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
+    // Opened once: a fresh id per reply would otherwise cost an open and a close too.
+    static URANDOM: OnceLock<Option<File>> = OnceLock::new();
     let mut out = [0u8; N];
-    let ok = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut out))
-        .is_ok();
+    let ok = URANDOM
+        .get_or_init(|| File::open("/dev/urandom").ok())
+        .as_ref()
+        .is_some_and(|mut f| f.read_exact(&mut out).is_ok());
     if !ok {
         let mut seed = fallback_seed();
         for byte in out.iter_mut() {
@@ -146,12 +151,14 @@ fn hex_val(c: u8) -> Option<u8> {
 }
 
 fn format_uuid(b: &[u8; 16]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(36);
     for (i, byte) in b.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
             s.push('-');
         }
-        s.push_str(&format!("{byte:02x}"));
+        s.push(char::from(HEX[usize::from(byte >> 4)]));
+        s.push(char::from(HEX[usize::from(byte & 0x0f)]));
     }
     s
 }
