@@ -4,6 +4,7 @@
 //! stops intake.
 
 use std::path::PathBuf;
+use std::sync::mpsc::{SendError, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +18,7 @@ use crate::shutdown::{Shutdown, StopReason};
 use crate::state::{PendingReply, Store};
 
 use super::auth::{AuthVerdict, after_unauthorized};
+use super::sent;
 use super::status::{RuntimeStatus, SharedStatus};
 
 /// "Retry later" (exit 75) runs allowed per message before it counts as a failure.
@@ -114,6 +116,8 @@ pub struct Context {
     pub conversations: Conversations,
     /// `<state-dir>/<id>.deadletter.jsonl`.
     pub dead_letter_path: PathBuf,
+    /// The queue of `a2a_send` self-reports (see [`super::sent`]).
+    pub sent: SyncSender<sent::Report>,
 }
 
 /// How a message ended.
@@ -571,9 +575,16 @@ impl Worker {
                     env["params"]["message"]["metadata"]["molecule_error"] = json!(true);
                 }
                 let answer = client.send_a2a(peer, &env)?;
-                // Our side of the conversation, for `molecule history` (best effort).
-                if let Err(e) = client.self_report(&inbox::send_report(peer, &env)) {
-                    log::debug!("row {}: a2a_send self-report failed: {e}", msg.activity_id);
+                // Our side of the conversation, for `molecule history` (best effort),
+                // posted by the self-report thread while the next message starts.
+                let report = sent::Report {
+                    row: msg.activity_id.clone(),
+                    body: inbox::send_report(peer, &env),
+                };
+                if let Err(SendError(report)) = self.ctx.sent.send(report) {
+                    // No report thread (it ends only after the workers; unit tests
+                    // have none): post it here.
+                    sent::post(client.as_ref(), &report);
                 }
                 if answer.is_queued() {
                     log::info!("row {}: reply {id} queued for peer {peer}", msg.activity_id);
@@ -863,6 +874,8 @@ mod tests {
                 reply_to_replies: false,
                 conversations: Conversations::new(10),
                 dead_letter_path: dir.join("dead.jsonl"),
+                // No report thread: reports are posted inline.
+                sent: sent::queue().0,
             });
             Setup {
                 worker: Worker::new(ctx, RunHandle::new()),

@@ -15,6 +15,7 @@ mod poll;
 mod rate;
 mod register;
 mod report;
+mod sent;
 mod status;
 mod supervise;
 mod wake;
@@ -711,6 +712,12 @@ impl Connected<'_> {
         events: &mpsc::Sender<poll::Event>,
     ) -> Result<mpsc::SyncSender<poll::Job>, Error> {
         let cfg = self.cfg;
+        let (sent_tx, sent_rx) = sent::queue();
+        let client = self.client.clone();
+        // Ends once the workers have (they hold the queue's senders), after the last report.
+        self.start("sent-reports", "sent-reports", move || {
+            sent::run(&client, &sent_rx);
+        })?;
         let ctx = Arc::new(dispatch::Context {
             client: Arc::new(self.client.clone()),
             backend: self.backend.clone(),
@@ -724,6 +731,7 @@ impl Connected<'_> {
                 .common
                 .state_dir
                 .join(format!("{}.deadletter.jsonl", cfg.workspace_id)),
+            sent: sent_tx,
         });
         let (jobs_tx, jobs_rx) = mpsc::sync_channel::<poll::Job>(cfg.concurrency);
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
