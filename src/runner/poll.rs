@@ -292,8 +292,9 @@ impl Poller {
             } else {
                 Duration::from_secs(3600)
             };
-            // The status file stays fresh between rare polls (event wake-ups).
-            wait = wait.min(crate::status_file::IDLE_EVERY);
+            // The status file stays fresh between rare polls (event wake-ups), and a
+            // change made just after a write is written within a second.
+            wait = wait.min(self.reporter.next_write_in());
             // The idle deadline only matters when nothing is running: a long backend
             // run must not turn this wait into a spin.
             if let Some(idle) = self.settings.idle_exit

@@ -26,6 +26,9 @@ pub struct Reporter {
     last_write: Option<Instant>,
     /// What the last write said, minus the times.
     fingerprint: String,
+    /// A change seen too soon after the last write, to be written once [`EVERY`]
+    /// has passed (see [`Reporter::next_write_in`]).
+    pending: bool,
     peers: Option<Arc<crate::peers::PeerCache>>,
     delegations: Option<Arc<super::delegations::Counters>>,
     /// Event-stream state and the safety-poll period used while it is up.
@@ -48,6 +51,7 @@ impl Reporter {
             started: SystemTime::now(),
             last_write: None,
             fingerprint: String::new(),
+            pending: false,
             peers: None,
             delegations: None,
             wake: None,
@@ -107,8 +111,12 @@ impl Reporter {
         in_flight: usize,
     ) {
         let (c, active, wedged) = RuntimeStatus::snapshot(status);
+        // The first successful poll and heartbeat count as changes: until they are
+        // written, `molecule status` says the connector has not polled yet.
         let fingerprint = format!(
-            "{}/{}/{}/{in_flight}/{active}/{wedged}/{cursor:?}/{}/{:?}/{}",
+            "{}/{}/{}/{}/{}/{in_flight}/{active}/{wedged}/{cursor:?}/{}/{:?}/{}",
+            c.last_poll_ok.is_some(),
+            c.last_heartbeat_ok.is_some(),
             c.handled,
             c.failed,
             c.dead_lettered,
@@ -125,10 +133,20 @@ impl Reporter {
             Some(s) if fingerprint != self.fingerprint => s >= EVERY,
             Some(s) => s >= IDLE_EVERY,
         };
+        self.pending = !due && fingerprint != self.fingerprint;
         if due {
             self.fingerprint = fingerprint;
             self.write(status, requests, cursor, in_flight, RunState::Running, None);
         }
+    }
+
+    /// How long the caller of [`Reporter::maybe_write`] may wait before calling it
+    /// again without leaving a change unwritten for more than [`EVERY`] or the
+    /// file older than [`IDLE_EVERY`].
+    pub fn next_write_in(&self) -> Duration {
+        let every = if self.pending { EVERY } else { IDLE_EVERY };
+        self.last_write
+            .map_or(Duration::ZERO, |t| every.saturating_sub(t.elapsed()))
     }
 
     /// Rewrites the file now.
@@ -252,4 +270,36 @@ fn metrics_json(c: &Counters, requests: Option<&RequestStats>) -> Value {
         "backend_seconds": c.backend_seconds.to_json(),
         "inbound_to_reply_seconds": c.inbound_to_reply_seconds.to_json(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runner::status::RuntimeStatus;
+
+    #[test]
+    fn a_change_right_after_a_write_is_written_within_a_second() {
+        let dir = std::env::temp_dir().join(format!("molecule-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = RuntimeStatus::new(Instant::now());
+        let mut r = Reporter::new(&dir, "ws", Duration::from_secs(3600));
+        r.maybe_write(&status, None, None, 0);
+        let read = || StatusFile::read(&status_path(&dir, "ws")).unwrap().unwrap();
+        assert_eq!(read().last_poll_ok, None);
+        // Nothing changed: the next write is the idle refresh.
+        r.maybe_write(&status, None, None, 0);
+        assert!(r.next_write_in() > EVERY);
+        // The first poll succeeds just after the write: too soon to write it now,
+        // but the caller is told to come back within a second.
+        RuntimeStatus::count(&status, |c| c.last_poll_ok = Some(SystemTime::now()));
+        r.maybe_write(&status, None, None, 0);
+        assert_eq!(read().last_poll_ok, None);
+        assert!(r.next_write_in() <= EVERY);
+        r.last_write = r.last_write.and_then(|t| t.checked_sub(EVERY));
+        assert_eq!(r.next_write_in(), Duration::ZERO);
+        r.maybe_write(&status, None, None, 0);
+        assert!(read().last_poll_ok.is_some());
+        assert!(r.next_write_in() > EVERY);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
