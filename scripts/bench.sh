@@ -51,7 +51,11 @@ if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
   echo "bench: building release binaries" >&2
   cargo build --manifest-path "$ROOT/Cargo.toml" --release --quiet --bins
   if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
-    cargo build --manifest-path "$ROOT/Cargo.toml" --release --quiet \
+    # Built as scripts/release.sh builds it (std from source, optimised for size),
+    # so the size phase measures what ships.
+    CC_x86_64_unknown_linux_musl=${CC_x86_64_unknown_linux_musl:-musl-gcc} RUSTC_BOOTSTRAP=1 \
+      cargo build --manifest-path "$ROOT/Cargo.toml" --release --quiet \
+      -Zbuild-std=std,panic_abort -Zbuild-std-features=optimize_for_size \
       --target x86_64-unknown-linux-musl --bin molecule
   else
     echo "bench: the x86_64-unknown-linux-musl target is not installed; using an existing static binary if any" >&2
