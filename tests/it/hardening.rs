@@ -813,8 +813,14 @@ fn no_orphan_after_kill_9(backend: &str, opt: &str) {
     .collect();
     let _cleanup = KillOnDrop(old.clone());
     let running = dir.path().join("state").join(format!("{}.running", a.id));
-    let record = std::fs::read_to_string(&running).unwrap();
-    assert!(record.contains(&format!("\"pgid\":{}", old[0])), "{record}");
+    // The connector records the group just after the spawn returns; the agent may
+    // write its file first.
+    wait_until(WAIT, "the run's process group recorded", &c, || {
+        let record = std::fs::read_to_string(&running).ok()?;
+        record
+            .contains(&format!("\"pgid\":{}", old[0]))
+            .then_some(())
+    });
     c.signal("KILL");
     c.wait_exit(WAIT);
     assert!(
