@@ -483,21 +483,24 @@ impl Store {
         )
     }
 
-    /// Records that `row` is finished; `keys` go into the ledger. Not fsynced on its
-    /// own (one fsync per message instead of two): the next saved reply or the
-    /// checkpoint that saves the cursor past `row` makes it durable, so neither gets
-    /// ahead of it on disk. A process crash loses nothing (the line is in the page
-    /// cache); a power cut before that fsync redelivers
-    /// the row, which is the crash-after-post case the journal already covers: its
-    /// saved reply goes out again under the same `messageId` (a canvas reply only if
-    /// its echo is absent), never the backend's second answer.
+    /// Records that `row` is finished; `keys` go into the ledger. After a saved
+    /// reply this is not fsynced on its own (one fsync per message instead of two):
+    /// the next saved reply or the checkpoint that saves the cursor past `row` makes
+    /// it durable, so neither gets ahead of it on disk. A process crash loses nothing
+    /// (the line is in the page cache); a power cut before that fsync redelivers the
+    /// row, which is the crash-after-post case the journal already covers: its saved
+    /// reply goes out again under the same `messageId` (a canvas reply only if its
+    /// echo is absent), never the backend's second answer. A row finished without a
+    /// saved reply (no reply, a notice, dead-lettered) has no other durable record,
+    /// so its line is fsynced: a power cut must not run its backend again.
     pub fn record_done(&mut self, row: &str, keys: Vec<String>) -> Result<(), StateError> {
+        let durable = !self.pending.contains_key(row);
         self.append(
             Record::Done {
                 row: row.to_string(),
                 keys,
             },
-            false,
+            durable,
         )
     }
 
