@@ -53,6 +53,7 @@ if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
   if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
     # Built as scripts/release.sh builds it (std from source, optimised for size),
     # so the size phase measures what ships.
+    rustup component list --installed 2>/dev/null | grep -q '^rust-src' || rustup component add rust-src
     CC_x86_64_unknown_linux_musl=${CC_x86_64_unknown_linux_musl:-musl-gcc} RUSTC_BOOTSTRAP=1 \
       cargo build --manifest-path "$ROOT/Cargo.toml" --release --quiet \
       -Zbuild-std=std,panic_abort -Zbuild-std-features=optimize_for_size \
