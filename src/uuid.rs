@@ -87,14 +87,9 @@ pub fn v5(namespace: &str, name: &str) -> String {
 /// mix when `/dev/urandom` is unreadable (a broken chroot), which still gives ids
 /// that differ between calls and processes.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
-    // Opened once: a fresh id per reply would otherwise cost an open and a close too.
-    static URANDOM: OnceLock<Option<File>> = OnceLock::new();
+    static URANDOM: RandomSource<'static> = RandomSource::new("/dev/urandom");
     let mut out = [0u8; N];
-    let ok = URANDOM
-        .get_or_init(|| File::open("/dev/urandom").ok())
-        .as_ref()
-        .is_some_and(|mut f| f.read_exact(&mut out).is_ok());
-    if !ok {
+    if !URANDOM.fill(&mut out) {
         let mut seed = fallback_seed();
         for byte in out.iter_mut() {
             seed = splitmix64(seed);
@@ -102,6 +97,37 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
         }
     }
     out
+}
+
+/// A random device kept open once opened: a fresh id per reply would otherwise cost
+/// an open and a close too. Only a success is kept: an open that failed (a container
+/// whose `/dev` is not mounted yet) is tried again on the next call, so an early
+/// failure does not leave every later id on the fallback.
+struct RandomSource<'a> {
+    path: &'a str,
+    file: OnceLock<File>,
+}
+
+impl<'a> RandomSource<'a> {
+    const fn new(path: &'a str) -> Self {
+        RandomSource {
+            path,
+            file: OnceLock::new(),
+        }
+    }
+
+    /// Fills `out` from the device; `false` if it cannot be opened or read.
+    fn fill(&self, out: &mut [u8]) -> bool {
+        let file = match self.file.get() {
+            Some(f) => f,
+            None => match File::open(self.path) {
+                // Two threads may both open it; one file is kept, the other closed.
+                Ok(f) => self.file.get_or_init(|| f),
+                Err(_) => return false,
+            },
+        };
+        (&*file).read_exact(out).is_ok()
+    }
 }
 
 /// A random `u64`, for jitter seeds.
@@ -252,6 +278,24 @@ mod tests {
         assert_eq!(v5(ns, "a"), v5(ns, "a"));
         assert_ne!(v5(ns, "a"), v5(ns, "b"));
         assert!(is_uuid(&v5(ns, "a")));
+    }
+
+    #[test]
+    fn a_random_source_that_failed_to_open_is_opened_later() {
+        let dir = std::env::temp_dir().join(format!("molecule-uuid-{}", new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("urandom");
+        let source = RandomSource::new(path.to_str().unwrap());
+        let mut out = [0u8; 4];
+        assert!(!source.fill(&mut out), "no device yet");
+        std::fs::write(&path, [1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+        assert!(source.fill(&mut out), "the device appeared: opened now");
+        assert_eq!(out, [1, 2, 3, 4]);
+        // Kept open: the next read goes on where the last one ended.
+        std::fs::remove_file(&path).unwrap();
+        assert!(source.fill(&mut out));
+        assert_eq!(out, [5, 6, 7, 8]);
+        std::fs::remove_dir(&dir).unwrap();
     }
 
     #[test]
