@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::config::Secret;
 use crate::credentials::Credentials;
+use crate::uuid::WorkspaceId;
 use crate::wire::{
     ActivityRow, DelegateRequest, DelegateResponse, ErrorBody, Heartbeat, ManualHeartbeat,
     NotifyRequest, RegisterRequest, RegisterResponse,
@@ -32,6 +33,9 @@ pub const A2A_REQUEST_LIMIT: usize = 16 * 1024 * 1024;
 const SNIPPET_LEN: usize = 200;
 /// Longest wait a `Retry-After` may ask of us.
 const RETRY_AFTER_CAP: Duration = Duration::from_secs(300);
+/// Whole-request and connect limits of ordinary calls, unless configured.
+const TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What went wrong talking to the platform.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -307,8 +311,8 @@ impl SendAnswer {
 pub struct ClientConfig {
     /// Base URL without a trailing slash.
     pub api_url: String,
-    /// Our workspace id (a validated UUID).
-    pub workspace_id: String,
+    /// Our workspace id.
+    pub workspace_id: WorkspaceId,
     /// `X-Molecule-Org-Id`, when configured.
     pub org_id: Option<String>,
     /// Whole-request limit for ordinary calls. Defaults to 30 s.
@@ -362,13 +366,13 @@ impl fmt::Debug for CaRoots {
 
 impl ClientConfig {
     /// Defaults for everything but the URL and workspace.
-    pub fn new(api_url: &str, workspace_id: &str) -> Self {
+    pub fn new(api_url: &str, workspace_id: &WorkspaceId) -> Self {
         Self {
             api_url: api_url.trim_end_matches('/').to_string(),
-            workspace_id: workspace_id.to_string(),
+            workspace_id: workspace_id.clone(),
             org_id: None,
-            timeout: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(10),
+            timeout: TIMEOUT,
+            connect_timeout: CONNECT_TIMEOUT,
             send_timeout: Duration::from_secs(300),
             agent_card: None,
             ca_roots: None,
@@ -381,19 +385,25 @@ impl ClientConfig {
 pub struct Transport(ureq::Agent);
 
 impl Transport {
-    /// One agent with `cfg`'s timeouts, statuses left to us, and no redirects (the
+    /// One agent for many clients: the default timeouts, trusting `ca_roots` when
+    /// given (`--ca-file` is global).
+    pub fn shared(ca_roots: Option<&CaRoots>) -> Self {
+        Self::new(TIMEOUT, CONNECT_TIMEOUT, ca_roots)
+    }
+
+    /// One agent with these timeouts, statuses left to us, and no redirects (the
     /// token must not follow one).
-    pub fn new(cfg: &ClientConfig) -> Self {
+    fn new(timeout: Duration, connect_timeout: Duration, ca_roots: Option<&CaRoots>) -> Self {
         let mut tls = ureq::tls::TlsConfig::builder();
-        if let Some(roots) = &cfg.ca_roots {
+        if let Some(roots) = ca_roots {
             // ureq 3 takes either its built-in roots or a list of certificates, and
             // the built-in set holds trust anchors, not certificates: with a CA file,
             // that file is the trust store (as with curl's --cacert).
             tls = tls.root_certs(ureq::tls::RootCerts::Specific(roots.0.clone()));
         }
         let config = ureq::Agent::config_builder()
-            .timeout_global(Some(cfg.timeout))
-            .timeout_connect(Some(cfg.connect_timeout))
+            .timeout_global(Some(timeout))
+            .timeout_connect(Some(connect_timeout))
             .http_status_as_error(false)
             .max_redirects(0)
             .tls_config(tls.build())
@@ -647,7 +657,7 @@ impl Client {
     /// Builds the one agent. `HTTP(S)_PROXY`/`ALL_PROXY`/`NO_PROXY` from the
     /// environment are honoured (ureq's default).
     pub fn new(cfg: ClientConfig, credentials: impl Into<Credentials>) -> Self {
-        let transport = Transport::new(&cfg);
+        let transport = Transport::new(cfg.timeout, cfg.connect_timeout, cfg.ca_roots.as_ref());
         Self::with_transport(&transport, cfg, credentials)
     }
 
@@ -684,7 +694,7 @@ impl Client {
     }
 
     /// Our workspace id.
-    pub fn workspace_id(&self) -> &str {
+    pub fn workspace_id(&self) -> &WorkspaceId {
         &self.cfg.workspace_id
     }
 
@@ -783,7 +793,7 @@ impl Client {
 
     /// `POST /workspaces/<target>/a2a` with our `X-Workspace-ID` (§API-2.7). A
     /// queued answer is success; see [`SendAnswer::is_queued`].
-    pub fn send_a2a(&self, target: &str, body: &Value) -> Result<SendAnswer, ApiError> {
+    pub fn send_a2a(&self, target: &WorkspaceId, body: &Value) -> Result<SendAnswer, ApiError> {
         self.send_a2a_within(target, body, self.cfg.send_timeout)
     }
 
@@ -791,17 +801,11 @@ impl Client {
     /// one-shot `molecule send` gives each attempt what is left of its budget).
     pub fn send_a2a_within(
         &self,
-        target: &str,
+        target: &WorkspaceId,
         body: &Value,
         timeout: Duration,
     ) -> Result<SendAnswer, ApiError> {
         let op = "send";
-        if !crate::uuid::is_uuid(target) {
-            return Err(ApiError::Invalid {
-                op,
-                detail: format!("target {target:?} is not a UUID"),
-            });
-        }
         let bytes = serde_json::to_vec(body).map_err(|e| ApiError::Invalid {
             op,
             detail: e.to_string(),
@@ -878,14 +882,8 @@ impl Client {
 
     /// `GET /workspaces/<id>` (open route): tells a revoked token (200) from a removed
     /// workspace (410) after a 401 (§API-2.12).
-    pub fn workspace_info(&self, id: &str) -> Result<Value, ApiError> {
+    pub fn workspace_info(&self, id: &WorkspaceId) -> Result<Value, ApiError> {
         let op = "workspace info";
-        if !crate::uuid::is_uuid(id) {
-            return Err(ApiError::Invalid {
-                op,
-                detail: format!("workspace id {id:?} is not a UUID"),
-            });
-        }
         let path = format!("/workspaces/{id}");
         self.pace(op);
         let sent = self
@@ -912,15 +910,18 @@ impl Client {
 
     /// `GET /registry/discover/<target>` with our `X-Workspace-ID` (§API-2.9): an
     /// existence and access check. Never dial the URL it returns.
-    pub fn discover(&self, target: &str) -> Result<Value, ApiError> {
+    pub fn discover(&self, target: &WorkspaceId) -> Result<Value, ApiError> {
         self.discover_within(target, self.cfg.timeout)
     }
 
     /// [`Client::discover`] with a whole-request limit of `timeout` for this call: a
     /// background peer-name lookup gives up fast, a slow registry only delays names.
-    pub fn discover_within(&self, target: &str, timeout: Duration) -> Result<Value, ApiError> {
+    pub fn discover_within(
+        &self,
+        target: &WorkspaceId,
+        timeout: Duration,
+    ) -> Result<Value, ApiError> {
         let op = "discover";
-        check_uuid(op, "peer id", target)?;
         let path = format!("/registry/discover/{target}");
         self.pace(op);
         let sent = self
@@ -936,12 +937,11 @@ impl Client {
     /// `POST /workspaces/<own>/delegate` (§API-2.14).
     pub fn delegate(
         &self,
-        target: &str,
+        target: &WorkspaceId,
         task: &str,
         idempotency_key: Option<&str>,
     ) -> Result<DelegateResponse, ApiError> {
         let op = "delegate";
-        check_uuid(op, "target id", target)?;
         let body = DelegateRequest {
             target_id: target,
             task,
@@ -1149,7 +1149,7 @@ impl Client {
         let mut req = self.auth_headers(req).header("Accept", "application/json");
         if a2a {
             // Always together with Origin on /a2a: see §API-2.7.1's same-origin note.
-            req = req.header("X-Workspace-ID", &self.cfg.workspace_id);
+            req = req.header("X-Workspace-ID", self.cfg.workspace_id.as_str());
         }
         req
     }
@@ -1228,7 +1228,7 @@ impl Client {
 /// model: the code above it cannot tell). Kept to what they use.
 pub trait Platform: Send + Sync {
     /// Our workspace id.
-    fn workspace_id(&self) -> &str;
+    fn workspace_id(&self) -> &WorkspaceId;
     /// The base URL (for messages).
     fn api_url(&self) -> &str;
     /// The token in use and its source.
@@ -1245,9 +1245,9 @@ pub trait Platform: Send + Sync {
     /// See [`Client::ack`].
     fn ack(&self, seq: i64) -> Result<i64, ApiError>;
     /// See [`Client::workspace_info`].
-    fn workspace_info(&self, id: &str) -> Result<Value, ApiError>;
+    fn workspace_info(&self, id: &WorkspaceId) -> Result<Value, ApiError>;
     /// See [`Client::send_a2a`].
-    fn send_a2a(&self, target: &str, body: &Value) -> Result<SendAnswer, ApiError>;
+    fn send_a2a(&self, target: &WorkspaceId, body: &Value) -> Result<SendAnswer, ApiError>;
     /// See [`Client::self_report`].
     fn self_report(&self, row: &Value) -> Result<(), ApiError>;
     /// See [`Client::notify`].
@@ -1255,7 +1255,7 @@ pub trait Platform: Send + Sync {
 }
 
 impl Platform for Client {
-    fn workspace_id(&self) -> &str {
+    fn workspace_id(&self) -> &WorkspaceId {
         Client::workspace_id(self)
     }
     fn api_url(&self) -> &str {
@@ -1278,10 +1278,10 @@ impl Platform for Client {
     fn ack(&self, seq: i64) -> Result<i64, ApiError> {
         Client::ack(self, seq)
     }
-    fn workspace_info(&self, id: &str) -> Result<Value, ApiError> {
+    fn workspace_info(&self, id: &WorkspaceId) -> Result<Value, ApiError> {
         Client::workspace_info(self, id)
     }
-    fn send_a2a(&self, target: &str, body: &Value) -> Result<SendAnswer, ApiError> {
+    fn send_a2a(&self, target: &WorkspaceId, body: &Value) -> Result<SendAnswer, ApiError> {
         Client::send_a2a(self, target, body)
     }
     fn self_report(&self, row: &Value) -> Result<(), ApiError> {
@@ -1520,7 +1520,8 @@ fn read_list(op: &'static str, resp: Resp) -> Result<Vec<Value>, ApiError> {
     }
 }
 
-/// Ids go into URL paths only after this check (§API-1.7).
+/// A file id goes into a URL path only after this check (§API-1.7). Workspace ids
+/// need none: they arrive as [`WorkspaceId`], checked where they were read.
 fn check_uuid(op: &'static str, what: &str, id: &str) -> Result<(), ApiError> {
     if crate::uuid::is_uuid(id) {
         Ok(())

@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 
 use crate::backend::{Origin, Request};
-use crate::uuid::is_uuid;
+use crate::uuid::{WorkspaceId, is_uuid};
 use crate::wire::ActivityRow;
 
 /// A row we will hand to the backend.
@@ -14,7 +14,7 @@ pub struct Inbound {
     /// Activity row id (the cursor value).
     pub activity_id: String,
     /// Sender workspace, `None` for canvas users.
-    pub source_id: Option<String>,
+    pub source_id: Option<WorkspaceId>,
     /// Inbound `messageId`.
     pub message_id: Option<String>,
     /// `params.message.metadata.in_reply_to`: the message is itself a reply.
@@ -93,7 +93,7 @@ impl Inbound {
             api_url: api_url.to_string(),
             text: self.text.clone(),
             other_parts: self.other_parts.clone(),
-            caller_id: self.source_id.clone(),
+            caller_id: self.source_id.as_ref().map(WorkspaceId::to_string),
             caller_name: self.peer_name.clone(),
             caller_role: self.peer_role.clone(),
             message_id: self.message_id.clone(),
@@ -176,11 +176,13 @@ pub fn classify(row: &ActivityRow, own_id: &str) -> Result<Inbound, Skip> {
     if method != "message/send" {
         return Err(Skip::Method(method.to_string()));
     }
-    if let Some(s) = source
-        && !is_uuid(s)
-    {
-        return Err(Skip::Malformed(format!("source_id {s:?} is not a UUID")));
-    }
+    let source_id = match source {
+        None => None,
+        Some(s) => Some(
+            WorkspaceId::exact(s)
+                .ok_or_else(|| Skip::Malformed(format!("source_id {s:?} is not a UUID")))?,
+        ),
+    };
     let Some(body) = row.request_body.as_ref() else {
         return Err(Skip::Malformed("no request_body".into()));
     };
@@ -211,7 +213,7 @@ pub fn classify(row: &ActivityRow, own_id: &str) -> Result<Inbound, Skip> {
         request_id,
         attachments,
         activity_id: row.id.clone(),
-        source_id: source.map(str::to_string),
+        source_id,
         message_id,
         in_reply_to: message
             .pointer("/metadata/in_reply_to")

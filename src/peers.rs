@@ -33,6 +33,7 @@ use serde_json::Value;
 use crate::inbox::Inbound;
 use crate::lru::Lru;
 use crate::shutdown::Shutdown;
+use crate::uuid::WorkspaceId;
 
 /// Peers remembered.
 pub const CAPACITY: usize = 1024;
@@ -216,7 +217,7 @@ fn answer(entry: Option<&Entry>) -> Cached {
 
 /// The cache key: the id in lower case, or `None` if it is not a UUID.
 fn key_of(id: &str) -> Option<String> {
-    crate::uuid::is_uuid(id).then(|| id.to_ascii_lowercase())
+    WorkspaceId::exact(id).map(|id| id.to_string())
 }
 
 /// A name or role as we pass it on: control characters removed (an environment
@@ -240,11 +241,11 @@ pub fn clean_label(s: &str) -> Option<String> {
 #[derive(Clone)]
 pub struct Enrichment {
     cache: Arc<PeerCache>,
-    queue: SyncSender<String>,
+    queue: SyncSender<WorkspaceId>,
 }
 
 /// The enrichment handle and the worker's end of its bounded queue.
-pub fn channel(cache: Arc<PeerCache>) -> (Enrichment, Receiver<String>) {
+pub fn channel(cache: Arc<PeerCache>) -> (Enrichment, Receiver<WorkspaceId>) {
     let (queue, rx) = mpsc::sync_channel(QUEUE);
     (Enrichment { cache, queue }, rx)
 }
@@ -254,27 +255,27 @@ impl Enrichment {
     /// server sent them (and remembered), else from the cache; on a miss the peer is
     /// queued for the worker and the message goes on without a name.
     pub fn apply(&self, msg: &mut Inbound, now: Instant) {
-        let Some(key) = msg.source_id.as_deref().and_then(key_of) else {
-            return; // a canvas user, or an id we would never put in a URL
+        let Some(peer) = msg.source_id.clone() else {
+            return; // a canvas user
         };
         let from_row = PeerInfo::new(msg.peer_name.as_deref(), msg.peer_role.as_deref());
         if !from_row.is_empty() {
             msg.peer_name.clone_from(&from_row.name);
             msg.peer_role.clone_from(&from_row.role);
-            self.cache.remember(&key, from_row, now);
+            self.cache.remember(&peer, from_row, now);
             return;
         }
-        match self.cache.lookup_or_claim(&key, now) {
+        match self.cache.lookup_or_claim(&peer, now) {
             (Cached::Found(info), _) => {
                 msg.peer_name = info.name;
                 msg.peer_role = info.role;
             }
             (Cached::Failed, _) | (Cached::Unknown, false) => {}
-            (Cached::Unknown, true) => match self.queue.try_send(key) {
+            (Cached::Unknown, true) => match self.queue.try_send(peer) {
                 Ok(()) => {}
-                Err(TrySendError::Full(key) | TrySendError::Disconnected(key)) => {
+                Err(TrySendError::Full(peer) | TrySendError::Disconnected(peer)) => {
                     // Dropped, not waited for: a later message from this peer asks again.
-                    self.cache.release(&key);
+                    self.cache.release(&peer);
                 }
             },
         }
@@ -301,10 +302,10 @@ pub fn info_from_discover(body: &Value) -> PeerInfo {
 /// negative entry when it fails. After a stop is requested the rest of the queue is
 /// released unasked.
 pub fn run_worker(
-    queue: Receiver<String>,
+    queue: Receiver<WorkspaceId>,
     cache: &PeerCache,
     shutdown: &Shutdown,
-    lookup: impl Fn(&str) -> Result<PeerInfo, String>,
+    lookup: impl Fn(&WorkspaceId) -> Result<PeerInfo, String>,
 ) {
     while let Ok(key) = queue.recv() {
         if shutdown.is_triggered() {
@@ -345,7 +346,7 @@ mod tests {
     fn msg(source: Option<&str>, name: Option<&str>) -> Inbound {
         Inbound {
             activity_id: "a".into(),
-            source_id: source.map(str::to_string),
+            source_id: source.map(|s| WorkspaceId::exact(s).expect("a UUID")),
             message_id: None,
             in_reply_to: None,
             text: "hi".into(),
@@ -404,10 +405,6 @@ mod tests {
         assert!(c.is_empty());
         c.remember(&P1.to_ascii_uppercase(), info("alice"), t0);
         assert_eq!(c.lookup(P1, t0), Cached::Found(info("alice")));
-        let (e, rx) = channel(Arc::new(PeerCache::new(8, TTL)));
-        let mut m = msg(Some("not-a-uuid"), None);
-        e.apply(&mut m, t0);
-        assert!(rx.try_recv().is_err(), "never queued for a URL");
     }
 
     #[test]
@@ -453,12 +450,12 @@ mod tests {
         for i in 0..1000 {
             e.apply(&mut msg(Some(&peer(i)), None), t0);
         }
-        let queued: Vec<String> = rx.try_iter().collect();
+        let queued: Vec<WorkspaceId> = rx.try_iter().collect();
         assert_eq!(queued.len(), QUEUE);
         assert_eq!(e.cache().in_flight(), QUEUE, "dropped ids are released");
         // A dropped peer is asked about on its next message.
         e.apply(&mut msg(Some(&peer(999)), None), t0);
-        assert_eq!(rx.try_recv().as_deref(), Ok(peer(999).as_str()));
+        assert_eq!(rx.try_recv().unwrap(), peer(999).as_str());
     }
 
     #[test]
@@ -483,7 +480,7 @@ mod tests {
         e.apply(&mut msg(Some(P2), None), t0);
         drop(e);
         run_worker(rx, &cache, &Shutdown::new(), |id| {
-            if id == P1 {
+            if *id == P1 {
                 Ok(info_from_discover(
                     &json!({"id": P1, "name": "alice", "url": "x"}),
                 ))

@@ -25,7 +25,8 @@ pub fn is_uuid(s: &str) -> bool {
 /// the platform writes ids (§API-1.7: Postgres reads either case). File names, the
 /// lock, reply ids and comparisons then cannot tell `ABC…` and `abc…` apart, and
 /// whoever holds one need not check it again.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
 pub struct WorkspaceId(String);
 
 impl WorkspaceId {
@@ -33,6 +34,12 @@ impl WorkspaceId {
     pub fn parse(raw: &str) -> Option<Self> {
         let id = raw.trim().to_ascii_lowercase();
         is_uuid(&id).then_some(Self(id))
+    }
+
+    /// An id in platform data (a row's source, a peer in a list), taken as it
+    /// stands: a UUID without trimming, lower-cased. Only a person's input is trimmed.
+    pub fn exact(raw: &str) -> Option<Self> {
+        is_uuid(raw).then(|| Self(raw.to_ascii_lowercase()))
     }
 
     /// The id as text.

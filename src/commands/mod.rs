@@ -32,6 +32,7 @@ use crate::config::{self, AgentConfig, ConfigError};
 use crate::credentials::{Credentials, Standing, rejected_message, removed_message};
 use crate::error::Error;
 use crate::state::StateError;
+use crate::uuid::WorkspaceId;
 
 /// Cap for the answers of the tool routes (lists of memories, requests, history).
 const LIST_LIMIT: u64 = 16 * 1024 * 1024;
@@ -48,17 +49,12 @@ pub fn run(
     let result = match command {
         Command::Send(a) => resolved(global, env, || agent::send(&a), send::run),
         Command::Peers(a) => Ctx::new(global, env).and_then(|c| registry::peers(&c, &a)),
-        Command::Discover(a) => resolved(
-            global,
-            env,
-            || agent::discover(&a),
-            |c, p| registry::discover(c, p),
-        ),
+        Command::Discover(a) => resolved(global, env, || agent::discover(&a), registry::discover),
         Command::Info(a) => resolved(
             global,
             env,
             || agent::info(&a),
-            |c, id| registry::info(c, id.as_deref()),
+            |c, id| registry::info(c, id.as_ref()),
         ),
         Command::Delegate(a) => resolved(global, env, || agent::delegate(&a), delegate::delegate),
         Command::Delegations(a) => {
@@ -239,7 +235,7 @@ impl Ctx {
         }
     }
 
-    fn workspace_id(&self) -> &str {
+    fn workspace_id(&self) -> &WorkspaceId {
         &self.cfg.workspace_id
     }
 

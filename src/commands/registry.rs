@@ -8,6 +8,7 @@ use super::{Ctx, Failure, Report, describe, removed_failure, str_of, table};
 use crate::api::{ApiError, Kind};
 use crate::cli::PeersArgs;
 use crate::error::Error;
+use crate::uuid::WorkspaceId;
 
 pub(super) fn peers(ctx: &Ctx, a: &PeersArgs) -> Result<Report, Failure> {
     let query = a.query.as_deref().map(str::trim).filter(|q| !q.is_empty());
@@ -69,7 +70,7 @@ fn describe_peers(ctx: &Ctx, e: ApiError) -> Failure {
     }
 }
 
-pub(super) fn discover(ctx: &Ctx, peer: &str) -> Result<Report, Failure> {
+pub(super) fn discover(ctx: &Ctx, peer: &WorkspaceId) -> Result<Report, Failure> {
     let found = ctx.call(
         |c| c.discover(peer),
         |ctx, e| match e.kind() {
@@ -96,12 +97,12 @@ pub(super) fn discover(ctx: &Ctx, peer: &str) -> Result<Report, Failure> {
     })
 }
 
-pub(super) fn info(ctx: &Ctx, id: Option<&str>) -> Result<Report, Failure> {
-    let id = id.unwrap_or(ctx.workspace_id()).to_string();
+pub(super) fn info(ctx: &Ctx, id: Option<&WorkspaceId>) -> Result<Report, Failure> {
+    let id = id.unwrap_or(ctx.workspace_id());
     let record = ctx.call(
-        |c| c.workspace_info(&id),
+        |c| c.workspace_info(id),
         |ctx, e| match e.kind() {
-            Kind::Gone => removed_failure(&id, e.hint()),
+            Kind::Gone => removed_failure(id, e.hint()),
             Kind::NotFound if !is_bare(&e) => Failure::new(Error::Removed(format!(
                 "{e}: no workspace {id} on the platform at {}",
                 ctx.api_url()

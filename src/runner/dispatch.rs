@@ -780,7 +780,9 @@ mod tests {
             assert!(g.may_reply(&msg, t0));
         }
         let off = Conversations::new(0);
-        msg.source_id = Some("22222222-2222-4222-8222-222222222222".into());
+        msg.source_id = Some(crate::runner::fake::id(
+            "22222222-2222-4222-8222-222222222222",
+        ));
         for _ in 0..5 {
             assert!(off.may_reply(&msg, t0));
         }

@@ -9,14 +9,21 @@ use serde_json::{Value, json};
 use crate::api::{ApiError, Platform, RequestStats, SendAnswer, Since};
 use crate::config::{Secret, TokenSource};
 use crate::credentials::Credentials;
+use crate::uuid::WorkspaceId;
 
 /// Our workspace.
 pub const OWN: &str = "11111111-1111-4111-8111-111111111111";
 /// A peer that writes to us.
 pub const PEER: &str = "22222222-2222-4222-8222-222222222222";
 
+/// `raw` as a workspace id (a test constant: a UUID).
+pub fn id(raw: &str) -> WorkspaceId {
+    WorkspaceId::parse(raw).expect("a UUID")
+}
+
 /// Scripted answers (then empty pages and accepted sends), and what was asked.
 pub struct Fake {
+    own: WorkspaceId,
     creds: Credentials,
     pages: Mutex<VecDeque<Result<Vec<Value>, ApiError>>>,
     /// The answer to `GET /workspaces/<own>`: `None` = it exists.
@@ -32,6 +39,7 @@ impl Fake {
     /// A platform whose inbox answers `pages` in turn.
     pub fn new(pages: Vec<Result<Vec<Value>, ApiError>>) -> Arc<Fake> {
         Arc::new(Fake {
+            own: id(OWN),
             creds: Credentials::new(Secret::new("tok-aaaaaaaaaaaaaaaa"), TokenSource::Env),
             pages: Mutex::new(pages.into()),
             info: Mutex::new(None),
@@ -77,8 +85,8 @@ pub fn status(op: &'static str, status: u16) -> ApiError {
 }
 
 impl Platform for Fake {
-    fn workspace_id(&self) -> &str {
-        OWN
+    fn workspace_id(&self) -> &WorkspaceId {
+        &self.own
     }
     fn api_url(&self) -> &str {
         "http://platform.test"
@@ -100,13 +108,13 @@ impl Platform for Fake {
     fn ack(&self, seq: i64) -> Result<i64, ApiError> {
         Ok(seq)
     }
-    fn workspace_info(&self, _: &str) -> Result<Value, ApiError> {
+    fn workspace_info(&self, _: &WorkspaceId) -> Result<Value, ApiError> {
         match self.info.lock().unwrap().clone() {
             Some(e) => Err(e),
             None => Ok(json!({"id": OWN})),
         }
     }
-    fn send_a2a(&self, target: &str, body: &Value) -> Result<SendAnswer, ApiError> {
+    fn send_a2a(&self, target: &WorkspaceId, body: &Value) -> Result<SendAnswer, ApiError> {
         if let Some(e) = self.next_post() {
             return Err(e);
         }

@@ -224,10 +224,7 @@ impl Process {
         Ok(Process {
             shutdown,
             // --ca-file is a global option: every workspace shares it (and one transport).
-            transport: Transport::new(&ClientConfig {
-                ca_roots: cfgs.first().and_then(|c| c.common.ca_roots.clone()),
-                ..ClientConfig::new("", "")
-            }),
+            transport: Transport::shared(cfgs.first().and_then(|c| c.common.ca_roots.as_ref())),
             targets,
             watcher: Arc::new(Mutex::new(Some(watcher))),
             supervisor,

@@ -18,6 +18,7 @@ use crate::error::Error;
 use crate::inbox::{self, Inbound, Skip};
 use crate::shutdown::{Shutdown, StopReason};
 use crate::state::Store;
+use crate::uuid::WorkspaceId;
 use crate::wire::ActivityRow;
 
 use super::auth::{AuthVerdict, after_unauthorized};
@@ -730,11 +731,8 @@ impl Poller {
             if let Some(peers) = &self.peers {
                 peers.apply(&mut msg, Instant::now());
             }
-            let sender = msg
-                .source_id
-                .clone()
-                .unwrap_or_else(|| "canvas".to_string());
-            let ticket = self.order.push_job(&row.id, row.seq, &sender);
+            let sender = msg.source_id.as_ref().map_or("canvas", WorkspaceId::as_str);
+            let ticket = self.order.push_job(&row.id, row.seq, sender);
             self.jobs.insert(ticket, msg);
         }
     }

@@ -452,7 +452,10 @@ mod tests {
     fn status_line_summarises() {
         let status = RuntimeStatus::new(Instant::now());
         let client = crate::api::Client::new(
-            crate::api::ClientConfig::new("http://127.0.0.1:1", "w"),
+            crate::api::ClientConfig::new(
+                "http://127.0.0.1:1",
+                &crate::runner::fake::id(crate::runner::fake::OWN),
+            ),
             crate::config::Secret::new("t"),
         );
         let w = |id: &str, status: &SharedStatus| Watched {

@@ -6,13 +6,15 @@ use std::time::{Duration, Instant};
 
 use molecule::events::{ACTIVITY_LOGGED, End, EventStream, TICK, WORKSPACE_HEARTBEAT};
 use molecule::shutdown::Shutdown;
+use molecule::uuid::WorkspaceId;
 use molecule::{Client, ClientConfig, Secret};
 use serde_json::json;
 
 use crate::support::*;
 
 fn client(emu: &Emulator, ws: &Ws) -> Client {
-    Client::new(ClientConfig::new(&emu.url, &ws.id), Secret::new(&ws.token))
+    let id = WorkspaceId::parse(&ws.id).expect("the emulator's ids are UUIDs");
+    Client::new(ClientConfig::new(&emu.url, &id), Secret::new(&ws.token))
 }
 
 /// The next event within the test bound (skipping none).
