@@ -168,19 +168,7 @@ impl ApiError {
                 // The body's flags speak only for an answer that would be retried.
                 s if s >= 500 && *delivery_confirmed => Kind::Delivered,
                 s if s >= 500 && *busy => Kind::Busy,
-                503 => Kind::Unavailable,
-                s if s >= 500 => Kind::ServerError,
-                429 => Kind::RateLimited,
-                408 => Kind::RequestTimeout,
-                401 => Kind::Unauthorized,
-                403 => Kind::Forbidden,
-                404 => Kind::NotFound,
-                410 => Kind::Gone,
-                400 => Kind::BadRequest,
-                413 => Kind::RequestTooLarge,
-                409 => Kind::Conflict,
-                422 => Kind::Unprocessable,
-                _ => Kind::Rejected,
+                s => Kind::of_status(s),
             },
         }
     }
@@ -222,6 +210,26 @@ impl ApiError {
 }
 
 impl Kind {
+    /// What a refusal with `status` means by its status alone (the body's flags
+    /// aside); also read off every answer's rate-limit headers.
+    fn of_status(status: u16) -> Kind {
+        match status {
+            503 => Kind::Unavailable,
+            s if s >= 500 => Kind::ServerError,
+            429 => Kind::RateLimited,
+            408 => Kind::RequestTimeout,
+            401 => Kind::Unauthorized,
+            403 => Kind::Forbidden,
+            404 => Kind::NotFound,
+            410 => Kind::Gone,
+            400 => Kind::BadRequest,
+            413 => Kind::RequestTooLarge,
+            409 => Kind::Conflict,
+            422 => Kind::Unprocessable,
+            _ => Kind::Rejected,
+        }
+    }
+
     /// See [`ApiError::is_retryable`].
     pub fn is_retryable(self) -> bool {
         matches!(
@@ -512,8 +520,8 @@ pub struct RateHeaders {
     pub remaining: Option<u64>,
     /// `X-RateLimit-Reset`: seconds until the window resets.
     pub reset_secs: Option<u64>,
-    /// The answer's status (429 = over the limit).
-    pub status: u16,
+    /// The answer was a 429: over the limit.
+    pub rate_limited: bool,
     /// `Retry-After` on a 429.
     pub retry_after: Option<Duration>,
 }
@@ -563,7 +571,7 @@ impl RateHeaders {
             limit,
             remaining: number("x-ratelimit-remaining"),
             reset_secs,
-            status,
+            rate_limited: Kind::of_status(status) == Kind::RateLimited,
             retry_after: get("retry-after").and_then(parse_retry_after),
         }
     }
@@ -599,7 +607,7 @@ impl RequestStats {
     }
 
     fn note_rate_limit(&self, status: u16, headers: &ureq::http::HeaderMap) {
-        if status == 429 {
+        if Kind::of_status(status) == Kind::RateLimited {
             self.rate_limited.fetch_add(1, Ordering::Relaxed);
         }
         let remaining = headers

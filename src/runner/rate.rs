@@ -202,7 +202,7 @@ impl RateBudget {
         if let Some(s) = h.reset_secs {
             b.reset_at = now + Duration::from_secs(s.min(3600));
         }
-        if h.status == 429 {
+        if h.rate_limited {
             b.rate_limited += 1;
             b.remaining = 0;
             if let Some(r) = h.retry_after {
@@ -244,7 +244,7 @@ mod tests {
             limit: Some(Limit::PerWindow(limit)),
             remaining: Some(remaining),
             reset_secs: Some(reset),
-            status: 200,
+            rate_limited: false,
             retry_after: None,
         })
     }
@@ -321,7 +321,7 @@ mod tests {
         let p = b.pacer(&Shutdown::new());
         p.before(Class::Answer);
         p.after(Some(RateHeaders {
-            status: 429,
+            rate_limited: true,
             retry_after: Some(Duration::from_secs(30)),
             ..headers(600, 0, 30).unwrap()
         }));
