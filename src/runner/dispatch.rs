@@ -3,6 +3,7 @@
 //! A message that keeps failing is dead-lettered and its sender told; it never
 //! stops intake.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::mpsc::{SendError, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -18,6 +19,7 @@ use crate::shutdown::{Shutdown, StopReason};
 use crate::state::{PendingReply, Store};
 
 use super::auth::{AuthVerdict, after_unauthorized};
+use super::notified::{Notified, PostId, ReplyId};
 use super::sent;
 use super::status::{RuntimeStatus, SharedStatus};
 
@@ -36,8 +38,6 @@ pub(super) const STATE_RETRY: Backoff = Backoff {
     jitter: 0.25,
 };
 
-/// How far the platform's clock may be behind ours when matching a notify echo.
-const ECHO_CLOCK_SLACK_US: i64 = 2_000_000;
 /// The echo lookup reads at most this many pages of this many rows.
 const ECHO_PAGES: u32 = 8;
 const ECHO_PAGE: u32 = 500;
@@ -118,6 +118,8 @@ pub struct Context {
     pub dead_letter_path: PathBuf,
     /// The queue of `a2a_send` self-reports (see [`super::sent`]).
     pub sent: SyncSender<sent::Report>,
+    /// Our recent `/notify` posts: an identical reply's echo is not taken for another's.
+    pub notified: Mutex<Notified>,
 }
 
 /// How a message ended.
@@ -166,8 +168,12 @@ impl Worker {
         if let Some(reply) = saved {
             // /notify has no idempotency key: look for the platform's echo of the
             // canvas reply before showing it a second time (§API-2.13, §API-2.4.1).
-            if msg.source_id.is_none()
-                && let Some(echo) = self.canvas_echo(&reply.text, &reply.parts, reply.at_us)
+            let canvas = msg.source_id.is_none().then(|| {
+                let id = self.notified().reply();
+                (id, canvas_text(&reply.text, &reply.parts))
+            });
+            if let Some((id, shown)) = &canvas
+                && let Some(echo) = self.canvas_echo(*id, shown, reply.at_us)
             {
                 log::info!(
                     "row {}: its canvas reply is already shown (echo row {echo}); not posting it again",
@@ -346,16 +352,20 @@ impl Worker {
         }
     }
 
-    /// The id of our own `notify` echo row showing a canvas reply of `text` and
-    /// `parts` (same text, created after `at_us`, when its post began), if the inbox
-    /// has one. Any doubt (no time saved, the lookup fails) answers `None`: a reply
-    /// shown twice is better than one never shown.
-    fn canvas_echo(&self, text: &str, parts: &[Value], at_us: Option<i64>) -> Option<String> {
-        let at_us = at_us?;
+    /// The id of a `notify` echo row showing `reply`'s canvas message `shown`, posted
+    /// from `began_us` on, if the inbox holds one: more echoes of that text than our
+    /// other posts of it can have made (see [`super::notified`]). Any doubt (no time
+    /// saved, the lookup fails, too many rows) answers `None`: a reply shown twice is
+    /// better than one never shown.
+    fn canvas_echo(&self, reply: ReplyId, shown: &str, began_us: Option<i64>) -> Option<String> {
+        let began_us = began_us?;
         let now_us = now_us()?;
-        let text = canvas_text(text, parts);
-        // Small clock differences between us and the platform.
-        let from_us = at_us.saturating_sub(ECHO_CLOCK_SLACK_US);
+        let Some(from_us) = self.notified().window(reply, shown, began_us) else {
+            log::info!(
+                "looking for the canvas reply's echo: too many replies since its post to tell; posting again"
+            );
+            return None;
+        };
         let secs = u64::try_from(now_us.saturating_sub(from_us) / 1_000_000)
             .unwrap_or(0)
             .saturating_add(2);
@@ -367,25 +377,45 @@ impl Worker {
         let is_echo = |r: &Value| {
             r.get("method").and_then(Value::as_str) == Some("notify")
                 && r.get("source_id").is_none_or(Value::is_null)
-                && r.pointer("/response_body/result").and_then(Value::as_str) == Some(text.as_str())
+                && r.pointer("/response_body/result").and_then(Value::as_str) == Some(shown)
                 && created_us(r).is_some_and(|t| t >= from_us)
         };
-        // A busy inbox can hold more than a page of rows newer than the post: page
-        // backwards (newest first, `before_ts`) until the rows are older than it.
+        // Every echo in the window counts, newest first; a busy inbox can hold more
+        // than a page of rows newer than the post: page backwards (`before_ts`).
+        // Rows at a page boundary come twice: they count once, by id.
+        let mut echoes: HashSet<String> = HashSet::new();
+        let mut newest: Option<String> = None;
         let mut since = crate::api::Since::Secs(secs);
-        for _ in 0..ECHO_PAGES {
+        let mut pages = 0;
+        loop {
+            if pages == ECHO_PAGES {
+                log::warn!(
+                    "looking for the canvas reply's echo: more than {} rows since the post; posting again",
+                    ECHO_PAGES * ECHO_PAGE
+                );
+                return None;
+            }
+            pages += 1;
             let rows = self
                 .ctx
                 .client
                 .activity_raw(&since, ECHO_PAGE, 8 * 1024 * 1024)
                 .map_err(|e| log::warn!("looking for the canvas reply's echo: {e}"))
                 .ok()?;
-            if let Some(echo) = rows.iter().find(|r| is_echo(r)) {
-                return echo.get("id").and_then(Value::as_str).map(str::to_string);
+            for id in rows
+                .iter()
+                .filter(|r| is_echo(r))
+                .filter_map(|r| r.get("id").and_then(Value::as_str))
+            {
+                if echoes.insert(id.to_string()) && newest.is_none() {
+                    newest = Some(id.to_string());
+                }
             }
-            let oldest = rows.last().and_then(created_us)?;
+            let Some(oldest) = rows.last().and_then(created_us) else {
+                break;
+            };
             if rows.len() < ECHO_PAGE as usize || oldest < from_us {
-                return None;
+                break;
             }
             // One microsecond later, so rows sharing the page's oldest timestamp come
             // again rather than being skipped; a page that all shares it steps past.
@@ -399,11 +429,35 @@ impl Worker {
             };
             since = crate::api::Since::Before(secs, crate::timestamp::rfc3339(before));
         }
-        log::warn!(
-            "looking for the canvas reply's echo: more than {} rows since the post; posting again",
-            ECHO_PAGES * ECHO_PAGE
-        );
-        None
+        let ours = self
+            .notified()
+            .matches(reply, shown, from_us, echoes.len(), now_us);
+        if !ours && !echoes.is_empty() {
+            log::info!(
+                "the {} echo(es) of the same text since the post are other replies'; posting again",
+                echoes.len()
+            );
+        }
+        newest.filter(|_| ours)
+    }
+
+    fn notified(&self) -> std::sync::MutexGuard<'_, Notified> {
+        self.ctx
+            .notified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records how a canvas post ended, for telling its echo from others'.
+    fn settle_post(&self, post: PostId, result: &Result<(), ApiError>) {
+        // Without a clock the post counts for ever (until forgotten): no false match.
+        let now = now_us().unwrap_or(i64::MAX);
+        let mut n = self.notified();
+        match result {
+            Ok(()) => n.shown(post, now),
+            Err(e) if may_have_been_done(e) => n.lost(post, now),
+            Err(_) => n.refused(post),
+        }
     }
 
     /// One more message answered (or deliberately not answered) for the status file;
@@ -489,6 +543,11 @@ impl Worker {
     ) -> Result<(), ReplyFailure> {
         let started = Instant::now();
         let began_us = now_us();
+        // A canvas reply's posts and what `/notify` shows of it.
+        let canvas = msg
+            .source_id
+            .is_none()
+            .then(|| (self.notified().reply(), canvas_text(text, parts)));
         let mut attempt: u32 = 0;
         // The last failure left it open whether the canvas reply was shown.
         let mut maybe_shown = false;
@@ -497,8 +556,8 @@ impl Worker {
             // /notify has no idempotency key: before posting a canvas reply again,
             // look for the echo of the post whose answer was lost (§API-2.13).
             if maybe_shown
-                && msg.source_id.is_none()
-                && let Some(echo) = self.canvas_echo(text, parts, began_us)
+                && let Some((reply, shown)) = &canvas
+                && let Some(echo) = self.canvas_echo(*reply, shown, began_us)
             {
                 log::info!(
                     "row {}: the canvas reply was shown although its answer was lost (echo row {echo}); not posting it again",
@@ -511,7 +570,17 @@ impl Worker {
                 RuntimeStatus::count(&self.ctx.status, |c| c.reply_resends += 1);
             }
             let used = self.ctx.client.credentials().token();
-            let e = match self.post_once(msg, text, parts, is_error) {
+            let post = match (&canvas, now_us()) {
+                (Some((reply, shown)), Some(now)) => {
+                    Some(self.notified().begin(*reply, shown, now))
+                }
+                _ => None,
+            };
+            let result = self.post_once(msg, text, parts, is_error);
+            if let Some(post) = post {
+                self.settle_post(post, &result);
+            }
+            let e = match result {
                 Ok(()) => {
                     RuntimeStatus::count(&self.ctx.status, |c| match msg.source_id {
                         Some(_) => c.replies_peer += 1,
@@ -878,6 +947,7 @@ mod tests {
                 dead_letter_path: dir.join("dead.jsonl"),
                 // No report thread: reports are posted inline.
                 sent: sent::queue().0,
+                notified: Mutex::new(Notified::new()),
             });
             Setup {
                 worker: Worker::new(ctx, RunHandle::new()),

@@ -10,6 +10,7 @@ mod dispatch;
 #[cfg(test)]
 mod fake;
 mod heartbeat;
+mod notified;
 mod order;
 mod poll;
 mod rate;
@@ -729,6 +730,7 @@ impl Connected<'_> {
                 .state_dir
                 .join(format!("{}.deadletter.jsonl", cfg.workspace_id)),
             sent: sent_tx,
+            notified: Mutex::new(notified::Notified::new()),
         });
         let (jobs_tx, jobs_rx) = mpsc::sync_channel::<poll::Job>(cfg.concurrency);
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));

@@ -763,11 +763,7 @@ fn a_journaled_canvas_reply_already_shown_is_not_shown_again() {
     assert_eq!(code, 0, "{err}");
     let mut c = Connector::start(&emu, &a, &dir, &["--backend", "mock", "--once"]);
     assert_eq!(c.wait_exit(WAIT).code(), Some(0), "{}", c.stderr());
-    let notes: Vec<String> = emu
-        .notifies(&a.id)
-        .iter()
-        .map(|n| n["message"].as_str().unwrap_or("").to_string())
-        .collect();
+    let notes = emu.notify_texts(&a.id);
     assert_eq!(notes, ["echo: first", "echo: second"], "{}", c.stderr());
     assert!(c.stderr().contains("already shown"), "{}", c.stderr());
 }
@@ -994,11 +990,7 @@ fn a_canvas_reply_whose_answer_was_lost_is_not_posted_again() {
     let mut c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
     wait_notifies(&emu, &a.id, 3, &c);
     emu.wait_polls(5, &c);
-    let notes: Vec<String> = emu
-        .notifies(&a.id)
-        .iter()
-        .map(|n| n["message"].as_str().unwrap_or("").to_string())
-        .collect();
+    let notes = emu.notify_texts(&a.id);
     assert_eq!(
         notes,
         ["echo: one", "echo: two", "echo: three"],
@@ -1007,6 +999,47 @@ fn a_canvas_reply_whose_answer_was_lost_is_not_posted_again() {
     );
     assert_eq!(
         c.stderr().matches("although its answer was lost").count(),
+        2,
+        "{}",
+        c.stderr()
+    );
+    assert_eq!(c.stop().code(), Some(0));
+}
+
+#[test]
+fn identical_canvas_replies_are_each_shown_once_when_the_second_answer_is_lost() {
+    let Connected { emu, a, mut c, .. } = Test::new().mock().connect();
+    let notify = format!("/workspaces/{}/notify", a.id);
+    // Two identical replies in a row, each time: the first is shown; the second's
+    // answer is lost before the platform handled it (the connection drops, a gateway
+    // answers 502), or after it was shown. The first's echo is not the second's.
+    let rounds = [
+        json!({"drop": true}),
+        json!({"status": 502}),
+        json!({"after": true, "drop": true}),
+    ];
+    for (i, second) in rounds.into_iter().enumerate() {
+        for mut f in [json!({}), second] {
+            f["method"] = json!("POST");
+            f["path_prefix"] = json!(notify);
+            emu.fault(f);
+        }
+        emu.say(&a.id, None, "same");
+        emu.say(&a.id, None, "same");
+        wait_notifies(&emu, &a.id, 2 * (i + 1), &c);
+    }
+    wait_until(WAIT, "the shown reply's echo found", &c, || {
+        c.stderr()
+            .contains("although its answer was lost")
+            .then_some(())
+    });
+    emu.wait_polls(5, &c);
+    let notes = emu.notify_texts(&a.id);
+    assert_eq!(notes, ["echo: same"; 6], "{}", c.stderr());
+    assert_eq!(
+        c.stderr()
+            .matches("are other replies'; posting again")
+            .count(),
         2,
         "{}",
         c.stderr()

@@ -135,6 +135,14 @@ impl Emulator {
             .unwrap_or_default()
     }
 
+    /// The `message` of each notify `ws` posted, in order.
+    pub fn notify_texts(&self, ws: &str) -> Vec<String> {
+        self.notifies(ws)
+            .iter()
+            .map(|n| n["message"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+
     pub fn heartbeats(&self, ws: &str) -> Value {
         self.get(&format!("/_admin/workspaces/{ws}/heartbeats"))
     }
