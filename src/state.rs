@@ -4,6 +4,20 @@
 //! fields (`<state-dir>/<workspace-id>.json` with `workspace_id`, `last_since_id`), so
 //! users can switch; between checkpoints changes go to an append-only journal (a
 //! saved reply fsynced before it is posted). Also the single-instance lock. No network.
+//!
+//! What a power cut leaves of the journal, and how replay reads it: a `reply` line is
+//! fsynced before its post starts, and so is the `done` line of a row without a saved
+//! reply (its only durable record); the `done` line of a row whose reply was saved is
+//! not (losing it re-posts the saved reply under the same `messageId`). An fsync
+//! covers every line before it, so the journal is a durable prefix ending at the last
+//! fsynced line, then a tail of unsynced lines that a power cut may leave missing,
+//! zero-filled or cut at any byte. Hence a damaged line (not a record, or zero bytes,
+//! which we never write) followed only by more damage or by `done` lines of rows with
+//! a saved reply is a torn tail: replay drops the damage with a warning, applies the
+//! whole `done` lines after it (a whole line is what was written; one that is lost
+//! only re-posts a saved reply) and checkpoints, which empties the journal. A damaged line followed by a line of an
+//! fsynced kind lies inside the durable prefix: that is corruption, start-up stops
+//! (exit 2) and the journal is left as it was for the operator.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -209,6 +223,25 @@ enum Record {
     Done { row: String, keys: Vec<String> },
 }
 
+/// Damage met while replaying the journal: where it starts, and the unsynced whole
+/// lines after it, applied only if nothing fsynced follows.
+struct TornTail {
+    line_no: u64,
+    detail: String,
+    kept: Vec<Record>,
+}
+
+impl TornTail {
+    /// Records damage on `line_no`; only the first is reported.
+    fn note(torn: &mut Option<TornTail>, line_no: u64, detail: String) {
+        torn.get_or_insert(TornTail {
+            line_no,
+            detail,
+            kept: Vec::new(),
+        });
+    }
+}
+
 /// The connector's durable memory: cursor, handled-message ledger and pending
 /// replies. Changes are appended to a journal (`<id>.journal`, one line each, a
 /// saved reply fsynced at once) and folded into the state file at checkpoints, so a
@@ -286,8 +319,8 @@ impl Store {
     /// Opens the state of `workspace_id` in `dir`: the state file (if any) plus
     /// whatever the journal recorded after it, then checkpoints so the journal starts
     /// empty. A state file that does not parse or belongs to another workspace is an
-    /// error, and so is a bad journal line anywhere but at the end; a torn last line
-    /// (crash mid-write) is ignored.
+    /// error, and so is a damaged journal line before a fsynced one; a torn tail (crash
+    /// or power cut mid-write, see the module doc) is dropped.
     pub fn open(dir: &Path, workspace_id: &str) -> Result<Store, StateError> {
         let path = state_path(dir, workspace_id);
         let journal_path = dir.join(format!("{workspace_id}.journal"));
@@ -332,9 +365,9 @@ impl Store {
         Ok(store)
     }
 
-    /// Applies the journal, read as a stream (one bounded line at a time). Only the
-    /// last line may be bad, and only if it has no newline: that is a crash in the
-    /// middle of an append. Anything else is corruption and stops start-up.
+    /// Applies the journal, read as a stream (one bounded line at a time), each record
+    /// as it comes: whether a `done` line was fsynced depends on the pending replies
+    /// before it. Damage is dropped only where it can be an unsynced tail (module doc).
     fn replay_journal(&mut self) -> Result<usize, StateError> {
         let path = self.journal_path.clone();
         let io_err = |source| StateError::Io {
@@ -352,9 +385,9 @@ impl Store {
         // A second handle on the same file: appends go to the end whatever its offset.
         let mut reader = BufReader::new(self.journal.try_clone().map_err(io_err)?);
         reader.seek(io::SeekFrom::Start(0)).map_err(io_err)?;
-        let mut records = Vec::new();
+        let mut torn: Option<TornTail> = None;
+        let mut applied = 0usize;
         let mut line = Vec::new();
-        let mut offset: u64 = 0;
         let mut line_no = 0u64;
         loop {
             line.clear();
@@ -366,46 +399,66 @@ impl Store {
                 break;
             }
             line_no += 1;
-            let complete = line.last() == Some(&b'\n');
-            if !complete && n as u64 > MAX_RECORD_BYTES {
+            if line.last() != Some(&b'\n') && n as u64 > MAX_RECORD_BYTES {
                 return Err(corrupt(format!(
                     "journal line {line_no} is longer than {MAX_RECORD_BYTES} bytes"
                 )));
             }
             let body = line.strip_suffix(b"\n").unwrap_or(&line);
-            if body.iter().all(u8::is_ascii_whitespace) {
-                offset += n as u64;
-                continue;
+            // Zeroes are blocks whose data never reached the disk; a record may follow
+            // them on the same line (its own newline survived, the one before did not).
+            if body.contains(&0) {
+                TornTail::note(&mut torn, line_no, "zero bytes".into());
             }
-            match serde_json::from_slice::<Record>(body) {
-                Ok(record) => records.push(record),
-                Err(_) if !complete => {
-                    log::warn!(
-                        "{}: ignoring a torn last journal line (crash during a write)",
-                        path.display()
-                    );
-                    break;
+            for piece in body.split(|b| *b == 0) {
+                if piece.iter().all(u8::is_ascii_whitespace) {
+                    continue;
                 }
-                Err(e) => {
-                    return Err(corrupt(format!(
-                        "journal line {line_no} is not a record: {e}"
-                    )));
-                }
-            }
-            offset += n as u64;
-            // Apply in batches so a long journal is never held whole in memory.
-            if records.len() >= 256 {
-                for r in records.drain(..) {
-                    self.apply(r);
+                let record = match serde_json::from_slice::<Record>(piece) {
+                    Ok(record) => record,
+                    Err(e) => {
+                        TornTail::note(&mut torn, line_no, format!("not a record: {e}"));
+                        continue;
+                    }
+                };
+                match &mut torn {
+                    None => {
+                        self.apply(record);
+                        applied += 1;
+                    }
+                    Some(t) if self.was_fsynced(&record) => {
+                        return Err(corrupt(format!(
+                            "journal line {} is damaged ({}) and a record fsynced after it follows on line {line_no}, so it is not a torn tail",
+                            t.line_no, t.detail
+                        )));
+                    }
+                    Some(t) => t.kept.push(record),
                 }
             }
         }
-        let replayed = line_no as usize;
-        for r in records {
-            self.apply(r);
+        if let Some(t) = torn {
+            log::warn!(
+                "{}: dropping a torn journal tail from line {} on ({}): lines not yet fsynced when the connector or the machine stopped; keeping {} whole line(s) after it",
+                path.display(),
+                t.line_no,
+                t.detail,
+                t.kept.len()
+            );
+            applied += t.kept.len();
+            for record in t.kept {
+                self.apply(record);
+            }
         }
-        self.journal_len = offset;
-        Ok(replayed)
+        Ok(applied)
+    }
+
+    /// Whether `record` is (or was, replayed) fsynced when appended: every reply, and
+    /// the `done` of a row without a saved reply (see [`Store::record_done`]).
+    fn was_fsynced(&self, record: &Record) -> bool {
+        match record {
+            Record::Reply { .. } => true,
+            Record::Done { row, .. } => !self.pending.contains_key(row),
+        }
     }
 
     fn apply(&mut self, record: Record) {
@@ -494,14 +547,12 @@ impl Store {
     /// saved reply (no reply, a notice, dead-lettered) has no other durable record,
     /// so its line is fsynced: a power cut must not run its backend again.
     pub fn record_done(&mut self, row: &str, keys: Vec<String>) -> Result<(), StateError> {
-        let durable = !self.pending.contains_key(row);
-        self.append(
-            Record::Done {
-                row: row.to_string(),
-                keys,
-            },
-            durable,
-        )
+        let record = Record::Done {
+            row: row.to_string(),
+            keys,
+        };
+        let durable = self.was_fsynced(&record);
+        self.append(record, durable)
     }
 
     /// The reply saved for `row` and not yet confirmed posted, if any.
@@ -873,24 +924,111 @@ mod tests {
     }
 
     #[test]
-    fn garbage_in_the_middle_of_the_journal_is_corruption() {
+    fn damage_before_a_fsynced_line_is_corruption() {
+        // A reply line, and the done line of a row without a saved reply, are fsynced:
+        // whatever came before them was on disk, so damage there is not a torn tail.
+        let fsynced_after = [
+            r#"{"t":"reply","row":"r2","reply":{"text":"two"}}"#,
+            r#"{"t":"done","row":"r9","keys":["a:r9"]}"#,
+        ];
+        for damage in [&b"garbage\n"[..], &[0u8; 64][..]] {
+            for later in fsynced_after {
+                let d = tmpdir();
+                let mut s = Store::open(&d, WS).unwrap();
+                s.record_reply("r1", reply("hello")).unwrap();
+                drop(s);
+                let jp = d.join(format!("{WS}.journal"));
+                let mut j = OpenOptions::new().append(true).open(&jp).unwrap();
+                j.write_all(damage).unwrap();
+                j.write_all(format!("{later}\n").as_bytes()).unwrap();
+                let before = fs::read(&jp).unwrap();
+                let e = Store::open(&d, WS).unwrap_err();
+                assert!(matches!(e, StateError::Corrupt { .. }), "{e}");
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(&format!("{WS}.journal"))
+                        && msg.contains("line 2 is damaged")
+                        && msg.contains("not a torn tail"),
+                    "{msg}"
+                );
+                // Nothing was truncated: the operator can still inspect it.
+                assert_eq!(fs::read(&jp).unwrap(), before);
+            }
+        }
+    }
+
+    /// A journal as a power cut may find it: two saved replies (fsynced), then the
+    /// done lines of both rows (not fsynced). Returns the directory, the journal and
+    /// where its unsynced tail starts.
+    fn journal_with_unsynced_tail() -> (PathBuf, PathBuf, usize) {
         let d = tmpdir();
-        let mut s = Store::open(&d, WS).unwrap();
-        s.record_reply("r1", reply("hello")).unwrap();
-        drop(s);
         let jp = d.join(format!("{WS}.journal"));
-        let mut j = OpenOptions::new().append(true).open(&jp).unwrap();
-        j.write_all(b"garbage\n{\"t\":\"done\",\"row\":\"r1\",\"keys\":[]}\n")
-            .unwrap();
-        let e = Store::open(&d, WS).unwrap_err();
-        assert!(matches!(e, StateError::Corrupt { .. }), "{e}");
-        let msg = e.to_string();
-        assert!(
-            msg.contains(&format!("{WS}.journal")) && msg.contains("line 2"),
-            "{msg}"
-        );
-        // Nothing was truncated: the operator can still inspect it.
-        assert!(fs::read_to_string(&jp).unwrap().contains("garbage"));
+        let mut s = Store::open(&d, WS).unwrap();
+        s.record_reply("r1", reply("one")).unwrap();
+        s.record_reply("r2", reply("two")).unwrap();
+        let synced = fs::metadata(&jp).unwrap().len() as usize;
+        s.record_done("r1", vec!["a:r1".into()]).unwrap();
+        s.record_done("r2", vec!["a:r2".into()]).unwrap();
+        drop(s);
+        (d, jp, synced)
+    }
+
+    /// Opens `journal` (over a fresh state file) and checks which rows it finished,
+    /// that the rest kept their saved replies, and that the journal was compacted.
+    fn open_torn(d: &Path, jp: &Path, journal: &[u8], done: [bool; 2], what: &str) {
+        let _ = fs::remove_file(state_path(d, WS));
+        fs::write(jp, journal).unwrap();
+        let s = Store::open(d, WS).unwrap_or_else(|e| panic!("{what}: {e}"));
+        for (row, done) in ["r1", "r2"].into_iter().zip(done) {
+            assert_eq!(s.is_handled(&format!("a:{row}")), done, "{what}: {row}");
+            assert_eq!(s.pending_reply(row).is_none(), done, "{what}: {row}");
+        }
+        assert_eq!(fs::metadata(jp).unwrap().len(), 0, "{what}: compacted");
+    }
+
+    #[test]
+    fn an_unsynced_tail_cut_at_any_byte_is_dropped() {
+        let (d, jp, synced) = journal_with_unsynced_tail();
+        let full = fs::read(&jp).unwrap();
+        let r1_end = synced + full[synced..].iter().position(|b| *b == b'\n').unwrap() + 1;
+        for cut in synced..=full.len() {
+            // A line is whole once its closing brace is there, newline or not.
+            let done = [cut + 1 >= r1_end, cut + 1 >= full.len()];
+            open_torn(&d, &jp, &full[..cut], done, &format!("cut at {cut}"));
+        }
+    }
+
+    #[test]
+    fn zeroes_and_garbage_in_an_unsynced_tail_are_dropped() {
+        let (d, jp, synced) = journal_with_unsynced_tail();
+        let full = fs::read(&jp).unwrap();
+        let r1_end = synced + full[synced..].iter().position(|b| *b == b'\n').unwrap() + 1;
+        let mut r1_zeroed = full.clone();
+        r1_zeroed[synced..r1_end].fill(0);
+        let mut r1_holed = full.clone();
+        r1_holed[synced + 5..r1_end - 5].fill(0);
+        let mut all_zeroed = full.clone();
+        all_zeroed[synced..].fill(0);
+        let mut grown = full.clone();
+        grown.extend([0u8; 4096]);
+        let mut r1_garbage = full[..synced].to_vec();
+        r1_garbage.extend(b"garbage\n");
+        r1_garbage.extend(&full[r1_end..]);
+        for (journal, done, what) in [
+            // Done r1's block never reached the disk; done r2's did: r2 is kept, r1's
+            // saved reply stays pending (re-posted under the same id).
+            (r1_zeroed, [false, true], "done r1 zeroed"),
+            (r1_holed, [false, true], "a hole in done r1"),
+            (r1_garbage, [false, true], "done r1 is garbage"),
+            (all_zeroed, [false, false], "the whole tail zeroed"),
+            // The size reached the disk, the data after it did not.
+            (grown, [true, true], "zeroes after the last line"),
+        ] {
+            open_torn(&d, &jp, &journal, done, what);
+        }
+        // The recovered state was checkpointed: it opens again from the state file.
+        let back = Store::open(&d, WS).unwrap();
+        assert!(back.is_handled("a:r1") && back.is_handled("a:r2"));
     }
 
     #[test]
