@@ -13,6 +13,7 @@ use crate::cli::{ConnectArgs, GlobalArgs};
 use crate::uuid::{WorkspaceId, is_uuid};
 
 pub(crate) mod agent;
+pub(crate) mod tools;
 
 /// A token. `Debug` and `Display` print `***`; use [`Secret::expose`] to send it.
 #[derive(Clone, PartialEq, Eq, Default, serde::Deserialize)]

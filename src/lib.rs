@@ -4,7 +4,8 @@
 //! # Where things are
 //! - Entry: `main.rs` calls [`parse_args`] and [`run`] here; `cli` turns argv into
 //!   raw arguments (help texts in `cli/`), `config` resolves them with the
-//!   environment into checked settings, `error` maps failures to exit codes.
+//!   environment into checked settings (`config/agent.rs` and `config/tools.rs`
+//!   for the one-shot commands), `error` maps failures to exit codes.
 //! - `connect`: `runner` starts and stops the threads of each workspace
 //!   (`runner/mod.rs`), one file per thread: `register`, `heartbeat`, `poll` (with
 //!   the pure `order`), `dispatch` (the workers), `wake` (event stream, read by

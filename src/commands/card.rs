@@ -4,43 +4,12 @@
 
 use serde_json::{Value, json};
 
-use super::{Budget, Ctx, Failure, LIST_LIMIT, Report, describe, message_text, refused, str_of};
+use super::{Budget, Ctx, Failure, LIST_LIMIT, Report, describe, refused, str_of};
 use crate::api::{ApiError, Kind};
-use crate::cli::{BroadcastArgs, CardArgs};
+use crate::config::tools::{Broadcast, CardUpdate};
 
-/// Longest name and description sent.
-const MAX_FIELD: usize = 4096;
-
-pub(super) fn update(ctx: &Ctx, a: &CardArgs) -> Result<Report, Failure> {
-    let budget = Budget::new(a.budget_secs, "card")?;
-    match a.action.as_deref() {
-        Some("update") => {}
-        Some(other) => {
-            return Err(Failure::input(format!(
-                "card: unknown action {other:?} (update)"
-            )));
-        }
-        None => return Err(Failure::input("card: an action is required: update")),
-    }
-    if a.name.is_none() && a.description.is_none() && a.skills.is_empty() {
-        return Err(Failure::input(
-            "card update: nothing to change: give --name, --description or --skill",
-        ));
-    }
-    for (flag, v) in [("--name", &a.name), ("--description", &a.description)] {
-        if let Some(t) = v
-            && (t.len() > MAX_FIELD || (flag == "--name" && t.trim().is_empty()))
-        {
-            return Err(Failure::input(format!(
-                "card update: {flag}: 1 to {MAX_FIELD} bytes"
-            )));
-        }
-    }
-    let skills = a
-        .skills
-        .iter()
-        .map(|s| skill(s))
-        .collect::<Result<Vec<Value>, Failure>>()?;
+pub(super) fn update(ctx: &Ctx, a: &CardUpdate) -> Result<Report, Failure> {
+    let budget = Budget::start(a.budget_secs);
     let ws = ctx.workspace_id();
     let current = ctx.call_within(&budget, true, |c| c.workspace_info(ws), describe)?;
     let mut card = match current.get("agent_card") {
@@ -56,8 +25,8 @@ pub(super) fn update(ctx: &Ctx, a: &CardArgs) -> Result<Report, Failure> {
         if let Some(d) = &a.description {
             obj.insert("description".into(), Value::from(d.as_str()));
         }
-        if !skills.is_empty() {
-            obj.insert("skills".into(), Value::Array(skills));
+        if !a.skills.is_empty() {
+            obj.insert("skills".into(), Value::Array(a.skills.clone()));
         }
     }
     let body = json!({"workspace_id": ws, "agent_card": card});
@@ -82,25 +51,10 @@ pub(super) fn update(ctx: &Ctx, a: &CardArgs) -> Result<Report, Failure> {
     })
 }
 
-/// `ID:NAME` (NAME defaults to ID) as an A2A skill.
-fn skill(spec: &str) -> Result<Value, Failure> {
-    let (id, name) = match spec.split_once(':') {
-        Some((i, n)) => (i.trim(), n.trim()),
-        None => (spec.trim(), spec.trim()),
-    };
-    if id.is_empty() || id.chars().any(char::is_whitespace) || name.is_empty() {
-        return Err(Failure::input(format!(
-            "card update: --skill {spec:?}: expected ID:NAME, the ID without spaces"
-        )));
-    }
-    Ok(json!({"id": id, "name": name, "description": name, "tags": []}))
-}
-
-pub(super) fn broadcast(ctx: &Ctx, a: &BroadcastArgs) -> Result<Report, Failure> {
-    let budget = Budget::new(a.budget_secs, "broadcast")?;
-    let text = message_text(a.text.as_deref(), "broadcast")?;
+pub(super) fn broadcast(ctx: &Ctx, b: &Broadcast) -> Result<Report, Failure> {
+    let budget = Budget::start(b.budget_secs);
     let path = format!("/workspaces/{}/broadcast", ctx.workspace_id());
-    let body = json!({"message": text});
+    let body = json!({"message": b.text});
     let describe_broadcast = |ctx: &Ctx, e: ApiError| match e.kind() {
         Kind::Forbidden if e.to_string().contains("broadcast_disabled") => refused(
             ctx,
@@ -125,17 +79,4 @@ pub(super) fn broadcast(ctx: &Ctx, a: &BroadcastArgs) -> Result<Report, Failure>
         json: json!({"ok": true, "status": "sent", "delivered": delivered}),
         human: format!("sent to {delivered} workspace(s)\n"),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn skill_specs() {
-        assert_eq!(skill("sum:Add numbers").unwrap()["name"], "Add numbers");
-        assert_eq!(skill("sum").unwrap()["name"], "sum");
-        assert!(skill(":x").is_err());
-        assert!(skill("a b:c").is_err());
-    }
 }

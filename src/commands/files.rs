@@ -9,16 +9,14 @@ use serde_json::{Value, json};
 
 use super::{Budget, Ctx, Failure, Report, describe, refused, str_of};
 use crate::api::{ApiError, Kind};
-use crate::cli::DownloadArgs;
 use crate::config::agent::MAX_ATTACHMENTS;
+use crate::config::tools::Download;
 
 /// The platform's limits (`GET /uploads/limits`, §API-2.16).
 const MAX_FILE_BYTES: u64 = 100 * 1024 * 1024;
 const MAX_REQUEST_BYTES: u64 = 100 * 1024 * 1024;
 /// Room for one part's multipart headers.
 const PART_OVERHEAD: u64 = 512;
-/// URI scheme of a file staged on the platform.
-const PENDING: &str = "platform-pending:";
 
 /// Reads and checks every file (all of them before any upload), uploads them in one
 /// request and returns their `/notify` attachments.
@@ -150,47 +148,9 @@ fn mime_of(name: &str) -> &'static str {
     }
 }
 
-/// The file id of `platform-pending:<ws>/<file_id>` (our own workspace only), or a
-/// bare file id.
-fn file_id_of(uri: &str, own: &str) -> Result<String, Failure> {
-    let uri = uri.trim();
-    let id = match uri.strip_prefix(PENDING) {
-        Some(rest) => {
-            let Some((ws, id)) = rest.split_once('/') else {
-                return Err(Failure::input(format!(
-                    "download: {uri:?}: expected {PENDING}<workspace-id>/<file-id>"
-                )));
-            };
-            if !ws.eq_ignore_ascii_case(own) {
-                return Err(Failure::input(format!(
-                    "download: {uri:?} belongs to workspace {ws}, not to this one ({own}); only a workspace's own uploads can be fetched"
-                )));
-            }
-            id
-        }
-        None => uri,
-    };
-    if !crate::uuid::is_uuid(id) {
-        return Err(Failure::input(format!(
-            "download: {uri:?}: expected {PENDING}<workspace-id>/<file-id> with a UUID file id"
-        )));
-    }
-    Ok(id.to_ascii_lowercase())
-}
-
-pub(super) fn download(ctx: &Ctx, a: &DownloadArgs, json: bool) -> Result<Report, Failure> {
-    let budget = Budget::new(a.budget_secs, "download")?;
-    let Some(uri) = a.uri.as_deref() else {
-        return Err(Failure::input(
-            "download: the URI is required (see 'molecule download --help')",
-        ));
-    };
-    let fid = file_id_of(uri, ctx.workspace_id())?;
-    if json && a.output.is_none() {
-        return Err(Failure::input(
-            "download: with --json the bytes need a file: add -o FILE",
-        ));
-    }
+pub(super) fn download(ctx: &Ctx, d: &Download) -> Result<Report, Failure> {
+    let budget = Budget::start(d.budget_secs);
+    let fid = &d.file_id;
     let describe_download = |ctx: &Ctx, e: ApiError| match e.kind() {
         Kind::NotFound => refused(
             ctx,
@@ -200,7 +160,7 @@ pub(super) fn download(ctx: &Ctx, a: &DownloadArgs, json: bool) -> Result<Report
         _ => describe(ctx, e),
     };
     let limit = MAX_FILE_BYTES + 1;
-    let (bytes, mime) = match &a.output {
+    let (bytes, mime) = match &d.output {
         Some(path) => {
             let dir = path
                 .parent()
@@ -223,7 +183,7 @@ pub(super) fn download(ctx: &Ctx, a: &DownloadArgs, json: bool) -> Result<Report
                         op: "download",
                         detail: format!("{}: {e}", tmp.display()),
                     })?;
-                    let got = c.download(&fid, &mut f, limit)?;
+                    let got = c.download(fid, &mut f, limit)?;
                     f.sync_all().map_err(|e| ApiError::Invalid {
                         op: "download",
                         detail: format!("{}: {e}", tmp.display()),
@@ -250,14 +210,14 @@ pub(super) fn download(ctx: &Ctx, a: &DownloadArgs, json: bool) -> Result<Report
             let got = ctx.call_within(
                 &budget,
                 false,
-                |c| c.download(&fid, &mut out, limit),
+                |c| c.download(fid, &mut out, limit),
                 describe_download,
             )?;
             let _ = out.flush();
             got
         }
     };
-    if a.ack {
+    if d.ack {
         let path = format!(
             "/workspaces/{}/pending-uploads/{fid}/ack",
             ctx.workspace_id()
@@ -269,14 +229,14 @@ pub(super) fn download(ctx: &Ctx, a: &DownloadArgs, json: bool) -> Result<Report
             describe_download,
         )?;
     }
-    let human = match &a.output {
+    let human = match &d.output {
         Some(p) => format!("{bytes} bytes written to {}\n", p.display()),
         None => String::new(),
     };
     Ok(Report {
         json: json!({"ok": true, "file_id": fid, "bytes": bytes, "mime_type": mime,
-                     "output": a.output.as_ref().map(|p| p.display().to_string()),
-                     "acked": a.ack}),
+                     "output": d.output.as_ref().map(|p| p.display().to_string()),
+                     "acked": d.ack}),
         human,
     })
 }
@@ -294,22 +254,6 @@ fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const WS: &str = "11111111-1111-4111-8111-111111111111";
-    const F: &str = "22222222-2222-4222-8222-222222222222";
-
-    #[test]
-    fn pending_uris() {
-        assert_eq!(
-            file_id_of(&format!("platform-pending:{WS}/{F}"), WS).unwrap(),
-            F
-        );
-        assert_eq!(file_id_of(F, WS).unwrap(), F);
-        let other = "33333333-3333-4333-8333-333333333333";
-        assert!(file_id_of(&format!("platform-pending:{other}/{F}"), WS).is_err());
-        assert!(file_id_of("platform-pending:x", WS).is_err());
-        assert!(file_id_of(&format!("platform-pending:{WS}/../etc"), WS).is_err());
-    }
 
     #[test]
     fn mime_types() {

@@ -10,13 +10,8 @@ use std::collections::HashSet;
 use serde_json::{Value, json};
 
 use super::{Budget, Ctx, Failure, LIST_LIMIT, Report, describe, str_of};
-use crate::cli::HistoryArgs;
-use crate::config::Range::Between;
-use crate::config::agent::require_workspace;
+use crate::config::tools::History;
 use crate::timestamp::{parse_rfc3339 as parse_micros, rfc3339 as format_micros};
-
-const DEFAULT_LIMIT: u32 = 20;
-const MAX_LIMIT: u32 = 5000;
 
 /// The two conversations.
 #[derive(Clone, Copy)]
@@ -25,26 +20,14 @@ enum Source<'a> {
     Canvas,
 }
 
-pub(super) fn run(ctx: &Ctx, a: &HistoryArgs) -> Result<Report, Failure> {
-    let budget = Budget::new(a.budget_secs, "history")?;
-    let peer = match &a.peer {
-        Some(p) => Some(require_workspace(Some(p), "history", "--peer id")?),
-        None => None,
-    };
-    let source = match &peer {
+pub(super) fn run(ctx: &Ctx, h: &History) -> Result<Report, Failure> {
+    let budget = Budget::start(h.budget_secs);
+    let source = match &h.peer {
         Some(p) => Source::Peer(p),
         None => Source::Canvas,
     };
-    let limit = a.limit.unwrap_or(DEFAULT_LIMIT);
-    let limit = Between(1, MAX_LIMIT).check(format_args!("history: --limit {limit}"), limit, "")?;
-    let mut before = match &a.before {
-        Some(t) => Some(parse_micros(t).ok_or_else(|| {
-            Failure::input(format!(
-                "history: --before {t:?}: not an RFC 3339 timestamp with a zone (e.g. 2026-05-01T00:00:00Z)"
-            ))
-        })?),
-        None => None,
-    };
+    let limit = h.limit;
+    let mut before = h.before;
     let page_max: u32 = match source {
         Source::Peer(_) => 500,
         Source::Canvas => 1000,

@@ -5,50 +5,36 @@
 
 use serde_json::{Value, json};
 
-use super::{
-    Budget, Ctx, Failure, LIST_LIMIT, Report, clip, describe, message_text, refused, require_uuid,
-    str_of, table,
-};
+use super::{Budget, Ctx, Failure, LIST_LIMIT, Report, clip, describe, refused, str_of, table};
 use crate::api::{ApiError, Kind};
-use crate::cli::MemoryArgs;
+use crate::config::tools::{Memory, MemoryAction};
 
-const SCOPES: [&str; 3] = ["LOCAL", "TEAM", "GLOBAL"];
-const KINDS: [&str; 3] = ["fact", "summary", "checkpoint"];
-/// The platform's cap on the `namespace` label.
-const MAX_LABEL: usize = 50;
-
-pub(super) fn run(ctx: &Ctx, a: &MemoryArgs) -> Result<Report, Failure> {
-    let budget = Budget::new(a.budget_secs, "memory")?;
-    match a.action.as_deref() {
-        Some("commit") => commit(ctx, a, &budget),
-        Some("search") => search(ctx, a, &budget),
-        Some("namespaces") => namespaces(ctx, a, &budget),
-        Some("delete") => delete(ctx, a, &budget),
-        Some(other) => Err(Failure::input(format!(
-            "memory: unknown action {other:?} (commit, search, namespaces or delete)"
-        ))),
-        None => Err(Failure::input(
-            "memory: an action is required: commit, search, namespaces or delete",
-        )),
+pub(super) fn run(ctx: &Ctx, m: &Memory) -> Result<Report, Failure> {
+    let budget = Budget::start(m.budget_secs);
+    match &m.action {
+        MemoryAction::Commit {
+            text,
+            scope,
+            namespace,
+        } => commit(ctx, text, scope, namespace.as_deref(), &budget),
+        MemoryAction::Search {
+            query,
+            namespace,
+            kind,
+            limit,
+        } => search(
+            ctx,
+            [
+                ("q", query.clone()),
+                ("namespace", namespace.clone()),
+                ("kind", kind.map(str::to_string)),
+                ("limit", limit.map(|n| n.to_string())),
+            ],
+            &budget,
+        ),
+        MemoryAction::Namespaces => namespaces(ctx, &budget),
+        MemoryAction::Delete { id } => delete(ctx, id, &budget),
     }
-}
-
-/// Options that only some actions take are refused elsewhere, not ignored.
-fn only(a: &MemoryArgs, action: &str, allowed: &[&str]) -> Result<(), Failure> {
-    let given = [
-        ("--scope", a.scope.is_some()),
-        ("--namespace", a.namespace.is_some()),
-        ("--kind", a.kind.is_some()),
-        ("--limit", a.limit.is_some()),
-    ];
-    for (flag, set) in given {
-        if set && !allowed.contains(&flag) {
-            return Err(Failure::input(format!(
-                "memory {action}: {flag} does not apply here"
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// The plugin-less 503 and the GLOBAL 403 in words; the rest as usual.
@@ -69,23 +55,16 @@ fn describe_memory(ctx: &Ctx, e: ApiError) -> Failure {
     }
 }
 
-fn commit(ctx: &Ctx, a: &MemoryArgs, budget: &Budget) -> Result<Report, Failure> {
-    only(a, "commit", &["--scope", "--namespace"])?;
-    let text = message_text(a.arg.as_deref(), "memory commit")?;
-    let scope = a.scope.as_deref().unwrap_or("LOCAL").to_ascii_uppercase();
-    if !SCOPES.contains(&scope.as_str()) {
-        return Err(Failure::input(format!(
-            "memory commit: --scope {scope:?}: must be LOCAL, TEAM or GLOBAL"
-        )));
-    }
+fn commit(
+    ctx: &Ctx,
+    text: &str,
+    scope: &str,
+    namespace: Option<&str>,
+    budget: &Budget,
+) -> Result<Report, Failure> {
     let mut body = json!({"content": text, "scope": scope});
-    if let Some(label) = &a.namespace {
-        if label.chars().count() > MAX_LABEL || label.trim().is_empty() {
-            return Err(Failure::input(format!(
-                "memory commit: --namespace: 1 to {MAX_LABEL} characters"
-            )));
-        }
-        body["namespace"] = Value::from(label.as_str());
+    if let Some(label) = namespace {
+        body["namespace"] = Value::from(label);
     }
     let path = format!("/workspaces/{}/memories", ctx.workspace_id());
     let v = ctx.call_within(
@@ -105,32 +84,16 @@ fn commit(ctx: &Ctx, a: &MemoryArgs, budget: &Budget) -> Result<Report, Failure>
     })
 }
 
-fn search(ctx: &Ctx, a: &MemoryArgs, budget: &Budget) -> Result<Report, Failure> {
-    only(a, "search", &["--namespace", "--kind", "--limit"])?;
-    let mut q: Vec<(&str, String)> = Vec::new();
-    if let Some(query) = &a.arg {
-        q.push(("q", query.clone()));
-    }
-    if let Some(ns) = &a.namespace {
-        q.push(("namespace", ns.clone()));
-    }
-    if let Some(k) = &a.kind {
-        if !KINDS.contains(&k.as_str()) {
-            return Err(Failure::input(format!(
-                "memory search: --kind {k:?}: must be fact, summary or checkpoint"
-            )));
-        }
-        q.push(("kind", k.clone()));
-    }
-    if let Some(n) = a.limit {
-        if !(1..=100).contains(&n) {
-            return Err(Failure::input(
-                "memory search: --limit must be between 1 and 100",
-            ));
-        }
-        q.push(("limit", n.to_string()));
-    }
-    let query: Vec<(&str, &str)> = q.iter().map(|(k, v)| (*k, v.as_str())).collect();
+/// `params`: the query string's fields, those given.
+fn search(
+    ctx: &Ctx,
+    params: [(&str, Option<String>); 4],
+    budget: &Budget,
+) -> Result<Report, Failure> {
+    let query: Vec<(&str, &str)> = params
+        .iter()
+        .filter_map(|(k, v)| Some((*k, v.as_deref()?)))
+        .collect();
     let path = format!("/workspaces/{}/v2/memories", ctx.workspace_id());
     let v = ctx.call_within(
         budget,
@@ -171,11 +134,7 @@ fn search(ctx: &Ctx, a: &MemoryArgs, budget: &Budget) -> Result<Report, Failure>
     })
 }
 
-fn namespaces(ctx: &Ctx, a: &MemoryArgs, budget: &Budget) -> Result<Report, Failure> {
-    only(a, "namespaces", &[])?;
-    if a.arg.is_some() {
-        return Err(Failure::input("memory namespaces: takes no argument"));
-    }
+fn namespaces(ctx: &Ctx, budget: &Budget) -> Result<Report, Failure> {
     let path = format!("/workspaces/{}/v2/namespaces", ctx.workspace_id());
     let v = ctx.call_within(
         budget,
@@ -222,9 +181,7 @@ fn namespaces(ctx: &Ctx, a: &MemoryArgs, budget: &Budget) -> Result<Report, Fail
     })
 }
 
-fn delete(ctx: &Ctx, a: &MemoryArgs, budget: &Budget) -> Result<Report, Failure> {
-    only(a, "delete", &[])?;
-    let id = require_uuid(a.arg.as_deref(), "memory delete", "memory id")?;
+fn delete(ctx: &Ctx, id: &str, budget: &Budget) -> Result<Report, Failure> {
     let path = format!("/workspaces/{}/v2/memories/{id}", ctx.workspace_id());
     ctx.call_within(
         budget,

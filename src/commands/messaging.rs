@@ -13,7 +13,7 @@ use crate::wire::ManualHeartbeat;
 pub(super) fn notify(ctx: &Ctx, n: &agent::Notify) -> Result<Report, Failure> {
     let mut attachments = n.attachments.clone();
     if !n.files.is_empty() {
-        let budget = super::Budget::new(None, "notify")?;
+        let budget = super::Budget::start(crate::config::tools::DEFAULT_BUDGET_SECS);
         let uploaded = super::files::upload(ctx, &budget, &n.files, attachments.len())?;
         attachments.extend(uploaded);
     }

@@ -1,9 +1,11 @@
 //! The one-shot agent-side commands for shell scripts (`send`, `peers`, `discover`,
-//! `info`, `delegate`, `delegations`, `notify`, `heartbeat`, `status`, `doctor`) and
-//! what they share: the platform context with its 401 handling, message text from an
-//! argument or stdin, the error-to-diagnostic mapping, and output. Output is either
-//! human text or, with `--json`, exactly one JSON document on stdout, failures
-//! included (`{"ok":false,"error":…,"exit_code":N}`); logs and errors go to stderr.
+//! `info`, `delegate`, `delegations`, `notify`, `heartbeat`, `status`, `doctor` and
+//! the platform tools `memory`, `ask`, `request(s)`, `history`, `card`, `broadcast`,
+//! `download`) and what they share: the platform context with its 401 handling, the
+//! retry budget, the error-to-diagnostic mapping, and output. Their arguments arrive
+//! checked (`config::agent`, `config::tools`). Output is either human text or, with
+//! `--json`, exactly one JSON document on stdout, failures included
+//! (`{"ok":false,"error":…,"exit_code":N}`); logs and errors go to stderr.
 //! No threads; a send's retries wait with a plain sleep (one-shot process).
 
 mod card;
@@ -26,9 +28,8 @@ use serde_json::{Map, Value};
 use crate::api::{ApiError, Client, ClientConfig, Kind};
 use crate::backend::BackendError;
 use crate::cli::{Command, GlobalArgs};
-use crate::config::Range::Between;
-use crate::config::agent::{self, MAX_BUDGET_SECS, message_text, require_uuid};
-use crate::config::{self, AgentConfig, ConfigError};
+use crate::config::agent;
+use crate::config::{self, AgentConfig, ConfigError, tools};
 use crate::credentials::{Credentials, Standing, rejected_message, removed_message};
 use crate::error::Error;
 use crate::state::StateError;
@@ -69,17 +70,18 @@ pub fn run(
             prometheus,
         } => status::run(global, env, stale_after, prometheus),
         Command::Doctor(a) => doctor::run(global, env, &a),
-        Command::Memory(a) => Ctx::new(global, env).and_then(|c| memory::run(&c, &a)),
-        Command::Ask(a) => Ctx::new(global, env).and_then(|c| requests::ask(&c, &a)),
-        Command::Requests(a) => Ctx::new(global, env).and_then(|c| requests::list(&c, &a)),
-        Command::Request(a) => Ctx::new(global, env).and_then(|c| requests::one(&c, &a)),
-        Command::History(a) => Ctx::new(global, env).and_then(|c| history::run(&c, &a)),
-        Command::Card(a) => Ctx::new(global, env).and_then(|c| card::update(&c, &a)),
-        Command::Broadcast(a) => Ctx::new(global, env).and_then(|c| card::broadcast(&c, &a)),
-        Command::Download(a) => {
-            let json = global.json;
-            Ctx::new(global, env).and_then(|c| files::download(&c, &a, json))
-        }
+        Command::Memory(a) => resolved(global, env, || tools::memory(&a), memory::run),
+        Command::Ask(a) => resolved(global, env, || tools::ask(&a), requests::ask),
+        Command::Requests(a) => resolved(global, env, || tools::requests(&a), requests::list),
+        Command::Request(a) => resolved(global, env, || tools::request(&a), requests::one),
+        Command::History(a) => resolved(global, env, || tools::history(&a), history::run),
+        Command::Card(a) => resolved(global, env, || tools::card(&a), card::update),
+        Command::Broadcast(a) => resolved(global, env, || tools::broadcast(&a), card::broadcast),
+        // Only our own uploads can be fetched: this one resolves against the config.
+        Command::Download(a) => Ctx::new(global, env).and_then(|c| {
+            let d = tools::download(&a, c.workspace_id(), global.json)?;
+            files::download(&c, &d)
+        }),
         Command::Help(_)
         | Command::Version
         | Command::Connect(_)
@@ -346,9 +348,6 @@ const BUDGET_BACKOFF: crate::backoff::Backoff = crate::backoff::Backoff {
     max: std::time::Duration::from_secs(8),
     jitter: 0.25,
 };
-/// `--budget` of the tool commands when not given.
-const DEFAULT_BUDGET_SECS: u64 = 60;
-
 /// The total time a command may spend retrying (`--budget SECS`).
 struct Budget {
     secs: u64,
@@ -356,19 +355,13 @@ struct Budget {
 }
 
 impl Budget {
-    /// From `--budget` (default 60 s); exit 2 outside 1..=86400.
-    fn new(secs: Option<u64>, cmd: &str) -> Result<Budget, Failure> {
-        let secs = secs.unwrap_or(DEFAULT_BUDGET_SECS);
-        let secs = Between(1, MAX_BUDGET_SECS).check(
-            format_args!("{cmd}: --budget {secs}"),
-            secs,
-            " seconds",
-        )?;
+    /// Starts the clock on a `--budget` the settings layer has checked.
+    fn start(secs: u64) -> Budget {
         let now = std::time::Instant::now();
         let deadline = now
             .checked_add(std::time::Duration::from_secs(secs))
             .unwrap_or(now);
-        Ok(Budget { secs, deadline })
+        Budget { secs, deadline }
     }
 
     /// Whether waiting `d` still ends inside the budget.
@@ -547,7 +540,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    use crate::config::agent::read_limited;
+    use crate::config::agent::{message_text, read_limited, require_uuid};
 
     /// The resolving layer's error as the command reports it.
     fn failure<T: std::fmt::Debug>(r: Result<T, ConfigError>) -> Failure {

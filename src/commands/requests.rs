@@ -9,37 +9,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{
-    Budget, Ctx, Failure, LIST_LIMIT, Report, clip, message_text, refused, require_uuid, str_of,
-    table,
-};
+use super::{Budget, Ctx, Failure, LIST_LIMIT, Report, clip, refused, str_of, table};
 use crate::api::{ApiError, Kind};
 use crate::backoff::Backoff;
-use crate::cli::{AskArgs, RequestArgs, RequestsArgs};
-use crate::config::Range::Between;
-use crate::config::agent::require_workspace;
+use crate::config::tools::{Ask, Recipient, Request, RequestAction, Requests};
 use crate::error::Error;
 
-/// Default and largest `--timeout` for `ask --wait`.
-const DEFAULT_WAIT_SECS: u64 = 600;
-const MAX_WAIT_SECS: u64 = 7 * 24 * 3600;
-/// Longest title and detail sent (the platform stores them as text; keep them sane).
-const MAX_TITLE: usize = 1000;
-const MAX_DETAIL: usize = 64 * 1024;
 /// Pause between status reads while waiting: 2 s, doubling to 30 s.
 const WAIT_BACKOFF: Backoff = Backoff {
     base: Duration::from_secs(2),
     max: Duration::from_secs(30),
     jitter: 0.1,
 };
-const STATUSES: [&str; 6] = [
-    "pending",
-    "info_requested",
-    "done",
-    "approved",
-    "rejected",
-    "cancelled",
-];
 
 /// Statuses after which a request never changes.
 fn is_terminal(status: &str) -> bool {
@@ -60,49 +41,14 @@ fn describe_request(ctx: &Ctx, e: ApiError) -> Failure {
     refused(ctx, e, what)
 }
 
-pub(super) fn ask(ctx: &Ctx, a: &AskArgs) -> Result<Report, Failure> {
-    let budget = Budget::new(a.budget_secs, "ask")?;
-    let title = a.title.as_deref().map(str::trim).unwrap_or("");
-    if title.is_empty() {
-        return Err(Failure::input(
-            "ask: the title is required (see 'molecule ask --help')",
-        ));
-    }
-    if title.len() > MAX_TITLE || a.detail.as_ref().is_some_and(|d| d.len() > MAX_DETAIL) {
-        return Err(Failure::input(format!(
-            "ask: the title is limited to {MAX_TITLE} bytes and --detail to {MAX_DETAIL}"
-        )));
-    }
-    let kind = a.kind.as_deref().unwrap_or("approval");
-    if !matches!(kind, "approval" | "task") {
-        return Err(Failure::input(format!(
-            "ask: --kind {kind:?}: must be approval or task"
-        )));
-    }
-    let (recipient_type, recipient_id) = match a.to.as_deref().map(str::trim) {
-        None | Some("user") => ("user", String::new()),
-        Some(id) => (
-            "agent",
-            require_workspace(Some(id), "ask", "--to workspace id (or user)")?.to_string(),
-        ),
-    };
-    if a.timeout_secs.is_some() && !a.wait {
-        return Err(Failure::input(
-            "ask: --timeout only makes sense with --wait",
-        ));
-    }
-    let timeout_secs = a.timeout_secs.unwrap_or(DEFAULT_WAIT_SECS);
-    let timeout_secs = Between(1, MAX_WAIT_SECS).check(
-        format_args!("ask: --timeout {timeout_secs}"),
-        timeout_secs,
-        " seconds",
-    )?;
+pub(super) fn ask(ctx: &Ctx, a: &Ask) -> Result<Report, Failure> {
+    let budget = Budget::start(a.budget_secs);
     let body = json!({
-        "kind": kind,
-        "recipient_type": recipient_type,
-        "recipient_id": recipient_id,
-        "title": title,
-        "detail": a.detail.as_deref().unwrap_or(""),
+        "kind": a.kind,
+        "recipient_type": a.to.kind(),
+        "recipient_id": a.to.id(),
+        "title": a.title,
+        "detail": a.detail,
     });
     let path = format!("/workspaces/{}/requests", ctx.workspace_id());
     let v = ctx.call_within(
@@ -122,19 +68,20 @@ pub(super) fn ask(ctx: &Ctx, a: &AskArgs) -> Result<Report, Failure> {
     };
     if !a.wait {
         return Ok(Report {
-            json: json!({"ok": true, "request_id": rid, "status": "pending", "kind": kind}),
+            json: json!({"ok": true, "request_id": rid, "status": "pending", "kind": a.kind}),
             human: format!("{rid}\n"),
         });
     }
     log::info!(
-        "request {rid} raised ({kind} for {}); waiting up to {timeout_secs} s for the answer",
-        if recipient_type == "user" {
-            "the user".to_string()
-        } else {
-            recipient_id.clone()
-        }
+        "request {rid} raised ({} for {}); waiting up to {} s for the answer",
+        a.kind,
+        match &a.to {
+            Recipient::User => "the user",
+            Recipient::Agent(id) => id.as_str(),
+        },
+        a.timeout_secs
     );
-    wait_for(ctx, &rid, Duration::from_secs(timeout_secs))
+    wait_for(ctx, &rid, Duration::from_secs(a.timeout_secs))
 }
 
 /// Read of the request status while the event stream is up (events can be dropped).
@@ -349,22 +296,14 @@ fn thread_text(request: &Value, messages: &Value) -> String {
     out
 }
 
-pub(super) fn list(ctx: &Ctx, a: &RequestsArgs) -> Result<Report, Failure> {
-    let budget = Budget::new(a.budget_secs, "requests")?;
-    if let Some(s) = &a.status
-        && !STATUSES.contains(&s.as_str())
-    {
-        return Err(Failure::input(format!(
-            "requests: --status {s:?}: one of {}",
-            STATUSES.join(", ")
-        )));
-    }
+pub(super) fn list(ctx: &Ctx, a: &Requests) -> Result<Report, Failure> {
+    let budget = Budget::start(a.budget_secs);
     let path = if a.inbox {
         format!("/workspaces/{}/requests/inbox", ctx.workspace_id())
     } else {
         format!("/workspaces/{}/requests", ctx.workspace_id())
     };
-    let q: Vec<(&str, &str)> = a.status.iter().map(|s| ("status", s.as_str())).collect();
+    let q: Vec<(&str, &str)> = a.status.iter().map(|s| ("status", *s)).collect();
     let v = ctx.call_within(
         &budget,
         true,
@@ -407,58 +346,34 @@ pub(super) fn list(ctx: &Ctx, a: &RequestsArgs) -> Result<Report, Failure> {
     })
 }
 
-pub(super) fn one(ctx: &Ctx, a: &RequestArgs) -> Result<Report, Failure> {
-    let budget = Budget::new(a.budget_secs, "request")?;
-    let action = a.action.as_deref().unwrap_or("");
-    if !matches!(action, "show" | "respond" | "message" | "cancel") {
-        return Err(Failure::input(format!(
-            "request: action {action:?}: one of show, respond, message, cancel"
-        )));
-    }
-    let cmd = format!("request {action}");
-    let rid = require_uuid(a.id.as_deref(), &cmd, "request id")?;
-    if matches!(action, "show" | "cancel") && a.arg.is_some() {
-        return Err(Failure::input(format!("{cmd}: takes only the request id")));
-    }
-    let base = request_path(ctx, &rid);
-    let (method, path, body, idempotent) = match action {
-        "show" => ("GET", base, None, true),
-        "respond" => {
-            let answer = a.arg.as_deref().unwrap_or("");
-            if !matches!(answer, "approved" | "rejected" | "done") {
-                return Err(Failure::input(format!(
-                    "request respond: the answer must be approved, rejected or done, not {answer:?}"
-                )));
-            }
-            // Answering twice fails (already resolved): safe to retry.
-            (
-                "POST",
-                format!("{base}/respond"),
-                Some(json!({"action": answer})),
-                true,
-            )
-        }
-        "message" => {
-            let text = message_text(a.arg.as_deref(), &cmd)?;
+pub(super) fn one(ctx: &Ctx, r: &Request) -> Result<Report, Failure> {
+    let budget = Budget::start(r.budget_secs);
+    let rid = &r.id;
+    let base = request_path(ctx, rid);
+    let (method, path, body, idempotent) = match &r.action {
+        RequestAction::Show => ("GET", base, None, true),
+        // Answering twice fails (already resolved): safe to retry.
+        RequestAction::Respond(answer) => (
+            "POST",
+            format!("{base}/respond"),
+            Some(json!({"action": answer})),
+            true,
+        ),
+        RequestAction::Message(text) => {
             // The workspace route overrides the author but still requires the field.
             let body = json!({"body": text, "author_type": "agent",
                               "author_id": ctx.workspace_id()});
             ("POST", format!("{base}/messages"), Some(body), false)
         }
-        _ => ("POST", format!("{base}/cancel"), None, true),
+        RequestAction::Cancel => ("POST", format!("{base}/cancel"), None, true),
     };
-    let op: &'static str = match action {
-        "show" => "request show",
-        "respond" => "request respond",
-        "message" => "request message",
-        _ => "request cancel",
-    };
+    let op = r.action.op();
     // What a respond or cancel leaves behind: after a lost answer the retry finds the
     // request "already resolved", by our own first attempt if it shows that outcome.
-    let outcome = match action {
-        "respond" => a.arg.as_deref(),
-        "cancel" => Some("cancelled"),
-        _ => None,
+    let outcome = match &r.action {
+        RequestAction::Respond(answer) => Some(*answer),
+        RequestAction::Cancel => Some("cancelled"),
+        RequestAction::Show | RequestAction::Message(_) => None,
     };
     let mut tries: u32 = 0;
     let v = ctx
@@ -469,7 +384,7 @@ pub(super) fn one(ctx: &Ctx, a: &RequestArgs) -> Result<Report, Failure> {
                 tries += 1;
                 match c.call_json(op, method, &path, &[], body.as_ref(), LIST_LIMIT) {
                     Err(e) if tries > 1 && is_already_resolved(&e) => {
-                        match outcome.and_then(|o| applied_before(c, &request_path(ctx, &rid), o)) {
+                        match outcome.and_then(|o| applied_before(c, &request_path(ctx, rid), o)) {
                             Some(v) => Ok(v),
                             None => Err(e),
                         }
@@ -480,12 +395,12 @@ pub(super) fn one(ctx: &Ctx, a: &RequestArgs) -> Result<Report, Failure> {
             describe_request,
         )
         .map_err(|f| f.with("request_id", rid.as_str()))?;
-    let human = match action {
-        "show" => thread_text(
+    let human = match &r.action {
+        RequestAction::Show => thread_text(
             v.get("request").unwrap_or(&Value::Null),
             v.get("messages").unwrap_or(&Value::Null),
         ),
-        "message" => format!(
+        RequestAction::Message(_) => format!(
             "message {} added to request {rid}\n",
             str_of(&v, "message_id").unwrap_or("")
         ),

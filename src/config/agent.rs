@@ -19,15 +19,15 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 pub(crate) const MAX_ATTACHMENTS: usize = 10;
 /// Largest `--budget` of `send` and the tool commands.
 pub(crate) const MAX_BUDGET_SECS: u64 = 24 * 3600;
-/// Default and largest `--timeout` of `delegate --wait`.
+/// Default and largest `--timeout` of `delegate --wait` and `ask --wait`.
 const DEFAULT_WAIT_SECS: u64 = 600;
 const MAX_WAIT_SECS: u64 = 7 * 24 * 3600;
 /// `send`'s default total budget for all attempts.
 const DEFAULT_SEND_BUDGET_SECS: u64 = 600;
 /// Longest `--message-id` accepted.
 const MAX_MESSAGE_ID_LEN: usize = 200;
-/// Longest free text sent in a heartbeat field.
-const MAX_FIELD: usize = 4096;
+/// Longest free text sent in a heartbeat or agent card field.
+pub(super) const MAX_FIELD: usize = 4096;
 
 /// `molecule send`, checked.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,12 +58,7 @@ pub(crate) fn send(a: &SendArgs) -> Result<Send, ConfigError> {
             m.to_string()
         }
     };
-    let budget_secs = a.budget_secs.unwrap_or(DEFAULT_SEND_BUDGET_SECS);
-    let budget_secs = Between(1, MAX_BUDGET_SECS).check(
-        format_args!("send: --budget {budget_secs}"),
-        budget_secs,
-        " seconds",
-    )?;
+    let budget_secs = budget(a.budget_secs, DEFAULT_SEND_BUDGET_SECS, "send")?;
     Ok(Send {
         peer,
         text,
@@ -95,17 +90,7 @@ pub(crate) fn delegate(a: &DelegateArgs) -> Result<Delegate, ConfigError> {
     if key.is_some_and(str::is_empty) {
         return Err(ConfigError("delegate: --idempotency-key is empty".into()));
     }
-    let timeout_secs = a.timeout_secs.unwrap_or(DEFAULT_WAIT_SECS);
-    if a.timeout_secs.is_some() && !a.wait {
-        return Err(ConfigError(
-            "delegate: --timeout only makes sense with --wait".into(),
-        ));
-    }
-    let timeout_secs = Between(1, MAX_WAIT_SECS).check(
-        format_args!("delegate: --timeout {timeout_secs}"),
-        timeout_secs,
-        " seconds",
-    )?;
+    let timeout_secs = wait_timeout(a.timeout_secs, a.wait, "delegate")?;
     Ok(Delegate {
         target,
         task,
@@ -113,6 +98,23 @@ pub(crate) fn delegate(a: &DelegateArgs) -> Result<Delegate, ConfigError> {
         wait: a.wait,
         timeout_secs,
     })
+}
+
+/// `--budget` (`default` when not given), 1 to [`MAX_BUDGET_SECS`].
+pub(super) fn budget(given: Option<u64>, default: u64, cmd: &str) -> Result<u64, ConfigError> {
+    let secs = given.unwrap_or(default);
+    Between(1, MAX_BUDGET_SECS).check(format_args!("{cmd}: --budget {secs}"), secs, " seconds")
+}
+
+/// `--timeout` of `--wait` (refused without it), 1 s to 7 days.
+pub(super) fn wait_timeout(given: Option<u64>, wait: bool, cmd: &str) -> Result<u64, ConfigError> {
+    if given.is_some() && !wait {
+        return Err(ConfigError(format!(
+            "{cmd}: --timeout only makes sense with --wait"
+        )));
+    }
+    let secs = given.unwrap_or(DEFAULT_WAIT_SECS);
+    Between(1, MAX_WAIT_SECS).check(format_args!("{cmd}: --timeout {secs}"), secs, " seconds")
 }
 
 /// `molecule notify`, checked (the `--file`s are read and checked when uploaded).
@@ -238,7 +240,11 @@ pub(crate) fn require_uuid(
     Ok(id.to_string())
 }
 
-fn required<'a>(value: Option<&'a str>, cmd: &str, what: &str) -> Result<&'a str, ConfigError> {
+pub(super) fn required<'a>(
+    value: Option<&'a str>,
+    cmd: &str,
+    what: &str,
+) -> Result<&'a str, ConfigError> {
     value.ok_or_else(|| {
         ConfigError(format!(
             "{cmd}: the {what} is required (see 'molecule {cmd} --help')"
