@@ -1,5 +1,6 @@
-//! One message, start to finish, on a worker thread: run the backend (with bounded
-//! retries), save its reply durably, post it to the sender, record the row as done.
+//! One message, start to finish: on a worker thread, run the backend (with bounded
+//! retries); on that worker's poster thread ([`Worker::deliver`]), save its reply
+//! durably, post it to the sender, record the row as done.
 //! A message that keeps failing is dead-lettered and its sender told; it never
 //! stops intake.
 
@@ -131,6 +132,15 @@ pub enum Finish {
     Interrupted,
 }
 
+/// What [`Worker::run`] leaves to do.
+pub enum Ran {
+    /// Nothing: the message ended (answered from a saved reply, not answered,
+    /// dead-lettered) or was interrupted.
+    Finished(Finish),
+    /// A reply, not yet journaled, for [`Worker::deliver`].
+    Reply(PendingReply),
+}
+
 enum ReplyFailure {
     Interrupted,
     Failed(String),
@@ -160,8 +170,44 @@ impl Worker {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Handles one message.
+    /// Handles one message (as a worker and its poster do, on one thread).
+    #[cfg(test)]
     pub fn handle(&mut self, msg: &Inbound) -> Finish {
+        match self.run(msg) {
+            Ran::Finished(finish) => finish,
+            Ran::Reply(reply) => self.deliver(msg, reply),
+        }
+    }
+
+    /// Everything of [`Worker::handle`] up to a reply to post: the backend run, and
+    /// every way a message ends without one. A reply comes back unsaved, for
+    /// [`Worker::deliver`] (which the next message's backend need not wait for).
+    pub fn run(&mut self, msg: &Inbound) -> Ran {
+        match self.run_to_reply(msg) {
+            Ok(reply) => Ran::Reply(reply),
+            Err(finish) => Ran::Finished(finish),
+        }
+    }
+
+    /// Journals `reply` (fsynced) and only then posts it, and records the row done.
+    pub fn deliver(&mut self, msg: &Inbound, reply: PendingReply) -> Finish {
+        // The canvas echo lookup after a restart searches from when the post began.
+        let reply = PendingReply {
+            at_us: now_us(),
+            ..reply
+        };
+        // Never post what is not journaled: a crash would answer twice.
+        let saved = self.save(msg, "its reply (not posted)", |s| {
+            s.record_reply(&msg.activity_id, reply.clone())
+        });
+        if !saved {
+            return Finish::Interrupted;
+        }
+        self.post_and_finish(msg, reply)
+    }
+
+    /// [`Worker::run`]: `Ok` is a reply to deliver, `Err` how the message ended.
+    fn run_to_reply(&mut self, msg: &Inbound) -> Result<PendingReply, Finish> {
         // A reply saved before a crash is posted again (same messageId), without
         // running the backend a second time.
         let saved = self.store().pending_reply(&msg.activity_id);
@@ -180,14 +226,14 @@ impl Worker {
                     msg.activity_id
                 );
                 self.count_handled();
-                return self.finish(msg);
+                return Err(self.finish(msg));
             }
             log::info!(
                 "row {}: posting the reply saved before a restart",
                 msg.activity_id
             );
             RuntimeStatus::count(&self.ctx.status, |c| c.reply_resends += 1);
-            return self.post_and_finish(msg, reply);
+            return Err(self.post_and_finish(msg, reply));
         }
         let summary = msg.summary();
         // Message text stays out of info logs (journald keeps them); debug has it.
@@ -207,7 +253,7 @@ impl Worker {
             Err(Some(e)) => RuntimeStatus::end_task(&self.ctx.status, Some(&failure_class(e))),
             Ok(_) => RuntimeStatus::end_task(&self.ctx.status, None),
         }
-        match result {
+        Err(match result {
             Ok(Outcome::NoReply) => {
                 log::info!("row {}: backend chose not to reply", msg.activity_id);
                 self.count_unanswered();
@@ -245,19 +291,11 @@ impl Worker {
                 self.finish(msg)
             }
             Ok(Outcome::Reply(r)) => {
-                let reply = PendingReply {
+                return Ok(PendingReply {
                     text: r.text,
                     parts: r.parts,
-                    at_us: now_us(),
-                };
-                // Never post what is not journaled: a crash would answer twice.
-                let saved = self.save(msg, "its reply (not posted)", |s| {
-                    s.record_reply(&msg.activity_id, reply.clone())
+                    at_us: None,
                 });
-                if !saved {
-                    return Finish::Interrupted;
-                }
-                self.post_and_finish(msg, reply)
             }
             Err(None) => Finish::Interrupted,
             Err(Some(error)) => {
@@ -266,7 +304,7 @@ impl Worker {
                 self.dead_letter(msg, &error, None);
                 self.tell_sender_of_failure(msg, &error)
             }
-        }
+        })
     }
 
     /// Runs the backend until it succeeds or the attempts run out. `Err(None)` means

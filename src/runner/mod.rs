@@ -1,7 +1,7 @@
 //! `connect`: start-up (backend, lock, state, register), the threads (heartbeat,
-//! poll, `--concurrency` workers, signal watcher), the drain on SIGTERM, and the stop
-//! reason that `main` turns into an exit code. The only module that spawns threads
-//! or waits between attempts.
+//! poll, `--concurrency` workers each with a reply poster, signal watcher), the drain
+//! on SIGTERM, and the stop reason that `main` turns into an exit code. The only
+//! module that spawns threads or waits between attempts.
 
 mod auth;
 mod broadcasts;
@@ -37,7 +37,7 @@ use crate::orphans::{self, Groups};
 use crate::output::write_quiet;
 use crate::shutdown::{Shutdown, StopReason, ThreadGuard};
 use crate::signal::{self, Signal};
-use crate::state::{self, InstanceLock, StateError, Store};
+use crate::state::{self, InstanceLock, PendingReply, StateError, Store};
 
 use status::{RuntimeStatus, SharedStatus};
 use supervise::{Progress, Supervisor, Watched};
@@ -736,6 +736,20 @@ impl Connected<'_> {
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
         let workers = cfg.concurrency.min(self.run_handles.len());
         for i in 0..workers {
+            // Each worker's replies are journaled and posted by its own poster while
+            // the worker runs the backend for the next message (of another sender:
+            // this one stays busy until `Finished`). Zero capacity: the hand-over
+            // waits for the poster, so a worker has at most one reply in delivery.
+            let (post_tx, post_rx) = mpsc::sync_channel::<(poll::Job, PendingReply)>(0);
+            let (poster_ctx, poster_events) = (ctx.clone(), events.clone());
+            // Ends after its worker (which holds the sender), with the last reply.
+            self.start(&format!("poster-{i}"), "poster", move || {
+                let mut poster = dispatch::Worker::new(poster_ctx, RunHandle::default());
+                while let Ok((job, reply)) = post_rx.recv() {
+                    let finish = poster.deliver(&job.msg, reply);
+                    finished(&poster_events, job, finish);
+                }
+            })?;
             let (ctx, handle, jobs, events) = (
                 ctx.clone(),
                 self.run_handles[i].clone(),
@@ -749,12 +763,24 @@ impl Connected<'_> {
                     // the worker.
                     let job = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
                     let Ok(job) = job else { return };
-                    let finish = worker.handle(&job.msg);
-                    let _ = events.send(poll::Event::Finished {
-                        ticket: job.ticket,
-                        sender: job.sender,
-                        finish,
-                    });
+                    let reply = match worker.run(&job.msg) {
+                        dispatch::Ran::Finished(finish) => {
+                            finished(&events, job, finish);
+                            continue;
+                        }
+                        dispatch::Ran::Reply(reply) => reply,
+                    };
+                    let ticket = job.ticket;
+                    match post_tx.send((job, reply)) {
+                        Ok(()) => {
+                            let _ = events.send(poll::Event::Posting { ticket });
+                        }
+                        // The poster is gone (it only ends after us): deliver here.
+                        Err(mpsc::SendError((job, reply))) => {
+                            let finish = worker.deliver(&job.msg, reply);
+                            finished(&events, job, finish);
+                        }
+                    }
                 }
             })?;
         }
@@ -865,6 +891,15 @@ impl Connected<'_> {
             StopReason::ThreadDied(m) => Err(Error::Runtime(m)),
         }
     }
+}
+
+/// Tells the poll thread that `job` ended.
+fn finished(events: &mpsc::Sender<poll::Event>, job: poll::Job, finish: dispatch::Finish) {
+    let _ = events.send(poll::Event::Finished {
+        ticket: job.ticket,
+        sender: job.sender,
+        finish,
+    });
 }
 
 /// Debug builds only: `MOLECULE_DEBUG_PANIC=<thread>` panics that thread at start,

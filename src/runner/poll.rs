@@ -3,7 +3,7 @@
 //! `--concurrency` at once), and move the cursor to the low-water mark as they
 //! finish. It owns the fetch position and the cursor; workers own their messages.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -82,6 +82,12 @@ pub enum Event {
         /// How it ended.
         finish: Finish,
     },
+    /// A job's backend is done and its reply is being posted: the worker may take
+    /// another job, the sender stays busy until `Finished`.
+    Posting {
+        /// Tracker ticket.
+        ticket: u64,
+    },
     /// Shutdown was requested: stop waiting.
     Wake,
     /// The event stream says a row was logged, or its health changed: poll now
@@ -98,7 +104,10 @@ pub struct Poller {
     shutdown: Shutdown,
     order: super::order::Order,
     jobs: HashMap<u64, Inbound>,
+    /// Jobs with a backend slot (sent to a worker, not yet `Posting` or `Finished`).
     running: usize,
+    /// Jobs whose reply is being posted (`Posting`, not yet `Finished`).
+    posting: HashSet<u64>,
     fetch_from: Option<String>,
     page_limit: u32,
     backoff: Backoff,
@@ -168,6 +177,7 @@ impl Poller {
             order: super::order::Order::new(),
             jobs: HashMap::new(),
             running: 0,
+            posting: HashSet::new(),
             fetch_from,
             page_limit: PAGE_LIMIT,
             // Polls give up waiting sooner than other calls: a long pause after an
@@ -299,7 +309,7 @@ impl Poller {
             // The idle deadline only matters when nothing is running: a long backend
             // run must not turn this wait into a spin.
             if let Some(idle) = self.settings.idle_exit
-                && self.running == 0
+                && self.unfinished() == 0
                 && self.order.outstanding() == 0
             {
                 wait = wait.min(idle.saturating_sub(self.last_activity.elapsed()));
@@ -311,7 +321,7 @@ impl Poller {
         }
         // Drain: nothing new starts; running jobs finish or are cancelled by main.
         drop(jobs_tx);
-        while self.running > 0 {
+        while self.unfinished() > 0 {
             self.progress.idle();
             match events.recv() {
                 Ok(ev) => self.on_event(ev),
@@ -368,13 +378,13 @@ impl Poller {
 
     /// Why a bounded run (`--once`, `--max-messages`, `--idle-exit`) is over, if it is.
     fn finished(&self) -> Option<String> {
-        let idle = self.running == 0 && self.order.outstanding() == 0;
+        let idle = self.unfinished() == 0 && self.order.outstanding() == 0;
         if self.settings.once && idle && self.caught_up {
             return Some("--once: the inbox is drained".into());
         }
         if let Some(max) = self.settings.max_messages
             && self.released >= max
-            && self.running == 0
+            && self.unfinished() == 0
         {
             return Some(format!("--max-messages: {max} message(s) handled"));
         }
@@ -395,9 +405,18 @@ impl Poller {
                 finish,
             } => {
                 self.last_activity = Instant::now();
-                self.running = self.running.saturating_sub(1);
+                // A job that did not go through `Posting` (or whose `Finished` came
+                // first) still holds its backend slot.
+                if !self.posting.remove(&ticket) {
+                    self.running = self.running.saturating_sub(1);
+                }
                 self.jobs.remove(&ticket);
                 self.order.complete(ticket, &sender, finish == Finish::Done);
+            }
+            Event::Posting { ticket } => {
+                if self.jobs.contains_key(&ticket) && self.posting.insert(ticket) {
+                    self.running = self.running.saturating_sub(1);
+                }
             }
             Event::Hint(sent) => {
                 if self.last_fetch_at.is_none_or(|f| sent >= f) {
@@ -406,6 +425,11 @@ impl Poller {
             }
             Event::Wake => {}
         }
+    }
+
+    /// Jobs handed to workers and not finished: in the backend or being posted.
+    fn unfinished(&self) -> usize {
+        self.running + self.posting.len()
     }
 
     /// Hands waiting messages to free workers, one per sender at a time.

@@ -577,6 +577,114 @@ fn concurrency_runs_senders_in_parallel_and_each_sender_in_order() {
     assert!(max_parallel >= 2, "runs never overlapped: {lines:?}");
 }
 
+/// Two peers of `a` (`p`, `q`) with three messages queued (p1, q1, p2), and `p`'s
+/// replies refused with 503 until the faults are cleared: p1's reply stays in
+/// delivery (journaled, retried).
+fn reply_held_in_delivery() -> (Emulator, Ws, String, String) {
+    let emu = Emulator::start();
+    let (root, _) = emu.workspace(json!({"name": "root"}));
+    let (a, ta) = emu.workspace(json!({"parent_id": root}));
+    let a = Ws { id: a, token: ta };
+    let (p, _) = emu.workspace(json!({"parent_id": root, "delivery_mode": "poll"}));
+    let (q, _) = emu.workspace(json!({"parent_id": root, "delivery_mode": "poll"}));
+    emu.fault(
+        json!({"method": "POST", "path_prefix": format!("/workspaces/{p}/a2a"),
+        "status": 503, "count": 1000}),
+    );
+    emu.say(&a.id, Some(&p), "p1");
+    emu.say(&a.id, Some(&q), "q1");
+    emu.say(&a.id, Some(&p), "p2");
+    (emu, a, p, q)
+}
+
+/// Backends run so far (each run appends its message text to `log`).
+fn runs(log: &std::path::Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
+/// Starts `cmd` at `--concurrency 1` on [`reply_held_in_delivery`]'s messages and
+/// waits until q1 runs: with one backend slot, only while p1's reply is in delivery.
+fn start_until_q1_runs(emu: &Emulator, a: &Ws, dir: &Arc<TempDir>, cmd: &str) -> Connector {
+    let log = dir.path().join("runs.log");
+    let c = Connector::start(
+        emu,
+        a,
+        dir,
+        &[
+            "--backend",
+            "exec",
+            "--backend-opt",
+            cmd,
+            "--concurrency",
+            "1",
+        ],
+    );
+    wait_until(
+        WAIT,
+        "q1 to run while p1's reply is in delivery",
+        &c,
+        || runs(&log).contains("q1").then_some(()),
+    );
+    c
+}
+
+#[test]
+fn a_reply_in_delivery_lets_another_sender_run_but_holds_its_own_sender() {
+    let (emu, a, p, q) = reply_held_in_delivery();
+    let dir = Arc::new(TempDir::new());
+    let log = dir.path().join("runs.log");
+    let cmd = format!(
+        "cmd=x=$(cat); echo \"$x\" >> {}; echo \"$x\"",
+        log.display()
+    );
+    let c = start_until_q1_runs(&emu, &a, &dir, &cmd);
+    // p1 cannot be delivered while the fault lasts, so p stays busy: p2 waits.
+    assert_eq!(runs(&log), "p1\nq1\n", "{}", c.stderr());
+    assert!(emu.received(&p).is_empty(), "{}", c.stderr());
+    emu.clear_faults();
+    let got = wait_received(&emu, &p, 2, &c);
+    assert_eq!(texts(&got), ["p1", "p2"], "per-sender order");
+    assert_eq!(texts(&wait_received(&emu, &q, 1, &c)), ["q1"]);
+    assert_eq!(runs(&log), "p1\nq1\np2\n");
+}
+
+#[test]
+fn sigterm_with_a_reply_in_delivery_drains_the_next_run_and_keeps_the_reply() {
+    let (emu, a, p, q) = reply_held_in_delivery();
+    let dir = Arc::new(TempDir::new());
+    let log = dir.path().join("runs.log");
+    let gate = dir.path().join("gate");
+    // q1 runs until the test opens the gate.
+    let cmd = format!(
+        "cmd=x=$(cat); echo \"$x\" >> {}; if [ \"$x\" = q1 ]; then while [ ! -e {} ]; do sleep 0.05; done; fi; echo \"$x\"",
+        log.display(),
+        gate.display()
+    );
+    let mut c = start_until_q1_runs(&emu, &a, &dir, &cmd);
+    c.signal("TERM");
+    wait_until(WAIT, "the signal", &c, || {
+        c.stderr().contains("signal received").then_some(())
+    });
+    std::fs::write(&gate, "").unwrap();
+    let status = c.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "{}", c.stderr());
+    // The running backend finished and its reply went out; p1's reply stays saved,
+    // not posted; p2 never started.
+    assert_eq!(texts(&emu.received(&q)), ["q1"], "{}", c.stderr());
+    assert!(emu.received(&p).is_empty(), "{}", c.stderr());
+    assert_eq!(runs(&log), "p1\nq1\n");
+    drop(c);
+    emu.clear_faults();
+    // After a restart p1's saved reply goes out without running a backend, then p2;
+    // q1 is not answered again.
+    let c2 = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    let got = wait_received(&emu, &p, 2, &c2);
+    assert_eq!(texts(&got), ["p1", "echo: p2"], "{}", c2.stderr());
+    emu.wait_polls(3, &c2);
+    assert_eq!(emu.received(&q).len(), 1, "{}", c2.stderr());
+    assert_eq!(runs(&log), "p1\nq1\n");
+}
+
 #[test]
 fn crash_with_a_slow_message_in_flight_loses_nothing() {
     let emu = Emulator::start();

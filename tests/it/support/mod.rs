@@ -151,6 +151,16 @@ impl Emulator {
         self.post("/_admin/faults", body);
     }
 
+    /// Removes every fault not yet used up.
+    pub fn clear_faults(&self) {
+        let resp = self
+            .agent
+            .delete(format!("{}/_admin/faults", self.url))
+            .call()
+            .unwrap();
+        assert!(resp.status().as_u16() < 300, "DELETE /_admin/faults");
+    }
+
     /// Requests the emulator has served for `route` (e.g. "GET /workspaces/:id/activity").
     pub fn route_count(&self, route: &str) -> u64 {
         self.get("/_admin/stats")["by_route"][route]
