@@ -295,6 +295,20 @@ pub enum Since {
     Before(u64, String),
 }
 
+/// The `before_ts` of the page after a newest-first page whose oldest row was created
+/// at `oldest_us`. `before_ts` compares strictly, so it is one microsecond later: rows
+/// sharing that timestamp come again (callers drop the ones seen) rather than being
+/// skipped. `stuck` (the page made no progress: a whole page shares the timestamp)
+/// steps past it instead, the one way on.
+pub fn before_ts_after(oldest_us: i64, stuck: bool) -> String {
+    let us = if stuck {
+        oldest_us
+    } else {
+        oldest_us.saturating_add(1)
+    };
+    crate::timestamp::rfc3339(us)
+}
+
 /// The answer to an `/a2a` send that the platform accepted.
 #[derive(Debug, Clone)]
 pub struct SendAnswer {
@@ -1554,6 +1568,13 @@ fn drain(op: &'static str, mut resp: Resp) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_next_page_comes_back_to_a_shared_timestamp_unless_stuck_on_it() {
+        let t = crate::timestamp::parse_rfc3339("2026-05-01T00:00:00.000005Z").unwrap();
+        assert_eq!(before_ts_after(t, false), "2026-05-01T00:00:00.000006Z");
+        assert_eq!(before_ts_after(t, true), "2026-05-01T00:00:00.000005Z");
+    }
 
     #[test]
     fn resolver_answers_addresses_itself_and_caches_names() {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use crate::api::{ApiError, Kind, Platform};
+use crate::api::{ApiError, Kind, Platform, Since, before_ts_after};
 use crate::backend::{Backend, BackendError, Outcome, RunHandle};
 use crate::backoff::Backoff;
 use crate::inbox::{self, Inbound};
@@ -423,7 +423,7 @@ impl Worker {
         // Rows at a page boundary come twice: they count once, by id.
         let mut echoes: HashSet<String> = HashSet::new();
         let mut newest: Option<String> = None;
-        let mut since = crate::api::Since::Secs(secs);
+        let mut since = Since::Secs(secs);
         let mut pages = 0;
         loop {
             if pages == ECHO_PAGES {
@@ -455,17 +455,10 @@ impl Worker {
             if rows.len() < ECHO_PAGE as usize || oldest < from_us {
                 break;
             }
-            // One microsecond later, so rows sharing the page's oldest timestamp come
-            // again rather than being skipped; a page that all shares it steps past.
-            let before = match &since {
-                crate::api::Since::Before(_, b)
-                    if crate::timestamp::parse_rfc3339(b) == Some(oldest.saturating_add(1)) =>
-                {
-                    oldest
-                }
-                _ => oldest.saturating_add(1),
-            };
-            since = crate::api::Since::Before(secs, crate::timestamp::rfc3339(before));
+            // This page was the step from the same oldest time: a whole page shares it.
+            let step = before_ts_after(oldest, false);
+            let stuck = matches!(&since, Since::Before(_, b) if *b == step);
+            since = Since::Before(secs, before_ts_after(oldest, stuck));
         }
         let ours = self
             .notified()

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
-use crate::api::{ApiError, Kind, Platform, Since};
+use crate::api::{ApiError, Kind, Platform, Since, before_ts_after};
 use crate::backoff::Backoff;
 use crate::config::ConfigError;
 use crate::credentials::Standing;
@@ -629,9 +629,8 @@ impl Poller {
     /// backwards with `before_ts` (§API-2.4) to the window's oldest row, keeping
     /// only that row; it is handled first and becomes the cursor, and the rest of
     /// the window then comes oldest first through `since_id`, whose
-    /// `(created_at, seq)` order loses nothing at a page boundary. Each
-    /// `before_ts` is one microsecond after the page's oldest row, so rows sharing
-    /// its timestamp come again (and are recognised) rather than being skipped.
+    /// `(created_at, seq)` order loses nothing at a page boundary. Rows sharing a
+    /// page's oldest timestamp come again and are recognised ([`before_ts_after`]).
     fn scan_window(&mut self, rows: Vec<Value>, full: bool, secs: u64, limit: u32) -> Fetched {
         self.caught_up = false;
         let previous = self.scan.take();
@@ -653,11 +652,10 @@ impl Poller {
                 .as_ref()
                 .is_some_and(|p| p.oldest.get("id") == oldest.get("id"));
             let stepped = previous.as_ref().is_some_and(|p| p.stepped);
-            let before = created.and_then(crate::timestamp::parse_rfc3339).map(|us| {
-                // No progress means a whole page shares one timestamp: step past it.
-                let us = if same { us } else { us.saturating_add(1) };
-                crate::timestamp::rfc3339(us)
-            });
+            // No progress means a whole page shares one timestamp.
+            let before = created
+                .and_then(crate::timestamp::parse_rfc3339)
+                .map(|us| before_ts_after(us, same));
             match before {
                 // Stepping past the timestamp did not help either: the platform
                 // ignores before_ts. Go on forward from here.
