@@ -813,6 +813,35 @@ impl Client {
         read_json(op, resp, body_limit)
     }
 
+    /// `GET /workspaces/<own>/activity?type=broadcast_receive…` (§API-2.20): the
+    /// answer as sent (the rows, `Null` when empty), at most `body_limit` bytes.
+    pub fn broadcasts(
+        &self,
+        since: &Since,
+        limit: u32,
+        body_limit: u64,
+    ) -> Result<Value, ApiError> {
+        let path = format!("/workspaces/{}/activity", self.cfg.workspace_id);
+        let limit = limit.to_string();
+        let mut query = vec![
+            ("type", "broadcast_receive"),
+            ("include", "peer_info"),
+            ("limit", limit.as_str()),
+        ];
+        let secs;
+        match since {
+            Since::Cursor(id) => query.push(("since_id", id.as_str())),
+            Since::Secs(n) | Since::Before(n, _) => {
+                secs = n.to_string();
+                query.push(("since_secs", secs.as_str()));
+            }
+        }
+        if let Since::Before(_, ts) = since {
+            query.push(("before_ts", ts.as_str()));
+        }
+        self.call_json("broadcasts", "GET", &path, &query, None, body_limit)
+    }
+
     /// `POST /workspaces/<target>/a2a` with our `X-Workspace-ID` (§API-2.7). A
     /// queued answer is success; see [`SendAnswer::is_queued`].
     pub fn send_a2a(&self, target: &WorkspaceId, body: &Value) -> Result<SendAnswer, ApiError> {
@@ -1272,6 +1301,16 @@ pub trait Platform: Send + Sync {
     fn send_a2a(&self, target: &WorkspaceId, body: &Value) -> Result<SendAnswer, ApiError>;
     /// See [`Client::self_report`].
     fn self_report(&self, row: &Value) -> Result<(), ApiError>;
+    /// See [`Client::agent_card`].
+    fn agent_card(&self) -> Value;
+    /// See [`Client::register`].
+    fn register(&self, agent_card: Value) -> Result<RegisterResponse, ApiError>;
+    /// See [`Client::heartbeat`].
+    fn heartbeat(&self, hb: &Heartbeat) -> Result<(), ApiError>;
+    /// See [`Client::delegations`].
+    fn delegations(&self, status: Option<&str>) -> Result<Vec<Value>, ApiError>;
+    /// See [`Client::broadcasts`].
+    fn broadcasts(&self, since: &Since, limit: u32, body_limit: u64) -> Result<Value, ApiError>;
     /// See [`Client::notify`].
     fn notify(&self, message: &str, attachments: Vec<Value>) -> Result<(), ApiError>;
 }
@@ -1308,6 +1347,21 @@ impl Platform for Client {
     }
     fn self_report(&self, row: &Value) -> Result<(), ApiError> {
         Client::self_report(self, row)
+    }
+    fn agent_card(&self) -> Value {
+        Client::agent_card(self)
+    }
+    fn register(&self, agent_card: Value) -> Result<RegisterResponse, ApiError> {
+        Client::register(self, agent_card)
+    }
+    fn heartbeat(&self, hb: &Heartbeat) -> Result<(), ApiError> {
+        Client::heartbeat(self, hb)
+    }
+    fn delegations(&self, status: Option<&str>) -> Result<Vec<Value>, ApiError> {
+        Client::delegations(self, status)
+    }
+    fn broadcasts(&self, since: &Since, limit: u32, body_limit: u64) -> Result<Value, ApiError> {
+        Client::broadcasts(self, since, limit, body_limit)
     }
     fn notify(&self, message: &str, attachments: Vec<Value>) -> Result<(), ApiError> {
         Client::notify(self, message, attachments)

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::api::{Client, Kind};
+use crate::api::{Kind, Platform, Since};
 use crate::backend::{Backend, BackendError, Origin, Request, RunHandle};
 use crate::backoff::Backoff;
 use crate::shutdown::{Shutdown, StopReason};
@@ -146,7 +146,7 @@ pub fn load(path: &Path) -> Result<Saved, StateError> {
 /// What the broadcast thread needs.
 pub struct Context {
     /// The platform client.
-    pub client: Client,
+    pub client: Arc<dyn Platform>,
     /// The backend broadcasts are handed to.
     pub backend: Arc<dyn Backend>,
     /// Heartbeat numbers (busy check, current task).
@@ -269,22 +269,11 @@ use FetchError::{Failed, Gone};
 
 /// One page of broadcast rows after the cursor, oldest first.
 fn fetch(ctx: &Context, saved: &Saved) -> Result<Vec<Value>, FetchError> {
-    let path = format!("/workspaces/{}/activity", ctx.client.workspace_id());
-    let limit = PAGE.to_string();
-    let window = ctx.since_secs.to_string();
-    let mut q = vec![
-        ("type", "broadcast_receive"),
-        ("include", "peer_info"),
-        ("limit", limit.as_str()),
-    ];
-    match &saved.cursor {
-        Some(c) => q.push(("since_id", c.as_str())),
-        None => q.push(("since_secs", window.as_str())),
-    }
-    match ctx
-        .client
-        .call_json("broadcasts", "GET", &path, &q, None, PAGE_BYTES)
-    {
+    let since = match &saved.cursor {
+        Some(c) => Since::Cursor(c.clone()),
+        None => Since::Secs(ctx.since_secs),
+    };
+    match ctx.client.broadcasts(&since, PAGE, PAGE_BYTES) {
         Ok(Value::Array(mut rows)) => {
             if saved.cursor.is_none() {
                 // Without a cursor the page is newest first (§API-4.2).
@@ -412,6 +401,7 @@ fn run_backend(ctx: &Context, row: &Value, id: &str, attempt: u32) -> Result<(),
 
 #[cfg(test)]
 mod tests {
+    use super::super::fake::{Fake, OWN, PEER, Recorder};
     use super::*;
     use serde_json::json;
 
@@ -442,6 +432,99 @@ mod tests {
             Some("short one")
         );
         assert_eq!(h.take_for(&row("x"), "short one"), None, "used once");
+    }
+
+    /// One `--once` pass of the thread over `fake`, delivering to `backend`, with
+    /// the state in `dir`.
+    fn one_pass(
+        fake: &Arc<Fake>,
+        backend: &Arc<Recorder>,
+        dir: &Path,
+        saved: Saved,
+        status: SharedStatus,
+    ) {
+        let shutdown = Shutdown::new();
+        let (hints, wake) = hint_channel(&shutdown);
+        shutdown.trigger(StopReason::Finished);
+        let ctx = Context {
+            client: fake.clone(),
+            backend: backend.clone(),
+            status,
+            shutdown,
+            run: RunHandle::new(),
+            every: Duration::from_secs(3600),
+            since_secs: 600,
+            concurrency: 1,
+            path: state_path(dir, OWN),
+            hints,
+            stream_up: None,
+        };
+        run(ctx, saved, wake);
+    }
+
+    fn idle() -> SharedStatus {
+        RuntimeStatus::new(Instant::now())
+    }
+
+    fn broadcast(id: &str, words: &str) -> Value {
+        json!({"id": id, "source_id": PEER, "peer_name": "a",
+               "summary": format!("Broadcast from a: {words}")})
+    }
+
+    #[test]
+    fn a_broadcast_is_delivered_once_across_pages_and_restarts() {
+        const B1: &str = "bbbbbbbb-0000-4000-8000-000000000001";
+        const B2: &str = "bbbbbbbb-0000-4000-8000-000000000002";
+        let dir = std::env::temp_dir().join(format!("mol-bc-{}", crate::uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = Fake::new(vec![]);
+        // The platform lists it twice (newest first: no cursor yet).
+        let page = json!([broadcast(B1, "hello all"), broadcast(B1, "hello all")]);
+        fake.broadcast_pages.lock().unwrap().push_back(page);
+        let backend = Arc::new(Recorder::default());
+        one_pass(&fake, &backend, &dir, Saved::default(), idle());
+        let seen = backend.seen();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0].text, "hello all");
+        assert_eq!(seen[0].origin, Origin::Broadcast);
+        assert_eq!(seen[0].caller_id.as_deref(), Some(PEER));
+        let saved = load(&state_path(&dir, OWN)).unwrap();
+        assert_eq!(saved.cursor.as_deref(), Some(B1));
+        assert_eq!(fake.asked(), [Since::Secs(600)]);
+
+        // A restart whose cursor is gone (a 410) sees it again with a new one.
+        let page = json!([broadcast(B2, "second"), broadcast(B1, "hello all")]);
+        fake.broadcast_pages.lock().unwrap().push_back(page);
+        let again = Arc::new(Recorder::default());
+        let restarted = Saved {
+            cursor: None,
+            ..saved
+        };
+        one_pass(&fake, &again, &dir, restarted, idle());
+        let texts: Vec<String> = again.seen().into_iter().map(|r| r.text).collect();
+        assert_eq!(texts, ["second"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_broadcast_waits_while_every_worker_is_busy() {
+        const B1: &str = "bbbbbbbb-0000-4000-8000-000000000001";
+        let dir = std::env::temp_dir().join(format!("mol-bc-{}", crate::uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = Fake::new(vec![]);
+        let page = json!([broadcast(B1, "hello all")]);
+        fake.broadcast_pages.lock().unwrap().push_back(page.clone());
+        let busy = idle();
+        RuntimeStatus::begin_task(&busy, "a message");
+        let backend = Arc::new(Recorder::default());
+        // The stop comes while it waits: nothing delivered, the cursor not moved.
+        one_pass(&fake, &backend, &dir, Saved::default(), busy);
+        assert!(backend.seen().is_empty());
+        assert_eq!(load(&state_path(&dir, OWN)).unwrap(), Saved::default());
+        fake.broadcast_pages.lock().unwrap().push_back(page);
+        one_pass(&fake, &backend, &dir, Saved::default(), idle());
+        assert_eq!(backend.seen().len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

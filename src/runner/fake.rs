@@ -1,5 +1,6 @@
 //! An in-memory platform for the runner's unit tests: answers from a script,
-//! records what was asked. No network, no emulator.
+//! records what was asked. No network, no emulator. Also a backend that notes what
+//! it was handed.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -7,9 +8,11 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Value, json};
 
 use crate::api::{ApiError, Platform, RequestStats, SendAnswer, Since};
+use crate::backend::{Backend, BackendError, Outcome, Reply, Request, RunHandle};
 use crate::config::{Secret, TokenSource};
 use crate::credentials::Credentials;
 use crate::uuid::WorkspaceId;
+use crate::wire::{Heartbeat, RegisterResponse};
 
 /// Our workspace.
 pub const OWN: &str = "11111111-1111-4111-8111-111111111111";
@@ -33,6 +36,16 @@ pub struct Fake {
     pub posts: Mutex<VecDeque<ApiError>>,
     sent: Mutex<Vec<(String, Value)>>,
     notified: Mutex<Vec<String>>,
+    /// Answers to heartbeats, in turn; then success.
+    pub beats: Mutex<VecDeque<ApiError>>,
+    beaten: Mutex<usize>,
+    /// Answers to register, in turn; then poll mode.
+    pub registers: Mutex<VecDeque<Result<RegisterResponse, ApiError>>>,
+    registered: Mutex<usize>,
+    /// `GET /delegations` lists, in turn; then an empty one.
+    pub delegation_lists: Mutex<VecDeque<Vec<Value>>>,
+    /// Broadcast pages, in turn; then an empty answer.
+    pub broadcast_pages: Mutex<VecDeque<Value>>,
 }
 
 impl Fake {
@@ -47,7 +60,23 @@ impl Fake {
             posts: Mutex::new(VecDeque::new()),
             sent: Mutex::new(Vec::new()),
             notified: Mutex::new(Vec::new()),
+            beats: Mutex::default(),
+            beaten: Mutex::default(),
+            registers: Mutex::default(),
+            registered: Mutex::default(),
+            delegation_lists: Mutex::default(),
+            broadcast_pages: Mutex::default(),
         })
+    }
+
+    /// Heartbeats sent so far (answered or not).
+    pub fn heartbeats(&self) -> usize {
+        *self.beaten.lock().unwrap()
+    }
+
+    /// Registers sent so far.
+    pub fn registered(&self) -> usize {
+        *self.registered.lock().unwrap()
     }
 
     /// The inbox requests so far.
@@ -136,5 +165,69 @@ impl Platform for Fake {
         }
         self.notified.lock().unwrap().push(message.to_string());
         Ok(())
+    }
+    fn agent_card(&self) -> Value {
+        crate::wire::agent_card(OWN)
+    }
+    fn register(&self, _: Value) -> Result<RegisterResponse, ApiError> {
+        *self.registered.lock().unwrap() += 1;
+        self.registers
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or(Ok(RegisterResponse {
+                delivery_mode: Some("poll".into()),
+                auth_token: None,
+            }))
+    }
+    fn heartbeat(&self, _: &Heartbeat) -> Result<(), ApiError> {
+        *self.beaten.lock().unwrap() += 1;
+        self.beats.lock().unwrap().pop_front().map_or(Ok(()), Err)
+    }
+    fn delegations(&self, _: Option<&str>) -> Result<Vec<Value>, ApiError> {
+        Ok(self
+            .delegation_lists
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or_default())
+    }
+    fn broadcasts(&self, since: &Since, _: u32, _: u64) -> Result<Value, ApiError> {
+        self.asked.lock().unwrap().push(since.clone());
+        Ok(self
+            .broadcast_pages
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or(Value::Null))
+    }
+}
+
+/// A backend that notes every request it is handed and answers `ok`.
+#[derive(Default)]
+pub struct Recorder {
+    seen: Mutex<Vec<Request>>,
+}
+
+impl Recorder {
+    /// The requests so far, in order.
+    pub fn seen(&self) -> Vec<Request> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Backend for Recorder {
+    fn name(&self) -> &str {
+        "recorder"
+    }
+    fn handle(&self, req: &Request, _: &RunHandle) -> Result<Outcome, BackendError> {
+        self.seen.lock().unwrap().push(req.clone());
+        Ok(Outcome::Reply(Reply {
+            text: "ok".into(),
+            parts: vec![],
+        }))
+    }
+    fn check(&self) -> Result<String, BackendError> {
+        Ok("recorder".into())
     }
 }

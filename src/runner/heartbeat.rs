@@ -3,9 +3,10 @@
 //! schedule; after an outage the workspace is registered again (§API-4.1.5); a 401
 //! goes through the credential check (never a spin).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::api::Client;
+use crate::api::Platform;
 use crate::shutdown::{Shutdown, StopReason};
 
 use super::auth::{AuthVerdict, after_unauthorized};
@@ -17,7 +18,7 @@ const REREGISTER_AFTER: u32 = 3;
 
 /// Runs until shutdown.
 pub fn run(
-    client: Client,
+    client: Arc<dyn Platform>,
     every: Duration,
     status: SharedStatus,
     shutdown: Shutdown,
@@ -37,12 +38,12 @@ pub fn run(
             .unwrap_or_else(Instant::now);
         RuntimeStatus::set_trouble(&status, backend_trouble());
         let hb = RuntimeStatus::heartbeat(&status, client.workspace_id(), Instant::now());
-        let used = client.token();
+        let used = client.credentials().token();
         let mut result = client.heartbeat(&hb);
         if let Err(e) = &result
             && e.is_unauthorized()
         {
-            match after_unauthorized(&client, &used, &shutdown) {
+            match after_unauthorized(client.as_ref(), &used, &shutdown) {
                 AuthVerdict::RetryWithNewToken => result = client.heartbeat(&hb),
                 AuthVerdict::Unknown => {}
                 AuthVerdict::Fatal(error) => {
@@ -88,5 +89,97 @@ pub fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fake::{Fake, status};
+    use super::*;
+    use crate::api::ApiError;
+    use crate::error::Error;
+
+    /// A first beat answered 401, the workspace check answered `info` (`None`: it
+    /// exists): the fake, and why the thread stopped itself.
+    fn after_a_401(info: Option<ApiError>) -> (Arc<Fake>, Option<StopReason>) {
+        let fake = Fake::new(vec![]);
+        fake.beats
+            .lock()
+            .unwrap()
+            .push_back(status("heartbeat", 401));
+        *fake.info.lock().unwrap() = info;
+        let shutdown = Shutdown::new();
+        run(
+            fake.clone(),
+            Duration::from_secs(3600),
+            RuntimeStatus::new(Instant::now()),
+            shutdown.clone(),
+            &|| None,
+            &Progress::default(),
+        );
+        (fake, shutdown.reason())
+    }
+
+    #[test]
+    fn a_401_for_a_removed_workspace_stops_with_the_removed_error() {
+        let (fake, reason) = after_a_401(Some(status("workspace info", 410)));
+        match reason {
+            Some(StopReason::Fatal(Error::Removed(m))) => {
+                assert!(m.contains("was removed from the platform"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(fake.heartbeats(), 1, "not retried with the same token");
+    }
+
+    #[test]
+    fn a_401_for_an_existing_workspace_is_a_rejected_token() {
+        let (fake, reason) = after_a_401(None);
+        assert!(
+            matches!(reason, Some(StopReason::Fatal(Error::Credentials(_)))),
+            "{reason:?}"
+        );
+        assert_eq!(fake.heartbeats(), 1);
+    }
+
+    #[test]
+    fn a_good_beat_after_an_outage_registers_again_once() {
+        let fake = Fake::new(vec![]);
+        for _ in 0..REREGISTER_AFTER {
+            fake.beats
+                .lock()
+                .unwrap()
+                .push_back(status("heartbeat", 503));
+        }
+        let shutdown = Shutdown::new();
+        let status = RuntimeStatus::new(Instant::now());
+        let thread = {
+            let (fake, shutdown, status) = (fake.clone(), shutdown.clone(), status.clone());
+            std::thread::spawn(move || {
+                run(
+                    fake,
+                    Duration::ZERO,
+                    status,
+                    shutdown,
+                    &|| None,
+                    &Progress::default(),
+                );
+            })
+        };
+        // Beats come back to back (every = 0): wait for the one after the outage.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fake.heartbeats() <= REREGISTER_AFTER as usize + 1 {
+            assert!(Instant::now() < deadline, "no beat after the outage");
+            std::thread::yield_now();
+        }
+        shutdown.trigger(StopReason::Signal);
+        thread.join().unwrap();
+        assert_eq!(fake.registered(), 1);
+        assert!(
+            RuntimeStatus::snapshot(&status)
+                .0
+                .last_heartbeat_ok
+                .is_some()
+        );
     }
 }

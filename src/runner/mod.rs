@@ -28,7 +28,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::api::{Client, ClientConfig, Transport};
+use crate::api::{Client, ClientConfig, Platform, Transport};
 use crate::backend::{Backend, RunHandle};
 use crate::config::{ConnectConfig, Supervision, WakeMode};
 use crate::credentials::Credentials;
@@ -619,11 +619,8 @@ impl Connected<'_> {
     }
 
     fn start_heartbeat(&mut self, progress: Arc<Progress>) -> Result<(), Error> {
-        let (client, status, shutdown) = (
-            self.client.clone(),
-            self.status.clone(),
-            self.shutdown.clone(),
-        );
+        let client: Arc<dyn Platform> = Arc::new(self.client.clone());
+        let (status, shutdown) = (self.status.clone(), self.shutdown.clone());
         let backend = self.backend.clone();
         let every = self.cfg.heartbeat_every;
         self.start("heartbeat", "heartbeat", move || {
@@ -658,7 +655,7 @@ impl Connected<'_> {
     ) -> Result<delegations::Waker, Error> {
         let (waker, wake_rx) = delegations::wake_channel(&self.shutdown);
         let dctx = delegations::Context {
-            client: self.client.clone(),
+            client: Arc::new(self.client.clone()),
             backend: self.backend.clone(),
             status: self.status.clone(),
             shutdown: self.shutdown.clone(),
@@ -683,7 +680,7 @@ impl Connected<'_> {
     ) -> Result<broadcasts::Hints, Error> {
         let (hints, wake_rx) = broadcasts::hint_channel(&self.shutdown);
         let bctx = broadcasts::Context {
-            client: self.client.clone(),
+            client: Arc::new(self.client.clone()),
             backend: self.backend.clone(),
             status: self.status.clone(),
             shutdown: self.shutdown.clone(),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::files::{DelegationResult, unix_now};
 use super::tracker::{Run, Step, Tracker, later};
-use crate::api::Client;
+use crate::api::Platform;
 use crate::backend::{Backend, BackendError, Origin, Request, RunHandle};
 use crate::backoff::Backoff;
 use crate::peers::{Cached, PeerCache};
@@ -38,7 +38,7 @@ pub fn wake_channel(shutdown: &Shutdown) -> (Waker, Receiver<()>) {
 /// What the tracker thread needs besides the tracker.
 pub struct Context {
     /// The platform client.
-    pub client: Client,
+    pub client: Arc<dyn Platform>,
     /// The backend results are handed to.
     pub backend: Arc<dyn Backend>,
     /// Heartbeat numbers (busy check, active task).
@@ -180,4 +180,99 @@ fn run_backend(ctx: &Context, r: &DelegationResult, attempt: u32) -> Run {
     };
     RuntimeStatus::end_task(&ctx.status, failure.as_deref());
     run
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::fake::{Fake, OWN, PEER, Recorder};
+    use super::*;
+    use serde_json::{Value, json};
+
+    const D1: &str = "dddddddd-0000-4000-8000-000000000001";
+
+    /// One `--once` pass of the thread over `fake`, with the tracker's files in `dir`.
+    fn one_pass(
+        fake: &Arc<Fake>,
+        backend: &Arc<Recorder>,
+        dir: &std::path::Path,
+        status: SharedStatus,
+    ) {
+        let now = Instant::now();
+        let tracker = Tracker::open(dir, OWN, 64, Arc::default(), now).unwrap();
+        let shutdown = Shutdown::new();
+        let (_waker, wake) = wake_channel(&shutdown);
+        shutdown.trigger(StopReason::Finished);
+        let ctx = Context {
+            client: fake.clone(),
+            backend: backend.clone(),
+            status,
+            shutdown,
+            run: RunHandle::new(),
+            every: Duration::from_secs(3600),
+            concurrency: 1,
+            peers: None,
+        };
+        run(tracker, ctx, wake);
+    }
+
+    fn entry(status: &str) -> Value {
+        json!({"delegation_id": D1, "source_id": OWN, "target_id": PEER,
+               "direction": "sent", "summary": "write the report", "status": status,
+               "response_preview": "done: 42", "created_at": "2026-01-01T00:00:00Z"})
+    }
+
+    #[test]
+    fn a_result_is_relayed_once_across_fetches_and_restarts() {
+        let dir = std::env::temp_dir().join(format!("molecule-dt-{}", crate::uuid::new_v4()));
+        crate::state::ensure_dir(&dir).unwrap();
+        let fake = Fake::new(vec![]);
+        // Newest first, several entries per delegation.
+        let list = vec![entry("completed"), entry("in_progress")];
+        fake.delegation_lists
+            .lock()
+            .unwrap()
+            .push_back(list.clone());
+        let backend = Arc::new(Recorder::default());
+        one_pass(&fake, &backend, &dir, RuntimeStatus::new(Instant::now()));
+        let seen = backend.seen();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0].origin, Origin::DelegationResult);
+        assert_eq!(seen[0].caller_id.as_deref(), Some(PEER));
+        assert_eq!(
+            seen[0]
+                .extra_env
+                .get("MOLECULE_DELEGATION_ID")
+                .map(String::as_str),
+            Some(D1)
+        );
+        assert!(seen[0].text.contains("done: 42"), "{}", seen[0].text);
+
+        // The platform still lists it after a restart: not relayed again.
+        fake.delegation_lists.lock().unwrap().push_back(list);
+        let again = Arc::new(Recorder::default());
+        one_pass(&fake, &again, &dir, RuntimeStatus::new(Instant::now()));
+        assert!(again.seen().is_empty(), "{:?}", again.seen());
+        assert!(fake.delegation_lists.lock().unwrap().is_empty(), "fetched");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_result_found_while_every_worker_is_busy_is_kept_for_later() {
+        let dir = std::env::temp_dir().join(format!("molecule-dt-{}", crate::uuid::new_v4()));
+        crate::state::ensure_dir(&dir).unwrap();
+        let fake = Fake::new(vec![]);
+        fake.delegation_lists
+            .lock()
+            .unwrap()
+            .push_back(vec![entry("completed")]);
+        let busy = RuntimeStatus::new(Instant::now());
+        RuntimeStatus::begin_task(&busy, "a message");
+        let backend = Arc::new(Recorder::default());
+        one_pass(&fake, &backend, &dir, busy);
+        assert!(backend.seen().is_empty(), "concurrency 1, one task running");
+        // Next start: the platform no longer lists it, the saved pending result goes.
+        one_pass(&fake, &backend, &dir, RuntimeStatus::new(Instant::now()));
+        assert_eq!(backend.seen().len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
