@@ -20,13 +20,15 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::api::{Kind, Platform, Since};
-use crate::backend::{Backend, BackendError, Origin, Request, RunHandle};
+use crate::api::{Kind, Since};
+use crate::backend::{BackendError, Origin, Request};
 use crate::backoff::Backoff;
-use crate::shutdown::{Shutdown, StopReason};
+use crate::lru::Lru;
+use crate::shutdown::Shutdown;
 use crate::state::StateError;
 
-use super::status::{RuntimeStatus, SharedStatus};
+use super::side_thread::SideThread;
+use super::status::RuntimeStatus;
 
 /// Delivered ids remembered (a 410 restarts from the time window; these stop repeats).
 const REMEMBER: usize = 256;
@@ -143,24 +145,39 @@ pub fn load(path: &Path) -> Result<Saved, StateError> {
     Ok(saved)
 }
 
+/// What the thread keeps while it runs: the cursor and the ids delivered lately,
+/// the oldest forgotten first ([`Saved`] is its form on disk).
+struct Memory {
+    cursor: Option<String>,
+    delivered: Lru<String, ()>,
+}
+
+impl Memory {
+    fn new(saved: Saved) -> Memory {
+        let mut delivered = Lru::new(REMEMBER);
+        for id in saved.delivered {
+            delivered.insert(id, ());
+        }
+        Memory {
+            cursor: saved.cursor,
+            delivered,
+        }
+    }
+
+    fn saved(&self) -> Saved {
+        Saved {
+            cursor: self.cursor.clone(),
+            delivered: self.delivered.keys_oldest_first().cloned().collect(),
+        }
+    }
+}
+
 /// What the broadcast thread needs.
 pub struct Context {
-    /// The platform client.
-    pub client: Arc<dyn Platform>,
-    /// The backend broadcasts are handed to.
-    pub backend: Arc<dyn Backend>,
-    /// Heartbeat numbers (busy check, current task).
-    pub status: SharedStatus,
-    /// Stop flag.
-    pub shutdown: Shutdown,
-    /// Lets the drain cancel a running delivery.
-    pub run: RunHandle,
-    /// How often to look.
-    pub every: Duration,
+    /// The client, the backend broadcasts are handed to, `--broadcasts-secs`.
+    pub side: SideThread,
     /// First look back (no cursor yet, or after a 410).
     pub since_secs: u64,
-    /// `--concurrency`: the backend is busy when this many tasks run.
-    pub concurrency: usize,
     /// The state file.
     pub path: PathBuf,
     /// Full texts from the event stream (shared with the event thread).
@@ -171,42 +188,37 @@ pub struct Context {
 }
 
 /// The thread: look at start-up and every `every`; deliver oldest first.
-pub fn run(ctx: Context, mut saved: Saved, wake: Receiver<()>) {
+pub fn run(ctx: Context, saved: Saved, wake: Receiver<()>) {
+    let mut memory = Memory::new(saved);
     let backoff = Backoff {
-        max: ctx.every.max(Duration::from_secs(1)),
+        max: ctx.side.every.max(Duration::from_secs(1)),
         ..Backoff::default()
     };
     let mut seed = crate::uuid::random_u64();
     let mut failures: u32 = 0;
     let mut first = true;
     loop {
-        let stop = match ctx.shutdown.reason() {
-            None => false,
-            // A `--once` run still looks once.
-            Some(StopReason::Finished) => !first,
-            Some(_) => true,
-        };
-        if stop {
+        if ctx.side.should_stop(first) {
             return;
         }
         first = false;
-        let wait = match fetch(&ctx, &saved) {
+        let wait = match fetch(&ctx, &memory) {
             Ok(rows) => {
                 failures = 0;
                 let full = rows.len() >= PAGE as usize;
                 for row in rows {
-                    if !deliver(&ctx, &mut saved, &row) {
+                    if !deliver(&ctx, &mut memory, &row) {
                         return;
                     }
                 }
-                if full { Duration::ZERO } else { ctx.every }
+                if full { Duration::ZERO } else { ctx.side.every }
             }
             Err(Gone) => {
                 log::warn!(
                     "broadcasts: cursor gone (410): looking back {} s",
                     ctx.since_secs
                 );
-                saved.cursor = None;
+                memory.cursor = None;
                 Duration::ZERO
             }
             Err(Failed(e)) => {
@@ -232,7 +244,7 @@ fn wait_for_hint(ctx: &Context, wake: &Receiver<()>, d: Duration) -> bool {
     // triggers the look for what arrived while it was down.
     let mut was_up = ctx.stream_up.as_ref().is_some_and(|f| f());
     loop {
-        if ctx.shutdown.is_triggered() {
+        if ctx.side.shutdown.is_triggered() {
             return true;
         }
         let up = ctx.stream_up.as_ref().is_some_and(|f| f());
@@ -254,9 +266,9 @@ fn wait_for_hint(ctx: &Context, wake: &Receiver<()>, d: Duration) -> bool {
         };
         was_up = up;
         match wake.recv_timeout(step) {
-            Ok(()) => return ctx.shutdown.is_triggered(),
+            Ok(()) => return ctx.side.shutdown.is_triggered(),
             Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return ctx.shutdown.wait_timeout(step),
+            Err(RecvTimeoutError::Disconnected) => return ctx.side.shutdown.wait_timeout(step),
         }
     }
 }
@@ -268,14 +280,14 @@ enum FetchError {
 use FetchError::{Failed, Gone};
 
 /// One page of broadcast rows after the cursor, oldest first.
-fn fetch(ctx: &Context, saved: &Saved) -> Result<Vec<Value>, FetchError> {
-    let since = match &saved.cursor {
+fn fetch(ctx: &Context, memory: &Memory) -> Result<Vec<Value>, FetchError> {
+    let since = match &memory.cursor {
         Some(c) => Since::Cursor(c.clone()),
         None => Since::Secs(ctx.since_secs),
     };
-    match ctx.client.broadcasts(&since, PAGE, PAGE_BYTES) {
+    match ctx.side.client.broadcasts(&since, PAGE, PAGE_BYTES) {
         Ok(Value::Array(mut rows)) => {
-            if saved.cursor.is_none() {
+            if memory.cursor.is_none() {
                 // Without a cursor the page is newest first (§API-4.2).
                 rows.reverse();
             }
@@ -288,7 +300,7 @@ fn fetch(ctx: &Context, saved: &Saved) -> Result<Vec<Value>, FetchError> {
 }
 
 /// Hands one row to the backend (unless handled already) and saves. `false` = stop.
-fn deliver(ctx: &Context, saved: &mut Saved, row: &Value) -> bool {
+fn deliver(ctx: &Context, memory: &mut Memory, row: &Value) -> bool {
     let Some(id) = row
         .get("id")
         .and_then(Value::as_str)
@@ -296,14 +308,12 @@ fn deliver(ctx: &Context, saved: &mut Saved, row: &Value) -> bool {
     else {
         return true;
     };
-    if !saved.delivered.iter().any(|d| d == id) {
+    if !memory.delivered.contains(&id.to_string()) {
         let mut attempt: u32 = 0;
         let mut failures: u32 = 0;
         loop {
-            let (_, active, _) = RuntimeStatus::snapshot(&ctx.status);
-            if active as usize >= ctx.concurrency {
-                // Every worker is busy: a broadcast waits its turn.
-                if ctx.shutdown.wait_timeout(Duration::from_millis(250)) {
+            if ctx.side.backend_busy() {
+                if ctx.side.shutdown.wait_timeout(Duration::from_millis(250)) {
                     return false;
                 }
                 continue;
@@ -323,18 +333,14 @@ fn deliver(ctx: &Context, saved: &mut Saved, row: &Value) -> bool {
                 }
             }
             let d = Backoff::default().delay(attempt, u64::from(attempt));
-            if ctx.shutdown.wait_timeout(d) {
+            if ctx.side.shutdown.wait_timeout(d) {
                 return false;
             }
         }
-        saved.delivered.push(id.to_string());
-        if saved.delivered.len() > REMEMBER {
-            let extra = saved.delivered.len() - REMEMBER;
-            saved.delivered.drain(..extra);
-        }
+        memory.delivered.insert(id.to_string(), ());
     }
-    saved.cursor = Some(id.to_string());
-    save(ctx, saved);
+    memory.cursor = Some(id.to_string());
+    save(ctx, &memory.saved());
     true
 }
 
@@ -365,8 +371,8 @@ fn run_backend(ctx: &Context, row: &Value, id: &str, attempt: u32) -> Result<(),
     let short = text_of(row);
     let text = ctx.hints.take_for(row, &short).unwrap_or(short);
     let req = Request {
-        workspace_id: ctx.client.workspace_id().to_string(),
-        api_url: ctx.client.api_url().to_string(),
+        workspace_id: ctx.side.client.workspace_id().to_string(),
+        api_url: ctx.side.client.api_url().to_string(),
         text: text.clone(),
         other_parts: Vec::new(),
         caller_id: s("source_id").filter(|x| crate::uuid::is_uuid(x)),
@@ -388,20 +394,21 @@ fn run_backend(ctx: &Context, row: &Value, id: &str, attempt: u32) -> Result<(),
         "broadcast {id}: handing it to the backend ({} chars)",
         text.chars().count()
     );
-    RuntimeStatus::begin_task(&ctx.status, "broadcast");
-    let result = ctx.backend.handle(&req, &ctx.run);
+    RuntimeStatus::begin_task(&ctx.side.status, "broadcast");
+    let result = ctx.side.backend.handle(&req, &ctx.side.run);
     let failure = result
         .as_ref()
         .err()
         .map(|e| super::dispatch::failure_class(&e.to_string()));
-    RuntimeStatus::end_task(&ctx.status, failure.as_deref());
+    RuntimeStatus::end_task(&ctx.side.status, failure.as_deref());
     // The output goes nowhere: a broadcast is never answered.
     result.map(|_| ())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::fake::{Fake, OWN, PEER, Recorder};
+    use super::super::fake::{Fake, OWN, PEER, Recorder, once_side_thread};
+    use super::super::status::SharedStatus;
     use super::*;
     use serde_json::json;
 
@@ -443,18 +450,11 @@ mod tests {
         saved: Saved,
         status: SharedStatus,
     ) {
-        let shutdown = Shutdown::new();
-        let (hints, wake) = hint_channel(&shutdown);
-        shutdown.trigger(StopReason::Finished);
+        let side = once_side_thread(fake, backend, status);
+        let (hints, wake) = hint_channel(&side.shutdown);
         let ctx = Context {
-            client: fake.clone(),
-            backend: backend.clone(),
-            status,
-            shutdown,
-            run: RunHandle::new(),
-            every: Duration::from_secs(3600),
+            side,
             since_secs: 600,
-            concurrency: 1,
             path: state_path(dir, OWN),
             hints,
             stream_up: None,

@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -11,8 +12,12 @@ use crate::api::{ApiError, Platform, RequestStats, SendAnswer, Since};
 use crate::backend::{Backend, BackendError, Outcome, Reply, Request, RunHandle};
 use crate::config::{Secret, TokenSource};
 use crate::credentials::Credentials;
+use crate::shutdown::{Shutdown, StopReason};
 use crate::uuid::WorkspaceId;
 use crate::wire::{Heartbeat, RegisterResponse};
+
+use super::side_thread::SideThread;
+use super::status::SharedStatus;
 
 /// Our workspace.
 pub const OWN: &str = "11111111-1111-4111-8111-111111111111";
@@ -200,6 +205,26 @@ impl Platform for Fake {
             .unwrap()
             .pop_front()
             .unwrap_or(Value::Null))
+    }
+}
+
+/// A broadcast or tracker thread's share for one `--once` pass over `fake`: the
+/// stop (`Finished`) already requested, one worker slot, an hour between looks.
+pub fn once_side_thread(
+    fake: &Arc<Fake>,
+    backend: &Arc<Recorder>,
+    status: SharedStatus,
+) -> SideThread {
+    let shutdown = Shutdown::new();
+    shutdown.trigger(StopReason::Finished);
+    SideThread {
+        client: fake.clone(),
+        backend: backend.clone(),
+        status,
+        shutdown,
+        run: RunHandle::new(),
+        every: Duration::from_secs(3600),
+        concurrency: 1,
     }
 }
 

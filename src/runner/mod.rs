@@ -17,6 +17,7 @@ mod rate;
 mod register;
 mod report;
 mod sent;
+mod side_thread;
 mod status;
 mod supervise;
 mod wake;
@@ -655,13 +656,7 @@ impl Connected<'_> {
     ) -> Result<delegations::Waker, Error> {
         let (waker, wake_rx) = delegations::wake_channel(&self.shutdown);
         let dctx = delegations::Context {
-            client: Arc::new(self.client.clone()),
-            backend: self.backend.clone(),
-            status: self.status.clone(),
-            shutdown: self.shutdown.clone(),
-            run: self.extra_run(0),
-            every: self.cfg.delegations_every,
-            concurrency: self.cfg.concurrency,
+            side: self.side_thread(0, self.cfg.delegations_every),
             peers: Some(peers.clone()),
         };
         self.start("delegations", "delegations", move || {
@@ -680,14 +675,8 @@ impl Connected<'_> {
     ) -> Result<broadcasts::Hints, Error> {
         let (hints, wake_rx) = broadcasts::hint_channel(&self.shutdown);
         let bctx = broadcasts::Context {
-            client: Arc::new(self.client.clone()),
-            backend: self.backend.clone(),
-            status: self.status.clone(),
-            shutdown: self.shutdown.clone(),
-            run: self.extra_run(1),
-            every: self.cfg.broadcasts_every,
+            side: self.side_thread(1, self.cfg.broadcasts_every),
             since_secs: self.cfg.since_secs,
-            concurrency: self.cfg.concurrency,
             path,
             hints: hints.clone(),
             stream_up: events_on.then(|| {
@@ -803,13 +792,23 @@ impl Connected<'_> {
         })
     }
 
-    /// The run handle after the workers' (0: the tracker's, 1: the broadcast thread's).
-    fn extra_run(&self, i: usize) -> RunHandle {
+    /// What a thread beside the workers needs, with the run handle after the
+    /// workers' (0: the tracker's, 1: the broadcast thread's).
+    fn side_thread(&self, i: usize, every: Duration) -> side_thread::SideThread {
         let workers = self.cfg.concurrency.min(self.run_handles.len());
-        self.run_handles
-            .get(workers + i)
-            .cloned()
-            .unwrap_or_default()
+        side_thread::SideThread {
+            client: Arc::new(self.client.clone()),
+            backend: self.backend.clone(),
+            status: self.status.clone(),
+            shutdown: self.shutdown.clone(),
+            run: self
+                .run_handles
+                .get(workers + i)
+                .cloned()
+                .unwrap_or_default(),
+            every,
+            concurrency: self.cfg.concurrency,
+        }
     }
 
     /// Waits for the stop, drains (backends first, then TERM/KILL), and turns the

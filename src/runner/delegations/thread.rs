@@ -3,17 +3,17 @@
 
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::files::{DelegationResult, unix_now};
 use super::tracker::{Run, Step, Tracker, later};
-use crate::api::Platform;
-use crate::backend::{Backend, BackendError, Origin, Request, RunHandle};
+use crate::backend::{BackendError, Origin, Request};
 use crate::backoff::Backoff;
 use crate::peers::{Cached, PeerCache};
-use crate::shutdown::{Shutdown, StopReason};
+use crate::shutdown::Shutdown;
 
-use super::super::status::{RuntimeStatus, SharedStatus};
+use super::super::side_thread::SideThread;
+use super::super::status::RuntimeStatus;
 
 /// The poll thread's handle: a `delegate_result` row wakes the tracker at once.
 #[derive(Clone)]
@@ -37,31 +37,19 @@ pub fn wake_channel(shutdown: &Shutdown) -> (Waker, Receiver<()>) {
 
 /// What the tracker thread needs besides the tracker.
 pub struct Context {
-    /// The platform client.
-    pub client: Arc<dyn Platform>,
-    /// The backend results are handed to.
-    pub backend: Arc<dyn Backend>,
-    /// Heartbeat numbers (busy check, active task).
-    pub status: SharedStatus,
-    /// Stop flag.
-    pub shutdown: Shutdown,
-    /// Lets the drain cancel a running delivery.
-    pub run: RunHandle,
-    /// `--delegations-secs`.
-    pub every: Duration,
-    /// `--concurrency`: the backend is busy when this many tasks run.
-    pub concurrency: usize,
+    /// The client, the backend results are handed to, `--delegations-secs`.
+    pub side: SideThread,
     /// Names for the target workspace, when known.
     pub peers: Option<Arc<PeerCache>>,
 }
 
-/// The tracker thread: fetch at start-up, every `ctx.every` and on a wake; deliver
+/// The tracker thread: fetch at start-up, every `ctx.side.every` and on a wake; deliver
 /// what is due; wait for the earliest of the next fetch, the next retry and a wake.
 /// The first pass also runs when `--once` has already finished the inbox, so a cron
 /// run delivers the results it finds.
 pub fn run(mut tracker: Tracker, ctx: Context, wake: Receiver<()>) {
     let fetch_backoff = Backoff {
-        max: ctx.every,
+        max: ctx.side.every,
         ..Backoff::default()
     };
     let mut seed = crate::uuid::random_u64();
@@ -70,24 +58,19 @@ pub fn run(mut tracker: Tracker, ctx: Context, wake: Receiver<()>) {
     let mut woken = false;
     let mut first = true;
     loop {
-        let stop = match ctx.shutdown.reason() {
-            None => false,
-            Some(StopReason::Finished) => !first,
-            Some(_) => true,
-        };
-        if stop {
+        if ctx.side.should_stop(first) {
             break;
         }
         let now = Instant::now();
         if woken || now >= next_fetch {
-            match ctx.client.delegations(None) {
+            match ctx.side.client.delegations(None) {
                 Ok(list) => {
                     if failures > 0 {
                         log::info!("delegations: reachable again after {failures} failure(s)");
                     }
                     failures = 0;
                     tracker.absorb(&list, now);
-                    next_fetch = later(now, ctx.every);
+                    next_fetch = later(now, ctx.side.every);
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
@@ -100,11 +83,10 @@ pub fn run(mut tracker: Tracker, ctx: Context, wake: Receiver<()>) {
             }
         }
         for id in tracker.ready(Instant::now()) {
-            if ctx.shutdown.is_triggered() && !first {
+            if ctx.side.shutdown.is_triggered() && !first {
                 break;
             }
-            let (_, active, _) = RuntimeStatus::snapshot(&ctx.status);
-            let busy = active as usize >= ctx.concurrency;
+            let busy = ctx.side.backend_busy();
             let step = tracker.deliver(&id, Instant::now(), busy, &mut |r, attempt| {
                 run_backend(&ctx, r, attempt)
             });
@@ -119,7 +101,7 @@ pub fn run(mut tracker: Tracker, ctx: Context, wake: Receiver<()>) {
             Ok(()) => true,
             Err(RecvTimeoutError::Timeout) => false,
             Err(RecvTimeoutError::Disconnected) => {
-                ctx.shutdown.wait_timeout(wait);
+                ctx.side.shutdown.wait_timeout(wait);
                 false
             }
         };
@@ -144,8 +126,8 @@ fn run_backend(ctx: &Context, r: &DelegationResult, attempt: u32) -> Run {
         r.delegation_id.clone(),
     );
     let req = Request {
-        workspace_id: ctx.client.workspace_id().to_string(),
-        api_url: ctx.client.api_url().to_string(),
+        workspace_id: ctx.side.client.workspace_id().to_string(),
+        api_url: ctx.side.client.api_url().to_string(),
         text: r.request_text(),
         other_parts: Vec::new(),
         caller_id: Some(r.target_id.clone()).filter(|t| crate::uuid::is_uuid(t)),
@@ -164,8 +146,8 @@ fn run_backend(ctx: &Context, r: &DelegationResult, attempt: u32) -> Run {
         request_id: None,
     };
     let short = r.delegation_id.get(..8).unwrap_or(&r.delegation_id);
-    RuntimeStatus::begin_task(&ctx.status, &format!("delegation result {short}"));
-    let result = ctx.backend.handle(&req, &ctx.run);
+    RuntimeStatus::begin_task(&ctx.side.status, &format!("delegation result {short}"));
+    let result = ctx.side.backend.handle(&req, &ctx.side.run);
     let (run, failure) = match result {
         // The output goes nowhere: posting it would be a message nobody asked for.
         Ok(_) => (Run::Delivered, None),
@@ -178,13 +160,14 @@ fn run_backend(ctx: &Context, r: &DelegationResult, attempt: u32) -> Run {
             (Run::Failed(text), Some(class))
         }
     };
-    RuntimeStatus::end_task(&ctx.status, failure.as_deref());
+    RuntimeStatus::end_task(&ctx.side.status, failure.as_deref());
     run
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::fake::{Fake, OWN, PEER, Recorder};
+    use super::super::super::fake::{Fake, OWN, PEER, Recorder, once_side_thread};
+    use super::super::super::status::SharedStatus;
     use super::*;
     use serde_json::{Value, json};
 
@@ -199,19 +182,9 @@ mod tests {
     ) {
         let now = Instant::now();
         let tracker = Tracker::open(dir, OWN, 64, Arc::default(), now).unwrap();
-        let shutdown = Shutdown::new();
-        let (_waker, wake) = wake_channel(&shutdown);
-        shutdown.trigger(StopReason::Finished);
-        let ctx = Context {
-            client: fake.clone(),
-            backend: backend.clone(),
-            status,
-            shutdown,
-            run: RunHandle::new(),
-            every: Duration::from_secs(3600),
-            concurrency: 1,
-            peers: None,
-        };
+        let side = once_side_thread(fake, backend, status);
+        let (_waker, wake) = wake_channel(&side.shutdown);
+        let ctx = Context { side, peers: None };
         run(tracker, ctx, wake);
     }
 
