@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::helpers::HELPERS;
+use super::parts::a2a_part;
 use super::{
     Backend, BackendError, EXIT_NO_REPLY, EXIT_RETRY_LATER, Outcome, Reply, Request, RunHandle,
 };
@@ -638,18 +639,8 @@ pub(super) fn reply_from_object(
     let parts = parts
         .unwrap_or_default()
         .into_iter()
-        .map(|p| match p {
-            Value::Object(mut m) => {
-                // A2A uses `kind`; older agents write `type`.
-                if !m.contains_key("kind")
-                    && let Some(t) = m.get("type").cloned()
-                {
-                    m.insert("kind".into(), t);
-                }
-                Ok(Value::Object(m))
-            }
-            _ => Err(bad("a part is not an object")),
-        })
+        .enumerate()
+        .map(|(i, p)| a2a_part(p).map_err(|why| bad(&format!("part {}: {why}", i + 1))))
         .collect::<Result<Vec<_>, _>>()?;
     let text = text.unwrap_or_default();
     if text.trim().is_empty() && parts.is_empty() {
@@ -1118,7 +1109,7 @@ mod tests {
         let dir = TempDir::new();
         let input = dir.file("in.json");
         let cmd = format!(
-            "cat > '{input}'; printf '%s' '{{\"text\":\"ok\",\"parts\":[{{\"type\":\"file\",\"uri\":\"u\"}}]}}'"
+            "cat > '{input}'; printf '%s' '{{\"text\":\"ok\",\"parts\":[{{\"type\":\"file\",\"file\":{{\"uri\":\"u\"}}}}]}}'"
         );
         let b = exec(&[("cmd", &cmd), ("format", "json")]);
         let mut r = req("hello");
@@ -1128,7 +1119,7 @@ mod tests {
             out,
             Outcome::Reply(Reply {
                 text: "ok".into(),
-                parts: vec![json!({"type": "file", "kind": "file", "uri": "u"})],
+                parts: vec![json!({"type": "file", "kind": "file", "file": {"uri": "u"}})],
             })
         );
         let raw = std::fs::read_to_string(&input).unwrap();
@@ -1173,6 +1164,13 @@ mod tests {
                 matches!(json_run(bad), Err(BackendError::BadOutput(_))),
                 "{bad}"
             );
+        }
+        // A part that is not valid A2A fails the request, saying which and why.
+        match json_run("echo '{\"text\":\"t\",\"parts\":[{\"kind\":\"file\",\"uri\":\"u\"}]}'") {
+            Err(BackendError::BadOutput(m)) => {
+                assert_eq!(m, "json reply: part 1: a file part has no \"file\" object")
+            }
+            other => panic!("{other:?}"),
         }
     }
 

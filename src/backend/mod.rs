@@ -5,6 +5,7 @@
 mod exec;
 mod helpers;
 mod mock;
+mod parts;
 mod worker;
 
 use std::collections::BTreeMap;

@@ -1295,7 +1295,7 @@ mod tests {
         let dir = TempDir::new();
         let cmd = format!(
             "while IFS= read -r l; do id=${{l#'{{\"id\":\"'}}; id=${{id%%'\"'*}}; case $id in \
-             1) printf '{{\"id\":%s,\"parts\":[{{\"type\":\"file\",\"uri\":\"u\"}}]}}\\n' $id;; \
+             1) printf '{{\"id\":%s,\"parts\":[{{\"type\":\"file\",\"file\":{{\"uri\":\"u\"}}}}]}}\\n' $id;; \
              2) printf '{{\"id\":\"%s\",\"retry_later\":true}}\\n' $id;; \
              3) printf '{{\"id\":\"%s\",\"error\":\"boom\"}}\\n' $id;; \
              4) printf '{{\"id\":\"%s\",\"text\":1}}\\n' $id;; \

@@ -3,16 +3,10 @@
 //! error replies and `molecule send`, as the emulator received them. A peer reply is
 //! threaded by the inbound `contextId`.
 
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::support::a2a_schema::validate;
+use crate::support::a2a_schema::assert_valid;
 use crate::support::*;
-
-fn assert_valid(body: &Value) {
-    if let Err(e) = validate("SendMessageRequest", body) {
-        panic!("not valid A2A v0.3.0: {e}\nbody: {body}");
-    }
-}
 
 #[test]
 fn replies_and_error_replies_validate_and_keep_the_context() {
@@ -86,4 +80,28 @@ fn reply_with_file_and_data_parts_validates() {
         assert_valid(&body);
         assert_eq!(body["params"]["message"]["contextId"], "c-1");
     }
+}
+
+#[test]
+fn an_exec_reply_with_a_malformed_part_fails_instead_of_going_out() {
+    let cmd = r#"x=$(cat); case "$x" in *'"text":"bad"'*) echo '{"text":"t","parts":[{"kind":"data","data":"no"}]}';; *) echo '{"text":"ok","parts":[{"kind":"file","file":{"uri":"https://files.test/a.txt","name":"a.txt"}}]}';; esac"#;
+    let Connected { emu, a, b, c, .. } = Test::new()
+        .exec(cmd)
+        .args(&["--backend-opt", "format=json", "--max-attempts", "1"])
+        .connect();
+    emu.say(&a.id, Some(&b.id), "bad");
+    emu.say(&a.id, Some(&b.id), "good");
+    let got = wait_received(&emu, &b.id, 2, &c);
+    for m in &got {
+        assert_valid(&m["body"]);
+    }
+    assert_eq!(
+        texts(&got),
+        [
+            "Sorry, the agent could not handle this message (bad output: json reply: part 1: a data part has no \"data\" object).",
+            "ok"
+        ]
+    );
+    let parts = &got[1]["body"]["params"]["message"]["parts"];
+    assert_eq!(parts[1]["file"]["name"], "a.txt", "{parts}");
 }

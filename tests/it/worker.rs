@@ -166,18 +166,30 @@ fn malformed_and_oversize_answers_fail_only_their_message() {
         &["max_output=1000"],
         &["--max-attempts", "1"],
     );
-    emu.say(&a.id, Some(&b.id), "garbage");
-    emu.say(&a.id, Some(&b.id), "big");
-    emu.say(&a.id, Some(&b.id), "fine");
-    let got = wait_received(&emu, &b.id, 3, &c);
+    for text in ["garbage", "big", "bad-part", "file-part", "fine"] {
+        emu.say(&a.id, Some(&b.id), text);
+    }
+    let got = wait_received(&emu, &b.id, 5, &c);
     assert_eq!(
         texts(&got),
         [
             "Sorry, the agent could not handle this message (bad output: worker answer is not a JSON object).",
             "Sorry, the agent could not handle this message (bad output: answer exceeds max_output 1000 bytes).",
+            "Sorry, the agent could not handle this message (bad output: json reply: part 1: a file part's \"file\" has no \"uri\" or \"bytes\" string).",
+            "w:file-part",
             "w:fine"
         ]
     );
+    // Every message sent is valid A2A, the worker's file and data parts included.
+    for m in &got {
+        a2a_schema::assert_valid(&m["body"]);
+    }
+    let parts = &got[3]["body"]["params"]["message"]["parts"];
+    assert_eq!(
+        parts[1]["file"]["uri"], "https://files.test/a.txt",
+        "{parts}"
+    );
+    assert_eq!(parts[2]["kind"], "data", "{parts}");
     assert_eq!(pids(dir.path()).len(), 1, "the worker was not restarted");
     c.stop();
     assert_no_workers_left(dir.path(), &c);

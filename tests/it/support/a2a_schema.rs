@@ -27,6 +27,13 @@ pub fn validate(definition: &str, value: &Value) -> Result<(), String> {
     }
 }
 
+/// Panics unless `body` is a valid A2A v0.3.0 `message/send` request.
+pub fn assert_valid(body: &Value) {
+    if let Err(e) = validate("SendMessageRequest", body) {
+        panic!("not valid A2A v0.3.0: {e}\nbody: {body}");
+    }
+}
+
 struct Checker<'a> {
     schema: &'a Value,
 }

@@ -6,6 +6,8 @@ Behaviour by message text (state in $TEST_DIR):
   slow        touch $TEST_DIR/got-<text>, sleep 1 s, then answer
   garbage     print a line that is not JSON
   big         answer with 5000 bytes of text
+  bad-part    answer with a file part that has no uri or bytes (not valid A2A)
+  file-part   answer with a valid file part and a data part written with `type`
   anything    answer "w:<text>"
 A delegation result is appended to $TEST_DIR/delegations and not answered.
 Every start appends its pid to $TEST_DIR/pids; with TEST_ALONE set it first appends
@@ -71,4 +73,11 @@ for line in sys.stdin:
         continue
     elif text == "big":
         out["text"] = "x" * 5000
+    elif text == "bad-part":
+        out["parts"] = [{"kind": "file", "file": {"name": "a.txt"}}]
+    elif text == "file-part":
+        out["parts"] = [
+            {"kind": "file", "file": {"uri": "https://files.test/a.txt", "name": "a.txt"}},
+            {"type": "data", "data": {"n": 1}},
+        ]
     print(json.dumps(out), flush=True)
