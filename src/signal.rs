@@ -2,7 +2,8 @@
 //! allows: it `write(2)`s one byte (the signal number) to a self-pipe whose fd sits
 //! in an atomic. [`Signals::wait`] blocks on the read end, so the watcher thread acts
 //! on signals with ordinary code (locks, logging) outside the handler.
-//! Also: sending a signal to a backend's process group.
+//! Also: sending a signal to a backend's process group, and waiting for a backend to
+//! exit without reaping it.
 #![allow(unsafe_code)]
 
 use std::io::{self, Read, Write};
@@ -23,10 +24,27 @@ pub const SIGTERM: CInt = 15;
 /// SIG_IGN as the handler value of `signal(2)`.
 const SIG_IGN: usize = 1;
 
+/// `waitid(2)` arguments: wait for one pid, for its exit, and leave it unreaped.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const P_PID: CInt = 1;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const WEXITED: CInt = 4;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const WNOWAIT: CInt = 0x0100_0000;
+#[cfg(target_vendor = "apple")]
+const P_PID: CInt = 1;
+#[cfg(target_vendor = "apple")]
+const WEXITED: CInt = 4;
+#[cfg(target_vendor = "apple")]
+const WNOWAIT: CInt = 0x20;
+#[cfg(not(any(target_os = "linux", target_os = "android", target_vendor = "apple")))]
+compile_error!("waitid(2) constants are only known for Linux and Apple targets");
+
 unsafe extern "C" {
     fn signal(signum: CInt, handler: usize) -> usize;
     fn write(fd: CInt, buf: *const u8, count: usize) -> isize;
     fn kill(pid: CInt, sig: CInt) -> CInt;
+    fn waitid(idtype: CInt, id: u32, infop: *mut u8, options: CInt) -> CInt;
 }
 
 /// Write end of the self-pipe, read by the handler. -1 until installed.
@@ -147,5 +165,47 @@ pub fn kill_process(pid: u32, sig: CInt) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// Blocks until our child `pid` has exited, without reaping it. Until `Child::wait`
+/// reaps it, the zombie keeps its pid, and so its process group's id, from being
+/// handed to another process: its group can still be signalled safely meanwhile.
+pub fn wait_exited(pid: u32) -> io::Result<()> {
+    // siginfo_t is 128 bytes on Linux (104 on macOS); only waitid writes it.
+    let mut info = [0u64; 16];
+    loop {
+        // SAFETY: `info` is writable, aligned and at least as large as siginfo_t;
+        // waitid writes nothing else.
+        let rc = unsafe { waitid(P_PID, pid, info.as_mut_ptr().cast(), WEXITED | WNOWAIT) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_for_an_exit_leaves_the_child_unreaped() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "exit 3"])
+            .spawn()
+            .unwrap();
+        wait_exited(child.id()).unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+        let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+        assert_eq!(
+            state,
+            Some('Z'),
+            "still a zombie, its pid still taken: {stat}"
+        );
+        assert_eq!(child.wait().unwrap().code(), Some(3));
     }
 }

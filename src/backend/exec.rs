@@ -22,7 +22,7 @@ use super::parts::a2a_part;
 use super::{
     Backend, BackendError, EXIT_NO_REPLY, EXIT_RETRY_LATER, Outcome, Reply, Request, RunHandle,
 };
-use crate::signal::{SIGKILL, SIGTERM, kill_process_group};
+use crate::signal::{SIGKILL, SIGTERM, kill_process_group, wait_exited};
 
 /// The shell every command runs under.
 const SHELL: &str = "/bin/sh";
@@ -274,7 +274,7 @@ impl ExecBackend {
     /// Starts the command and collects its result; `guard` cleans up on every path.
     fn run(&self, req: &Request, guard: &mut GroupGuard<'_>) -> Result<Outcome, BackendError> {
         let input = self.input(req);
-        let mut child = self.command(req).spawn().map_err(|e| {
+        let child = self.command(req).spawn().map_err(|e| {
             let program = self
                 .argv
                 .as_deref()
@@ -283,10 +283,11 @@ impl ExecBackend {
             BackendError::Spawn(format!("{program}: {e}"))
         })?;
         let pgid = child.id();
-        guard.pgid = Some(pgid);
+        let child = guard.child.insert(child);
+        let (stdin, stdout, stderr) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take());
         if !guard.handle.started(pgid) {
-            // Cancelled before we got here: nothing may run.
-            kill_and_reap(pgid, &mut child);
+            // Cancelled before we got here: nothing may run (the guard kills it).
             return Err(BackendError::Cancelled);
         }
 
@@ -297,7 +298,7 @@ impl ExecBackend {
         let stdout_buf = Arc::new(Mutex::new(Capture::default()));
         let stderr_buf = Arc::new(Mutex::new(Vec::new()));
         let spawned = (|| -> io::Result<()> {
-            if let Some(mut stdin) = child.stdin.take() {
+            if let Some(mut stdin) = stdin {
                 if input.len() <= INLINE_INPUT {
                     // Fits an empty pipe of any size: this write cannot block. BrokenPipe
                     // (the command didn't read it) is fine.
@@ -311,22 +312,24 @@ impl ExecBackend {
                     })?;
                 }
             }
-            if let Some(stdout) = child.stdout.take() {
-                let (tx, buf, cap) = (
+            if let Some(stdout) = stdout {
+                let (tx, buf, cap, run) = (
                     done_tx.clone(),
                     Arc::clone(&stdout_buf),
                     self.settings.max_output,
+                    guard.handle.clone(),
                 );
                 HELPERS.run(move || {
                     if read_capped(stdout, cap, &buf) {
                         // Past max_output the reply is lost anyway: end the command
                         // now instead of letting it run (`yes`) until the timeout.
-                        let _ = kill_process_group(pgid, SIGKILL);
+                        // Through the handle: this reader may outlive the run.
+                        run.signal(SIGKILL);
                     }
                     drop(tx);
                 })?;
             }
-            if let Some(stderr) = child.stderr.take() {
+            if let Some(stderr) = stderr {
                 let (tx, buf) = (done_tx.clone(), Arc::clone(&stderr_buf));
                 HELPERS.run(move || {
                     read_tail(stderr, STDERR_KEEP, &buf);
@@ -337,30 +340,31 @@ impl ExecBackend {
         })();
         drop(done_tx);
         if let Err(e) = spawned {
-            kill_and_reap(pgid, &mut child);
             return Err(BackendError::Spawn(format!(
                 "cannot start a helper thread: {e}"
             )));
         }
 
-        // The waiter owns the child so this thread can wait with a timeout on a channel
-        // instead of polling `try_wait`.
-        let (status_tx, status_rx) = mpsc::channel::<WaitResult>();
+        // The waiter tells when the command exits (on a channel, so this thread can wait
+        // with a timeout instead of polling `try_wait`) but leaves it unreaped: the
+        // guard reaps it only after killing what is left of its group.
+        let (exit_tx, exit_rx) = mpsc::channel::<io::Result<()>>();
         HELPERS
             .run(move || {
-                let r = child.wait();
-                let _ = status_tx.send(r);
+                let _ = exit_tx.send(wait_exited(pgid));
             })
-            .map_err(|e| {
-                // The closure (and the child in it) is gone; the guard kills the group.
-                BackendError::Spawn(format!("cannot start a helper thread: {e}"))
-            })?;
+            .map_err(|e| BackendError::Spawn(format!("cannot start a helper thread: {e}")))?;
 
         let started = Instant::now();
-        let (status, timed_out) = self.wait_for_exit(&status_rx, pgid);
+        let (exited, timed_out) = self.wait_for_exit(&exit_rx, pgid);
         // The command is gone, but a background process may still hold the pipes.
         let left = self.settings.timeout.saturating_sub(started.elapsed());
         self.drain(&done_rx, pgid, DRAIN_AFTER_EXIT.min(left));
+        let status = match exited {
+            Some(Ok(())) => guard.end(),
+            Some(Err(e)) => Some(Err(e)),
+            None => None,
+        };
 
         let stdout =
             std::mem::take(&mut *stdout_buf.lock().unwrap_or_else(PoisonError::into_inner));
@@ -396,9 +400,13 @@ impl ExecBackend {
         }
     }
 
-    /// Waits for the exit status until the timeout, then SIGTERM, `kill_grace`, SIGKILL.
-    /// Returns the status (`None` if the waiter vanished) and whether it timed out.
-    fn wait_for_exit(&self, rx: &Receiver<WaitResult>, pgid: u32) -> (Option<WaitResult>, bool) {
+    /// Waits for the exit until the timeout, then SIGTERM, `kill_grace`, SIGKILL.
+    /// Returns the waiter's result (`None` if it vanished) and whether it timed out.
+    fn wait_for_exit(
+        &self,
+        rx: &Receiver<io::Result<()>>,
+        pgid: u32,
+    ) -> (Option<io::Result<()>>, bool) {
         match rx.recv_timeout(self.settings.timeout) {
             Ok(s) => (Some(s), false),
             Err(RecvTimeoutError::Disconnected) => (None, false),
@@ -467,7 +475,10 @@ impl Backend for ExecBackend {
     }
 
     fn handle(&self, req: &Request, handle: &RunHandle) -> Result<Outcome, BackendError> {
-        let mut guard = GroupGuard { pgid: None, handle };
+        let mut guard = GroupGuard {
+            child: None,
+            handle,
+        };
         self.run(req, &mut guard)
     }
 
@@ -500,31 +511,44 @@ impl Backend for ExecBackend {
     }
 }
 
-/// Kills whatever is left of the group and tells the handle the run is over, on every
-/// return path of a run (including early errors).
+/// Owns the started command and ends its group on every return path of a run
+/// (including early errors), in the one safe order: see [`end_group`].
 struct GroupGuard<'a> {
-    pgid: Option<u32>,
+    child: Option<Child>,
     handle: &'a RunHandle,
+}
+
+impl GroupGuard<'_> {
+    /// Ends the group and reaps the command; `None` if none was started (or it was
+    /// reaped already).
+    fn end(&mut self) -> Option<io::Result<ExitStatus>> {
+        let mut child = self.child.take()?;
+        // A background process the command left behind must not outlive the run.
+        // ESRCH (nobody left) is the normal case.
+        Some(end_group(&mut child, self.handle, |pgid| {
+            let _ = kill_process_group(pgid, SIGKILL);
+        }))
+    }
 }
 
 impl Drop for GroupGuard<'_> {
     fn drop(&mut self) {
-        if let Some(pgid) = self.pgid {
-            // A background process the command left behind must not outlive the run.
-            // ESRCH (nobody left) is the normal case.
-            let _ = kill_process_group(pgid, SIGKILL);
-            self.handle.finished();
-        }
+        self.end();
     }
 }
 
-/// What the waiter thread reports.
-type WaitResult = io::Result<ExitStatus>;
-
-/// Kills the group of a child we still own and reaps it, so no zombie remains.
-fn kill_and_reap(pgid: u32, child: &mut Child) {
-    let _ = kill_process_group(pgid, SIGKILL);
-    let _ = child.wait();
+/// Kills what is left of `child`'s group with `kill`, makes the handle forget the
+/// group (so a cancel cannot signal it either), and only then reaps the leader: until
+/// it is reaped, its pid (the pgid) cannot be handed to an unrelated process group,
+/// so nothing signals the group once that could happen.
+fn end_group(
+    child: &mut Child,
+    handle: &RunHandle,
+    kill: impl FnOnce(u32),
+) -> io::Result<ExitStatus> {
+    kill(child.id());
+    handle.finished();
+    child.wait()
 }
 
 /// Waits until every helper has dropped its sender, for at most `d`.
@@ -858,14 +882,19 @@ mod tests {
             .unwrap()
     }
 
+    /// The state letter of `pid` in `/proc` (`Z` for a zombie); `None` once reaped.
+    fn proc_state(pid: u32) -> Option<char> {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit(") ").next().and_then(|r| r.chars().next()))
+    }
+
     /// True once `pid` is dead: gone, or a zombie waiting for a reaper (PID 1 here
     /// may not reap). Polling is fine in tests; the deadline is a failure bound.
     fn gone(pid: u32) -> bool {
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| s.rsplit(") ").next().and_then(|r| r.chars().next()));
+            let state = proc_state(pid);
             if matches!(state, None | Some('Z' | 'X')) {
                 return true;
             }
@@ -1190,7 +1219,7 @@ mod tests {
         r.message_id = Some("m-\u{0}1".into());
         r.activity_id = "act\u{0}".into();
         let mut g = GroupGuard {
-            pgid: None,
+            child: None,
             handle: &RunHandle::new(),
         };
         assert_eq!(reply_text(b.run(&r, &mut g)), "m-1");
@@ -1285,6 +1314,37 @@ mod tests {
         )]);
         assert_eq!(reply_text(run(&b, "x")), "done");
         assert!(gone(read_pid(&pid_file)), "detached grandchild survived");
+    }
+
+    #[test]
+    fn the_group_is_killed_before_its_leader_is_reaped() {
+        let dir = TempDir::new();
+        let pid_file = dir.file("pid");
+        // A leader that exits at once, leaving a detached member in its group.
+        let mut child = shell_command(&format!(
+            "sleep 30 >/dev/null 2>&1 & echo $! > '{pid_file}'"
+        ))
+        .process_group(0)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+        let leader = child.id();
+        wait_exited(leader).unwrap();
+        let handle = RunHandle::new();
+        assert!(handle.started(leader));
+        let mut seen_at_kill = None;
+        let status = end_group(&mut child, &handle, |pgid| {
+            seen_at_kill = proc_state(leader);
+            let _ = kill_process_group(pgid, SIGKILL);
+        })
+        .unwrap();
+        assert_eq!(
+            seen_at_kill,
+            Some('Z'),
+            "the leader still held its pid when the group was killed"
+        );
+        assert!(status.success());
+        assert!(gone(read_pid(&pid_file)), "the group member survived");
     }
 
     #[test]

@@ -233,11 +233,28 @@ pub struct RunHandle {
 /// process (a worker backend waiting for a free worker).
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
+/// Signals a run's process group on behalf of [`RunHandle`], for a group whose owner
+/// knows better than its pgid when it may be signalled (a shared worker process).
+pub type Signaller = Arc<dyn Fn(i32) + Send + Sync>;
+
 #[derive(Default)]
 struct RunState {
     pgid: Option<u32>,
+    signaller: Option<Signaller>,
     cancelled: bool,
     waker: Option<Waker>,
+}
+
+impl RunState {
+    fn signal(&self, sig: i32) {
+        match (&self.signaller, self.pgid) {
+            (Some(signal), _) => signal(sig),
+            (None, Some(pgid)) => {
+                let _ = crate::signal::kill_process_group(pgid, sig);
+            }
+            (None, None) => {}
+        }
+    }
 }
 
 impl RunHandle {
@@ -257,9 +274,16 @@ impl RunHandle {
     /// Records the process group of a run that just started. Returns `false` if the
     /// handle was already cancelled: the caller must kill the group at once.
     pub fn started(&self, pgid: u32) -> bool {
+        self.started_with(pgid, None)
+    }
+
+    /// [`RunHandle::started`], with signals going through `signaller` instead of
+    /// straight to `pgid`.
+    pub fn started_with(&self, pgid: u32, signaller: Option<Signaller>) -> bool {
         let cancelled = {
             let mut s = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
             s.pgid = Some(pgid);
+            s.signaller = signaller;
             s.cancelled
         };
         self.groups.add(pgid);
@@ -268,12 +292,11 @@ impl RunHandle {
 
     /// The run ended; nothing to signal any more.
     pub fn finished(&self) {
-        let pgid = self
-            .inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pgid
-            .take();
+        let pgid = {
+            let mut s = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            s.signaller = None;
+            s.pgid.take()
+        };
         if let Some(pgid) = pgid {
             self.groups.remove(pgid);
         }
@@ -295,14 +318,22 @@ impl RunHandle {
             .waker = waker;
     }
 
+    /// Sends `sig` to the running process group, if any, without cancelling the run.
+    /// Never after [`RunHandle::finished`], which comes before the group's leader is
+    /// reaped: a reaped leader's pgid may name an unrelated group.
+    pub fn signal(&self, sig: i32) {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .signal(sig);
+    }
+
     /// Marks the handle cancelled and sends `sig` to the running process group, if any.
     pub fn cancel(&self, sig: i32) {
         let waker = {
             let mut s = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
             s.cancelled = true;
-            if let Some(pgid) = s.pgid {
-                let _ = crate::signal::kill_process_group(pgid, sig);
-            }
+            s.signal(sig);
             s.waker.clone()
         };
         // Outside our lock: the waker takes the backend's own lock.

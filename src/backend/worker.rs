@@ -25,7 +25,7 @@ use serde_json::Value;
 use super::exec::{reply_from_object, request_json, shell_command, tail_text};
 use super::{Backend, BackendError, Groups, Origin, Outcome, Request, RunHandle};
 use crate::backoff::Backoff;
-use crate::signal::{SIGKILL, SIGTERM, kill_process_group};
+use crate::signal::{SIGKILL, SIGTERM, kill_process_group, wait_exited};
 
 /// Options, for error messages.
 const KEYS: &str =
@@ -320,6 +320,9 @@ struct Proc {
     pipes_open: AtomicUsize,
     ended: Mutex<Option<Ended>>,
     stderr_tail: Mutex<Vec<u8>>,
+    /// Set once the process is reaped: its pgid may then name an unrelated group, so
+    /// [`Proc::signal`] checks it under this lock and the reap holds it.
+    reaped: Mutex<bool>,
 }
 
 /// What a request thread gets back.
@@ -350,6 +353,7 @@ impl Proc {
             pipes_open: AtomicUsize::new(2),
             ended: Mutex::new(None),
             stderr_tail: Mutex::default(),
+            reaped: Mutex::new(false),
         }
     }
 
@@ -368,7 +372,30 @@ impl Proc {
         self.ready.store(false, Ordering::SeqCst);
         lock(&self.ended).get_or_insert(why);
         self.close_input();
-        let _ = kill_process_group(self.pgid, SIGTERM);
+        let _ = self.signal(SIGTERM);
+    }
+
+    /// Sends `sig` to the worker's process group, unless the worker was reaped.
+    fn signal(&self, sig: i32) -> io::Result<()> {
+        let reaped = lock(&self.reaped);
+        if *reaped {
+            return Err(io::Error::other("the worker was reaped"));
+        }
+        kill_process_group(self.pgid, sig)
+    }
+
+    /// Ends what is left of the exited worker's group, then reaps it: only the unreaped
+    /// worker keeps its pid (the pgid) from being handed to another process group.
+    fn end_group_and_reap(&self, child: &mut Child) -> io::Result<std::process::ExitStatus> {
+        if let Err(e) = wait_exited(self.pgid) {
+            log::warn!("worker {}: waiting for its exit: {e}", self.slot);
+        }
+        // What it left in its group must not outlive it, nor hold the pipes.
+        let _ = self.signal(SIGKILL);
+        let mut reaped = lock(&self.reaped);
+        *reaped = true;
+        // A zombie by now (or SIGKILLed just above): this wait is short.
+        child.wait()
     }
 
     fn send(&self, line: Vec<u8>) {
@@ -459,7 +486,14 @@ impl Pool {
             let proc = self.acquire(&id, tx, run, deadline)?;
             (id, proc)
         };
-        if !run.started(proc.pgid) {
+        // A cancel signals through the worker, which refuses once it is reaped.
+        let signal_worker = {
+            let p = Arc::clone(&proc);
+            Arc::new(move |sig| {
+                let _ = p.signal(sig);
+            })
+        };
+        if !run.started_with(proc.pgid, Some(signal_worker)) {
             lock(&proc.pending).remove(&id);
             run.finished();
             self.changed.notify_all();
@@ -480,7 +514,7 @@ impl Pool {
                 // A late answer changes nothing: the attempt failed. Its arrival, or
                 // the worker's exit, within the grace spares the SIGKILL.
                 if rx.recv_timeout(self.settings.kill_grace).is_err() {
-                    let _ = kill_process_group(proc.pgid, SIGKILL);
+                    let _ = proc.signal(SIGKILL);
                 }
                 run.finished();
                 return Err(BackendError::Timeout {
@@ -645,7 +679,7 @@ impl Pool {
             }
             let Some(sig) = sig else { break };
             for p in &procs {
-                let _ = kill_process_group(p.pgid, sig);
+                let _ = p.signal(sig);
             }
         }
         let supervisors = std::mem::take(&mut self.lock().supervisors);
@@ -766,7 +800,7 @@ impl Pool {
         if let Err(e) = helpers {
             log::error!("worker {slot}: cannot start a helper thread: {e}");
             proc.end(Ended::Stop);
-            let _ = kill_process_group(proc.pgid, SIGKILL);
+            let _ = proc.signal(SIGKILL);
         }
         if self.settings.ready {
             match ready_rx.recv_timeout(self.settings.start_timeout) {
@@ -778,7 +812,7 @@ impl Pool {
                     );
                     proc.end(Ended::NotReady);
                     if !self.wait_reader(&proc, self.settings.kill_grace) {
-                        let _ = kill_process_group(proc.pgid, SIGKILL);
+                        let _ = proc.signal(SIGKILL);
                     }
                 }
                 // The reader ended: the worker exited first; the wait below sees it.
@@ -815,9 +849,7 @@ impl Pool {
         let Some(mut child) = child else {
             return false;
         };
-        let status = child.wait();
-        // What it left in its group must not outlive it, nor hold the pipes.
-        let _ = kill_process_group(proc.pgid, SIGKILL);
+        let status = proc.end_group_and_reap(&mut child);
         self.lock().groups.remove(proc.pgid);
         let code = status.as_ref().ok().and_then(|s| s.code());
         let how = match &status {
@@ -1213,9 +1245,12 @@ mod tests {
         }
     }
 
+    /// Whether the process `pid` runs: not gone and not a zombie (PID 1 here may not
+    /// reap), whichever group it is in.
     fn alive(pid: u32) -> bool {
-        // Signal 0: only checks that the process exists.
-        kill_process_group(pid, 0).is_ok()
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+        let state = stat.and_then(|s| s.rsplit(") ").next().and_then(|r| r.chars().next()));
+        !matches!(state, None | Some('Z' | 'X'))
     }
 
     fn read_pid(path: &str) -> u32 {
@@ -1406,8 +1441,12 @@ mod tests {
         let dir = TempDir::new();
         let pids = dir.file("pids");
         let marker = dir.file("crashed");
+        let left = dir.file("left");
+        // The first worker also leaves a detached process in its group.
         let cmd = sh_worker(
-            &format!("if [ ! -e '{marker}' ]; then : > '{marker}'; echo dying >&2; exit 3; fi;"),
+            &format!(
+                "if [ ! -e '{marker}' ]; then : > '{marker}'; sleep 30 >/dev/null 2>&1 & echo $! > '{left}'; echo dying >&2; exit 3; fi;"
+            ),
             "{\\\"id\\\":\\\"$id\\\",\\\"text\\\":\\\"ok\\\"}",
         );
         let b = with_env(backend(&[("cmd", &cmd)]), &pids);
@@ -1418,6 +1457,7 @@ mod tests {
             }) => assert_eq!(stderr_tail, "dying"),
             other => panic!("{other:?}"),
         }
+        assert!(gone(read_pid(&left)), "the process left behind survived");
         assert_eq!(text(ask(&b, "x")), "ok");
         b.stop();
         for pid in std::fs::read_to_string(&pids).unwrap().lines() {
