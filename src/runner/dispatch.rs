@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::mpsc::{SendError, SyncSender};
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -681,11 +681,7 @@ impl Worker {
                     row: msg.activity_id.clone(),
                     body: inbox::send_report(peer, &env),
                 };
-                if let Err(SendError(report)) = self.ctx.sent.send(report) {
-                    // No report thread (it ends only after the workers; unit tests
-                    // have none): post it here.
-                    sent::post(client.as_ref(), &report);
-                }
+                sent::send(&self.ctx.sent, client.as_ref(), report);
                 if answer.is_queued() {
                     log::info!("row {}: reply {id} queued for peer {peer}", msg.activity_id);
                 } else if let Some(err) = answer.body.get("error") {

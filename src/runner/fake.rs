@@ -41,6 +41,7 @@ pub struct Fake {
     pub posts: Mutex<VecDeque<ApiError>>,
     sent: Mutex<Vec<(String, Value)>>,
     notified: Mutex<Vec<String>>,
+    reports: Mutex<Vec<Value>>,
     /// Answers to heartbeats, in turn; then success.
     pub beats: Mutex<VecDeque<ApiError>>,
     beaten: Mutex<usize>,
@@ -65,6 +66,7 @@ impl Fake {
             posts: Mutex::new(VecDeque::new()),
             sent: Mutex::new(Vec::new()),
             notified: Mutex::new(Vec::new()),
+            reports: Mutex::default(),
             beats: Mutex::default(),
             beaten: Mutex::default(),
             registers: Mutex::default(),
@@ -87,6 +89,11 @@ impl Fake {
     /// The inbox requests so far.
     pub fn asked(&self) -> Vec<Since> {
         self.asked.lock().unwrap().clone()
+    }
+
+    /// The `a2a_send` self-reports posted so far.
+    pub fn reports(&self) -> Vec<Value> {
+        self.reports.lock().unwrap().clone()
     }
 
     /// The `/a2a` sends the platform took: (target, body).
@@ -161,7 +168,8 @@ impl Platform for Fake {
             body: json!({"result": {}}),
         })
     }
-    fn self_report(&self, _: &Value) -> Result<(), ApiError> {
+    fn self_report(&self, row: &Value) -> Result<(), ApiError> {
+        self.reports.lock().unwrap().push(row.clone());
         Ok(())
     }
     fn notify(&self, message: &str, _: Vec<Value>) -> Result<(), ApiError> {

@@ -199,13 +199,14 @@ impl Process {
             sup.metrics_file.clone(),
             cfgs.len(),
         ));
-        // Drain, then TERM, grace, KILL, grace (see wait_for_threads), plus saving state.
+        // Drain, then TERM, grace, KILL, grace (see wait_for_threads), the wait for
+        // queued self-reports, plus saving state.
         let drain_bound = cfgs
             .iter()
             .map(|c| c.drain_timeout)
             .max()
             .unwrap_or_default()
-            .saturating_add(KILL_GRACE * 2 + Duration::from_secs(5));
+            .saturating_add(KILL_GRACE * 2 + sent::STOP_WAIT + Duration::from_secs(5));
         let signals = signal::install()
             .map_err(|e| Error::Runtime(format!("installing signal handlers: {e}")))?;
         let shutdown = Shutdown::new();
@@ -699,7 +700,7 @@ impl Connected<'_> {
         let (sent_tx, sent_rx) = sent::queue();
         let client = self.client.clone();
         // Ends once the workers have (they hold the queue's senders), after the last report.
-        self.start("sent-reports", "sent-reports", move || {
+        self.start(sent::THREAD, sent::THREAD, move || {
             sent::run(&client, &sent_rx);
         })?;
         let ctx = Arc::new(dispatch::Context {
@@ -840,7 +841,17 @@ impl Connected<'_> {
         }
         let drain = if clean { cfg.drain_timeout } else { KILL_GRACE };
         let busy = || RuntimeStatus::snapshot(&self.status).1 > 0;
-        let waited = wait_for_threads(done_rx, self.threads.len(), drain, &self.run_handles, &busy);
+        let reports = self
+            .threads
+            .iter()
+            .any(|t| t.thread().name() == Some(sent::THREAD));
+        let waited = wait_for_threads(
+            done_rx,
+            (self.threads.len(), reports),
+            drain,
+            &self.run_handles,
+            &busy,
+        );
         match waited {
             Ok(()) => {
                 for t in self.threads {
@@ -916,19 +927,21 @@ fn cancel_all(handles: &[RunHandle], sig: i32) {
     }
 }
 
-/// Waits for `n` thread-exit notices: `drain` for running backends to finish, then
+/// Waits for `threads.0` thread-exit notices: `drain` for running backends to finish, then
 /// SIGTERM to their process groups, a grace period, SIGKILL. With no backend running
-/// only [`REQUEST_GRACE`] is given to threads stuck in a request. `Err` (the stop
-/// reason for the status file) if they did not all arrive or a second signal forced
-/// the stop.
+/// only [`REQUEST_GRACE`] is given to threads stuck in a request; once only the
+/// self-report thread is left (`threads.1`: it was started) it gets
+/// [`sent::STOP_WAIT`] to post what is queued. `Err` (the stop reason for the status
+/// file) if they did not all arrive or a second signal forced the stop.
 fn wait_for_threads(
     done: &mpsc::Receiver<Done>,
-    n: usize,
+    threads: (usize, bool),
     drain: Duration,
     run: &[RunHandle],
     busy: &dyn Fn() -> bool,
 ) -> Result<(), Unfinished> {
-    let mut remaining = n;
+    let (mut remaining, mut reports_running) = threads;
+    let mut reports_waited = false;
     let phases = [
         (drain, Some(signal::SIGTERM)),
         (KILL_GRACE, Some(signal::SIGKILL)),
@@ -951,7 +964,16 @@ fn wait_for_threads(
                 .min(Duration::from_millis(200));
             match done.recv_timeout(tick) {
                 Ok(Done::Forced) => return Err(Unfinished::Forced),
-                Ok(Done::Thread(_)) => remaining -= 1,
+                Ok(Done::Thread(role)) => {
+                    remaining -= 1;
+                    reports_running &= role != sent::THREAD;
+                    if i == 0 && reports_running && remaining == 1 {
+                        // Only the report thread is left: its own bound, not the
+                        // request grace.
+                        (graced, reports_waited) = (true, true);
+                        deadline = Instant::now() + sent::STOP_WAIT;
+                    }
+                }
                 Err(_) if Instant::now() >= deadline => break,
                 Err(_) => {}
             }
@@ -960,10 +982,17 @@ fn wait_for_threads(
             return Ok(());
         }
         if i == 0 && graced && !busy() {
-            log::warn!(
-                "requests still in flight after {}s; not waiting for them",
-                REQUEST_GRACE.as_secs()
-            );
+            if reports_waited {
+                log::warn!(
+                    "a2a_send self-reports still queued after {}s; not waiting for them",
+                    sent::STOP_WAIT.as_secs()
+                );
+            } else {
+                log::warn!(
+                    "requests still in flight after {}s; not waiting for them",
+                    REQUEST_GRACE.as_secs()
+                );
+            }
             return Err(Unfinished::RequestsAbandoned);
         }
         if let Some(sig) = then_send {

@@ -371,6 +371,32 @@ fn sigterm_when_idle_saves_the_cursor_and_restart_does_not_reanswer() {
 }
 
 #[test]
+fn a_clean_stop_posts_every_queued_self_report() {
+    let Connected {
+        emu, a, b, mut c, ..
+    } = Test::new().mock().connect();
+    // The first a2a_send self-report stalls past the request grace of a stop, so the
+    // reports of the replies after it are still queued when the SIGTERM comes.
+    emu.fault(
+        json!({"method": "POST", "path_prefix": format!("/workspaces/{}/activity", a.id),
+        "delay_ms": 4000, "count": 1}),
+    );
+    for i in 0..8 {
+        emu.say(&a.id, Some(&b.id), &format!("m{i}"));
+    }
+    wait_received(&emu, &b.id, 8, &c);
+    assert_eq!(c.stop().code(), Some(0), "{}", c.stderr());
+    let rows = emu.get(&format!("/_admin/workspaces/{}/rows", a.id));
+    let reports = rows["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["activity_type"] == "a2a_send")
+        .count();
+    assert_eq!(reports, 8, "{}", c.stderr());
+}
+
+#[test]
 fn inbound_replies_are_not_auto_answered() {
     let Connected { emu, a, b, c, .. } = Test::new().mock().connect();
     emu.enqueue(
