@@ -42,6 +42,9 @@ pub(super) const STATE_RETRY: Backoff = Backoff {
 /// The echo lookup reads at most this many pages of this many rows.
 const ECHO_PAGES: u32 = 8;
 const ECHO_PAGE: u32 = 500;
+/// Tries of one echo page when the platform answers a transient failure: a lookup
+/// given up shows the reply again, so one 5xx or dropped connection must not decide.
+const ECHO_TRIES: u32 = 4;
 
 /// A conversation that has been quiet this long starts counting from zero again.
 const QUIET_RESET: Duration = Duration::from_secs(600);
@@ -393,9 +396,14 @@ impl Worker {
     /// The id of a `notify` echo row showing `reply`'s canvas message `shown`, posted
     /// from `began_us` on, if the inbox holds one: more echoes of that text than our
     /// other posts of it can have made (see [`super::notified`]). Any doubt (no time
-    /// saved, the lookup fails, too many rows) answers `None`: a reply shown twice is
-    /// better than one never shown.
-    fn canvas_echo(&self, reply: ReplyId, shown: &str, began_us: Option<i64>) -> Option<String> {
+    /// saved, the lookup keeps failing, too many rows) answers `None`: a reply shown
+    /// twice is better than one never shown.
+    fn canvas_echo(
+        &mut self,
+        reply: ReplyId,
+        shown: &str,
+        began_us: Option<i64>,
+    ) -> Option<String> {
         let began_us = began_us?;
         let now_us = now_us()?;
         let Some(from_us) = self.notified().window(reply, shown, began_us) else {
@@ -434,12 +442,7 @@ impl Worker {
                 return None;
             }
             pages += 1;
-            let rows = self
-                .ctx
-                .client
-                .activity_raw(&since, ECHO_PAGE, 8 * 1024 * 1024)
-                .map_err(|e| log::warn!("looking for the canvas reply's echo: {e}"))
-                .ok()?;
+            let rows = self.echo_page(&since)?;
             for id in rows
                 .iter()
                 .filter(|r| is_echo(r))
@@ -470,6 +473,31 @@ impl Worker {
             );
         }
         newest.filter(|_| ours)
+    }
+
+    /// One page of the echo lookup, retried with backoff while the failure is
+    /// transient (up to [`ECHO_TRIES`]); `None` when it still fails or a stop comes.
+    fn echo_page(&mut self, since: &crate::api::Since) -> Option<Vec<Value>> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self
+                .ctx
+                .client
+                .activity_raw(since, ECHO_PAGE, 8 * 1024 * 1024)
+            {
+                Ok(rows) => return Some(rows),
+                Err(e) => {
+                    log::warn!("looking for the canvas reply's echo: {e}");
+                    if !e.is_retryable()
+                        || attempt == ECHO_TRIES
+                        || self.wait_backoff(attempt, e.retry_after())
+                    {
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     fn notified(&self) -> std::sync::MutexGuard<'_, Notified> {
@@ -1048,6 +1076,27 @@ mod tests {
             let msg = message(Some(PEER));
             assert_eq!(s.worker.handle(&msg), Finish::Done);
             assert!(fake.sent().is_empty(), "re-sent after a confirmed delivery");
+            assert!(handled(&s, &msg));
+        }
+
+        #[test]
+        fn a_lost_canvas_answer_whose_echo_lookup_fails_once_is_not_shown_again() {
+            // The notify is shown but its answer is lost (a 502 after handling); the
+            // first page of the echo lookup fails, the retry finds the echo.
+            let echo = json!({
+                "id": "44444444-4444-4444-8444-444444444444",
+                "method": "notify",
+                "source_id": null,
+                "response_body": {"result": "echo: hello"},
+                "created_at": crate::timestamp::rfc3339(now_us().unwrap() + 1_000_000),
+            });
+            let fake = Fake::new(vec![Err(status("poll", 500)), Ok(vec![echo])]);
+            fake.posts.lock().unwrap().push_back(status("notify", 502));
+            let mut s = setup(&fake);
+            let msg = message(None);
+            assert_eq!(s.worker.handle(&msg), Finish::Done);
+            assert!(fake.notified().is_empty(), "shown a second time");
+            assert_eq!(fake.asked().len(), 2, "{:?}", fake.asked());
             assert!(handled(&s, &msg));
         }
 
