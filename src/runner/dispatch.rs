@@ -1,6 +1,6 @@
 //! One message, start to finish: on a worker thread, run the backend (with bounded
-//! retries); on that worker's poster thread ([`Worker::deliver`]), save its reply
-//! durably, post it to the sender, record the row as done.
+//! retries) and save its reply durably; on that worker's poster thread
+//! ([`Worker::deliver`]), post it to the sender and record the row as done.
 //! A message that keeps failing is dead-lettered and its sender told; it never
 //! stops intake.
 
@@ -140,7 +140,7 @@ pub enum Ran {
     /// Nothing: the message ended (answered from a saved reply, not answered,
     /// dead-lettered) or was interrupted.
     Finished(Finish),
-    /// A reply, not yet journaled, for [`Worker::deliver`].
+    /// A reply, journaled (fsynced), for [`Worker::deliver`].
     Reply(PendingReply),
 }
 
@@ -183,29 +183,36 @@ impl Worker {
     }
 
     /// Everything of [`Worker::handle`] up to a reply to post: the backend run, and
-    /// every way a message ends without one. A reply comes back unsaved, for
+    /// every way a message ends without one. A reply comes back journaled, for
     /// [`Worker::deliver`] (which the next message's backend need not wait for).
     pub fn run(&mut self, msg: &Inbound) -> Ran {
         match self.run_to_reply(msg) {
-            Ok(reply) => Ran::Reply(reply),
+            Ok(reply) => match self.journal(msg, reply) {
+                Some(reply) => Ran::Reply(reply),
+                None => Ran::Finished(Finish::Interrupted),
+            },
             Err(finish) => Ran::Finished(finish),
         }
     }
 
-    /// Journals `reply` (fsynced) and only then posts it, and records the row done.
-    pub fn deliver(&mut self, msg: &Inbound, reply: PendingReply) -> Finish {
-        // The canvas echo lookup after a restart searches from when the post began.
+    /// Saves a fresh reply (fsynced) before it waits for a poster: a crash while it
+    /// waits behind a slow post must post it after the restart, not run the backend
+    /// again. `None`: stopped before it could be saved.
+    fn journal(&mut self, msg: &Inbound, reply: PendingReply) -> Option<PendingReply> {
+        // The canvas echo lookup after a restart searches from this time on: no
+        // earlier than the post began.
         let reply = PendingReply {
             at_us: now_us(),
             ..reply
         };
-        // Never post what is not journaled: a crash would answer twice.
         let saved = self.save(msg, "its reply (not posted)", |s| {
             s.record_reply(&msg.activity_id, reply.clone())
         });
-        if !saved {
-            return Finish::Interrupted;
-        }
+        saved.then_some(reply)
+    }
+
+    /// Posts a reply [`Worker::run`] journaled, and records the row done.
+    pub fn deliver(&mut self, msg: &Inbound, reply: PendingReply) -> Finish {
         self.post_and_finish(msg, reply)
     }
 

@@ -723,10 +723,11 @@ impl Connected<'_> {
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
         let workers = cfg.concurrency.min(self.run_handles.len());
         for i in 0..workers {
-            // Each worker's replies are journaled and posted by its own poster while
-            // the worker runs the backend for the next message (of another sender:
-            // this one stays busy until `Finished`). Zero capacity: the hand-over
-            // waits for the poster, so a worker has at most one reply in delivery.
+            // Each worker journals its reply and hands it to its own poster, which
+            // posts it while the worker runs the backend for the next message (of
+            // another sender: this one stays busy until `Finished`). Zero capacity:
+            // the hand-over waits for the poster, so a worker has at most one reply
+            // in delivery (journaled, so a crash while it waits loses no run).
             let (post_tx, post_rx) = mpsc::sync_channel::<(poll::Job, PendingReply)>(0);
             let (poster_ctx, poster_events) = (ctx.clone(), events.clone());
             // Ends after its worker (which holds the sender), with the last reply.

@@ -712,6 +712,40 @@ fn sigterm_with_a_reply_in_delivery_drains_the_next_run_and_keeps_the_reply() {
 }
 
 #[test]
+fn a_reply_waiting_for_a_busy_poster_is_journaled_and_survives_a_kill_9() {
+    let (emu, a, p, q) = reply_held_in_delivery();
+    let dir = Arc::new(TempDir::new());
+    let log = dir.path().join("runs.log");
+    let cmd = format!(
+        "cmd=x=$(cat); echo \"$x\" >> {}; echo \"$x\"",
+        log.display()
+    );
+    let c = start_until_q1_runs(&emu, &a, &dir, &cmd);
+    // q1's reply waits for the poster (busy retrying p1's): it is journaled already.
+    let journal = dir.path().join("state").join(format!("{}.journal", a.id));
+    wait_until(WAIT, "q1's reply in the journal", &c, || {
+        let text = std::fs::read_to_string(&journal).unwrap_or_default();
+        text.contains("\"text\":\"q1").then_some(())
+    });
+    c.signal("KILL");
+    drop(c);
+    emu.clear_faults();
+    // After the restart both saved replies go out without running a backend again.
+    let c2 = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    assert_eq!(
+        texts(&wait_received(&emu, &q, 1, &c2)),
+        ["q1"],
+        "{}",
+        c2.stderr()
+    );
+    let got = wait_received(&emu, &p, 2, &c2);
+    assert_eq!(texts(&got), ["p1", "echo: p2"], "{}", c2.stderr());
+    emu.wait_polls(3, &c2);
+    assert_eq!(emu.received(&q).len(), 1, "{}", c2.stderr());
+    assert_eq!(runs(&log), "p1\nq1\n");
+}
+
+#[test]
 fn crash_with_a_slow_message_in_flight_loses_nothing() {
     let emu = Emulator::start();
     let (root, _) = emu.workspace(json!({"name": "root"}));
