@@ -222,11 +222,7 @@ impl ExecBackend {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // The supervisor's notify socket and watchdog are the connector's: an agent
-        // that ran systemd-notify would speak for it.
-        for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
-            c.env_remove(var);
-        }
+        remove_supervisor_env(&mut c);
         // Values come from the platform: a NUL byte cannot go into the environment
         // (the spawn would fail), so it is dropped rather than failing the message.
         let opt = |o: &Option<String>| env_safe(o.as_deref().unwrap_or_default());
@@ -694,6 +690,15 @@ pub(super) fn request_json(req: &Request) -> Value {
         "request_id": req.request_id,
         "request": req.raw,
     })
+}
+
+/// The supervisor's notify socket and watchdog are the connector's: an agent that
+/// ran systemd-notify would speak for it. Every agent process (`exec` runs, `worker`
+/// processes) starts without them.
+pub(super) fn remove_supervisor_env(c: &mut Command) {
+    for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
+        c.env_remove(var);
+    }
 }
 
 /// `cmd` started directly when it is a plain command (words only: no quoting,

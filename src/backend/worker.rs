@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
-use std::process::{Child, ChildStdin, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::exec::{reply_from_object, request_json, shell_command, tail_text};
+use super::exec::{
+    remove_supervisor_env, reply_from_object, request_json, shell_command, tail_text,
+};
 use super::{Backend, BackendError, Groups, Origin, Outcome, Request, RunHandle};
 use crate::backoff::Backoff;
 use crate::signal::{SIGKILL, SIGTERM, kill_process_group, wait_exited};
@@ -155,6 +157,24 @@ impl Settings {
             ));
         }
         Ok(s)
+    }
+
+    /// A worker process, not yet started: its own process group, pipes, and the
+    /// environment of an `exec` run minus the per-message variables, plus `env` (the
+    /// workspace's id and URL; an empty value is left out).
+    fn command(&self, env: &[(&str, String)]) -> Command {
+        let mut cmd = shell_command(&self.cmd);
+        cmd.process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        remove_supervisor_env(&mut cmd);
+        for (k, v) in env {
+            if !v.is_empty() {
+                cmd.env(k, v);
+            }
+        }
+        cmd
     }
 }
 
@@ -743,18 +763,8 @@ impl Pool {
         if st.stopping {
             return None;
         }
-        let mut cmd = shell_command(&self.settings.cmd);
-        cmd.process_group(0)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            if !v.is_empty() {
-                cmd.env(k, v);
-            }
-        }
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
-        let spawned = cmd.spawn();
+        let spawned = self.settings.command(env).spawn();
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
@@ -1296,6 +1306,28 @@ mod tests {
         assert_eq!(b.handle(&d, &RunHandle::new()).unwrap(), Outcome::NoReply);
         b.stop();
         assert!(b.pool.lock().slots.iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn worker_environment_is_execs_without_the_supervisors() {
+        let s = backend(&[("cmd", "cat")]).pool.settings.clone();
+        let env = [
+            ("MOLECULE_WORKSPACE_ID", "ws-1".to_string()),
+            ("MOLECULE_API_URL", String::new()),
+        ];
+        let cmd = s.command(&env);
+        let set: BTreeMap<String, Option<String>> = cmd
+            .get_envs()
+            .map(|(k, v)| {
+                let text = |o: &std::ffi::OsStr| o.to_string_lossy().into_owned();
+                (text(k), v.map(text))
+            })
+            .collect();
+        for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
+            assert_eq!(set.get(var), Some(&None), "{var} must be removed: {set:?}");
+        }
+        assert_eq!(set["MOLECULE_WORKSPACE_ID"].as_deref(), Some("ws-1"));
+        assert!(!set.contains_key("MOLECULE_API_URL"), "{set:?}");
     }
 
     #[test]
