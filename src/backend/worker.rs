@@ -159,6 +159,17 @@ impl Settings {
         Ok(s)
     }
 
+    /// Longest a request waits for a worker with room (one starting, restarting or
+    /// busy) before it fails its attempt: `timeout` for a busy one to finish, plus
+    /// `start_timeout` with `ready=true` for the next one to say it is ready.
+    fn wait_for_worker(&self) -> Duration {
+        if self.ready {
+            self.timeout.saturating_add(self.start_timeout)
+        } else {
+            self.timeout
+        }
+    }
+
     /// A worker process, not yet started: its own process group, pipes, and the
     /// environment of an `exec` run minus the per-message variables, plus `env` (the
     /// workspace's id and URL; an empty value is left out).
@@ -496,7 +507,10 @@ impl Pool {
     /// Sends `req` to the least busy ready worker and waits for its answer.
     fn request(self: &Arc<Self>, req: &Request, run: &RunHandle) -> Result<Outcome, BackendError> {
         let timeout = self.settings.timeout;
-        let deadline = Instant::now().checked_add(timeout);
+        // The request's own timeout runs from when it is sent: a worker still
+        // starting must not eat into it, or a slow start would time out (and kill)
+        // a healthy worker on its first request, and again on every retry.
+        let deadline = Instant::now().checked_add(self.settings.wait_for_worker());
         let (tx, rx) = mpsc::channel();
         let (id, proc) = {
             let mut st = self.lock();
@@ -520,8 +534,7 @@ impl Pool {
             return Err(BackendError::Cancelled);
         }
         proc.send(encode(&id, req));
-        let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
-        let answer = match rx.recv_timeout(left) {
+        let answer = match rx.recv_timeout(timeout) {
             Ok(a) => Some(a),
             Err(RecvTimeoutError::Disconnected) => None,
             Err(RecvTimeoutError::Timeout) => {
@@ -600,7 +613,7 @@ impl Pool {
                 };
                 return Err(BackendError::Spawn(format!(
                     "no worker ready within {}: {why}",
-                    crate::duration::format(self.settings.timeout)
+                    crate::duration::format(self.settings.wait_for_worker())
                 )));
             }
             st = match left {
@@ -1547,6 +1560,19 @@ mod tests {
             assert!(Instant::now() < deadline, "never reported");
             thread::sleep(Duration::from_millis(20));
         }
+        b.stop();
+    }
+
+    #[test]
+    fn a_slow_start_does_not_count_against_the_first_requests_timeout() {
+        // Ready after 1.5 s, then answers at once: the request, sent after the ready
+        // line, takes far less than its 1 s timeout.
+        let cmd = "sleep 1.5; echo '{\"ready\":true}'; while IFS= read -r l; do \
+                   id=${l#'{\"id\":\"'}; id=${id%%'\"'*}; \
+                   printf '{\"id\":\"%s\",\"text\":\"ok\"}\\n' $id; done";
+        let b = backend(&[("cmd", cmd), ("ready", "true"), ("timeout", "1s")]);
+        assert_eq!(text(ask(&b, "x")), "ok");
+        assert_eq!(text(ask(&b, "y")), "ok");
         b.stop();
     }
 
