@@ -8,7 +8,7 @@
 //!
 //! Threads per worker process: the slot's supervisor (waits for the exit), a writer
 //! (stdin), a reader (stdout: answers) and a stderr logger. Lock order: the pool's
-//! state, then a process's `pending`.
+//! state, then a process's `pending` or `reaped`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -544,9 +544,10 @@ impl Pool {
                     crate::duration::format(timeout)
                 );
                 proc.end(Ended::Timeout(id.clone()));
-                // A late answer changes nothing: the attempt failed. Its arrival, or
-                // the worker's exit, within the grace spares the SIGKILL.
-                if rx.recv_timeout(self.settings.kill_grace).is_err() {
+                // The attempt failed: a late answer is for an unknown id now, and it
+                // does not spare the SIGKILL either; only the worker's exit does.
+                lock(&proc.pending).remove(&id);
+                if !self.wait_reaped(&proc, self.settings.kill_grace) {
                     let _ = proc.signal(SIGKILL);
                 }
                 run.finished();
@@ -874,6 +875,8 @@ impl Pool {
         };
         let status = proc.end_group_and_reap(&mut child);
         self.lock().groups.remove(proc.pgid);
+        // A request that timed out waits for this (`wait_reaped`).
+        self.changed.notify_all();
         let code = status.as_ref().ok().and_then(|s| s.code());
         let how = match &status {
             Ok(s) => s.to_string(),
@@ -999,6 +1002,16 @@ impl Pool {
             }
         }
         self.pipe_closed(proc);
+    }
+
+    /// Waits until the worker was reaped (by its supervisor, which saw it exit).
+    fn wait_reaped(&self, proc: &Proc, within: Duration) -> bool {
+        let st = self.lock();
+        let (_st, t) = self
+            .changed
+            .wait_timeout_while(st, within, |_| !*lock(&proc.reaped))
+            .unwrap_or_else(PoisonError::into_inner);
+        !t.timed_out()
     }
 
     /// Waits until the worker's stdout and stderr reached EOF (it exited, or closed
@@ -1560,6 +1573,34 @@ mod tests {
             assert!(Instant::now() < deadline, "never reported");
             thread::sleep(Duration::from_millis(20));
         }
+        b.stop();
+    }
+
+    #[test]
+    fn a_late_answer_does_not_spare_a_timed_out_worker_the_sigkill() {
+        let dir = TempDir::new();
+        let pids = dir.file("pids");
+        // Answers when it gets SIGTERM (after the timeout, within the grace), then
+        // ignores it and stdin's EOF: only SIGKILL ends it.
+        let cmd = r#"echo $$ >> "$PIDS"; trap 'printf "%s\n" "{\"id\":\"$id\",\"text\":\"late\"}"' TERM; while IFS= read -r l; do id=${l#'{"id":"'}; id=${id%%'"'*}; sleep 30 & wait $!; done; trap '' TERM; while :; do sleep 1; done"#;
+        let b = with_env(
+            backend(&[("cmd", cmd), ("timeout", "300ms"), ("kill_grace", "300ms")]),
+            &pids,
+        );
+        let e = ask(&b, "x").unwrap_err();
+        assert!(matches!(e, BackendError::Timeout { .. }), "{e:?}");
+        let pid = read_first_pid(&pids);
+        // Should it survive, it must not outlive the test.
+        struct KillOnDrop(u32);
+        impl Drop for KillOnDrop {
+            fn drop(&mut self) {
+                if alive(self.0) {
+                    let _ = kill_process_group(self.0, SIGKILL);
+                }
+            }
+        }
+        let _guard = KillOnDrop(pid);
+        assert!(gone(pid), "the timed-out worker survived");
         b.stop();
     }
 
