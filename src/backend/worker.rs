@@ -1368,6 +1368,8 @@ mod tests {
         r.caller_id = Some("peer-1".into());
         r.attempt = 2;
         r.raw = serde_json::json!({"id": 9});
+        r.attachments = vec![serde_json::json!({"uri": "platform-pending:f1", "name": "a.txt"})];
+        r.request_id = Some("req-3".into());
         r.extra_env
             .insert("MOLECULE_DELEGATION_ID".into(), "d-1".into());
         assert_eq!(b.handle(&r, &RunHandle::new()).unwrap(), Outcome::NoReply);
@@ -1380,6 +1382,8 @@ mod tests {
         assert_eq!(v["attempt"], 2);
         assert_eq!(v["origin"], "canvas");
         assert_eq!(v["request"]["id"], 9);
+        assert_eq!(v["attachments"][0]["uri"], "platform-pending:f1");
+        assert_eq!(v["request_id"], "req-3");
         assert_eq!(v["env"]["MOLECULE_DELEGATION_ID"], "d-1");
     }
 
