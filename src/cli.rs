@@ -1190,6 +1190,7 @@ Options:
   --drain-timeout SECS     on SIGTERM, let running backends finish this long [default: 30]
   --concurrency N          backend runs at once, across different senders (messages from
                            one sender stay strictly in order)                [default: 1]
+                           (worker backend: workers x max_in_flight)
   --reply-to-replies       also post answers to messages that are themselves replies
                            (off by default: two auto-replying agents would loop forever)
   --max-auto-replies N     second loop guard, for --reply-to-replies: at most N answers in

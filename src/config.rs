@@ -157,6 +157,9 @@ impl WakeMode {
     }
 }
 
+/// Largest `--concurrency` (also the most a worker backend's capacity sets it to).
+const MAX_CONCURRENCY: usize = 64;
+
 /// Resolves `connect`'s configuration. `env` looks up one environment variable.
 pub fn connect_config(
     g: &GlobalArgs,
@@ -251,8 +254,11 @@ fn resolve_connect(
         "",
     )?;
     let concurrency = a.concurrency.unwrap_or(1);
-    let concurrency =
-        Between(1, 64).check(format_args!("--concurrency {concurrency}"), concurrency, "")?;
+    let concurrency = Between(1, MAX_CONCURRENCY).check(
+        format_args!("--concurrency {concurrency}"),
+        concurrency,
+        "",
+    )?;
     if let Some(n) = a.max_messages {
         AtLeast(1).check(format_args!("--max-messages {n}"), n, "")?;
     }
@@ -307,6 +313,12 @@ fn resolve_connect(
     let agent_card = a.card_file.as_deref().map(read_card_file).transpose()?;
     let backend = BackendSpec::parse(backend_name, &backend_opts, concurrency)
         .map_err(|e| Refused::Backend(workspace_id.clone(), e))?;
+    // Without --concurrency a worker backend runs as many messages at once as its
+    // workers take: `workers=N` or `max_in_flight=N` alone means N at once.
+    let concurrency = match (&backend, a.concurrency) {
+        (BackendSpec::Worker(w), None) => w.capacity().clamp(1, MAX_CONCURRENCY),
+        _ => concurrency,
+    };
     Ok(ConnectConfig {
         common,
         workspace_id,
@@ -1244,6 +1256,46 @@ mod tests {
                 .unwrap_err();
         assert!(e.0.contains("entry 1: connect: workspace id"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_worker_backend_sets_the_default_concurrency() {
+        let env = [
+            ("MOLECULE_API_URL", "https://x"),
+            ("MOLECULE_WORKSPACE_TOKEN", "t"),
+            ("HOME", "/h"),
+        ];
+        let worker = |more: &[&str]| {
+            let mut args = vec!["connect", WS, "--backend", "worker"];
+            args.extend(["--backend-opt", "cmd=cat"]);
+            args.extend(more);
+            connect(&args, &env).unwrap().concurrency
+        };
+        assert_eq!(worker(&[]), 1);
+        assert_eq!(worker(&["--backend-opt", "workers=3"]), 3);
+        assert_eq!(worker(&["--backend-opt", "max_in_flight=4"]), 4);
+        let both = [
+            "--backend-opt",
+            "workers=2",
+            "--backend-opt",
+            "max_in_flight=3",
+        ];
+        assert_eq!(worker(&both), 6);
+        let many = [
+            "--backend-opt",
+            "workers=100",
+            "--backend-opt",
+            "max_in_flight=100",
+        ];
+        assert_eq!(worker(&many), 64);
+        // --concurrency given wins, and is the default number of workers.
+        assert_eq!(
+            worker(&["--backend-opt", "max_in_flight=4", "--concurrency", "2"]),
+            2
+        );
+        assert_eq!(worker(&["--concurrency", "5"]), 5);
+        let c = connect(&["connect", WS, "--backend", "mock"], &env).unwrap();
+        assert_eq!(c.concurrency, 1);
     }
 
     #[test]

@@ -159,6 +159,11 @@ impl Settings {
         Ok(s)
     }
 
+    /// Requests all the workers take at once (`workers` × `max_in_flight`).
+    pub(crate) fn capacity(&self) -> usize {
+        self.workers.saturating_mul(self.max_in_flight)
+    }
+
     /// Longest a request waits for a worker with room (one starting, restarting or
     /// busy) before it fails its attempt: `timeout` for a busy one to finish, plus
     /// `start_timeout` with `ready=true` for the next one to say it is ready.

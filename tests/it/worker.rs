@@ -13,6 +13,18 @@ const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/examples/wor
 
 /// A connector running the test worker with `opts` (more `--backend-opt`s) and `args`.
 fn start(emu: &Emulator, ws: &Ws, dir: &Arc<TempDir>, opts: &[&str], args: &[&str]) -> Connector {
+    start_env(emu, ws, dir, opts, args, &[])
+}
+
+/// [`start`] with more environment for the test worker (`TEST_THREADS`, …).
+fn start_env(
+    emu: &Emulator,
+    ws: &Ws,
+    dir: &Arc<TempDir>,
+    opts: &[&str],
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Connector {
     let cmd = format!("cmd=python3 {TEST_WORKER}");
     let mut all = vec!["--backend", "worker", "--backend-opt", &cmd];
     for o in opts {
@@ -20,7 +32,22 @@ fn start(emu: &Emulator, ws: &Ws, dir: &Arc<TempDir>, opts: &[&str], args: &[&st
     }
     all.extend(args);
     let test_dir = dir.path().display().to_string();
-    Connector::start_with_env(emu, ws, dir, &all, &[("TEST_DIR", &test_dir)])
+    let mut env = env.to_vec();
+    env.push(("TEST_DIR", &test_dir));
+    Connector::start_with_env(emu, ws, dir, &all, &env)
+}
+
+/// A workspace and `n` poll-mode peers beside it (siblings: they may talk).
+fn workspace_and_peers(emu: &Emulator, n: usize) -> (Ws, Vec<String>) {
+    let (root, _) = emu.workspace(json!({"name": "root"}));
+    let (a, ta) = emu.workspace(json!({"parent_id": root}));
+    let peers = (0..n)
+        .map(|_| {
+            emu.workspace(json!({"parent_id": root, "delivery_mode": "poll"}))
+                .0
+        })
+        .collect();
+    (Ws { id: a, token: ta }, peers)
 }
 
 fn pids(dir: &Path) -> Vec<u32> {
@@ -74,35 +101,61 @@ fn example_worker_answers_peers_and_canvas() {
 #[test]
 fn concurrency_keeps_per_sender_order_with_several_in_flight() {
     let emu = Emulator::start();
-    let (root, _) = emu.workspace(json!({"name": "root"}));
-    let (a, ta) = emu.workspace(json!({"parent_id": root}));
-    let a = Ws { id: a, token: ta };
-    let peers: Vec<String> = (0..3)
-        .map(|_| {
-            emu.workspace(json!({"parent_id": root, "delivery_mode": "poll"}))
-                .0
-        })
-        .collect();
+    let (a, peers) = workspace_and_peers(&emu, 3);
     for i in 0..4 {
         for p in &peers {
             emu.say(&a.id, Some(p), &format!("{}-{i}", &p[..8]));
         }
     }
     let dir = Arc::new(TempDir::new());
-    // One process, three requests in flight, answered in whatever order they finish.
-    let mut c = start(
+    // One process, three requests in flight, answered in whatever order they finish
+    // (each after a random pause).
+    let mut c = start_env(
         &emu,
         &a,
         &dir,
         &["workers=1", "max_in_flight=3"],
         &["--concurrency", "3"],
+        &[("TEST_THREADS", "1")],
     );
     for p in &peers {
         let got = wait_received(&emu, p, 4, &c);
         let expected: Vec<String> = (0..4).map(|i| format!("w:{}-{i}", &p[..8])).collect();
         assert_eq!(texts(&got), expected, "per-sender order");
     }
+    let same = std::fs::read_to_string(dir.path().join("same-sender")).unwrap_or_default();
+    assert_eq!(
+        same, "",
+        "two messages of one sender were in flight at once"
+    );
     assert_eq!(pids(dir.path()).len(), 1, "one worker for everything");
+    c.stop();
+    assert_no_workers_left(dir.path(), &c);
+}
+
+#[test]
+fn max_in_flight_alone_runs_that_many_messages_at_once() {
+    let emu = Emulator::start();
+    let (a, peers) = workspace_and_peers(&emu, 2);
+    for (i, p) in peers.iter().enumerate() {
+        emu.say(&a.id, Some(p), &format!("pair-{i}"));
+    }
+    let dir = Arc::new(TempDir::new());
+    // No --concurrency: each "pair" request is answered only once the other one is
+    // in flight with it.
+    let mut c = start_env(
+        &emu,
+        &a,
+        &dir,
+        &["workers=1", "max_in_flight=2"],
+        &[],
+        &[("TEST_THREADS", "1")],
+    );
+    for (i, p) in peers.iter().enumerate() {
+        let got = wait_received(&emu, p, 1, &c);
+        assert_eq!(texts(&got), [format!("w:pair-{i}")], "{}", c.stderr());
+    }
+    assert_eq!(pids(dir.path()).len(), 1);
     c.stop();
     assert_no_workers_left(dir.path(), &c);
 }

@@ -12,6 +12,12 @@ Behaviour by message text (state in $TEST_DIR):
 A delegation result is appended to $TEST_DIR/delegations and not answered.
 Every start appends its pid to $TEST_DIR/pids; with TEST_ALONE set it first appends
 the earlier ones still running to $TEST_DIR/overlap. Requests are answered one at a time.
+
+With TEST_THREADS set, each request is answered "w:<text>" by its own thread after a
+random pause (0 to 200 ms), so answers come out of order; a request whose sender has
+another one in flight appends the sender to $TEST_DIR/same-sender; a text starting
+"pair" waits (up to 5 s) for a second "pair" request to be in flight with it, and is
+answered "alone:<text>" if none comes.
 """
 
 import json
@@ -41,6 +47,43 @@ with open(os.path.join(d, "pids"), "a") as f:
     f.write("%d\n" % os.getpid())
 if os.environ.get("TEST_READY"):
     print(json.dumps({"ready": True}), flush=True)
+
+
+def threaded():
+    import random
+    import threading
+
+    lock = threading.Condition()
+    busy = set()
+    pairs = [0]
+
+    def serve(req):
+        caller, text = req.get("caller_id"), req["text"]
+        with lock:
+            if caller in busy:
+                with open(os.path.join(d, "same-sender"), "a") as f:
+                    f.write("%s\n" % caller)
+            busy.add(caller)
+        reply = "w:" + text
+        if text.startswith("pair"):
+            with lock:
+                pairs[0] += 1
+                lock.notify_all()
+                if not lock.wait_for(lambda: pairs[0] >= 2, timeout=5):
+                    reply = "alone:" + text
+        time.sleep(random.uniform(0, 0.2))
+        with lock:
+            # Before the answer: the next request of this sender may follow it.
+            busy.discard(caller)
+            print(json.dumps({"id": req["id"], "text": reply}), flush=True)
+
+    for line in sys.stdin:
+        threading.Thread(target=serve, args=(json.loads(line),)).start()
+
+
+if os.environ.get("TEST_THREADS"):
+    threaded()
+    sys.exit(0)
 
 
 def once(name):
