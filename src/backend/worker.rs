@@ -71,6 +71,8 @@ pub struct Settings {
     max_output: usize,
     ready: bool,
     start_timeout: Duration,
+    /// [`HEALTHY_AFTER`] (shorter in tests).
+    healthy_after: Duration,
 }
 
 /// Runs `workers` long-lived agent processes and hands them requests over NDJSON.
@@ -113,6 +115,7 @@ impl Settings {
             max_output: DEFAULT_MAX_OUTPUT,
             ready: false,
             start_timeout: Duration::from_secs(30),
+            healthy_after: HEALTHY_AFTER,
         };
         for (key, value) in opts {
             let bad = |why: String| BackendError::Config(format!("worker: bad {key}: {why}"));
@@ -273,7 +276,13 @@ impl Backend for WorkerBackend {
 
     fn trouble(&self) -> Option<String> {
         let st = self.pool.lock();
-        (st.start_failures >= START_FAILURES).then(|| {
+        // A worker up for a while (with ready=false nothing else says it started)
+        // ends the crash loop, even before it answers anything.
+        let up = st.slots.iter().flatten().any(|p| {
+            p.ready.load(Ordering::SeqCst)
+                && p.started.elapsed() >= self.pool.settings.healthy_after
+        });
+        (st.start_failures >= START_FAILURES && !up).then(|| {
             format!(
                 "worker keeps failing at start ({} times in a row): {}",
                 st.start_failures, st.last_start_error
@@ -894,7 +903,7 @@ impl Pool {
         let ended = lock(&proc.ended).clone();
         let got_going = proc.answered.load(Ordering::SeqCst)
             || (proc.ready.load(Ordering::SeqCst) && self.settings.ready)
-            || proc.started.elapsed() >= HEALTHY_AFTER;
+            || proc.started.elapsed() >= self.settings.healthy_after;
         let held: Vec<Sender<Answer>> = {
             let mut st = self.lock();
             if st.slots[slot]
@@ -1551,6 +1560,32 @@ mod tests {
         // A request meanwhile fails its attempt instead of waiting forever.
         let e = ask(&b, "x").unwrap_err();
         assert!(e.to_string().contains("no worker ready"), "{e}");
+        b.stop();
+    }
+
+    #[test]
+    fn a_crash_loop_that_ends_is_no_longer_trouble() {
+        let dir = TempDir::new();
+        let fixed = dir.file("fixed");
+        let cmd = format!("if [ -e '{fixed}' ]; then exec cat; fi; exit 1");
+        let mut s = backend(&[("cmd", &cmd), ("kill_grace", "100ms")])
+            .pool
+            .settings
+            .clone();
+        s.healthy_after = Duration::from_millis(300);
+        let b = WorkerBackend::new(s);
+        b.start("", "", &Groups::default()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while b.trouble().is_none() {
+            assert!(Instant::now() < deadline, "never reported");
+            thread::sleep(Duration::from_millis(20));
+        }
+        // Fixed: the next start stays up, and nothing is asked of it.
+        std::fs::write(&fixed, "").unwrap();
+        while let Some(t) = b.trouble() {
+            assert!(Instant::now() < deadline, "still reported: {t}");
+            thread::sleep(Duration::from_millis(20));
+        }
         b.stop();
     }
 
