@@ -821,7 +821,7 @@ impl Pool {
             if let Some(err) = stderr {
                 let (p, me) = (Arc::clone(&proc), Arc::clone(self));
                 named(&format!("worker-{slot}-stderr"), move || {
-                    log_stderr(err, &p);
+                    log_stderr(err, &p, |level, line| log::log!(level, "{line}"));
                     me.pipe_closed(&p);
                 })?;
             }
@@ -944,7 +944,7 @@ impl Pool {
     fn read_answers(&self, out: impl Read, proc: &Arc<Proc>, max: usize, ready: Sender<()>) {
         let slot = proc.slot;
         let mut ready = self.settings.ready.then_some(ready);
-        let mut lines = Lines::new(out, max);
+        let mut lines = Lines::new(out, max, ID_SCAN);
         while let Some(line) = lines.next_line() {
             let (text, too_long) = match &line {
                 Line::Whole(b) => (String::from_utf8_lossy(b), false),
@@ -1125,15 +1125,17 @@ fn write_lines(mut stdin: ChildStdin, lines: &Receiver<Vec<u8>>) {
     }
 }
 
-/// The stderr logger: each line to our log (cut at [`STDERR_LINE`], at most
-/// [`STDERR_BURST`] at once, then one per [`STDERR_REFILL`]); the tail is kept for
-/// error messages.
-fn log_stderr(err: impl Read, proc: &Proc) {
+/// The stderr logger: each line to `log` (cut at [`STDERR_LINE`], at most
+/// [`STDERR_BURST`] at once, then one per [`STDERR_REFILL`], and how many were left
+/// out); the tail is kept for error messages.
+fn log_stderr(err: impl Read, proc: &Proc, mut log: impl FnMut(log::Level, String)) {
     let slot = proc.slot;
-    let mut lines = Lines::new(err, STDERR_LINE);
+    let mut lines = Lines::new(err, STDERR_LINE, STDERR_LINE);
     let mut tokens = STDERR_BURST;
     let mut refilled = Instant::now();
     let mut dropped: u64 = 0;
+    let not_logged =
+        |dropped: u64| format!("worker {slot}: {dropped} stderr line(s) not logged (too many)");
     while let Some(line) = lines.next_line() {
         let bytes = match &line {
             Line::Whole(b) | Line::TooLong(b) => b,
@@ -1159,7 +1161,7 @@ fn log_stderr(err: impl Read, proc: &Proc) {
         }
         tokens -= 1;
         if dropped > 0 {
-            log::warn!("worker {slot}: {dropped} stderr line(s) not logged (too many)");
+            log(log::Level::Warn, not_logged(dropped));
             dropped = 0;
         }
         let cut = if matches!(line, Line::TooLong(_)) {
@@ -1167,10 +1169,17 @@ fn log_stderr(err: impl Read, proc: &Proc) {
         } else {
             ""
         };
-        log::info!(
-            "worker {slot}: {}{cut}",
-            String::from_utf8_lossy(bytes).trim_end()
+        log(
+            log::Level::Info,
+            format!(
+                "worker {slot}: {}{cut}",
+                String::from_utf8_lossy(bytes).trim_end()
+            ),
         );
+    }
+    // A flood just before the exit (a traceback) still says what it left out.
+    if dropped > 0 {
+        log(log::Level::Warn, not_logged(dropped));
     }
 }
 
@@ -1181,17 +1190,20 @@ enum Line {
     TooLong(Vec<u8>),
 }
 
-/// Splits a stream into lines of at most `cap` bytes without ever holding more.
+/// Splits a stream into lines of at most `cap` bytes without ever holding more; of
+/// a longer line the first `keep` bytes (at most `cap`) are kept.
 struct Lines<R> {
     r: BufReader<R>,
     cap: usize,
+    keep: usize,
 }
 
 impl<R: Read> Lines<R> {
-    fn new(r: R, cap: usize) -> Self {
+    fn new(r: R, cap: usize, keep: usize) -> Self {
         Lines {
             r: BufReader::with_capacity(64 * 1024, r),
             cap,
+            keep: keep.min(cap),
         }
     }
 
@@ -1219,11 +1231,9 @@ impl<R: Read> Lines<R> {
             if !too_long {
                 if line.len() + chunk.len() > self.cap {
                     too_long = true;
-                    let keep = ID_SCAN
-                        .min(self.cap)
-                        .saturating_sub(line.len().min(ID_SCAN));
+                    let keep = self.keep.saturating_sub(line.len().min(self.keep));
                     line.extend_from_slice(chunk.get(..keep.min(chunk.len())).unwrap_or_default());
-                    line.truncate(ID_SCAN.min(self.cap));
+                    line.truncate(self.keep);
                 } else {
                     line.extend_from_slice(chunk);
                 }
@@ -1754,9 +1764,47 @@ mod tests {
     }
 
     #[test]
+    fn stderr_is_cut_and_rate_limited() {
+        let proc = Proc::new(3, 0, None);
+        let flood: String = (0..500)
+            .map(|i| format!("{i} {}\n", "e".repeat(if i == 0 { 5000 } else { 10 })))
+            .collect();
+        let mut logged = Vec::new();
+        log_stderr(flood.as_bytes(), &proc, |level, line| {
+            logged.push((level, line))
+        });
+        let (last_level, last) = logged.pop().unwrap();
+        let shown = logged.len();
+        // A burst of 20, then 10 a second: reading 500 lines takes far less than the
+        // 48 s that would let them all through.
+        assert!((20..100).contains(&shown), "{shown} lines logged");
+        assert!(logged.iter().all(|(l, _)| *l == log::Level::Info));
+        assert_eq!(last_level, log::Level::Warn);
+        assert_eq!(
+            last,
+            format!(
+                "worker 3: {} stderr line(s) not logged (too many)",
+                500 - shown
+            )
+        );
+        let first = &logged[0].1;
+        assert!(first.starts_with("worker 3: 0 eee") && first.ends_with("e [cut]"));
+        assert_eq!(
+            first.len(),
+            "worker 3: ".len() + STDERR_LINE + " [cut]".len()
+        );
+        assert_eq!(logged[1].1, format!("worker 3: 1 {}", "e".repeat(10)));
+        let tail = proc.stderr_tail();
+        assert!(
+            tail.len() <= STDERR_KEEP && tail.ends_with("499 eeeeeeeeee"),
+            "{tail}"
+        );
+    }
+
+    #[test]
     fn lines_are_capped() {
         let data = format!("short\n{}\nlast", "x".repeat(2000));
-        let mut l = Lines::new(data.as_bytes(), 100);
+        let mut l = Lines::new(data.as_bytes(), 100, ID_SCAN);
         assert!(matches!(l.next_line(), Some(Line::Whole(b)) if b == b"short"));
         assert!(matches!(l.next_line(), Some(Line::TooLong(b)) if b.len() == 100));
         assert!(matches!(l.next_line(), Some(Line::Whole(b)) if b == b"last"));
