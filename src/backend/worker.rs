@@ -6,6 +6,9 @@
 //! that exits (capped backoff) and fails the requests it held, so the runner retries
 //! them: every request ends exactly once, by its answer or by an error.
 //!
+//! `doctor`'s probe runs one worker that is never restarted: when it exits before it
+//! is ready or has answered, every wait on it ends at once with how it ended.
+//!
 //! Threads per worker process: the slot's supervisor (waits for the exit), a writer
 //! (stdin), a reader (stdout: answers) and a stderr logger. Lock order: the pool's
 //! state, then a process's `pending` or `reaped`.
@@ -241,7 +244,9 @@ impl Backend for WorkerBackend {
         // One worker is enough to see the command start and answer.
         let mut one = s.clone();
         one.workers = 1;
-        let pool = Arc::new(Pool::new(one));
+        // Not restarted: a worker that exits at start is the answer, not a race
+        // between the probe and the next restart.
+        let pool = Arc::new(Pool::without_restarts(one));
         let started = Instant::now();
         let result = pool.start("", "", &Groups::default()).and_then(|()| {
             if s.ready {
@@ -318,6 +323,8 @@ fn probe_request() -> Request {
 /// The slots, their processes and what every thread waits on.
 struct Pool {
     settings: Settings,
+    /// Restart a worker that exited (`false` only for `doctor`'s probe).
+    restart: bool,
     state: Mutex<State>,
     /// A worker became ready or free, exited, or the pool is stopping.
     changed: Condvar,
@@ -335,6 +342,8 @@ struct State {
     next_id: u64,
     start_failures: u32,
     last_start_error: String,
+    /// Without restarts: how the worker ended, for every wait on it.
+    gone: Option<BackendError>,
 }
 
 /// Why we ended a worker ourselves.
@@ -471,8 +480,18 @@ impl Pool {
     fn new(settings: Settings) -> Self {
         Pool {
             settings,
+            restart: true,
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
+        }
+    }
+
+    /// A pool whose workers run once: when one ends, [`Pool::acquire`] and
+    /// [`Pool::wait_ready`] return why instead of waiting for a restart.
+    fn without_restarts(settings: Settings) -> Self {
+        Pool {
+            restart: false,
+            ..Pool::new(settings)
         }
     }
 
@@ -606,6 +625,9 @@ impl Pool {
             if st.stopping || run.is_cancelled() {
                 return Err(BackendError::Cancelled);
             }
+            if let Some(e) = &st.gone {
+                return Err(e.clone());
+            }
             let best = st
                 .slots
                 .iter()
@@ -673,7 +695,7 @@ impl Pool {
         }
     }
 
-    /// `doctor`: waits until slot 0's worker is ready.
+    /// `doctor`: waits until slot 0's worker is ready, or (without restarts) ended.
     fn wait_ready(&self, within: Duration) -> Result<(), BackendError> {
         let deadline = Instant::now().checked_add(within);
         let mut st = self.lock();
@@ -686,15 +708,12 @@ impl Pool {
             {
                 return Ok(());
             }
-            if st.start_failures > 0 {
-                return Err(BackendError::Spawn(st.last_start_error.clone()));
+            if let Some(e) = &st.gone {
+                return Err(e.clone());
             }
             let left = deadline.map_or(within, |d| d.saturating_duration_since(Instant::now()));
             if left.is_zero() {
-                return Err(BackendError::Spawn(format!(
-                    "the worker did not say it is ready within {}",
-                    crate::duration::format(within)
-                )));
+                return Err(not_ready(within));
             }
             st = self
                 .changed
@@ -755,7 +774,7 @@ impl Pool {
             };
             let healthy_start = self.run_worker(child, &proc);
             let ended = lock(&proc.ended).clone();
-            if matches!(ended, Some(Ended::Stop)) || self.lock().stopping {
+            if !self.restart || matches!(ended, Some(Ended::Stop)) || self.lock().stopping {
                 return;
             }
             if matches!(ended, Some(Ended::Timeout(_))) {
@@ -858,6 +877,9 @@ impl Pool {
             }
         } else {
             proc.ready.store(true, Ordering::SeqCst);
+            // Through the lock: a request between its look at the slots and its
+            // wait would miss a bare notify and wait out its whole timeout.
+            drop(self.lock());
             self.changed.notify_all();
         }
         Some((Some(child), proc))
@@ -885,6 +907,13 @@ impl Pool {
     fn run_worker(&self, child: Option<Child>, proc: &Arc<Proc>) -> bool {
         let slot = proc.slot;
         let Some(mut child) = child else {
+            if !self.restart {
+                let mut st = self.lock();
+                let why = BackendError::Spawn(st.last_start_error.clone());
+                st.gone.get_or_insert(why);
+                drop(st);
+                self.changed.notify_all();
+            }
             return false;
         };
         let status = proc.end_group_and_reap(&mut child);
@@ -904,6 +933,7 @@ impl Pool {
         let got_going = proc.answered.load(Ordering::SeqCst)
             || (proc.ready.load(Ordering::SeqCst) && self.settings.ready)
             || proc.started.elapsed() >= self.settings.healthy_after;
+        let stderr_tail = proc.stderr_tail();
         let held: Vec<Sender<Answer>> = {
             let mut st = self.lock();
             if st.slots[slot]
@@ -915,10 +945,25 @@ impl Pool {
             if matches!(ended, None | Some(Ended::NotReady)) && !got_going {
                 start_failed(&mut st, format!("worker exited ({how}) at start"));
             }
+            if !self.restart {
+                // Under the same lock as the slot: no request can take it after this.
+                let why = match &ended {
+                    Some(Ended::NotReady) => not_ready(self.settings.start_timeout),
+                    Some(Ended::Timeout(_)) => BackendError::Timeout {
+                        after: self.settings.timeout,
+                        stderr_tail: stderr_tail.clone(),
+                    },
+                    Some(Ended::Stop) => BackendError::Cancelled,
+                    None => BackendError::Failed {
+                        code,
+                        stderr_tail: stderr_tail.clone(),
+                    },
+                };
+                st.gone.get_or_insert(why);
+            }
             lock(&proc.pending).drain().map(|(_, tx)| tx).collect()
         };
         self.changed.notify_all();
-        let stderr_tail = proc.stderr_tail();
         if !matches!(ended, Some(Ended::Stop)) {
             let tail = if stderr_tail.is_empty() {
                 String::new()
@@ -1038,6 +1083,14 @@ impl Pool {
             .unwrap_or_else(PoisonError::into_inner);
         !t.timed_out()
     }
+}
+
+/// A worker that did not say it is ready within `within` (`start_timeout`).
+fn not_ready(within: Duration) -> BackendError {
+    BackendError::Spawn(format!(
+        "the worker did not say it is ready within {}",
+        crate::duration::format(within)
+    ))
 }
 
 fn start_failed(st: &mut State, why: String) {
@@ -1799,6 +1852,53 @@ mod tests {
             tail.len() <= STDERR_KEEP && tail.ends_with("499 eeeeeeeeee"),
             "{tail}"
         );
+    }
+
+    #[test]
+    fn probe_reports_how_a_worker_that_exits_at_start_ended() {
+        for ready in ["false", "true"] {
+            let b = backend(&[
+                ("cmd", "echo broken >&2; exit 2"),
+                ("ready", ready),
+                ("timeout", "1m"),
+            ]);
+            assert_eq!(
+                b.probe().unwrap_err().to_string(),
+                "backend: command exited with status 2 (stderr: broken)",
+                "ready={ready}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pool_without_restarts_answers_a_late_request_with_how_its_worker_ended() {
+        let dir = TempDir::new();
+        let starts = dir.file("starts");
+        // A restarted worker would hang: only the first one exits.
+        let cmd = format!(
+            "echo x >> '{starts}'; [ \"$(wc -l < '{starts}')\" -gt 1 ] && exec sleep 30; echo broken >&2; exit 2"
+        );
+        let b = backend(&[("cmd", &cmd), ("timeout", "5s"), ("kill_grace", "100ms")]);
+        let pool = Arc::new(Pool::without_restarts(b.pool.settings.clone()));
+        pool.start("", "", &Groups::default()).unwrap();
+        // The request comes after the worker exited: it must not wait for another.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pool.lock().start_failures == 0 {
+            assert!(Instant::now() < deadline, "the worker never exited");
+            thread::sleep(Duration::from_millis(10));
+        }
+        let e = pool
+            .request(&probe_request(), &RunHandle::new())
+            .unwrap_err();
+        assert_eq!(
+            e,
+            BackendError::Failed {
+                code: Some(2),
+                stderr_tail: "broken".into()
+            }
+        );
+        pool.stop();
+        assert_eq!(std::fs::read_to_string(&starts).unwrap(), "x\n");
     }
 
     #[test]
