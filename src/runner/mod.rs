@@ -408,6 +408,7 @@ fn run_locked(
             &cfg.workspace_id,
             cfg.poll_interval,
             &e.to_string(),
+            None,
         );
     }
     result
@@ -523,7 +524,7 @@ impl Connected<'_> {
         let reporter =
             report::Reporter::new(&cfg.common.state_dir, &cfg.workspace_id, cfg.poll_interval)
                 .with_extras(Some(peer_cache), tracker_on.then_some(delegation_counters))
-                .with_published(published)
+                .with_published(published.clone())
                 .with_wake(wake_state.clone(), cfg.safety_poll)
                 .with_rate(self.process.budget_for(cfg));
         let poller = self
@@ -539,7 +540,7 @@ impl Connected<'_> {
                 })
             });
         self.start("poll", "poll", move || poller.run(jobs_tx, events_rx))?;
-        self.drain(done_rx, lock, &stopped)
+        self.drain(done_rx, lock, &stopped, &published)
     }
 
     fn open_tracker(
@@ -820,6 +821,7 @@ impl Connected<'_> {
         done_rx: &mpsc::Receiver<Done>,
         lock: InstanceLock,
         stopped: &AtomicBool,
+        published: &Mutex<Option<crate::status_file::StatusFile>>,
     ) -> Result<(), Error> {
         let cfg = self.cfg;
         let reason = self.shutdown.wait();
@@ -872,6 +874,11 @@ impl Connected<'_> {
                     &cfg.workspace_id,
                     cfg.poll_interval,
                     unfinished.reason(),
+                    Some(report::Last {
+                        doc: published,
+                        status: &self.status,
+                        requests: self.client.stats(),
+                    }),
                 );
                 // That thread may still write the state: keep the lock until the
                 // process exits, so no other connector starts on this workspace

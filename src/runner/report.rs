@@ -208,11 +208,44 @@ impl Reporter {
     }
 }
 
+/// What the poll thread last published, and the live counters to bring it up to date.
+pub struct Last<'a> {
+    pub doc: &'a Mutex<Option<StatusFile>>,
+    pub status: &'a SharedStatus,
+    pub requests: &'a RequestStats,
+}
+
 /// Records in the status file that the workspace stopped with `reason`, unless this
 /// process's poll thread already wrote its own final status (which has the counters).
-pub fn record_stop(dir: &Path, workspace_id: &str, poll_interval: Duration, reason: &str) {
+/// With `last` (a stop that gave up on the poll thread) what it last published is
+/// written as stopped, so the file keeps its cursor and up-to-date counters.
+pub fn record_stop(
+    dir: &Path,
+    workspace_id: &str,
+    poll_interval: Duration,
+    reason: &str,
+    last: Option<Last<'_>>,
+) {
     // A forced stop overrides whatever the poll thread managed to write.
     let forced = reason.starts_with("forced");
+    let published = last.and_then(|l| {
+        let doc = l.doc.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        doc.map(|d| (d, l))
+    });
+    if let Some((mut doc, last)) = published {
+        if doc.state == RunState::Stopped && !forced {
+            return;
+        }
+        refresh(&mut doc, last.status, last.requests);
+        doc.state = RunState::Stopped;
+        doc.stop_reason = Some(reason.to_string());
+        doc.updated_at = unix(Some(SystemTime::now()));
+        let path = status_path(dir, workspace_id);
+        if let Err(e) = doc.write(&path) {
+            log::warn!("status file {}: {e}", path.display());
+        }
+        return;
+    }
     let already = !forced
         && StatusFile::read(&status_path(dir, workspace_id))
             .ok()

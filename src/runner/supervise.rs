@@ -278,7 +278,10 @@ impl Supervisor {
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone()?;
                 super::report::refresh(&mut doc, &w.status, w.client.stats());
-                Some((doc.to_json(), doc.state == RunState::Running))
+                // A stop that gave up on the poll thread leaves its last document
+                // saying running: once the workspace's threads are done it is down.
+                let up = doc.state == RunState::Running && !w.stopped.load(Ordering::SeqCst);
+                Some((doc.to_json(), up))
             })
             .collect();
         let samples: Vec<crate::metrics::Sample<'_>> = docs

@@ -456,6 +456,36 @@ fn parse_prometheus(text: &str) -> BTreeMap<Series, f64> {
     out
 }
 
+/// A mock connector for `ws` writing `--metrics-file file`.
+fn with_metrics_file(
+    emu: &Emulator,
+    ws: &Ws,
+    dir: &std::sync::Arc<TempDir>,
+    file: &std::path::Path,
+) -> Connector {
+    let file_arg = file.display().to_string();
+    Connector::start(
+        emu,
+        ws,
+        dir,
+        &["--backend", "mock", "--metrics-file", &file_arg],
+    )
+}
+
+/// `molecule status --format prometheus` for `ws`, from the test's state dir.
+fn status_prometheus(dir: &TempDir, ws: &str) -> (i32, String, String) {
+    let state_dir = dir.path().join("state").display().to_string();
+    run(&[
+        "status",
+        "--workspace",
+        ws,
+        "--state-dir",
+        &state_dir,
+        "--format",
+        "prometheus",
+    ])
+}
+
 fn ws_labels(ws: &str) -> BTreeMap<String, String> {
     BTreeMap::from([("workspace".to_string(), ws.to_string())])
 }
@@ -467,6 +497,46 @@ fn value(m: &BTreeMap<Series, f64>, name: &str, ws: &str, labels: &[(&str, &str)
     }
     *m.get(&(name.to_string(), l.clone()))
         .unwrap_or_else(|| panic!("no {name}{l:?} in {m:?}"))
+}
+
+#[test]
+fn metrics_file_says_down_after_a_stop_that_gave_up_on_the_poll_thread() {
+    let Pair { emu, a, b, dir } = Test::new().pair();
+    let file = dir.path().join("molecule.prom");
+    let mut c = with_metrics_file(&emu, &a, &dir, &file);
+    emu.say(&a.id, Some(&b.id), "hello");
+    wait_received(&emu, &b.id, 1, &c);
+    let answered = |m: &BTreeMap<Series, f64>| {
+        let mut l = ws_labels(&a.id);
+        l.insert("outcome".into(), "answered".into());
+        m.get(&("molecule_messages_total".to_string(), l)).copied()
+    };
+    wait_until(WAIT, "the answer in the metrics file", &c, || {
+        let m = parse_prometheus(&std::fs::read_to_string(&file).ok()?);
+        (answered(&m)? == 1.0).then_some(())
+    });
+    // The next poll hangs in the platform far past the stop's grace for requests, so
+    // the stop gives up on the poll thread before it writes its final status.
+    let activity = format!("/workspaces/{}/activity", a.id);
+    emu.fault(json!({"path_prefix": activity, "delay_ms": 20_000, "count": 1}));
+    wait_until(WAIT, "the delayed poll to start", &c, || {
+        (pending_faults(&emu) == 0).then_some(())
+    });
+    assert!(c.stop().success(), "{}", c.stderr());
+    assert!(
+        c.stderr().contains("not waiting for them"),
+        "{}",
+        c.stderr()
+    );
+    let fin = parse_prometheus(&std::fs::read_to_string(&file).unwrap());
+    assert_eq!(value(&fin, "molecule_up", &a.id, &[]), 0.0);
+    assert_eq!(answered(&fin), Some(1.0));
+    // The status file says stopped, and keeps the counts.
+    let (code, out, _) = status_prometheus(&dir, &a.id);
+    assert_eq!(code, 1, "{out}");
+    let status = parse_prometheus(&out);
+    assert_eq!(value(&status, "molecule_up", &a.id, &[]), 0.0);
+    assert_eq!(answered(&status), Some(1.0));
 }
 
 #[test]
@@ -492,13 +562,7 @@ fn metrics_file_is_prometheus_text_and_counts_match_the_emulator() {
     let metrics_dir = dir.path().join("textfile");
     std::fs::create_dir_all(&metrics_dir).unwrap();
     let file = metrics_dir.join("molecule.prom");
-    let file_arg = file.display().to_string();
-    let mut c = Connector::start(
-        &emu,
-        &a,
-        &dir,
-        &["--backend", "mock", "--metrics-file", &file_arg],
-    );
+    let mut c = with_metrics_file(&emu, &a, &dir, &file);
     for i in 0..3 {
         emu.say(&a.id, Some(&b.id), &format!("peer {i}"));
     }
@@ -548,16 +612,7 @@ fn metrics_file_is_prometheus_text_and_counts_match_the_emulator() {
     assert_eq!(value(&live, "molecule_up", &a.id, &[]), 1.0);
 
     // `status --format prometheus` renders the same document (and exits 0 while fresh).
-    let state_dir = dir.path().join("state").display().to_string();
-    let (code, out, err) = run(&[
-        "status",
-        "--workspace",
-        &a.id,
-        "--state-dir",
-        &state_dir,
-        "--format",
-        "prometheus",
-    ]);
+    let (code, out, err) = status_prometheus(&dir, &a.id);
     assert_eq!(code, 0, "{err}");
     let status = parse_prometheus(&out);
     assert_eq!(value(&status, "molecule_up", &a.id, &[]), 1.0);
@@ -631,15 +686,7 @@ fn metrics_file_is_prometheus_text_and_counts_match_the_emulator() {
     assert_eq!(mode, 0o644);
 
     // After the stop, the status command's metrics say down, with the same counts.
-    let (code, out, _) = run(&[
-        "status",
-        "--workspace",
-        &a.id,
-        "--state-dir",
-        &state_dir,
-        "--format",
-        "prometheus",
-    ]);
+    let (code, out, _) = status_prometheus(&dir, &a.id);
     assert_eq!(code, 1);
     let status = parse_prometheus(&out);
     assert_eq!(value(&status, "molecule_up", &a.id, &[]), 0.0);
