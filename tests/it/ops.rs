@@ -23,7 +23,8 @@ fn status(dir: &TempDir, ws: &str, extra: &[&str]) -> (i32, String, String) {
 #[test]
 fn once_drains_a_multi_page_backlog_and_exits_0_with_the_cursor_saved() {
     let Pair { emu, a, b, dir } = Test::new().pair();
-    let batch: Vec<Value> = (0..230)
+    let (first, second) = (230, 150);
+    let batch: Vec<Value> = (0..first)
         .map(|i| json!({"from": b.id, "text": format!("c{i:03}")}))
         .collect();
     emu.post(
@@ -37,11 +38,12 @@ fn once_drains_a_multi_page_backlog_and_exits_0_with_the_cursor_saved() {
         &dir,
         &["--backend", "mock", "--once", "--since-secs", "600"],
     );
-    let status_code = c.wait_exit(WAIT);
+    // The work grows with the backlog, and so does the bound.
+    let status_code = c.wait_exit(backlog_wait(first));
     assert_eq!(status_code.code(), Some(0), "{}", c.stderr());
     assert!(c.stderr().contains("drained"), "{}", c.stderr());
     let got = emu.received(&b.id);
-    assert_eq!(got.len(), 230);
+    assert_eq!(got.len(), first);
     let last = emu.get(&format!("/_admin/workspaces/{}/rows", a.id))["rows"]
         .as_array()
         .unwrap()
@@ -55,7 +57,7 @@ fn once_drains_a_multi_page_backlog_and_exits_0_with_the_cursor_saved() {
     assert!(emu.heartbeats(&a.id)["count"].as_u64().unwrap() >= 1);
 
     // More messages across pages, then a second --once run from the saved cursor.
-    let batch: Vec<Value> = (0..150)
+    let batch: Vec<Value> = (0..second)
         .map(|i| json!({"from": b.id, "text": format!("d{i:03}")}))
         .collect();
     emu.post(
@@ -63,12 +65,13 @@ fn once_drains_a_multi_page_backlog_and_exits_0_with_the_cursor_saved() {
         json!({"messages": batch}),
     );
     let mut c = Connector::start(&emu, &a, &dir, &["--backend", "mock", "--once"]);
-    assert_eq!(c.wait_exit(WAIT).code(), Some(0), "{}", c.stderr());
+    let status_code = c.wait_exit(backlog_wait(second));
+    assert_eq!(status_code.code(), Some(0), "{}", c.stderr());
     let got = emu.received(&b.id);
-    assert_eq!(got.len(), 380);
-    let expected: Vec<String> = (0..230)
+    assert_eq!(got.len(), first + second);
+    let expected: Vec<String> = (0..first)
         .map(|i| format!("echo: c{i:03}"))
-        .chain((0..150).map(|i| format!("echo: d{i:03}")))
+        .chain((0..second).map(|i| format!("echo: d{i:03}")))
         .collect();
     assert_eq!(texts(&got), expected);
 }

@@ -21,6 +21,18 @@ pub use run::{Agent, Out, Run, Running, delegate, run};
 /// Default bound for "this should happen": generous, only hit when a test fails.
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// What [`backlog_wait`] adds per queued message (its poll share, reply and
+/// self-report, cursor save), generous like [`WAIT`].
+const PER_MESSAGE: Duration = Duration::from_millis(100);
+
+/// The bound for a run whose work grows with a backlog of `messages`: [`WAIT`] plus
+/// [`PER_MESSAGE`] each, so a bigger backlog on a loaded machine stays a pass. Still
+/// only a failure bound, never a timing assertion.
+pub fn backlog_wait(messages: usize) -> Duration {
+    let n = u32::try_from(messages).unwrap_or(u32::MAX);
+    WAIT.saturating_add(PER_MESSAGE.saturating_mul(n))
+}
+
 /// A running emulator, killed on drop.
 pub struct Emulator {
     child: Child,
