@@ -82,6 +82,12 @@ pub fn open_read_nofollow(path: &Path) -> io::Result<File> {
     state_file_options().read(true).open(path)
 }
 
+/// Opens an existing `path` for writing without following a symlink (no create, no
+/// truncation).
+pub fn open_write_nofollow(path: &Path) -> io::Result<File> {
+    state_file_options().write(true).open(path)
+}
+
 /// What went wrong with the state file or lock.
 #[derive(Debug)]
 pub enum StateError {
