@@ -2,14 +2,16 @@
 //! allows: it `write(2)`s one byte (the signal number) to a self-pipe whose fd sits
 //! in an atomic. [`Signals::wait`] blocks on the read end, so the watcher thread acts
 //! on signals with ordinary code (locks, logging) outside the handler.
-//! Also: sending a signal to a backend's process group, and waiting for a backend to
-//! exit without reaping it.
+//! Also: sending a signal to a backend's process group, waiting for a backend to
+//! exit without reaping it, and what the `exec` backend needs to watch a run's pipes
+//! and exit from one thread: `poll(2)`, `O_NONBLOCK`, and a pidfd.
 #![allow(unsafe_code)]
 
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
 
 type CInt = i32;
 
@@ -40,11 +42,56 @@ const WNOWAIT: CInt = 0x20;
 #[cfg(not(any(target_os = "linux", target_os = "android", target_vendor = "apple")))]
 compile_error!("waitid(2) constants are only known for Linux and Apple targets");
 
+/// `fcntl(2)` commands and the non-blocking flag.
+const F_GETFL: CInt = 3;
+const F_SETFL: CInt = 4;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const O_NONBLOCK: CInt = 0o4000;
+#[cfg(target_vendor = "apple")]
+const O_NONBLOCK: CInt = 0x4;
+/// `pidfd_open(2)`: the same number on every Linux architecture we build for (the
+/// table is shared from 424 on).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const SYS_PIDFD_OPEN: std::ffi::c_long = 434;
+/// `nfds_t`: `unsigned long` on Linux, `unsigned int` on macOS.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+type Nfds = std::ffi::c_ulong;
+#[cfg(target_vendor = "apple")]
+type Nfds = std::ffi::c_uint;
+
+/// `poll(2)` events (the same bits on Linux and macOS): data to read (or end of
+/// file), room to write, an error, the other end closed, not an open fd.
+pub const POLLIN: i16 = 0x1;
+/// See [`POLLIN`].
+pub const POLLOUT: i16 = 0x4;
+/// See [`POLLIN`].
+pub const POLLERR: i16 = 0x8;
+/// See [`POLLIN`].
+pub const POLLHUP: i16 = 0x10;
+/// See [`POLLIN`].
+pub const POLLNVAL: i16 = 0x20;
+
+/// `struct pollfd`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PollFd {
+    /// The fd to watch (negative: ignored).
+    pub fd: CInt,
+    /// What to wait for.
+    pub events: i16,
+    /// What happened (also POLLERR, POLLHUP, POLLNVAL unasked).
+    pub revents: i16,
+}
+
 unsafe extern "C" {
     fn signal(signum: CInt, handler: usize) -> usize;
     fn write(fd: CInt, buf: *const u8, count: usize) -> isize;
     fn kill(pid: CInt, sig: CInt) -> CInt;
     fn waitid(idtype: CInt, id: u32, infop: *mut u8, options: CInt) -> CInt;
+    fn poll(fds: *mut PollFd, nfds: Nfds, timeout: CInt) -> CInt;
+    fn fcntl(fd: CInt, cmd: CInt, ...) -> CInt;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn syscall(number: std::ffi::c_long, ...) -> std::ffi::c_long;
 }
 
 /// Write end of the self-pipe, read by the handler. -1 until installed.
@@ -188,6 +235,74 @@ pub fn wait_exited(pid: u32) -> io::Result<()> {
     }
 }
 
+/// Waits until one of `fds` is ready or `timeout` (`None`: no limit) passes; the
+/// number of ready fds, 0 on timeout or when a signal interrupted the wait (the
+/// caller looks at its clock and calls again).
+pub fn wait_ready(fds: &mut [PollFd], timeout: Option<Duration>) -> io::Result<usize> {
+    // Rounded up: a wait cut short by rounding down would wake just before the
+    // deadline and spin.
+    let ms = match timeout {
+        None => -1,
+        Some(d) => CInt::try_from(d.as_micros().div_ceil(1000)).unwrap_or(CInt::MAX),
+    };
+    let n = Nfds::try_from(fds.len()).map_err(|_| io::Error::other("too many fds"))?;
+    // SAFETY: `fds` is a valid, writable array of `n` pollfd structs (`PollFd` is
+    // `repr(C)` with pollfd's layout) for the duration of the call.
+    let rc = unsafe { poll(fds.as_mut_ptr(), n, ms) };
+    if rc >= 0 {
+        return Ok(usize::try_from(rc).unwrap_or(0));
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::Interrupted {
+        Ok(0)
+    } else {
+        Err(e)
+    }
+}
+
+/// Makes writes to `fd` return `WouldBlock` instead of waiting (for a pipe end only
+/// we hold: the flag belongs to the open file, which the reader does not share).
+pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl(2) with F_GETFL/F_SETFL reads and sets an fd's status flags; it
+    // has no memory preconditions.
+    let flags = unsafe { fcntl(fd, F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { fcntl(fd, F_SETFL, flags | O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A pidfd for our child `pid` (Linux 5.3 on): it polls readable once the child has
+/// exited, and leaves it unreaped (see [`wait_exited`] for why that matters).
+/// `Unsupported` elsewhere; an older kernel or a seccomp filter gives an error too.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let pid = CInt::try_from(pid).map_err(|_| io::Error::other("pid out of range"))?;
+        let flags: CInt = 0;
+        // SAFETY: pidfd_open(2) takes a pid and flags (0) and returns a new fd or -1;
+        // it has no memory preconditions.
+        let rc = unsafe { syscall(SYS_PIDFD_OPEN, pid, flags) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = CInt::try_from(rc).map_err(|_| io::Error::other("fd out of range"))?;
+        // SAFETY: the kernel just gave us this fd, open with O_CLOEXEC, and nothing
+        // else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = pid;
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,5 +322,60 @@ mod tests {
             "still a zombie, its pid still taken: {stat}"
         );
         assert_eq!(child.wait().unwrap().code(), Some(3));
+    }
+
+    #[test]
+    fn a_pidfd_turns_readable_at_the_exit_and_leaves_the_child_unreaped() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read x; exit 4"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pidfd = pidfd_open(child.id()).unwrap();
+        let mut fds = [PollFd {
+            fd: pidfd.as_raw_fd(),
+            events: POLLIN,
+            revents: 0,
+        }];
+        // Still running: nothing to see.
+        assert_eq!(wait_ready(&mut fds, Some(Duration::ZERO)).unwrap(), 0);
+        drop(child.stdin.take());
+        assert_eq!(wait_ready(&mut fds, None).unwrap(), 1);
+        assert_ne!(fds[0].revents & POLLIN, 0);
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+        assert_eq!(
+            stat.rsplit(") ").next().and_then(|r| r.chars().next()),
+            Some('Z')
+        );
+        assert_eq!(child.wait().unwrap().code(), Some(4));
+    }
+
+    #[test]
+    fn a_nonblocking_pipe_says_would_block_when_full() {
+        let (mut reader, mut writer) = io::pipe().unwrap();
+        set_nonblocking(&writer).unwrap();
+        let chunk = [0u8; 4096];
+        let mut total = 0usize;
+        let err = loop {
+            match writer.write(&chunk) {
+                Ok(n) => total += n,
+                Err(e) => break e,
+            }
+            assert!(total < 64 << 20, "a pipe never filled");
+        };
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        let mut fds = [PollFd {
+            fd: writer.as_raw_fd(),
+            events: POLLOUT,
+            revents: 0,
+        }];
+        assert_eq!(wait_ready(&mut fds, Some(Duration::ZERO)).unwrap(), 0);
+        let mut buf = vec![0u8; total];
+        reader.read_exact(&mut buf).unwrap();
+        assert_eq!(
+            wait_ready(&mut fds, Some(Duration::from_secs(10))).unwrap(),
+            1
+        );
+        assert_ne!(fds[0].revents & POLLOUT, 0);
     }
 }

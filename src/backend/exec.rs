@@ -5,24 +5,21 @@
 //! message text.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::helpers::HELPERS;
 use super::parts::a2a_part;
+use super::watch::{Capture, ExitWatch, Input, Limits, Pipes, watch};
 use super::{
     Backend, BackendError, EXIT_NO_REPLY, EXIT_RETRY_LATER, Outcome, Reply, Request, RunHandle,
 };
-use crate::signal::{SIGKILL, SIGTERM, kill_process_group, wait_exited};
+use crate::signal::{self, SIGKILL, kill_process_group};
 
 /// The shell every command runs under.
 const SHELL: &str = "/bin/sh";
@@ -42,14 +39,11 @@ const STDERR_SHOW: usize = 1024;
 /// before we kill its group: long enough to drain what the command itself wrote.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(200);
 /// After that kill, how long we wait for the pipes to close. Only a process that left
-/// the group (setsid) can outlast it; we then stop waiting and leave its reader behind.
+/// the group (setsid) can outlast it; we then stop waiting and close our ends.
 const DRAIN_AFTER_KILL: Duration = Duration::from_secs(1);
-/// Input up to this size is written by the calling thread: no pipe is smaller
-/// (PIPE_BUF, one page), so the write completes at once. Larger input gets a thread.
+/// Input up to this size is written at once: no pipe is smaller (PIPE_BUF, one
+/// page), so the write cannot block. Larger input is written as the pipe takes it.
 const INLINE_INPUT: usize = 4096;
-/// Read chunk for the output pipes, on the helper's stack: a heap buffer this size is
-/// an mmap and munmap per pipe per message.
-const CHUNK: usize = 16 * 1024;
 /// First words that are shell syntax or builtins: `check` can't resolve them on PATH.
 const SHELL_WORDS: &[&str] = &[
     "!", ".", ":", "[", "[[", "{", "}", "alias", "bg", "break", "case", "cd", "command",
@@ -144,6 +138,8 @@ pub struct ExecBackend {
     /// `cmd` as words with the program found on PATH once, when it needs no shell.
     argv: Option<Vec<String>>,
     settings: Settings,
+    /// How a run notices its command's exit (tests also take the fallback).
+    exit_watch: ExitWatch,
 }
 
 impl ExecBackend {
@@ -175,6 +171,7 @@ impl ExecBackend {
             cmd,
             program,
             settings,
+            exit_watch: ExitWatch::Pidfd,
         })
     }
 
@@ -209,6 +206,7 @@ impl ExecBackend {
             cmd,
             program: Some(bin),
             settings,
+            exit_watch: ExitWatch::Pidfd,
         })
     }
 
@@ -287,84 +285,45 @@ impl ExecBackend {
             return Err(BackendError::Cancelled);
         }
 
-        // One thread per pipe: a command that never reads stdin, or fills stderr while
-        // we read stdout, must not block us or itself. Every helper holds a sender that
-        // is never used: the channel disconnects exactly when all of them are done.
-        let (done_tx, done_rx) = mpsc::channel::<Infallible>();
-        let stdout_buf = Arc::new(Mutex::new(Capture::default()));
-        let stderr_buf = Arc::new(Mutex::new(Vec::new()));
-        let spawned = (|| -> io::Result<()> {
-            if let Some(mut stdin) = stdin {
-                if input.len() <= INLINE_INPUT {
-                    // Fits an empty pipe of any size: this write cannot block. BrokenPipe
-                    // (the command didn't read it) is fine.
-                    let _ = stdin.write_all(&input);
-                } else {
-                    let tx = done_tx.clone();
-                    HELPERS.run(move || {
-                        let _ = stdin.write_all(&input);
-                        drop(stdin);
-                        drop(tx);
-                    })?;
-                }
+        let stdin = match stdin {
+            // Fits an empty pipe of any size: this write cannot block. BrokenPipe (the
+            // command didn't read it) is fine.
+            Some(mut pipe) if input.len() <= INLINE_INPUT => {
+                let _ = pipe.write_all(&input);
+                None
             }
-            if let Some(stdout) = stdout {
-                let (tx, buf, cap, run) = (
-                    done_tx.clone(),
-                    Arc::clone(&stdout_buf),
-                    self.settings.max_output,
-                    guard.handle.clone(),
-                );
-                HELPERS.run(move || {
-                    if read_capped(stdout, cap, &buf) {
-                        // Past max_output the reply is lost anyway: end the command
-                        // now instead of letting it run (`yes`) until the timeout.
-                        // Through the handle: this reader may outlive the run.
-                        run.signal(SIGKILL);
-                    }
-                    drop(tx);
+            Some(pipe) => {
+                // A command that never reads stdin must not block us: the rest is
+                // written as the pipe takes it, between reads of its output.
+                signal::set_nonblocking(&pipe).map_err(|e| {
+                    BackendError::Spawn(format!("cannot set up the command's stdin: {e}"))
                 })?;
+                Some(Input {
+                    pipe,
+                    bytes: input,
+                    written: 0,
+                })
             }
-            if let Some(stderr) = stderr {
-                let (tx, buf) = (done_tx.clone(), Arc::clone(&stderr_buf));
-                HELPERS.run(move || {
-                    read_tail(stderr, STDERR_KEEP, &buf);
-                    drop(tx);
-                })?;
-            }
-            Ok(())
-        })();
-        drop(done_tx);
-        if let Err(e) = spawned {
-            return Err(BackendError::Spawn(format!(
-                "cannot start a helper thread: {e}"
-            )));
-        }
-
-        // The waiter tells when the command exits (on a channel, so this thread can wait
-        // with a timeout instead of polling `try_wait`) but leaves it unreaped: the
-        // guard reaps it only after killing what is left of its group.
-        let (exit_tx, exit_rx) = mpsc::channel::<io::Result<()>>();
-        HELPERS
-            .run(move || {
-                let _ = exit_tx.send(wait_exited(pgid));
-            })
-            .map_err(|e| BackendError::Spawn(format!("cannot start a helper thread: {e}")))?;
-
-        let started = Instant::now();
-        let (exited, timed_out) = self.wait_for_exit(&exit_rx, pgid);
-        // The command is gone, but a background process may still hold the pipes.
-        let left = self.settings.timeout.saturating_sub(started.elapsed());
-        self.drain(&done_rx, pgid, DRAIN_AFTER_EXIT.min(left));
-        let status = match exited {
-            Some(Ok(())) => guard.end(),
-            Some(Err(e)) => Some(Err(e)),
             None => None,
         };
-
-        let stdout =
-            std::mem::take(&mut *stdout_buf.lock().unwrap_or_else(PoisonError::into_inner));
-        let stderr_tail = tail_text(&stderr_buf.lock().unwrap_or_else(PoisonError::into_inner));
+        let pipes = Pipes {
+            stdin,
+            stdout,
+            stderr,
+        };
+        let got = watch(pgid, pipes, &self.limits(), guard.handle)
+            .map_err(|e| BackendError::Spawn(format!("cannot watch the command: {e}")))?;
+        if got.abandoned_pipes {
+            log::warn!(
+                "{}: a process outside the command's group still holds its pipes; not waiting for it",
+                self.name
+            );
+        }
+        // Exited: kill what is left of its group, then reap it.
+        let status = guard.end();
+        let stdout = got.stdout;
+        let stderr_tail = tail_text(&got.stderr);
+        let timed_out = got.timed_out;
 
         if guard.handle.is_cancelled() {
             return Err(BackendError::Cancelled);
@@ -396,44 +355,15 @@ impl ExecBackend {
         }
     }
 
-    /// Waits for the exit until the timeout, then SIGTERM, `kill_grace`, SIGKILL.
-    /// Returns the waiter's result (`None` if it vanished) and whether it timed out.
-    fn wait_for_exit(
-        &self,
-        rx: &Receiver<io::Result<()>>,
-        pgid: u32,
-    ) -> (Option<io::Result<()>>, bool) {
-        match rx.recv_timeout(self.settings.timeout) {
-            Ok(s) => (Some(s), false),
-            Err(RecvTimeoutError::Disconnected) => (None, false),
-            Err(RecvTimeoutError::Timeout) => {
-                let _ = kill_process_group(pgid, SIGTERM);
-                let status = match rx.recv_timeout(self.settings.kill_grace) {
-                    Ok(s) => Some(s),
-                    Err(RecvTimeoutError::Disconnected) => None,
-                    Err(RecvTimeoutError::Timeout) => {
-                        let _ = kill_process_group(pgid, SIGKILL);
-                        rx.recv().ok()
-                    }
-                };
-                (status, true)
-            }
-        }
-    }
-
-    /// After the command exited: gives its pipes `first` to reach EOF, then kills the
-    /// group (a background process holding a pipe) and waits once more.
-    fn drain(&self, done: &Receiver<Infallible>, pgid: u32, first: Duration) {
-        let mut drained = wait_done(done, first);
-        if !drained {
-            let _ = kill_process_group(pgid, SIGKILL);
-            drained = wait_done(done, DRAIN_AFTER_KILL);
-        }
-        if !drained {
-            log::warn!(
-                "{}: a process outside the command's group still holds its pipes; not waiting for it",
-                self.name
-            );
+    fn limits(&self) -> Limits {
+        Limits {
+            timeout: self.settings.timeout,
+            kill_grace: self.settings.kill_grace,
+            max_output: self.settings.max_output,
+            stderr_keep: STDERR_KEEP,
+            drain_after_exit: DRAIN_AFTER_EXIT,
+            drain_after_kill: DRAIN_AFTER_KILL,
+            exit_watch: self.exit_watch,
         }
     }
 
@@ -547,65 +477,9 @@ fn end_group(
     child.wait()
 }
 
-/// Waits until every helper has dropped its sender, for at most `d`.
-fn wait_done(rx: &Receiver<Infallible>, d: Duration) -> bool {
-    match rx.recv_timeout(d) {
-        Ok(never) => match never {},
-        Err(RecvTimeoutError::Disconnected) => true,
-        Err(RecvTimeoutError::Timeout) => false,
-    }
-}
-
-/// Stdout as read so far.
-#[derive(Default)]
-struct Capture {
-    buf: Vec<u8>,
-    /// More than the cap arrived; `buf` is incomplete and must not be used.
-    overflowed: bool,
-}
-
-/// Reads to EOF keeping at most `cap` bytes; `true` (and it stops reading) as soon
-/// as more than `cap` arrived.
-fn read_capped(mut r: impl Read, cap: usize, out: &Mutex<Capture>) -> bool {
-    let mut chunk = [0u8; CHUNK];
-    loop {
-        let n = match r.read(&mut chunk) {
-            Ok(0) => return false,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return false,
-        };
-        let mut c = out.lock().unwrap_or_else(PoisonError::into_inner);
-        if c.buf.len().saturating_add(n) > cap {
-            c.overflowed = true;
-            c.buf = Vec::new();
-            return true;
-        } else {
-            c.buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
-        }
-    }
-}
-
 /// `s` without NUL bytes, which an environment value cannot hold.
 fn env_safe(s: &str) -> String {
     s.replace('\0', "")
-}
-
-/// Reads to EOF keeping only the last `keep` bytes.
-fn read_tail(mut r: impl Read, keep: usize, out: &Mutex<Vec<u8>>) {
-    let mut chunk = [0u8; CHUNK];
-    loop {
-        let n = match r.read(&mut chunk) {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
-        };
-        let mut buf = out.lock().unwrap_or_else(PoisonError::into_inner);
-        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
-        let excess = buf.len().saturating_sub(keep);
-        buf.drain(..excess);
-    }
 }
 
 /// The last ~1 KiB of stderr as trimmed text for error messages.
@@ -798,9 +672,12 @@ fn find_on_path(program: &str) -> Option<String> {
 mod tests {
     use super::*;
     use crate::backend::Origin;
+    use crate::signal::{SIGTERM, wait_exited};
     use std::path::PathBuf;
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::thread;
+    use std::time::Instant;
 
     fn opts(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -1215,6 +1092,52 @@ mod tests {
         let started = Instant::now();
         assert_eq!(reply_text(run(&b, &big)), "hi");
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn large_input_and_output_flow_at_once() {
+        // cat writes back while we still write: the input must go in between reads of
+        // its output, or both sides block on full pipes.
+        let text: String = (0..600_000)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let b = exec(&[("cmd", "cat")]);
+        assert_eq!(reply_text(run(&b, &text)), text);
+        // The same through a shell that reads only part of it, then exits.
+        let b = exec(&[("cmd", "head -c 10 | tr a A")]);
+        assert_eq!(reply_text(run(&b, &text)), "Abcdefghij");
+    }
+
+    #[test]
+    fn the_helper_thread_exit_watch_behaves_the_same() {
+        let with_thread = |pairs: &[(&str, &str)]| {
+            let mut b = exec(pairs);
+            b.exit_watch = ExitWatch::Thread;
+            b
+        };
+        let b = with_thread(&[("cmd", "cat")]);
+        assert_eq!(reply_text(run(&b, "héllo")), "héllo");
+        let text = "y".repeat(300_000);
+        assert_eq!(reply_text(run(&b, &text)), text);
+        let b = with_thread(&[("cmd", "echo hi")]);
+        assert_eq!(reply_text(run(&b, &"x".repeat(5 << 20))), "hi");
+        let b = with_thread(&[("cmd", "echo 'no' >&2; exit 7")]);
+        assert!(matches!(
+            run(&b, "x"),
+            Err(BackendError::Failed { code: Some(7), stderr_tail }) if stderr_tail == "no"
+        ));
+        let dir = TempDir::new();
+        let pid_file = dir.file("pid");
+        let b = with_thread(&[
+            (
+                "cmd",
+                &format!("sleep 30 & echo $! > '{pid_file}'; exec sleep 30"),
+            ),
+            ("timeout", "200ms"),
+            ("kill_grace", "200ms"),
+        ]);
+        assert!(matches!(run(&b, "x"), Err(BackendError::Timeout { .. })));
+        assert!(gone(read_pid(&pid_file)), "grandchild survived");
     }
 
     #[test]

@@ -1,8 +1,8 @@
-//! Helper threads of the `exec` backend, kept for reuse: each run needs a few (pipe
-//! readers, the waiter), and starting and ending a thread costs about 25 syscalls
-//! (a stack and a signal stack mapped and unmapped, its name, its exit). A job runs at once on an idle helper or
-//! on a new one, never queued behind another job, so reuse changes no timing a run
-//! relies on. Invariant: an idle helper's sender is in the idle list exactly while
+//! Helper threads of the `exec` backend, kept for reuse: a run without a pidfd needs
+//! one to wait for its command's exit (see `watch`), and starting and ending a thread
+//! costs about 25 syscalls (a stack and a signal stack mapped and unmapped, its name,
+//! its exit). A job runs at once on an idle helper or on a new one, never queued
+//! behind another job, so reuse changes no timing a run relies on. Invariant: an idle helper's sender is in the idle list exactly while
 //! the helper waits for a job; a helper ends only after removing it under the lock.
 
 use std::io;
@@ -11,8 +11,7 @@ use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
-/// Stack of a helper (read loops and a wait: shallow); the 2 MiB default costs more
-/// to map.
+/// Stack of a helper (a wait: shallow); the 2 MiB default costs more to map.
 const STACK: usize = 128 * 1024;
 
 /// The helpers of every `exec` run in this process. An idle helper ends after 5 s

@@ -6,6 +6,7 @@ mod exec;
 mod helpers;
 mod mock;
 mod parts;
+mod watch;
 mod worker;
 
 use std::collections::BTreeMap;
