@@ -19,7 +19,7 @@
 //! fsynced kind lies inside the durable prefix: that is corruption, start-up stops
 //! (exit 2) and the journal is left as it was for the operator.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, Write};
@@ -34,6 +34,13 @@ use crate::lru::Lru;
 
 /// How many handled ids the ledger remembers.
 pub const LEDGER_CAPACITY: usize = 2048;
+/// Finished canvas replies remembered for the echo lookup after a restart: those of
+/// the last [`CANVAS_POSTS_FOR_US`], at most this many.
+const CANVAS_POSTS: usize = 1024;
+/// A lookup's window starts a few seconds before the saved reply's post, and a post
+/// whose answer was lost may have its echo a minute late: older posts can only reach
+/// it through a chain of identical replies, and then the window is given up.
+const CANVAS_POSTS_FOR_US: i64 = 300_000_000;
 /// Journal lines before a checkpoint is forced.
 const JOURNAL_MAX_LINES: u32 = 1024;
 /// A moved cursor is checkpointed at most this late.
@@ -202,6 +209,28 @@ pub struct StateFile {
     /// Replies produced by the backend but not yet confirmed posted, by activity id.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pending: BTreeMap<String, PendingReply>,
+    /// The newest finished canvas replies' posts, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub canvas_posts: Vec<CanvasPost>,
+    /// Every canvas post dropped from `canvas_posts` had its echo by then (Unix µs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canvas_forgotten_us: Option<i64>,
+}
+
+/// A finished canvas reply's posts, as far as their echo goes. Kept across restarts:
+/// an identical reply saved before a crash must not take this one's echo for its
+/// own, which would leave it never shown (see `runner/notified.rs`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CanvasPost {
+    /// A stable hash of the text the canvas shows.
+    pub text: u64,
+    /// When its first post began (Unix µs, our clock).
+    pub began_us: i64,
+    /// The latest its echo can have been created (our clock).
+    pub latest_us: i64,
+    /// A post of it was answered 2xx: its echo is in.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shown: bool,
 }
 
 /// A backend reply saved before it is posted, so a crash re-posts it (same
@@ -225,8 +254,14 @@ pub struct PendingReply {
 enum Record {
     /// The backend produced this reply for `row`; it is about to be posted.
     Reply { row: String, reply: PendingReply },
-    /// `row` is finished (answered, skipped on purpose, or dead-lettered).
-    Done { row: String, keys: Vec<String> },
+    /// `row` is finished (answered, skipped on purpose, or dead-lettered), with its
+    /// canvas reply's posts if it had any.
+    Done {
+        row: String,
+        keys: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        canvas: Option<CanvasPost>,
+    },
 }
 
 /// Damage met while replaying the journal: where it starts, and the unsynced whole
@@ -269,6 +304,8 @@ pub struct Store {
     last_seq: Option<i64>,
     handled: Lru<String, ()>,
     pending: BTreeMap<String, PendingReply>,
+    canvas_posts: VecDeque<CanvasPost>,
+    canvas_forgotten_us: Option<i64>,
     #[cfg(test)]
     fail_writes: bool,
 }
@@ -354,11 +391,16 @@ impl Store {
             last_seq: file.last_seq,
             handled: Lru::new(LEDGER_CAPACITY),
             pending: file.pending,
+            canvas_posts: VecDeque::new(),
+            canvas_forgotten_us: file.canvas_forgotten_us,
             #[cfg(test)]
             fail_writes: false,
         };
         for key in file.handled {
             store.handled.insert(key, ());
+        }
+        for post in file.canvas_posts {
+            store.keep_canvas_post(post);
         }
         let replayed = store.replay_journal()?;
         if replayed > 0 {
@@ -472,13 +514,33 @@ impl Store {
             Record::Reply { row, reply } => {
                 self.pending.insert(row, reply);
             }
-            Record::Done { row, keys } => {
+            Record::Done { row, keys, canvas } => {
                 self.pending.remove(&row);
                 for key in keys {
                     self.handled.insert(key, ());
                 }
+                if let Some(post) = canvas {
+                    self.keep_canvas_post(post);
+                }
             }
         }
+    }
+
+    /// Keeps `post`, dropping (and noting when) those settled more than
+    /// [`CANVAS_POSTS_FOR_US`] before it began and any beyond [`CANVAS_POSTS`]. A
+    /// record replayed after a checkpoint that already holds it is not kept twice.
+    fn keep_canvas_post(&mut self, post: CanvasPost) {
+        if self.canvas_posts.contains(&post) {
+            return;
+        }
+        let horizon = post.began_us.saturating_sub(CANVAS_POSTS_FOR_US);
+        while let Some(old) = self.canvas_posts.front().copied()
+            && (old.latest_us < horizon || self.canvas_posts.len() >= CANVAS_POSTS)
+        {
+            self.canvas_posts.pop_front();
+            self.canvas_forgotten_us = self.canvas_forgotten_us.max(Some(old.latest_us));
+        }
+        self.canvas_posts.push_back(post);
     }
 
     /// Appends `record`; `durable` fsyncs it before returning. Without, the line is in
@@ -552,13 +614,30 @@ impl Store {
     /// echo is absent), never the backend's second answer. A row finished without a
     /// saved reply (no reply, a notice, dead-lettered) has no other durable record,
     /// so its line is fsynced: a power cut must not run its backend again.
-    pub fn record_done(&mut self, row: &str, keys: Vec<String>) -> Result<(), StateError> {
+    /// `canvas`: the posts of its canvas reply, if it had one, remembered for
+    /// [`Store::canvas_posts`].
+    pub fn record_done(
+        &mut self,
+        row: &str,
+        keys: Vec<String>,
+        canvas: Option<CanvasPost>,
+    ) -> Result<(), StateError> {
         let record = Record::Done {
             row: row.to_string(),
             keys,
+            canvas,
         };
         let durable = self.was_fsynced(&record);
         self.append(record, durable)
+    }
+
+    /// The newest finished canvas replies' posts (oldest first), and the time by
+    /// which every older one had its echo.
+    pub fn canvas_posts(&self) -> (Vec<CanvasPost>, Option<i64>) {
+        (
+            self.canvas_posts.iter().copied().collect(),
+            self.canvas_forgotten_us,
+        )
     }
 
     /// The reply saved for `row` and not yet confirmed posted, if any.
@@ -622,6 +701,8 @@ impl Store {
             last_seq: self.last_seq,
             handled: self.handled.keys_oldest_first().cloned().collect(),
             pending: self.pending.clone(),
+            canvas_posts: self.canvas_posts.iter().copied().collect(),
+            canvas_forgotten_us: self.canvas_forgotten_us,
         };
         let bytes = serde_json::to_vec_pretty(&file).map_err(|e| StateError::Io {
             path: self.path.clone(),
@@ -874,7 +955,7 @@ mod tests {
         );
         let mut s = Store::open(&d, WS).unwrap();
         s.set_cursor(Some(ROW.into()), Some(42));
-        s.record_done("r1", vec!["a:1".into(), "m:2".into()])
+        s.record_done("r1", vec!["a:1".into(), "m:2".into()], None)
             .unwrap();
         s.checkpoint().unwrap();
         let mode = fs::metadata(s.path()).unwrap().permissions().mode() & 0o777;
@@ -907,7 +988,7 @@ mod tests {
         let mut s = Store::open(&d, WS).unwrap();
         s.record_reply("r1", reply("hello")).unwrap();
         s.record_reply("r2", reply("bye")).unwrap();
-        s.record_done("r2", vec!["a:r2".into()]).unwrap();
+        s.record_done("r2", vec!["a:r2".into()], None).unwrap();
         // Crash: no checkpoint, and a torn half line at the end of the journal.
         let mut j = OpenOptions::new()
             .append(true)
@@ -963,6 +1044,55 @@ mod tests {
         }
     }
 
+    #[test]
+    fn finished_canvas_posts_survive_replay_and_checkpoints_bounded() {
+        let d = tmpdir();
+        let jp = d.join(format!("{WS}.journal"));
+        let post = |i: i64| CanvasPost {
+            text: i as u64,
+            began_us: i * 10,
+            latest_us: i * 10 + 5,
+            shown: i % 2 == 0,
+        };
+        let mut s = Store::open(&d, WS).unwrap();
+        s.record_done("r0", vec!["a:r0".into()], Some(post(0)))
+            .unwrap();
+        s.record_done("rx", vec!["a:rx".into()], None).unwrap();
+        drop(s);
+        let journal = fs::read(&jp).unwrap();
+        // From the journal, then from the state file it was folded into.
+        let s = Store::open(&d, WS).unwrap();
+        assert_eq!(s.canvas_posts(), (vec![post(0)], None));
+        drop(s);
+        // A crash between the checkpoint's rename and the journal's truncation
+        // replays the record again: still one post.
+        fs::write(&jp, &journal).unwrap();
+        let mut s = Store::open(&d, WS).unwrap();
+        assert_eq!(s.canvas_posts(), (vec![post(0)], None));
+        let n = CANVAS_POSTS as i64 + 2;
+        for i in 1..n {
+            s.record_done(&format!("r{i}"), vec![format!("a:{i}")], Some(post(i)))
+                .unwrap();
+        }
+        drop(s);
+        let s = Store::open(&d, WS).unwrap();
+        let (posts, forgotten) = s.canvas_posts();
+        let expected: Vec<CanvasPost> = (2..n).map(post).collect();
+        assert_eq!(posts, expected, "the newest, oldest first");
+        assert_eq!(forgotten, Some(post(1).latest_us));
+        drop(s);
+        let mut s = Store::open(&d, WS).unwrap();
+        assert_eq!(s.canvas_posts(), (expected, Some(post(1).latest_us)));
+        // Long settled posts are dropped by age.
+        let late = CanvasPost {
+            began_us: post(n).latest_us + CANVAS_POSTS_FOR_US + 1,
+            ..post(n)
+        };
+        s.record_done("late", vec!["a:late".into()], Some(late))
+            .unwrap();
+        assert_eq!(s.canvas_posts(), (vec![late], Some(post(n - 1).latest_us)));
+    }
+
     /// A journal as a power cut may find it: two saved replies (fsynced), then the
     /// done lines of both rows (not fsynced). Returns the directory, the journal and
     /// where its unsynced tail starts.
@@ -973,8 +1103,8 @@ mod tests {
         s.record_reply("r1", reply("one")).unwrap();
         s.record_reply("r2", reply("two")).unwrap();
         let synced = fs::metadata(&jp).unwrap().len() as usize;
-        s.record_done("r1", vec!["a:r1".into()]).unwrap();
-        s.record_done("r2", vec!["a:r2".into()]).unwrap();
+        s.record_done("r1", vec!["a:r1".into()], None).unwrap();
+        s.record_done("r2", vec!["a:r2".into()], None).unwrap();
         drop(s);
         (d, jp, synced)
     }
@@ -1047,7 +1177,7 @@ mod tests {
         assert!(s.checkpoint().is_err());
         assert_eq!(s.pending_reply("r2"), None);
         s.fail_writes(false);
-        s.record_done("r1", vec!["a:r1".into()]).unwrap();
+        s.record_done("r1", vec!["a:r1".into()], None).unwrap();
         drop(s);
         let back = Store::open(&d, WS).unwrap();
         assert!(back.is_handled("a:r1"));
@@ -1151,7 +1281,7 @@ mod tests {
         let d = tmpdir();
         let mut s = Store::open(&d, WS).unwrap();
         for i in 0..(LEDGER_CAPACITY + 10) {
-            s.record_done(&format!("r{i}"), vec![format!("a:{i}")])
+            s.record_done(&format!("r{i}"), vec![format!("a:{i}")], None)
                 .unwrap();
         }
         assert_eq!(s.handled_len(), LEDGER_CAPACITY);

@@ -236,7 +236,7 @@ impl Worker {
                     msg.activity_id
                 );
                 self.count_handled();
-                return Err(self.finish(msg));
+                return Err(self.finish_posted(msg, Some(*id)));
             }
             log::info!(
                 "row {}: posting the reply saved before a restart",
@@ -374,7 +374,8 @@ impl Worker {
     }
 
     fn post_and_finish(&mut self, msg: &Inbound, reply: PendingReply) -> Finish {
-        match self.post_reply(msg, &reply.text, &reply.parts, false) {
+        let canvas = self.canvas_reply(msg);
+        match self.post_reply(msg, canvas, &reply.text, &reply.parts, false) {
             Ok(()) => {
                 let waited = msg.created_at_us.map(|created| {
                     let now = SystemTime::now()
@@ -389,13 +390,13 @@ impl Worker {
                     }
                 });
                 self.count_handled();
-                self.finish(msg)
+                self.finish_posted(msg, canvas)
             }
             Err(ReplyFailure::Interrupted) => Finish::Interrupted,
             Err(ReplyFailure::Failed(e)) => {
                 log::error!("row {}: reply not delivered: {e}", msg.activity_id);
                 self.dead_letter(msg, &e, Some(&reply.text));
-                self.finish(msg)
+                self.finish_posted(msg, canvas)
             }
         }
     }
@@ -515,6 +516,11 @@ impl Worker {
     }
 
     /// Records how a canvas post ended, for telling its echo from others'.
+    /// A fresh id for the posts of `msg`'s reply, if it goes to the canvas.
+    fn canvas_reply(&self, msg: &Inbound) -> Option<ReplyId> {
+        msg.source_id.is_none().then(|| self.notified().reply())
+    }
+
     fn settle_post(&self, post: PostId, result: &Result<(), ApiError>) {
         // Without a clock the post counts for ever (until forgotten): no false match.
         let now = now_us().unwrap_or(i64::MAX);
@@ -542,13 +548,20 @@ impl Worker {
 
     /// Records the row as done (activity id and message id into the ledger).
     fn finish(&mut self, msg: &Inbound) -> Finish {
+        self.finish_posted(msg, None)
+    }
+
+    /// [`Worker::finish`] after posting to the canvas as `canvas`: its posts are
+    /// saved with the row, for the echo lookup of an identical reply after a restart.
+    fn finish_posted(&mut self, msg: &Inbound, canvas: Option<ReplyId>) -> Finish {
         let mut keys = Vec::with_capacity(2);
         if !msg.activity_id.is_empty() {
             keys.push(format!("a:{}", msg.activity_id));
         }
         keys.extend(msg.message_key());
+        let posts = canvas.and_then(|reply| self.notified().finished(reply));
         if self.save(msg, "that it was handled", |s| {
-            s.record_done(&msg.activity_id, keys.clone())
+            s.record_done(&msg.activity_id, keys.clone(), posts)
         }) {
             Finish::Done
         } else {
@@ -599,10 +612,12 @@ impl Worker {
         }
     }
 
-    /// Sends `text` to the peer (new `message/send`) or the canvas user (`/notify`).
+    /// Sends `text` to the peer (new `message/send`) or the canvas user (`/notify`,
+    /// its posts tracked as `canvas`, see [`Worker::canvas_reply`]).
     fn post_reply(
         &mut self,
         msg: &Inbound,
+        canvas: Option<ReplyId>,
         text: &str,
         parts: &[Value],
         is_error: bool,
@@ -610,10 +625,7 @@ impl Worker {
         let started = Instant::now();
         let began_us = now_us();
         // A canvas reply's posts and what `/notify` shows of it.
-        let canvas = msg
-            .source_id
-            .is_none()
-            .then(|| (self.notified().reply(), canvas_text(text, parts)));
+        let canvas = canvas.map(|reply| (reply, canvas_text(text, parts)));
         let mut attempt: u32 = 0;
         // The last failure left it open whether the canvas reply was shown.
         let mut maybe_shown = false;
@@ -762,8 +774,9 @@ impl Worker {
             "Sorry, the agent could not handle this message ({}).",
             failure_class(error)
         );
-        match self.post_reply(msg, &text, &[], true) {
-            Ok(()) | Err(ReplyFailure::Failed(_)) => self.finish(msg),
+        let canvas = self.canvas_reply(msg);
+        match self.post_reply(msg, canvas, &text, &[], true) {
+            Ok(()) | Err(ReplyFailure::Failed(_)) => self.finish_posted(msg, canvas),
             Err(ReplyFailure::Interrupted) => Finish::Interrupted,
         }
     }

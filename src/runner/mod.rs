@@ -718,7 +718,7 @@ impl Connected<'_> {
                 .state_dir
                 .join(format!("{}.deadletter.jsonl", cfg.workspace_id)),
             sent: sent_tx,
-            notified: Mutex::new(notified::Notified::new()),
+            notified: Mutex::new(self.restored_canvas_posts()),
         });
         let (jobs_tx, jobs_rx) = mpsc::sync_channel::<poll::Job>(cfg.concurrency);
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
@@ -774,6 +774,18 @@ impl Connected<'_> {
             })?;
         }
         Ok(jobs_tx)
+    }
+
+    /// What the state knows of the canvas posts made before this start.
+    fn restored_canvas_posts(&self) -> notified::Notified {
+        let (posts, forgotten_us) = self
+            .store
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .canvas_posts();
+        let mut n = notified::Notified::new();
+        n.restore(&posts, forgotten_us);
+        n
     }
 
     /// The event-stream reader (`--wake`), waking the poll loop and the others.

@@ -11,11 +11,14 @@
 //! is not kept; only settled posts are evicted (posts in flight are bounded by the
 //! workers).
 //!
-//! Posts made before a restart are unknown: there an echo counts as the reply's own
-//! unless a post of this process (or a reply it already matched) accounts for it.
+//! Posts of an earlier process are known from the state: each finished canvas
+//! reply's posts are saved with its `done` record ([`Notified::finished`],
+//! [`Notified::restore`]). A reply saved before a crash has no posts of its own
+//! here: an echo counts as its own unless another known post accounts for it.
 
 use std::collections::VecDeque;
-use std::hash::{DefaultHasher, Hash, Hasher};
+
+use crate::state::CanvasPost;
 
 /// How far the platform's clock may be behind or ahead of ours.
 const SKEW_US: i64 = 2_000_000;
@@ -80,6 +83,55 @@ impl Notified {
     /// An empty tracker.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Known posts of an earlier process (oldest first), each a finished reply's;
+    /// every older one had its echo by `forgotten_us`.
+    pub fn restore(&mut self, posts: &[CanvasPost], forgotten_us: Option<i64>) {
+        if let Some(f) = forgotten_us {
+            let end = f.saturating_add(SKEW_US);
+            self.forgotten_us = self.forgotten_us.max(Some(end));
+        }
+        for saved in posts {
+            let reply = self.reply();
+            self.next += 1;
+            let state = if saved.shown {
+                State::Shown {
+                    at_us: saved.latest_us,
+                }
+            } else {
+                State::Lost {
+                    latest_us: saved.latest_us,
+                }
+            };
+            self.keep(Post {
+                id: self.next,
+                reply,
+                text: saved.text,
+                began_us: saved.began_us,
+                state,
+            });
+        }
+    }
+
+    /// `reply`'s posts merged into one, to be saved once it is finished (none in
+    /// flight): `None` if none can have an echo.
+    pub fn finished(&self, reply: ReplyId) -> Option<CanvasPost> {
+        let mut merged: Option<CanvasPost> = None;
+        for p in self.posts.iter().filter(|p| p.reply == reply) {
+            let latest_us = p.latest_us().unwrap_or(i64::MAX);
+            let shown = matches!(p.state, State::Shown { .. });
+            let m = merged.get_or_insert(CanvasPost {
+                text: p.text,
+                began_us: p.began_us,
+                latest_us,
+                shown,
+            });
+            m.began_us = m.began_us.min(p.began_us);
+            m.latest_us = m.latest_us.max(latest_us);
+            m.shown |= shown;
+        }
+        merged
     }
 
     /// A fresh id for one reply's posts.
@@ -219,11 +271,11 @@ impl Notified {
     }
 }
 
+/// FNV-1a: saved in the state, so it must hash the same in every build.
 fn hash(text: &str) -> u64 {
-    // Fixed keys: the same text hashes the same for the life of the process.
-    let mut h = DefaultHasher::new();
-    text.hash(&mut h);
-    h.finish()
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -294,6 +346,41 @@ mod tests {
         let from = n.window(second, "ok", 50 * S).unwrap();
         assert!(!n.matches(second, "ok", from, 1, 60 * S));
         assert!(n.matches(second, "ok", from, 2, 60 * S));
+    }
+
+    #[test]
+    fn a_finished_reply_saved_and_restored_accounts_for_its_echo() {
+        let mut before = Notified::new();
+        let first = before.reply();
+        let lost = before.begin(first, "ok", 100 * S);
+        before.lost(lost, 101 * S);
+        let p = before.begin(first, "ok", 102 * S);
+        before.shown(p, 103 * S);
+        let saved = before.finished(first).unwrap();
+        assert_eq!(saved.began_us, 100 * S);
+        assert_eq!(saved.latest_us, 101 * S + LOST_LATE_US);
+        assert!(saved.shown);
+        assert_eq!(saved.text, hash("ok"));
+        let unposted = before.reply();
+        assert_eq!(before.finished(unposted), None);
+        // After a restart, a reply saved at 104 s: the first reply's echo is not its.
+        let mut after = Notified::new();
+        after.restore(&[saved], Some(50 * S));
+        let second = after.reply();
+        let from = after.window(second, "ok", 104 * S).unwrap();
+        assert!(from <= 100 * S - SKEW_US, "{from}");
+        assert!(!after.matches(second, "ok", from, 1, 105 * S));
+        assert!(after.matches(second, "ok", from, 2, 105 * S));
+        // A window reaching the time of a post dropped from the state matches nothing.
+        assert_eq!(after.window(second, "x", 51 * S), None);
+        assert!(after.window(second, "x", 60 * S).is_some());
+    }
+
+    #[test]
+    fn the_text_hash_is_stable() {
+        // Saved in state files: a change would make old posts count for nothing.
+        assert_eq!(hash(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(hash("a"), 0xaf63_dc4c_8601_ec8c);
     }
 
     #[test]

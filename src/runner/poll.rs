@@ -1021,7 +1021,7 @@ mod tests {
                     ledger
                         .lock()
                         .unwrap()
-                        .record_done(row, vec![format!("a:{row}")])
+                        .record_done(row, vec![format!("a:{row}")], None)
                         .unwrap();
                 }
                 let _ = events_tx.send(Event::Finished {

@@ -119,6 +119,34 @@ fn canvas_message_gets_one_notify_and_the_echo_is_not_dispatched() {
 }
 
 #[test]
+fn an_identical_canvas_reply_saved_before_a_crash_is_still_shown() {
+    let Pair { emu, a, dir, .. } = Test::new().pair();
+    let c = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    emu.say(&a.id, None, "same");
+    wait_notifies(&emu, &a.id, 1, &c);
+    // The second answer, identical, is saved but never shown: the crash comes while
+    // its posts fail.
+    emu.fault(
+        json!({"method": "POST", "path_prefix": format!("/workspaces/{}/notify", a.id),
+        "status": 503, "count": 1000}),
+    );
+    let second = emu.say(&a.id, None, "same");
+    wait_until(WAIT, "the second reply saved", &c, || {
+        let saved = saved_replies(dir.path(), &a.id);
+        saved.iter().any(|(row, _)| *row == second).then_some(())
+    });
+    c.signal("KILL");
+    drop(c);
+    emu.clear_faults();
+    // After the restart the first reply's echo (just before) is known to be its own.
+    let c2 = Connector::start(&emu, &a, &dir, &["--backend", "mock"]);
+    let n = wait_notifies(&emu, &a.id, 2, &c2);
+    assert_eq!(n[1]["message"], "echo: same", "{}", c2.stderr());
+    emu.wait_polls(3, &c2);
+    assert_eq!(emu.notifies(&a.id).len(), 2, "{}", c2.stderr());
+}
+
+#[test]
 fn cold_start_ignores_old_rows_and_answers_new_ones_once_in_order() {
     let Pair { emu, a, b, dir } = Test::new().pair();
     for i in 0..3 {
@@ -722,10 +750,9 @@ fn a_reply_waiting_for_a_busy_poster_is_journaled_and_survives_a_kill_9() {
     );
     let c = start_until_q1_runs(&emu, &a, &dir, &cmd);
     // q1's reply waits for the poster (busy retrying p1's): it is journaled already.
-    let journal = dir.path().join("state").join(format!("{}.journal", a.id));
-    wait_until(WAIT, "q1's reply in the journal", &c, || {
-        let text = std::fs::read_to_string(&journal).unwrap_or_default();
-        text.contains("\"text\":\"q1").then_some(())
+    wait_until(WAIT, "q1's reply saved", &c, || {
+        let saved = saved_replies(dir.path(), &a.id);
+        saved.iter().any(|(_, text)| text == "q1").then_some(())
     });
     c.signal("KILL");
     drop(c);

@@ -456,6 +456,33 @@ pub fn wait_notifies(emu: &Emulator, ws: &str, n: usize, c: &Connector) -> Vec<V
     })
 }
 
+/// The replies the connector in `dir` saved for `ws` and has not finished, as (row,
+/// text), from its state file and journal (a checkpoint moves them from one to the
+/// other at any time: poll this until it holds what you wait for).
+pub fn saved_replies(dir: &Path, ws: &str) -> Vec<(String, String)> {
+    let state = dir.join("state");
+    let text = |r: &Value| r["text"].as_str().unwrap_or_default().to_string();
+    let mut saved: Vec<(String, String)> = std::fs::read(state.join(format!("{ws}.json")))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|v| v["pending"].as_object().cloned())
+        .map(|m| m.iter().map(|(row, r)| (row.clone(), text(r))).collect())
+        .unwrap_or_default();
+    let journal = std::fs::read_to_string(state.join(format!("{ws}.journal")));
+    for line in journal.unwrap_or_default().lines() {
+        let Ok(r) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let row = r["row"].as_str().unwrap_or_default().to_string();
+        match r["t"].as_str() {
+            Some("reply") => saved.push((row, text(&r["reply"]))),
+            Some("done") => saved.retain(|(saved_row, _)| *saved_row != row),
+            _ => {}
+        }
+    }
+    saved
+}
+
 /// The text of each A2A message (as the emulator's admin API lists them).
 pub fn texts(msgs: &[Value]) -> Vec<String> {
     msgs.iter()
