@@ -956,7 +956,10 @@ fn a_lost_canvas_answer_is_found_behind_more_than_a_page_of_newer_rows() {
         json!({ "messages": messages }),
     );
     assert_eq!(v["results"].as_array().unwrap().len(), 600, "{v}");
-    wait_received(&emu, &b.id, 600, &c);
+    wait_until(backlog_wait(600), "600 replies", &c, || {
+        let r = emu.received(&b.id);
+        (r.len() >= 600).then_some(())
+    });
     let notes: Vec<Value> = emu
         .notifies(&a.id)
         .iter()
