@@ -370,6 +370,11 @@ pub trait Backend: Send + Sync {
     ) -> Result<(), BackendError> {
         Ok(())
     }
+    /// The runner is stopping: requests already with the backend may finish (within
+    /// `--drain-timeout`), but nothing new should start. A long-lived backend ends a
+    /// request still waiting for a process of its own with [`BackendError::Cancelled`]
+    /// (the message runs again after the restart).
+    fn drain(&self) {}
     /// No more requests will come: stop anything long-lived (after the runner's drain).
     fn stop(&self) {}
     /// A problem the heartbeat must report as `wedged` although no message failed

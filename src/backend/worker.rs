@@ -275,6 +275,10 @@ impl Backend for WorkerBackend {
         self.pool.start(workspace_id, api_url, groups)
     }
 
+    fn drain(&self) {
+        self.pool.drain();
+    }
+
     fn stop(&self) {
         self.pool.stop();
     }
@@ -333,6 +337,8 @@ struct Pool {
 #[derive(Default)]
 struct State {
     started: bool,
+    /// The runner is stopping: no new request is sent, no worker (re)started.
+    draining: bool,
     stopping: bool,
     /// The running process of each slot (ready or still starting).
     slots: Vec<Option<Arc<Proc>>>,
@@ -622,7 +628,9 @@ impl Pool {
         })));
         let mut st = self.lock();
         loop {
-            if st.stopping || run.is_cancelled() {
+            // Draining, a request not sent yet stays unsent (it runs again after
+            // the restart).
+            if st.stopping || st.draining || run.is_cancelled() {
                 return Err(BackendError::Cancelled);
             }
             if let Some(e) = &st.gone {
@@ -723,6 +731,19 @@ impl Pool {
         }
     }
 
+    /// Draining or stopping: nothing new is sent or started.
+    fn closing(&self) -> bool {
+        let st = self.lock();
+        st.stopping || st.draining
+    }
+
+    /// The runner stops: requests in flight go on, the ones waiting for a worker
+    /// end as cancelled, and a worker that exits is not started again.
+    fn drain(&self) {
+        self.lock().draining = true;
+        self.changed.notify_all();
+    }
+
     /// Closes every worker's stdin, waits `kill_grace` for them to exit, then
     /// SIGTERM, `kill_grace`, SIGKILL; joins the supervisors.
     fn stop(&self) {
@@ -774,7 +795,7 @@ impl Pool {
             };
             let healthy_start = self.run_worker(child, &proc);
             let ended = lock(&proc.ended).clone();
-            if !self.restart || matches!(ended, Some(Ended::Stop)) || self.lock().stopping {
+            if !self.restart || matches!(ended, Some(Ended::Stop)) || self.closing() {
                 return;
             }
             if matches!(ended, Some(Ended::Timeout(_))) {
@@ -791,9 +812,9 @@ impl Pool {
             let st = self.lock();
             let (st, _) = self
                 .changed
-                .wait_timeout_while(st, delay, |s| !s.stopping)
+                .wait_timeout_while(st, delay, |s| !s.stopping && !s.draining)
                 .unwrap_or_else(PoisonError::into_inner);
-            if st.stopping {
+            if st.stopping || st.draining {
                 return;
             }
         }
@@ -807,7 +828,7 @@ impl Pool {
         env: &[(&str, String)],
     ) -> Option<(Option<Child>, Arc<Proc>)> {
         let mut st = self.lock();
-        if st.stopping {
+        if st.stopping || st.draining {
             return None;
         }
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
@@ -1721,6 +1742,45 @@ mod tests {
         let b = backend(&[("cmd", cmd), ("ready", "true"), ("timeout", "1s")]);
         assert_eq!(text(ask(&b, "x")), "ok");
         assert_eq!(text(ask(&b, "y")), "ok");
+        b.stop();
+    }
+
+    #[test]
+    fn drain_lets_the_request_in_flight_finish_and_sends_no_more() {
+        let dir = TempDir::new();
+        let (seen, go) = (dir.file("seen"), dir.file("go"));
+        // Notes each request, and answers it once `go` exists.
+        let cmd = sh_worker(
+            &format!(
+                "printf '%s\\n' \"$l\" >> '{seen}'; while [ ! -e '{go}' ]; do sleep 0.05; done;"
+            ),
+            "{\\\"id\\\":\\\"$id\\\",\\\"text\\\":\\\"ok\\\"}",
+        );
+        let b = Arc::new(with_env(backend(&[("cmd", &cmd)]), &dir.file("pids")));
+        let ask_in_thread = |text: &'static str| {
+            let b = Arc::clone(&b);
+            thread::spawn(move || ask(&b, text))
+        };
+        let first = ask_in_thread("one");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&seen)
+            .unwrap_or_default()
+            .is_empty()
+        {
+            assert!(Instant::now() < deadline, "the first request never came");
+            thread::sleep(Duration::from_millis(10));
+        }
+        // The only worker is busy: this one waits for it.
+        let second = ask_in_thread("two");
+        b.drain();
+        std::fs::write(&go, "").unwrap();
+        assert_eq!(text(first.join().unwrap()), "ok");
+        assert!(matches!(
+            second.join().unwrap(),
+            Err(BackendError::Cancelled)
+        ));
+        let lines = std::fs::read_to_string(&seen).unwrap();
+        assert_eq!(lines.lines().count(), 1, "sent while draining: {lines}");
         b.stop();
     }
 

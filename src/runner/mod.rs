@@ -837,6 +837,8 @@ impl Connected<'_> {
     ) -> Result<(), Error> {
         let cfg = self.cfg;
         let reason = self.shutdown.wait();
+        // Nothing new goes to the backend; what it holds may finish.
+        self.backend.drain();
         let clean = matches!(reason, StopReason::Signal | StopReason::Finished);
         if self.process.single || self.process.shutdown.is_triggered() {
             self.process.supervisor.stopping(self.process.drain_bound);

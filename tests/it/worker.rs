@@ -288,6 +288,41 @@ fn sigterm_drains_the_request_in_flight_then_stops_the_worker() {
 }
 
 #[test]
+fn sigterm_sends_nothing_new_and_the_waiting_message_runs_after_the_restart() {
+    let emu = Emulator::start();
+    let (a, peers) = workspace_and_peers(&emu, 2);
+    for (p, text) in peers.iter().zip(["slow-a", "slow-b"]) {
+        emu.say(&a.id, Some(p), text);
+    }
+    let dir = Arc::new(TempDir::new());
+    // One worker, two messages at once: one runs, the other waits for the worker.
+    let opts = ["workers=1"];
+    let args = ["--concurrency", "2"];
+    let mut c = start(&emu, &a, &dir, &opts, &args);
+    let got = |t: &str| dir.path().join(format!("got-{t}")).exists();
+    let first = wait_until(WAIT, "a request at the worker", &c, || {
+        ["slow-a", "slow-b"].into_iter().find(|t| got(t))
+    });
+    let (i, other) = if first == "slow-a" {
+        (0, "slow-b")
+    } else {
+        (1, "slow-a")
+    };
+    assert_eq!(c.stop().code(), Some(0), "{}", c.stderr());
+    assert_eq!(texts(&emu.received(&peers[i])), [format!("w:{first}")]);
+    assert!(!got(other), "{other} was sent to the worker after SIGTERM");
+    assert!(emu.received(&peers[1 - i]).is_empty());
+    assert_no_workers_left(dir.path(), &c);
+    // Not lost: the next connector runs it.
+    let mut c = start(&emu, &a, &dir, &opts, &args);
+    let replies = wait_received(&emu, &peers[1 - i], 1, &c);
+    assert_eq!(texts(&replies), [format!("w:{other}")]);
+    assert_eq!(emu.received(&peers[i]).len(), 1, "answered once");
+    c.stop();
+    assert_no_workers_left(dir.path(), &c);
+}
+
+#[test]
 fn kill_9_with_requests_in_flight_answers_each_once_after_restart() {
     let Pair { emu, a, b, dir } = Test::new().pair();
     let c = start(&emu, &a, &dir, &["workers=2"], &["--concurrency", "2"]);
