@@ -1527,24 +1527,34 @@ mod tests {
 
     #[test]
     fn several_in_flight_answered_out_of_order() {
-        // Reads two requests, answers the second first.
-        let cmd = "while IFS= read -r a && IFS= read -r b; do \
-                   for l in \"$b\" \"$a\"; do id=${l#'{\"id\":\"'}; id=${id%%'\"'*}; \
-                   printf '{\"id\":\"%s\",\"text\":\"for %s\"}\\n' $id $id; done; done";
+        // Reads three requests, answers them last first, each with its own text.
+        let cmd = "python3 -c 'import json, sys\n\
+                   held = []\n\
+                   for l in sys.stdin:\n\
+                   \x20   held.append(json.loads(l))\n\
+                   \x20   if len(held) == 3:\n\
+                   \x20       for r in reversed(held): print(json.dumps({\"id\": r[\"id\"], \"text\": \"for \" + r[\"text\"]}), flush=True)\n\
+                   \x20       held = []'";
         let b = Arc::new(backend(&[
             ("cmd", cmd),
             ("workers", "1"),
-            ("max_in_flight", "2"),
+            ("max_in_flight", "3"),
         ]));
-        let threads: Vec<_> = (0..2)
-            .map(|_| {
+        let threads: Vec<_> = ["a", "b", "c"]
+            .into_iter()
+            .map(|t| {
                 let b = Arc::clone(&b);
-                thread::spawn(move || text(ask(&b, "x")))
+                thread::spawn(move || (t, text(ask(&b, t))))
             })
             .collect();
-        let mut got: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-        got.sort();
-        assert_eq!(got, ["for 1", "for 2"]);
+        for t in threads {
+            let (asked, got) = t.join().unwrap();
+            assert_eq!(
+                got,
+                format!("for {asked}"),
+                "an answer went to another request"
+            );
+        }
         b.stop();
     }
 
