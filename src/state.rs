@@ -17,7 +17,11 @@
 //! whole `done` lines after it (a whole line is what was written; one that is lost
 //! only re-posts a saved reply) and checkpoints, which empties the journal. A damaged line followed by a line of an
 //! fsynced kind lies inside the durable prefix: that is corruption, start-up stops
-//! (exit 2) and the journal is left as it was for the operator.
+//! (exit 2) and the journal is left as it was for the operator. That reading needs
+//! every line of an fsynced kind to be written only once the ones before it are on
+//! disk: a saved reply may be written first and fsynced a moment later by its poster
+//! ([`Store::record_reply_unsynced`], so the worker's next run need not wait for the
+//! disk), but the next line of an fsynced kind fsyncs it first if the poster has not.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -25,6 +29,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -293,6 +298,10 @@ pub struct Store {
     path: PathBuf,
     journal_path: PathBuf,
     journal: File,
+    /// Lines of an fsynced kind written so far (this process).
+    durable_written: u64,
+    /// The journal's fsync side, shared with [`Unsynced`] replies.
+    sync: Arc<Mutex<SyncSide>>,
     journal_lines: u32,
     /// Bytes of whole records in the journal (a failed append is cut back to it).
     journal_len: u64,
@@ -308,6 +317,46 @@ pub struct Store {
     canvas_forgotten_us: Option<i64>,
     #[cfg(test)]
     fail_writes: bool,
+}
+
+/// Another fd of the journal, for fsyncs outside the store's lock, and how far they
+/// got. Lock order: the store, then this.
+#[derive(Debug)]
+struct SyncSide {
+    file: File,
+    /// Lines of an fsynced kind known on disk (an fsync or checkpoint after them).
+    synced: u64,
+}
+
+/// A saved reply written to the journal but not yet fsynced: [`Unsynced::sync`]
+/// before it is posted. Until then it survives a crash of this process (the page
+/// cache has it), not a power cut.
+#[derive(Debug, Clone)]
+pub struct Unsynced {
+    /// Its number among the lines of an fsynced kind.
+    seq: u64,
+    sync: Arc<Mutex<SyncSide>>,
+    path: PathBuf,
+}
+
+impl Unsynced {
+    /// Makes the reply durable (an fsync unless one already covered it). After an
+    /// error, save the reply again ([`Store::record_reply`]): a failed fsync may have
+    /// dropped the written line without saying so on the next try.
+    pub fn sync(&self) -> Result<(), StateError> {
+        let mut side = self.sync.lock().unwrap_or_else(PoisonError::into_inner);
+        if side.synced >= self.seq {
+            return Ok(());
+        }
+        side.file.sync_data().map_err(|source| StateError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        // No later line of an fsynced kind exists yet: one is only written once this
+        // one is synced.
+        side.synced = side.synced.max(self.seq);
+        Ok(())
+    }
 }
 
 /// `<dir>/<workspace-id>.json`.
@@ -378,10 +427,16 @@ impl Store {
             .create(true)
             .open(&journal_path)
             .map_err(io_err(&journal_path))?;
+        let sync = journal.try_clone().map_err(io_err(&journal_path))?;
         let mut store = Store {
             path,
             journal_path: journal_path.clone(),
             journal,
+            durable_written: 0,
+            sync: Arc::new(Mutex::new(SyncSide {
+                file: sync,
+                synced: 0,
+            })),
             journal_lines: 0,
             journal_len: 0,
             dirty: false,
@@ -548,11 +603,46 @@ impl Store {
     /// with the next durable append or checkpoint, whichever comes first: the journal
     /// is one file, so an fsync covers every line before it.
     fn append(&mut self, record: Record, durable: bool) -> Result<(), StateError> {
+        if !durable {
+            return self.write_record(record, false);
+        }
+        self.write_record(record, true)?;
+        // That fsync covered every line before it too.
+        self.durable_written = self.durable_written.saturating_add(1);
+        self.sync_side().synced = self.durable_written;
+        Ok(())
+    }
+
+    fn sync_side(&self) -> std::sync::MutexGuard<'_, SyncSide> {
+        self.sync.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Before a line of an fsynced kind: fsyncs an earlier [`Unsynced`] reply whose
+    /// poster has not yet.
+    fn sync_earlier(&self) -> Result<(), StateError> {
+        let mut side = self.sync_side();
+        if side.synced < self.durable_written {
+            side.file.sync_data().map_err(|source| StateError::Io {
+                path: self.journal_path.clone(),
+                source,
+            })?;
+            side.synced = self.durable_written;
+        }
+        Ok(())
+    }
+
+    /// Appends `record`, fsynced when `durable`. Whatever comes of an fsynced kind
+    /// comes after every earlier one is on disk: an [`Unsynced`] reply's poster may
+    /// not have got to it yet, and then this fsyncs it first.
+    fn write_record(&mut self, record: Record, durable: bool) -> Result<(), StateError> {
         let mut line = serde_json::to_vec(&record).map_err(|e| StateError::Io {
             path: self.journal_path.clone(),
             source: io::Error::other(e),
         })?;
         line.push(b'\n');
+        if durable {
+            self.sync_earlier()?;
+        }
         let written = self
             .check_writable()
             .and_then(|()| self.journal.write_all(&line))
@@ -602,6 +692,30 @@ impl Store {
             },
             true,
         )
+    }
+
+    /// [`Store::record_reply`] without its fsync, for a poster to do
+    /// ([`Unsynced::sync`]) before the post: the store's lock is not held through it,
+    /// and the worker's next run need not wait for it. A crash of this process before
+    /// then still finds the reply (it is in the page cache); a power cut may lose it,
+    /// and then the row comes again, its reply never posted.
+    pub fn record_reply_unsynced(
+        &mut self,
+        row: &str,
+        reply: PendingReply,
+    ) -> Result<Unsynced, StateError> {
+        let record = Record::Reply {
+            row: row.to_string(),
+            reply,
+        };
+        self.sync_earlier()?;
+        self.write_record(record, false)?;
+        self.durable_written = self.durable_written.saturating_add(1);
+        Ok(Unsynced {
+            seq: self.durable_written,
+            sync: Arc::clone(&self.sync),
+            path: self.journal_path.clone(),
+        })
     }
 
     /// Records that `row` is finished; `keys` go into the ledger. After a saved
@@ -723,6 +837,8 @@ impl Store {
                 path: self.journal_path.clone(),
                 source,
             })?;
+        // The state file holds every saved reply now, durably.
+        self.sync_side().synced = self.durable_written;
         self.journal_lines = 0;
         self.journal_len = 0;
         self.dirty = false;
@@ -1168,12 +1284,61 @@ mod tests {
     }
 
     #[test]
+    fn an_unsynced_reply_survives_a_crash_of_the_process() {
+        let d = tmpdir();
+        let mut s = Store::open(&d, WS).unwrap();
+        let unsynced = s.record_reply_unsynced("r1", reply("one")).unwrap();
+        assert_eq!(s.pending_reply("r1"), Some(reply("one")));
+        // No fsync, no checkpoint: as if killed now. The page cache has the line.
+        drop(s);
+        let back = Store::open(&d, WS).unwrap();
+        assert_eq!(back.pending_reply("r1"), Some(reply("one")));
+        // Its checkpoint (at the open) made it durable already: the sync is a no-op.
+        drop(back);
+        unsynced.sync().unwrap();
+    }
+
+    #[test]
+    fn a_line_of_an_fsynced_kind_comes_only_after_the_earlier_ones_are_synced() {
+        let d = tmpdir();
+        let mut s = Store::open(&d, WS).unwrap();
+        let synced = |s: &Store| s.sync_side().synced;
+        let r1 = s.record_reply_unsynced("r1", reply("one")).unwrap();
+        assert_eq!((synced(&s), s.durable_written), (0, 1));
+        // The next saved reply fsyncs the first one before it is written.
+        let r2 = s.record_reply_unsynced("r2", reply("two")).unwrap();
+        assert_eq!((synced(&s), s.durable_written), (1, 2));
+        r1.sync().unwrap();
+        assert_eq!(synced(&s), 1);
+        r2.sync().unwrap();
+        assert_eq!(synced(&s), 2);
+        // A done line after a saved reply is not fsynced; one without is, and it
+        // fsyncs an earlier unsynced reply too.
+        s.record_done("r1", vec!["a:r1".into()], None).unwrap();
+        assert_eq!((synced(&s), s.durable_written), (2, 2));
+        let _r3 = s.record_reply_unsynced("r3", reply("three")).unwrap();
+        s.record_done("r4", vec!["a:r4".into()], None).unwrap();
+        assert_eq!((synced(&s), s.durable_written), (4, 4));
+        let r5 = s.record_reply_unsynced("r5", reply("five")).unwrap();
+        s.checkpoint().unwrap();
+        assert_eq!(synced(&s), 5);
+        r5.sync().unwrap();
+        drop(s);
+        let back = Store::open(&d, WS).unwrap();
+        assert_eq!(back.pending_reply("r2"), Some(reply("two")));
+        assert_eq!(back.pending_reply("r1"), None);
+        assert!(back.is_handled("a:r4"));
+    }
+
+    #[test]
     fn failed_append_leaves_no_half_line() {
         let d = tmpdir();
         let mut s = Store::open(&d, WS).unwrap();
         s.record_reply("r1", reply("one")).unwrap();
         s.fail_writes(true);
         assert!(s.record_reply("r2", reply("two")).is_err());
+        assert!(s.record_reply_unsynced("r3", reply("three")).is_err());
+        assert_eq!(s.pending_reply("r3"), None);
         assert!(s.checkpoint().is_err());
         assert_eq!(s.pending_reply("r2"), None);
         s.fail_writes(false);

@@ -17,7 +17,7 @@ use crate::backend::{Backend, BackendError, Outcome, RunHandle};
 use crate::backoff::Backoff;
 use crate::inbox::{self, Inbound};
 use crate::shutdown::{Shutdown, StopReason};
-use crate::state::{PendingReply, Store};
+use crate::state::{PendingReply, Store, Unsynced};
 
 use super::auth::{AuthVerdict, after_unauthorized};
 use super::notified::{Notified, PostId, ReplyId};
@@ -140,8 +140,17 @@ pub enum Ran {
     /// Nothing: the message ended (answered from a saved reply, not answered,
     /// dead-lettered) or was interrupted.
     Finished(Finish),
-    /// A reply, journaled (fsynced), for [`Worker::deliver`].
-    Reply(PendingReply),
+    /// A reply, journaled, for [`Worker::deliver`].
+    Reply(Saved),
+}
+
+/// A reply its worker journaled. Its fsync is left to the poster (the worker's next
+/// run need not wait for the disk) unless the hand-over has to wait
+/// ([`Worker::make_durable`]): until then it survives a crash of the process, not a
+/// power cut, and it is never posted before it is durable.
+pub struct Saved {
+    reply: PendingReply,
+    unsynced: Option<Unsynced>,
 }
 
 enum ReplyFailure {
@@ -195,25 +204,56 @@ impl Worker {
         }
     }
 
-    /// Saves a fresh reply (fsynced) before it waits for a poster: a crash while it
-    /// waits behind a slow post must post it after the restart, not run the backend
-    /// again. `None`: stopped before it could be saved.
-    fn journal(&mut self, msg: &Inbound, reply: PendingReply) -> Option<PendingReply> {
+    /// Saves a fresh reply before it waits for a poster: a crash while it waits
+    /// behind a slow post must post it after the restart, not run the backend again.
+    /// The fsync comes later ([`Worker::make_durable`]). `None`: stopped before it
+    /// could be saved.
+    fn journal(&mut self, msg: &Inbound, reply: PendingReply) -> Option<Saved> {
         // The canvas echo lookup after a restart searches from this time on: no
         // earlier than the post began.
         let reply = PendingReply {
             at_us: now_us(),
             ..reply
         };
+        let mut unsynced = None;
         let saved = self.save(msg, "its reply (not posted)", |s| {
-            s.record_reply(&msg.activity_id, reply.clone())
+            unsynced = Some(s.record_reply_unsynced(&msg.activity_id, reply.clone())?);
+            Ok(())
         });
-        saved.then_some(reply)
+        saved.then_some(Saved { reply, unsynced })
     }
 
-    /// Posts a reply [`Worker::run`] journaled, and records the row done.
-    pub fn deliver(&mut self, msg: &Inbound, reply: PendingReply) -> Finish {
-        self.post_and_finish(msg, reply)
+    /// Makes a journaled reply durable: before its post, and before its worker waits
+    /// at a busy poster's hand-over (a power cut during a long wait must not lose
+    /// it). `None`: stopped before it could be saved.
+    pub fn make_durable(&mut self, msg: &Inbound, saved: Saved) -> Option<Saved> {
+        let Some(unsynced) = &saved.unsynced else {
+            return Some(saved);
+        };
+        if let Err(e) = unsynced.sync() {
+            // A failed fsync may have dropped the line without a later one saying so:
+            // the reply is saved again, fsynced.
+            log::warn!("{e}; saving the reply of row {} again", msg.activity_id);
+            let reply = &saved.reply;
+            if !self.save(msg, "its reply (not posted)", |s| {
+                s.record_reply(&msg.activity_id, reply.clone())
+            }) {
+                return None;
+            }
+        }
+        Some(Saved {
+            reply: saved.reply,
+            unsynced: None,
+        })
+    }
+
+    /// Posts a reply [`Worker::run`] journaled (once it is durable), and records the
+    /// row done.
+    pub fn deliver(&mut self, msg: &Inbound, saved: Saved) -> Finish {
+        match self.make_durable(msg, saved) {
+            Some(saved) => self.post_and_finish(msg, saved.reply),
+            None => Finish::Interrupted,
+        }
     }
 
     /// [`Worker::run`]: `Ok` is a reply to deliver, `Err` how the message ended.

@@ -38,7 +38,7 @@ use crate::orphans::{self, Groups};
 use crate::output::write_quiet;
 use crate::shutdown::{Shutdown, StopReason, ThreadGuard};
 use crate::signal::{self, Signal};
-use crate::state::{self, InstanceLock, PendingReply, StateError, Store};
+use crate::state::{self, InstanceLock, StateError, Store};
 
 use status::{RuntimeStatus, SharedStatus};
 use supervise::{Progress, Supervisor, Watched};
@@ -725,11 +725,12 @@ impl Connected<'_> {
         let workers = cfg.concurrency.min(self.run_handles.len());
         for i in 0..workers {
             // Each worker journals its reply and hands it to its own poster, which
-            // posts it while the worker runs the backend for the next message (of
-            // another sender: this one stays busy until `Finished`). Zero capacity:
-            // the hand-over waits for the poster, so a worker has at most one reply
-            // in delivery (journaled, so a crash while it waits loses no run).
-            let (post_tx, post_rx) = mpsc::sync_channel::<(poll::Job, PendingReply)>(0);
+            // fsyncs and posts it while the worker runs the backend for the next
+            // message (of another sender: this one stays busy until `Finished`). Zero
+            // capacity: the hand-over waits for the poster, so a worker has at most
+            // one reply in delivery (journaled, and fsynced before a wait, so a crash
+            // while it waits loses no run).
+            let (post_tx, post_rx) = mpsc::sync_channel::<(poll::Job, dispatch::Saved)>(0);
             let (poster_ctx, poster_events) = (ctx.clone(), events.clone());
             // Ends after its worker (which holds the sender), with the last reply.
             self.start(&format!("poster-{i}"), "poster", move || {
@@ -760,12 +761,28 @@ impl Connected<'_> {
                         dispatch::Ran::Reply(reply) => reply,
                     };
                     let ticket = job.ticket;
-                    match post_tx.send((job, reply)) {
+                    let sent = match post_tx.try_send((job, reply)) {
+                        Ok(()) => Ok(()),
+                        // The poster is busy: the reply must not wait unsynced.
+                        Err(mpsc::TrySendError::Full((job, reply))) => {
+                            match worker.make_durable(&job.msg, reply) {
+                                Some(reply) => post_tx
+                                    .send((job, reply))
+                                    .map_err(|mpsc::SendError(back)| back),
+                                None => {
+                                    finished(&events, job, dispatch::Finish::Interrupted);
+                                    continue;
+                                }
+                            }
+                        }
+                        Err(mpsc::TrySendError::Disconnected(back)) => Err(back),
+                    };
+                    match sent {
                         Ok(()) => {
                             let _ = events.send(poll::Event::Posting { ticket });
                         }
                         // The poster is gone (it only ends after us): deliver here.
-                        Err(mpsc::SendError((job, reply))) => {
+                        Err((job, reply)) => {
                             let finish = worker.deliver(&job.msg, reply);
                             finished(&events, job, finish);
                         }
