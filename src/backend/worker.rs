@@ -919,12 +919,16 @@ impl Pool {
             proc.started.elapsed().as_millis()
         );
         proc.ready.store(true, Ordering::SeqCst);
-        self.lock().start_failures = 0;
+        // Not the end of a crash loop yet: a worker that says it is ready and then
+        // exits is still failing at start (see `run_worker`).
+        drop(self.lock());
         self.changed.notify_all();
     }
 
     /// Waits for the worker to exit, then fails what it still held. Returns whether
-    /// it got going (ready and answering, or running long enough).
+    /// it got going (it answered, or ran long enough): a ready line alone does not
+    /// count, or a worker exiting right after it would restart every 200 ms forever
+    /// without the heartbeat ever saying wedged.
     fn run_worker(&self, child: Option<Child>, proc: &Arc<Proc>) -> bool {
         let slot = proc.slot;
         let Some(mut child) = child else {
@@ -952,7 +956,6 @@ impl Pool {
         }
         let ended = lock(&proc.ended).clone();
         let got_going = proc.answered.load(Ordering::SeqCst)
-            || (proc.ready.load(Ordering::SeqCst) && self.settings.ready)
             || proc.started.elapsed() >= self.settings.healthy_after;
         let stderr_tail = proc.stderr_tail();
         let held: Vec<Sender<Answer>> = {
@@ -1654,6 +1657,21 @@ mod tests {
         // A request meanwhile fails its attempt instead of waiting forever.
         let e = ask(&b, "x").unwrap_err();
         assert!(e.to_string().contains("no worker ready"), "{e}");
+        b.stop();
+    }
+
+    #[test]
+    fn exiting_right_after_the_ready_line_is_a_crash_loop_too() {
+        let b = backend(&[
+            ("cmd", "echo '{\"ready\":true}'; exit 1"),
+            ("ready", "true"),
+        ]);
+        b.start("", "", &Groups::default()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while b.trouble().is_none() {
+            assert!(Instant::now() < deadline, "never reported");
+            thread::sleep(Duration::from_millis(20));
+        }
         b.stop();
     }
 
