@@ -1415,6 +1415,18 @@ mod tests {
         true
     }
 
+    /// What [`Backend::trouble`] reports, once it does.
+    fn wait_for_trouble(b: &WorkerBackend) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(t) = b.trouble() {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "never reported");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A shell worker answering each request with `reply` (`$id` expands), after
     /// running `before` (which sees `$l`, the request line).
     fn sh_worker(before: &str, reply: &str) -> String {
@@ -1643,12 +1655,7 @@ mod tests {
         let b = backend(&[("cmd", "echo broken >&2; exit 1"), ("timeout", "300ms")]);
         b.start("ws", "http://127.0.0.1:1", &Groups::default())
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while b.trouble().is_none() {
-            assert!(Instant::now() < deadline, "never reported");
-            thread::sleep(Duration::from_millis(20));
-        }
-        let t = b.trouble().unwrap();
+        let t = wait_for_trouble(&b);
         assert!(t.starts_with("worker keeps failing at start"), "{t}");
         assert!(
             !t.contains("broken"),
@@ -1667,11 +1674,7 @@ mod tests {
             ("ready", "true"),
         ]);
         b.start("", "", &Groups::default()).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while b.trouble().is_none() {
-            assert!(Instant::now() < deadline, "never reported");
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_trouble(&b);
         b.stop();
     }
 
@@ -1687,11 +1690,8 @@ mod tests {
         s.healthy_after = Duration::from_millis(300);
         let b = WorkerBackend::new(s);
         b.start("", "", &Groups::default()).unwrap();
+        wait_for_trouble(&b);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while b.trouble().is_none() {
-            assert!(Instant::now() < deadline, "never reported");
-            thread::sleep(Duration::from_millis(20));
-        }
         // Fixed: the next start stays up, and nothing is asked of it.
         std::fs::write(&fixed, "").unwrap();
         while let Some(t) = b.trouble() {
@@ -1724,11 +1724,7 @@ mod tests {
             ("kill_grace", "100ms"),
         ]);
         b.start("", "", &Groups::default()).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while b.trouble().is_none() {
-            assert!(Instant::now() < deadline, "never reported");
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_trouble(&b);
         b.stop();
     }
 
