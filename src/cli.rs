@@ -1161,9 +1161,9 @@ Options:
                                           pass_meta=false, kill_grace=2s
                              claude-code: bin=claude, args=..., timeout=5m, pass_meta=true
                              worker:      cmd=SHELL-COMMAND (required), workers=N
-                                          (--concurrency), max_in_flight=1, timeout=60s,
-                                          kill_grace=2s, max_output=1048576 (per answer),
-                                          ready=false, start_timeout=30s
+                                          (--concurrency / max_in_flight), max_in_flight=1,
+                                          timeout=60s, kill_grace=2s, max_output=1048576
+                                          (per answer), ready=false, start_timeout=30s
                              mock:        reply='echo: %s'
   --token TOKEN            workspace token (visible in ps: prefer --token-file or
                            env MOLECULE_WORKSPACE_TOKEN)

@@ -84,8 +84,7 @@ pub struct WorkerBackend {
 }
 
 impl WorkerBackend {
-    /// Builds the backend from `--backend-opt` pairs; `cmd` is required, `workers`
-    /// defaults to `concurrency` (`--concurrency`).
+    /// Builds the backend from `--backend-opt` pairs; see [`Settings::parse`].
     #[cfg(test)]
     pub fn from_opts(
         opts: &BTreeMap<String, String>,
@@ -104,7 +103,7 @@ impl WorkerBackend {
 
 impl Settings {
     /// Parses `--backend-opt` pairs; `cmd` is required, `workers` defaults to
-    /// `concurrency` (`--concurrency`).
+    /// `concurrency` (`--concurrency`) divided by `max_in_flight`, rounded up.
     pub(crate) fn parse(
         opts: &BTreeMap<String, String>,
         concurrency: usize,
@@ -156,6 +155,11 @@ impl Settings {
                     )));
                 }
             }
+        }
+        if !opts.contains_key("workers") {
+            // `--concurrency` runs at once: with several in flight per worker, that
+            // many fewer workers (one worker taking all is the point of max_in_flight).
+            s.workers = concurrency.div_ceil(s.max_in_flight).clamp(1, MAX_COUNT);
         }
         if s.cmd.is_empty() {
             return Err(BackendError::Config(
@@ -1876,6 +1880,20 @@ mod tests {
         let opts = [("cmd".to_string(), "cat".to_string())].into();
         let b = WorkerBackend::from_opts(&opts, 4).unwrap();
         assert_eq!(b.pool.settings.workers, 4);
+        // With several in flight each, --concurrency needs fewer workers.
+        let workers = |pairs: &[(&str, &str)], concurrency| {
+            let opts = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let b = WorkerBackend::from_opts(&opts, concurrency).unwrap();
+            b.pool.settings.workers
+        };
+        assert_eq!(workers(&[("cmd", "cat"), ("max_in_flight", "3")], 3), 1);
+        assert_eq!(workers(&[("cmd", "cat"), ("max_in_flight", "2")], 5), 3);
+        assert_eq!(workers(&[("cmd", "cat"), ("max_in_flight", "8")], 1), 1);
+        let both = [("cmd", "cat"), ("max_in_flight", "3"), ("workers", "2")];
+        assert_eq!(workers(&both, 3), 2);
         assert_eq!(
             b.check().unwrap(),
             "worker: cat (started directly, no shell) (4 worker(s), 1 in flight each, timeout 1m)"

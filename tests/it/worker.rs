@@ -133,31 +133,35 @@ fn concurrency_keeps_per_sender_order_with_several_in_flight() {
     assert_no_workers_left(dir.path(), &c);
 }
 
-#[test]
-fn max_in_flight_alone_runs_that_many_messages_at_once() {
+/// Two messages from two senders, each answered by the test worker only once the
+/// other is in flight with it: they must run at once, in one worker process.
+fn pair_in_one_worker(opts: &[&str], args: &[&str]) {
     let emu = Emulator::start();
     let (a, peers) = workspace_and_peers(&emu, 2);
     for (i, p) in peers.iter().enumerate() {
         emu.say(&a.id, Some(p), &format!("pair-{i}"));
     }
     let dir = Arc::new(TempDir::new());
-    // No --concurrency: each "pair" request is answered only once the other one is
-    // in flight with it.
-    let mut c = start_env(
-        &emu,
-        &a,
-        &dir,
-        &["workers=1", "max_in_flight=2"],
-        &[],
-        &[("TEST_THREADS", "1")],
-    );
+    let mut c = start_env(&emu, &a, &dir, opts, args, &[("TEST_THREADS", "1")]);
     for (i, p) in peers.iter().enumerate() {
         let got = wait_received(&emu, p, 1, &c);
         assert_eq!(texts(&got), [format!("w:pair-{i}")], "{}", c.stderr());
     }
-    assert_eq!(pids(dir.path()).len(), 1);
+    assert_eq!(pids(dir.path()).len(), 1, "one worker");
     c.stop();
     assert_no_workers_left(dir.path(), &c);
+}
+
+#[test]
+fn max_in_flight_alone_runs_that_many_messages_at_once() {
+    // No --concurrency: max_in_flight sets it.
+    pair_in_one_worker(&["workers=1", "max_in_flight=2"], &[]);
+}
+
+#[test]
+fn concurrency_with_max_in_flight_starts_one_worker_for_both() {
+    // No workers=: --concurrency 2 over 2 in flight each is one worker.
+    pair_in_one_worker(&["max_in_flight=2"], &["--concurrency", "2"]);
 }
 
 #[test]
