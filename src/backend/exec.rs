@@ -1,8 +1,9 @@
 //! The `exec` and `claude-code` backends: run one `/bin/sh -c` command per message in
 //! its own process group, feed it the message, read its capped output and map its exit
-//! status. It must not leave processes behind, poll or sleep, read the environment
-//! (except `PATH`, once when built and in `check`), or log environment values or
-//! message text.
+//! status; `watch` does the waiting, in one `poll(2)` loop on the calling thread. It
+//! must not leave processes behind, check for the exit in a loop (`try_wait`) or
+//! sleep, read the environment (except `PATH`, once when built and in `check`), or
+//! log environment values or message text.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
