@@ -563,10 +563,12 @@ impl Pool {
             let proc = self.acquire(&id, tx, run, deadline)?;
             (id, proc)
         };
-        // A cancel signals through the worker, which refuses once it is reaped.
+        // A cancel (the drain ran out) ends the worker as a stop does: stdin closed
+        // first, then the signal, which the worker refuses once it is reaped.
         let signal_worker = {
             let p = Arc::clone(&proc);
             Arc::new(move |sig| {
+                p.close_input();
                 let _ = p.signal(sig);
             })
         };
@@ -1831,6 +1833,40 @@ mod tests {
             std::fs::remove_file(&pids).unwrap();
             assert!(matches!(ask(&b, "x"), Err(BackendError::Cancelled)));
         }
+    }
+
+    #[test]
+    fn a_cancel_closes_the_workers_stdin_before_the_signal() {
+        // Takes requests without answering; ignores SIGTERM, exits at stdin's EOF.
+        let cmd = "exec python3 -c 'import os, signal, sys, threading, time\n\
+                   signal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+                   def read():\n\
+                   \x20   for l in sys.stdin: print(\"got\", file=sys.stderr, flush=True)\n\
+                   \x20   os._exit(0)\n\
+                   threading.Thread(target=read, daemon=True).start()\n\
+                   time.sleep(60)'";
+        let b = Arc::new(backend(&[("cmd", cmd), ("timeout", "20s")]));
+        let run = RunHandle::new();
+        let t = {
+            let (b, run) = (Arc::clone(&b), run.clone());
+            thread::spawn(move || b.handle(&req("x"), &run))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !b
+            .pool
+            .lock()
+            .slots
+            .iter()
+            .flatten()
+            .any(|p| p.stderr_tail() == "got")
+        {
+            assert!(Instant::now() < deadline, "the request never came");
+            thread::sleep(Duration::from_millis(10));
+        }
+        run.cancel(SIGTERM);
+        // It exits on the EOF: the request ends now, not at its 20 s timeout.
+        assert!(matches!(t.join().unwrap(), Err(BackendError::Cancelled)));
+        b.stop();
     }
 
     #[test]
