@@ -793,6 +793,12 @@ impl Store {
         self.handled.len()
     }
 
+    /// Lines of an fsynced kind written but not known on disk yet.
+    #[cfg(test)]
+    pub fn unsynced_lines(&self) -> u64 {
+        self.durable_written.saturating_sub(self.sync_side().synced)
+    }
+
     /// The state file.
     #[cfg(test)]
     pub fn path(&self) -> &Path {

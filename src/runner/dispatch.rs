@@ -1111,6 +1111,34 @@ mod tests {
         }
 
         #[test]
+        fn a_reply_is_journaled_unsynced_and_made_durable_before_its_post() {
+            let fake = Fake::new(vec![]);
+            let mut s = setup(&fake);
+            let msg = message(Some(PEER));
+            let Ran::Reply(saved) = s.worker.run(&msg) else {
+                panic!("expected a reply to deliver");
+            };
+            // Journaled (a restart would find it), not yet fsynced, not posted.
+            assert!(saved.unsynced.is_some());
+            assert_eq!(s.store.lock().unwrap().unsynced_lines(), 1);
+            assert!(
+                s.store
+                    .lock()
+                    .unwrap()
+                    .pending_reply(&msg.activity_id)
+                    .is_some()
+            );
+            assert!(fake.sent().is_empty());
+            // What a worker does when its poster is busy: fsync before waiting.
+            let saved = s.worker.make_durable(&msg, saved).unwrap();
+            assert!(saved.unsynced.is_none());
+            assert_eq!(s.store.lock().unwrap().unsynced_lines(), 0);
+            assert_eq!(s.worker.deliver(&msg, saved), Finish::Done);
+            assert_eq!(fake.sent().len(), 1);
+            assert!(handled(&s, &msg));
+        }
+
+        #[test]
         fn a_canvas_message_is_answered_through_notify() {
             let fake = Fake::new(vec![]);
             let mut s = setup(&fake);
