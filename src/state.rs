@@ -236,6 +236,18 @@ pub struct CanvasPost {
     /// A post of it was answered 2xx: its echo is in.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shown: bool,
+    /// How many echoes its posts can have made (one per post not refused: a post
+    /// whose answer was lost may have been shown too, and then its retry as well).
+    #[serde(default = "one_post", skip_serializing_if = "is_one_post")]
+    pub posts: u32,
+}
+
+fn one_post() -> u32 {
+    1
+}
+
+fn is_one_post(n: &u32) -> bool {
+    *n == 1
 }
 
 /// A backend reply saved before it is posted, so a crash re-posts it (same
@@ -1175,6 +1187,7 @@ mod tests {
             began_us: i * 10,
             latest_us: i * 10 + 5,
             shown: i % 2 == 0,
+            posts: 1 + (i % 3) as u32,
         };
         let mut s = Store::open(&d, WS).unwrap();
         s.record_done("r0", vec!["a:r0".into()], Some(post(0)))

@@ -93,29 +93,39 @@ impl Notified {
             self.forgotten_us = self.forgotten_us.max(Some(end));
         }
         for saved in posts {
+            // One post per echo it can have made, as before the restart: merged into
+            // one, a reply whose lost post was shown and then its retry too would
+            // account for one echo of the two, and an identical reply saved before
+            // the crash would take the other for its own (never shown, then).
+            // (More than CAPACITY would only evict each other: a damaged count is cut.)
             let reply = self.reply();
-            self.next += 1;
-            let state = if saved.shown {
-                State::Shown {
-                    at_us: saved.latest_us,
-                }
-            } else {
-                State::Lost {
-                    latest_us: saved.latest_us,
-                }
-            };
-            self.keep(Post {
-                id: self.next,
-                reply,
-                text: saved.text,
-                began_us: saved.began_us,
-                state,
-            });
+            let count = saved
+                .posts
+                .clamp(1, u32::try_from(CAPACITY).unwrap_or(u32::MAX));
+            for i in 0..count {
+                let state = if saved.shown && i == 0 {
+                    State::Shown {
+                        at_us: saved.latest_us,
+                    }
+                } else {
+                    State::Lost {
+                        latest_us: saved.latest_us,
+                    }
+                };
+                self.next += 1;
+                self.keep(Post {
+                    id: self.next,
+                    reply,
+                    text: saved.text,
+                    began_us: saved.began_us,
+                    state,
+                });
+            }
         }
     }
 
     /// `reply`'s posts merged into one, to be saved once it is finished (none in
-    /// flight): `None` if none can have an echo.
+    /// flight), with how many there were: `None` if none can have an echo.
     pub fn finished(&self, reply: ReplyId) -> Option<CanvasPost> {
         let mut merged: Option<CanvasPost> = None;
         for p in self.posts.iter().filter(|p| p.reply == reply) {
@@ -126,10 +136,12 @@ impl Notified {
                 began_us: p.began_us,
                 latest_us,
                 shown,
+                posts: 0,
             });
             m.began_us = m.began_us.min(p.began_us);
             m.latest_us = m.latest_us.max(latest_us);
             m.shown |= shown;
+            m.posts = m.posts.saturating_add(1);
         }
         merged
     }
@@ -360,6 +372,7 @@ mod tests {
         assert_eq!(saved.began_us, 100 * S);
         assert_eq!(saved.latest_us, 101 * S + LOST_LATE_US);
         assert!(saved.shown);
+        assert_eq!(saved.posts, 2);
         assert_eq!(saved.text, hash("ok"));
         let unposted = before.reply();
         assert_eq!(before.finished(unposted), None);
@@ -369,8 +382,14 @@ mod tests {
         let second = after.reply();
         let from = after.window(second, "ok", 104 * S).unwrap();
         assert!(from <= 100 * S - SKEW_US, "{from}");
+        // Its lost post may have been shown as well as its retry: two echoes are
+        // both its own, as they are for the process before; a third is the saved one's.
+        let in_process = before.reply();
+        let from_before = before.window(in_process, "ok", 104 * S).unwrap();
+        assert!(!before.matches(in_process, "ok", from_before, 2, 105 * S));
         assert!(!after.matches(second, "ok", from, 1, 105 * S));
-        assert!(after.matches(second, "ok", from, 2, 105 * S));
+        assert!(!after.matches(second, "ok", from, 2, 105 * S));
+        assert!(after.matches(second, "ok", from, 3, 105 * S));
         // A window reaching the time of a post dropped from the state matches nothing.
         assert_eq!(after.window(second, "x", 51 * S), None);
         assert!(after.window(second, "x", 60 * S).is_some());
