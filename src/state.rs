@@ -19,9 +19,12 @@
 //! fsynced kind lies inside the durable prefix: that is corruption, start-up stops
 //! (exit 2) and the journal is left as it was for the operator. That reading needs
 //! every line of an fsynced kind to be written only once the ones before it are on
-//! disk: a saved reply may be written first and fsynced a moment later by its poster
+//! disk: a saved reply is written first and fsynced a little later by its poster
 //! ([`Store::record_reply_unsynced`], so the worker's next run need not wait for the
-//! disk), but the next line of an fsynced kind fsyncs it first if the poster has not.
+//! disk), and the next line of an fsynced kind fsyncs it first if the poster has not.
+//! Such a reply line is marked `unsynced`: it is no line of an fsynced kind, so in a
+//! torn tail it is kept like an unsynced `done`, and several may wait for their
+//! posts at once, the first poster's fsync covering them all (group commit).
 //!
 //! After a busy stretch the checkpoint leaves the emptied journal zero-filled ahead
 //! of the writes (see [`PREALLOC_MAX`]): an fsync of a line written into blocks that
@@ -289,7 +292,15 @@ pub struct PendingReply {
 #[serde(tag = "t", rename_all = "snake_case")]
 enum Record {
     /// The backend produced this reply for `row`; it is about to be posted.
-    Reply { row: String, reply: PendingReply },
+    Reply {
+        row: String,
+        reply: PendingReply,
+        /// Written without its own fsync ([`Store::record_reply_unsynced`]): in a
+        /// torn tail it is kept like an unsynced `done`, not taken for proof that
+        /// the damage before it was on disk.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        unsynced: bool,
+    },
     /// `row` is finished (answered, skipped on purpose, or dead-lettered), with its
     /// canvas reply's posts if it had any.
     Done {
@@ -356,8 +367,36 @@ pub struct Store {
 #[derive(Debug)]
 struct SyncSide {
     file: File,
-    /// Lines of an fsynced kind known on disk (an fsync or checkpoint after them).
+    /// Saved replies (and lines of an fsynced kind) known on disk: an fsync or
+    /// checkpoint after them.
     synced: u64,
+    /// Saved replies (and lines of an fsynced kind) written so far: what an fsync
+    /// starting now covers.
+    written: u64,
+    /// An fsync failed once these were written: Linux may have dropped the unsynced
+    /// ones from the page cache while a later fsync succeeds, so an [`Unsynced`]
+    /// reply numbered up to here is saved again instead (until a checkpoint holds it).
+    failed_upto: u64,
+}
+
+impl SyncSide {
+    /// One fsync of the journal: every line written before it is on disk after it.
+    fn sync(&mut self, path: &Path) -> Result<(), StateError> {
+        let upto = self.written;
+        match self.file.sync_data() {
+            Ok(()) => {
+                self.synced = self.synced.max(upto);
+                Ok(())
+            }
+            Err(source) => {
+                self.failed_upto = self.written;
+                Err(StateError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    }
 }
 
 /// A saved reply written to the journal but not yet fsynced: [`Unsynced::sync`]
@@ -375,19 +414,21 @@ impl Unsynced {
     /// Makes the reply durable (an fsync unless one already covered it). After an
     /// error, save the reply again ([`Store::record_reply`]): a failed fsync may have
     /// dropped the written line without saying so on the next try.
+    ///
+    /// Several replies waiting for their posts are made durable by the first one's
+    /// fsync (group commit): it covers every line written before it.
     pub fn sync(&self) -> Result<(), StateError> {
         let mut side = self.sync.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.seq > 0 && self.seq <= side.failed_upto {
+            return Err(StateError::Io {
+                path: self.path.clone(),
+                source: io::Error::other("an earlier fsync of the journal failed"),
+            });
+        }
         if side.synced >= self.seq {
             return Ok(());
         }
-        side.file.sync_data().map_err(|source| StateError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
-        // No later line of an fsynced kind exists yet: one is only written once this
-        // one is synced.
-        side.synced = side.synced.max(self.seq);
-        Ok(())
+        side.sync(&self.path)
     }
 }
 
@@ -470,6 +511,8 @@ impl Store {
             sync: Arc::new(Mutex::new(SyncSide {
                 file: sync,
                 synced: 0,
+                written: 0,
+                failed_upto: 0,
             })),
             journal_lines: 0,
             journal_len: 0,
@@ -599,14 +642,14 @@ impl Store {
     /// the `done` of a row without a saved reply (see [`Store::record_done`]).
     fn was_fsynced(&self, record: &Record) -> bool {
         match record {
-            Record::Reply { .. } => true,
+            Record::Reply { unsynced, .. } => !unsynced,
             Record::Done { row, .. } => !self.pending.contains_key(row),
         }
     }
 
     fn apply(&mut self, record: Record) {
         match record {
-            Record::Reply { row, reply } => {
+            Record::Reply { row, reply, .. } => {
                 self.pending.insert(row, reply);
             }
             Record::Done { row, keys, canvas } => {
@@ -646,10 +689,17 @@ impl Store {
         if !durable {
             return self.write_record(record, false);
         }
-        self.write_record(record, true)?;
+        if let Err(e) = self.write_record(record, true) {
+            // Its fsync may have failed: the unsynced replies before it are suspect.
+            let mut side = self.sync_side();
+            side.failed_upto = side.written;
+            return Err(e);
+        }
         // That fsync covered every line before it too.
         self.durable_written = self.durable_written.saturating_add(1);
-        self.sync_side().synced = self.durable_written;
+        let mut side = self.sync_side();
+        side.written = self.durable_written;
+        side.synced = self.durable_written;
         Ok(())
     }
 
@@ -662,11 +712,7 @@ impl Store {
     fn sync_earlier(&self) -> Result<(), StateError> {
         let mut side = self.sync_side();
         if side.synced < self.durable_written {
-            side.file.sync_data().map_err(|source| StateError::Io {
-                path: self.journal_path.clone(),
-                source,
-            })?;
-            side.synced = self.durable_written;
+            side.sync(&self.journal_path)?;
         }
         Ok(())
     }
@@ -741,6 +787,7 @@ impl Store {
             Record::Reply {
                 row: row.to_string(),
                 reply,
+                unsynced: false,
             },
             true,
         )
@@ -756,18 +803,31 @@ impl Store {
         row: &str,
         reply: PendingReply,
     ) -> Result<Unsynced, StateError> {
+        // Marked unsynced, it is no line of an fsynced kind: the replies waiting
+        // before it need no fsync first, one fsync covers them all.
         let record = Record::Reply {
             row: row.to_string(),
             reply,
+            unsynced: true,
         };
-        self.sync_earlier()?;
         self.write_record(record, false)?;
         self.durable_written = self.durable_written.saturating_add(1);
+        self.sync_side().written = self.durable_written;
         Ok(Unsynced {
             seq: self.durable_written,
             sync: Arc::clone(&self.sync),
             path: self.journal_path.clone(),
         })
+    }
+
+    /// Every saved reply written so far, as one [`Unsynced`]: its sync makes them all
+    /// durable (a poster about to wait for a retry, with replies queued behind it).
+    pub fn written_replies(&self) -> Unsynced {
+        Unsynced {
+            seq: self.durable_written,
+            sync: Arc::clone(&self.sync),
+            path: self.journal_path.clone(),
+        }
     }
 
     /// Records that `row` is finished; `keys` go into the ledger. After a saved
@@ -915,7 +975,10 @@ impl Store {
                 source,
             })?;
         // The state file holds every saved reply now, durably.
-        self.sync_side().synced = self.durable_written;
+        let mut side = self.sync_side();
+        side.synced = self.durable_written;
+        side.failed_upto = 0;
+        drop(side);
         self.journal_lines = 0;
         self.journal_len = 0;
         self.dirty = false;
@@ -1461,11 +1524,12 @@ mod tests {
         let synced = |s: &Store| s.sync_side().synced;
         let r1 = s.record_reply_unsynced("r1", reply("one")).unwrap();
         assert_eq!((synced(&s), s.durable_written), (0, 1));
-        // The next saved reply fsyncs the first one before it is written.
+        // Saved replies marked unsynced wait for their posters together: the first
+        // one's fsync covers both (group commit), the second needs none.
         let r2 = s.record_reply_unsynced("r2", reply("two")).unwrap();
-        assert_eq!((synced(&s), s.durable_written), (1, 2));
+        assert_eq!((synced(&s), s.durable_written), (0, 2));
         r1.sync().unwrap();
-        assert_eq!(synced(&s), 1);
+        assert_eq!(synced(&s), 2);
         r2.sync().unwrap();
         assert_eq!(synced(&s), 2);
         // A done line after a saved reply is not fsynced; one without is, and it
@@ -1484,6 +1548,71 @@ mod tests {
         assert_eq!(back.pending_reply("r2"), Some(reply("two")));
         assert_eq!(back.pending_reply("r1"), None);
         assert!(back.is_handled("a:r4"));
+    }
+
+    #[test]
+    fn one_sync_of_the_written_replies_covers_every_waiting_one() {
+        let d = tmpdir();
+        let mut s = Store::open(&d, WS).unwrap();
+        let synced = |s: &Store| s.sync_side().synced;
+        // Nothing written: nothing to do.
+        s.written_replies().sync().unwrap();
+        let r1 = s.record_reply_unsynced("r1", reply("one")).unwrap();
+        let r2 = s.record_reply_unsynced("r2", reply("two")).unwrap();
+        assert_eq!(synced(&s), 0);
+        s.written_replies().sync().unwrap();
+        assert_eq!(synced(&s), 2);
+        r1.sync().unwrap();
+        r2.sync().unwrap();
+        assert_eq!(synced(&s), 2);
+    }
+
+    #[test]
+    fn after_a_failed_fsync_a_waiting_reply_is_saved_again() {
+        let d = tmpdir();
+        let mut s = Store::open(&d, WS).unwrap();
+        let r1 = s.record_reply_unsynced("r1", reply("one")).unwrap();
+        let r2 = s.record_reply_unsynced("r2", reply("two")).unwrap();
+        // Appending a line of an fsynced kind fails (its fsync, or as here its write
+        // on a full disk): the two unsynced lines may be gone from the page cache
+        // while a later fsync succeeds, so neither counts as durable any more.
+        s.fail_writes(true);
+        assert!(s.record_reply("r3", reply("three")).is_err());
+        s.fail_writes(false);
+        s.record_done("r9", vec!["a:r9".into()], None).unwrap();
+        assert!(r1.sync().is_err());
+        assert!(r2.sync().is_err());
+        // A checkpoint holds them in the state file: durable again.
+        s.checkpoint().unwrap();
+        r1.sync().unwrap();
+        r2.sync().unwrap();
+    }
+
+    #[test]
+    fn an_unsynced_reply_after_damage_is_a_torn_tail_not_corruption() {
+        let d = tmpdir();
+        let jp = d.join(format!("{WS}.journal"));
+        let mut s = Store::open(&d, WS).unwrap();
+        s.record_reply("r1", reply("one")).unwrap();
+        let _r2 = s.record_reply_unsynced("r2", reply("two")).unwrap();
+        drop(s);
+        // A power cut before the poster's fsync: the line before the second
+        // unsynced reply did not reach the disk, the reply's did.
+        let written = fs::read_to_string(&jp).unwrap();
+        let r2_line = written.lines().nth(1).unwrap();
+        assert!(r2_line.contains("\"unsynced\":true"), "{r2_line}");
+        let mut torn = written.into_bytes();
+        torn.extend_from_slice(&[0u8; 40]);
+        torn.push(b'\n');
+        torn.extend_from_slice(
+            br#"{"t":"reply","row":"r3","reply":{"text":"three"},"unsynced":true}"#,
+        );
+        torn.push(b'\n');
+        fs::write(&jp, torn).unwrap();
+        let back = Store::open(&d, WS).unwrap();
+        for (r, t) in [("r1", "one"), ("r2", "two"), ("r3", "three")] {
+            assert_eq!(back.pending_reply(r), Some(reply(t)), "{r}");
+        }
     }
 
     #[test]

@@ -740,6 +740,13 @@ impl Worker {
                     msg.activity_id
                 );
             }
+            // Replies queued behind this one are journaled but not yet fsynced: a
+            // power cut during a long retry must not lose them (and run their
+            // backends again), so they are made durable before the wait.
+            let waiting = self.store().written_replies();
+            if let Err(e) = waiting.sync() {
+                log::debug!("row {}: {e}", msg.activity_id);
+            }
             if self.wait_backoff(attempt, e.retry_after()) {
                 return Err(ReplyFailure::Interrupted);
             }
@@ -1047,6 +1054,11 @@ mod tests {
             let dir =
                 std::env::temp_dir().join(format!("molecule-dispatch-{}", crate::uuid::new_v4()));
             std::fs::create_dir_all(&dir).unwrap();
+            setup_in(fake, dir)
+        }
+
+        /// A worker over the state in `dir` (as a restart finds it).
+        fn setup_in(fake: &Arc<Fake>, dir: PathBuf) -> Setup {
             let store = Arc::new(Mutex::new(Store::open(&dir, OWN).unwrap()));
             let shutdown = Shutdown::new();
             let platform: Arc<dyn Platform> = fake.clone();
@@ -1108,6 +1120,48 @@ mod tests {
                 sent[0].1
             );
             assert!(handled(&s, &msg));
+        }
+
+        /// The messageIds of the replies sent so far.
+        fn sent_ids(fake: &Fake) -> Vec<String> {
+            fake.sent()
+                .iter()
+                .map(|(_, env)| env["params"]["message"]["messageId"].to_string())
+                .collect()
+        }
+
+        #[test]
+        fn a_crash_after_the_unsynced_done_line_answers_once() {
+            let fake = Fake::new(vec![]);
+            let mut s = setup(&fake);
+            let msg = message(Some(PEER));
+            assert_eq!(s.worker.handle(&msg), Finish::Done);
+            let lines = std::fs::read_to_string(s.dir.join(format!("{OWN}.journal"))).unwrap();
+            assert_eq!(lines.lines().count(), 2, "{lines}");
+            // What a restart finds in a state dir holding only `journal`.
+            let restart = |journal: &str| {
+                let dir = std::env::temp_dir()
+                    .join(format!("molecule-dispatch-{}", crate::uuid::new_v4()));
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(dir.join(format!("{OWN}.journal")), journal).unwrap();
+                setup_in(&fake, dir)
+            };
+            // The process dies (no checkpoint): the done line, not fsynced, is in
+            // the page cache, so the row is handled after the restart.
+            assert!(handled(&restart(&lines), &msg));
+            // The power goes: only the reply, fsynced before its post, is on disk.
+            // The restart posts that saved reply again under the same messageId (the
+            // platform drops it as a duplicate), never a second run's answer.
+            let synced = lines.find('\n').unwrap() + 1;
+            let mut after = restart(&lines[..synced]);
+            assert!(!handled(&after, &msg));
+            assert_eq!(after.worker.handle(&msg), Finish::Done);
+            let ids = sent_ids(&fake);
+            assert_eq!(ids.len(), 2, "{ids:?}");
+            assert_eq!(ids[0], ids[1]);
+            let (c, _, _) = RuntimeStatus::snapshot(&after.worker.ctx.status);
+            assert_eq!(c.reply_resends, 1, "the saved reply, not a new run");
+            assert!(handled(&after, &msg));
         }
 
         #[test]

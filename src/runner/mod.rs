@@ -49,6 +49,11 @@ const KILL_GRACE: Duration = Duration::from_secs(2);
 /// stalled platform must not hold the exit for a whole request timeout). State is
 /// journaled before every side effect, so leaving them is safe.
 const REQUEST_GRACE: Duration = Duration::from_secs(2);
+/// Replies a worker may leave waiting for its poster, journaled but not yet fsynced:
+/// the poster's first fsync then covers them all (group commit). Each is of another
+/// sender (one stays busy until its reply is posted). Bounded: a reply may be as
+/// large as the backend's output cap.
+const POST_QUEUE: usize = 8;
 
 /// Runs `molecule connect` for one workspace until a signal or a fatal error.
 pub fn connect(cfg: ConnectConfig, sup: &Supervision, out: &mut dyn Write) -> Result<(), Error> {
@@ -726,11 +731,11 @@ impl Connected<'_> {
         for i in 0..workers {
             // Each worker journals its reply and hands it to its own poster, which
             // fsyncs and posts it while the worker runs the backend for the next
-            // message (of another sender: this one stays busy until `Finished`). Zero
-            // capacity: the hand-over waits for the poster, so a worker has at most
-            // one reply in delivery (journaled, and fsynced before a wait, so a crash
-            // while it waits loses no run).
-            let (post_tx, post_rx) = mpsc::sync_channel::<(poll::Job, dispatch::Saved)>(0);
+            // message (of another sender: this one stays busy until `Finished`). Up
+            // to POST_QUEUE replies wait (journaled, so a crash of the process loses
+            // no run; the poster fsyncs them before a retry's wait, and the worker
+            // before it waits at a full queue).
+            let (post_tx, post_rx) = mpsc::sync_channel::<(poll::Job, dispatch::Saved)>(POST_QUEUE);
             let (poster_ctx, poster_events) = (ctx.clone(), events.clone());
             // Ends after its worker (which holds the sender), with the last reply.
             self.start(&format!("poster-{i}"), "poster", move || {
