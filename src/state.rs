@@ -360,6 +360,8 @@ pub struct Store {
     canvas_forgotten_us: Option<i64>,
     #[cfg(test)]
     fail_writes: bool,
+    #[cfg(test)]
+    fail_syncs: bool,
 }
 
 /// Another fd of the journal, for fsyncs outside the store's lock, and how far they
@@ -527,6 +529,8 @@ impl Store {
             canvas_forgotten_us: file.canvas_forgotten_us,
             #[cfg(test)]
             fail_writes: false,
+            #[cfg(test)]
+            fail_syncs: false,
         };
         for key in file.handled {
             store.handled.insert(key, ());
@@ -772,6 +776,20 @@ impl Store {
         self.fail_writes = on;
     }
 
+    /// Test seam: the checkpoint's fsync of the emptied journal fails while `on`.
+    #[cfg(test)]
+    pub(crate) fn fail_syncs(&mut self, on: bool) {
+        self.fail_syncs = on;
+    }
+
+    fn check_syncable(&self) -> io::Result<()> {
+        #[cfg(test)]
+        if self.fail_syncs {
+            return Err(io::Error::other("fsync failed (test)"));
+        }
+        Ok(())
+    }
+
     fn check_writable(&self) -> io::Result<()> {
         #[cfg(test)]
         if self.fail_writes {
@@ -957,8 +975,15 @@ impl Store {
         } else {
             0
         };
-        self.journal
-            .set_len(0)
+        let emptied = self.journal.set_len(0);
+        if emptied.is_ok() {
+            // Empty now, whatever fails next: the next record goes at its start. A
+            // stale length would put it after a hole of zeros, damage before a line
+            // of an fsynced kind, which stops the next start (exit 2).
+            self.journal_len = 0;
+            self.journal_lines = 0;
+        }
+        emptied
             .and_then(|()| {
                 if let Err(e) = self.preallocate(room) {
                     // Only the fsyncs get slower until the next checkpoint.
@@ -968,6 +993,7 @@ impl Store {
                     );
                     self.journal.set_len(0)?;
                 }
+                self.check_syncable()?;
                 self.journal.sync_data()
             })
             .map_err(|source| StateError::Io {
@@ -979,8 +1005,6 @@ impl Store {
         side.synced = self.durable_written;
         side.failed_upto = 0;
         drop(side);
-        self.journal_lines = 0;
-        self.journal_len = 0;
         self.dirty = false;
         self.last_checkpoint = Instant::now();
         Ok(())
@@ -1586,6 +1610,31 @@ mod tests {
         s.checkpoint().unwrap();
         r1.sync().unwrap();
         r2.sync().unwrap();
+    }
+
+    #[test]
+    fn after_a_checkpoint_whose_journal_fsync_failed_records_start_at_the_beginning() {
+        let d = tmpdir();
+        let mut s = Store::open(&d, WS).unwrap();
+        for i in 0..3 {
+            s.record_done(&format!("r{i}"), vec![format!("a:r{i}")], None)
+                .unwrap();
+        }
+        // The state file is written and the journal emptied; only its fsync fails.
+        s.fail_syncs(true);
+        assert!(s.checkpoint().is_err());
+        s.fail_syncs(false);
+        s.record_done("r9", vec!["a:r9".into()], None).unwrap();
+        drop(s);
+        // The journal holds that one record, not a hole of zeros before it.
+        let journal = fs::read(d.join(format!("{WS}.journal"))).unwrap();
+        assert!(
+            journal.starts_with(b"{"),
+            "{:?}",
+            &journal[..journal.len().min(16)]
+        );
+        let back = Store::open(&d, WS).unwrap();
+        assert!(back.is_handled("a:r0") && back.is_handled("a:r9"));
     }
 
     #[test]
