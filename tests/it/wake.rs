@@ -50,10 +50,10 @@ fn events_wake_the_poll_and_a_duplicate_event_does_no_harm() {
     // Neither blind period would fire within the test: only events can wake a poll.
     let Connected { emu, a, b, c, .. } = events_only(3600).connect();
     wait_streams(&emu, &a.id, 1, &c);
-    wait_until(WAIT, "the status file says events", &c, || {
+    // ...and a finished poll: `status` calls a file from before the first one stale.
+    wait_until(WAIT, "the status file says events and a poll", &c, || {
         let s = status(&c);
-        s["wake"]["events_connected_since"]
-            .is_number()
+        (s["wake"]["events_connected_since"].is_number() && !s["last_poll_ok"].is_null())
             .then_some(())
     });
     emu.enqueue(
