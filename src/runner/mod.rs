@@ -824,9 +824,15 @@ impl Connected<'_> {
             safety_poll: cfg.safety_poll,
         };
         let (client, shutdown) = (self.client.clone(), self.shutdown.clone());
-        self.start("events", "events", move || {
+        // Not joined at the stop: it only reads the stream and wakes the others, and
+        // its read notices the stop only after a tick (up to 1 s, a slow SIGTERM).
+        let guard = shutdown.clone();
+        spawn("events", move || {
+            let _guard = ThreadGuard::new(&guard, "events");
+            debug_panic_hook("events");
             wake::run(client, settings, state, wakes, shutdown);
-        })
+        })?;
+        Ok(())
     }
 
     /// What a thread beside the workers needs, with the run handle after the
