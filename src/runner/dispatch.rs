@@ -555,12 +555,12 @@ impl Worker {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records how a canvas post ended, for telling its echo from others'.
     /// A fresh id for the posts of `msg`'s reply, if it goes to the canvas.
     fn canvas_reply(&self, msg: &Inbound) -> Option<ReplyId> {
         msg.source_id.is_none().then(|| self.notified().reply())
     }
 
+    /// Records how a canvas post ended, for telling its echo from others'.
     fn settle_post(&self, post: PostId, result: &Result<(), ApiError>) {
         // Without a clock the post counts for ever (until forgotten): no false match.
         let now = now_us().unwrap_or(i64::MAX);
