@@ -605,14 +605,29 @@ impl Connected<'_> {
         role: &'static str,
         f: impl FnOnce() + Send + 'static,
     ) -> Result<(), Error> {
-        let (shutdown, done) = (self.shutdown.clone(), self.done.clone());
-        self.threads.push(spawn(name, move || {
-            let _guard = ThreadGuard::new(&shutdown, role);
+        let done = self.done.clone();
+        let thread = self.spawn_guarded(name, role, move || {
             let _done = DoneOnDrop(done, role);
+            f();
+        })?;
+        self.threads.push(thread);
+        Ok(())
+    }
+
+    /// A thread for `role` whose panic stops the workspace; nobody waits for its end
+    /// unless [`Connected::start`] does.
+    fn spawn_guarded(
+        &self,
+        name: &str,
+        role: &'static str,
+        f: impl FnOnce() + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<()>, Error> {
+        let shutdown = self.shutdown.clone();
+        spawn(name, move || {
+            let _guard = ThreadGuard::new(&shutdown, role);
             debug_panic_hook(role);
             f();
-        })?);
-        Ok(())
+        })
     }
 
     /// Cron mode may finish before the heartbeat thread's first beat: beat now.
@@ -826,10 +841,7 @@ impl Connected<'_> {
         let (client, shutdown) = (self.client.clone(), self.shutdown.clone());
         // Not joined at the stop: it only reads the stream and wakes the others, and
         // its read notices the stop only after a tick (up to 1 s, a slow SIGTERM).
-        let guard = shutdown.clone();
-        spawn("events", move || {
-            let _guard = ThreadGuard::new(&guard, "events");
-            debug_panic_hook("events");
+        self.spawn_guarded("events", "events", move || {
             wake::run(client, settings, state, wakes, shutdown);
         })?;
         Ok(())

@@ -656,6 +656,14 @@ fn runs(log: &std::path::Path) -> String {
     std::fs::read_to_string(log).unwrap_or_default()
 }
 
+/// An exec command that echoes each message and appends it to `log` (see [`runs`]).
+fn echo_logging_runs(log: &std::path::Path) -> String {
+    format!(
+        "cmd=x=$(cat); echo \"$x\" >> {}; echo \"$x\"",
+        log.display()
+    )
+}
+
 /// Starts `cmd` at `--concurrency 1` on [`reply_held_in_delivery`]'s messages and
 /// waits until q1 runs: with one backend slot, only while p1's reply is in delivery.
 fn start_until_q1_runs(emu: &Emulator, a: &Ws, dir: &Arc<TempDir>, cmd: &str) -> Connector {
@@ -687,11 +695,7 @@ fn a_reply_in_delivery_lets_another_sender_run_but_holds_its_own_sender() {
     let (emu, a, p, q) = reply_held_in_delivery();
     let dir = Arc::new(TempDir::new());
     let log = dir.path().join("runs.log");
-    let cmd = format!(
-        "cmd=x=$(cat); echo \"$x\" >> {}; echo \"$x\"",
-        log.display()
-    );
-    let c = start_until_q1_runs(&emu, &a, &dir, &cmd);
+    let c = start_until_q1_runs(&emu, &a, &dir, &echo_logging_runs(&log));
     // p1 cannot be delivered while the fault lasts, so p stays busy: p2 waits.
     assert_eq!(runs(&log), "p1\nq1\n", "{}", c.stderr());
     assert!(emu.received(&p).is_empty(), "{}", c.stderr());
@@ -744,11 +748,7 @@ fn a_reply_waiting_for_a_busy_poster_is_journaled_and_survives_a_kill_9() {
     let (emu, a, p, q) = reply_held_in_delivery();
     let dir = Arc::new(TempDir::new());
     let log = dir.path().join("runs.log");
-    let cmd = format!(
-        "cmd=x=$(cat); echo \"$x\" >> {}; echo \"$x\"",
-        log.display()
-    );
-    let c = start_until_q1_runs(&emu, &a, &dir, &cmd);
+    let c = start_until_q1_runs(&emu, &a, &dir, &echo_logging_runs(&log));
     // q1's reply waits for the poster (busy retrying p1's): it is journaled already.
     wait_until(WAIT, "q1's reply saved", &c, || {
         let saved = saved_replies(dir.path(), &a.id);
