@@ -9,16 +9,19 @@
 //! `doctor`'s probe runs one worker that is never restarted: when it exits before it
 //! is ready or has answered, every wait on it ends at once with how it ended.
 //!
-//! Threads per worker process: the slot's supervisor (waits for the exit), a writer
-//! (stdin), a reader (stdout: answers) and a stderr logger. Lock order: the pool's
-//! state, then a process's `pending` or `reaped`.
+//! Threads per worker process: the slot's supervisor (waits for the exit), a reader
+//! (stdout: answers) and a stderr logger. A request thread writes its line to the
+//! worker's stdin itself (non-blocking, with `poll(2)` while the pipe is full): a
+//! writer thread would cost a hand-off per message. Lock order: the pool's state,
+//! then a process's `pending` or `reaped`; a process's `writing`, then its `input`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, PipeReader, PipeWriter, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -30,7 +33,9 @@ use super::exec::{
 };
 use super::{Backend, BackendError, Groups, Origin, Outcome, Request, RunHandle};
 use crate::backoff::Backoff;
-use crate::signal::{SIGKILL, SIGTERM, kill_process_group, wait_exited};
+use crate::signal::{
+    self, POLLIN, POLLOUT, PollFd, SIGKILL, SIGTERM, kill_process_group, wait_exited,
+};
 
 /// Options, for error messages.
 const KEYS: &str =
@@ -372,8 +377,12 @@ struct Proc {
     slot: usize,
     pgid: u32,
     started: Instant,
-    /// Lines for the writer thread; `None` once stdin is to be closed.
-    input: Mutex<Option<Sender<Vec<u8>>>>,
+    /// The worker's stdin; `None` once it is to be closed.
+    input: Mutex<Option<Input>>,
+    /// Held while a request line goes in, so that lines never interleave.
+    writing: Mutex<()>,
+    /// Hangs up once `input` is closed: wakes a writer waiting for room in stdin.
+    closed: Option<PipeReader>,
     /// Requests sent (or about to be), by id.
     pending: Mutex<HashMap<String, Sender<Answer>>>,
     /// Takes requests (started, and ready if `ready=true`).
@@ -387,6 +396,28 @@ struct Proc {
     /// Set once the process is reaped: its pgid may then name an unrelated group, so
     /// [`Proc::signal`] checks it under this lock and the reap holds it.
     reaped: Mutex<bool>,
+}
+
+/// A worker's stdin, non-blocking, while it is open.
+struct Input {
+    /// Shared with the request writing to it: a close while that request waits for
+    /// room takes effect (the pipe closes) as soon as the request gives up.
+    stdin: Arc<ChildStdin>,
+    /// Dropped with the input: the other end, [`Proc::closed`], then hangs up.
+    _wake: PipeWriter,
+}
+
+impl Input {
+    /// Stdin made non-blocking, and the pipe that says when it is closed.
+    fn new(stdin: ChildStdin) -> io::Result<(Input, PipeReader)> {
+        signal::set_nonblocking(&stdin)?;
+        let (closed, wake) = io::pipe()?;
+        let input = Input {
+            stdin: Arc::new(stdin),
+            _wake: wake,
+        };
+        Ok((input, closed))
+    }
 }
 
 /// What a request thread gets back.
@@ -405,12 +436,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Proc {
-    fn new(slot: usize, pgid: u32, input: Option<Sender<Vec<u8>>>) -> Self {
+    fn new(slot: usize, pgid: u32, input: Option<(Input, PipeReader)>) -> Self {
+        let (input, closed) = input.unzip();
         Proc {
             slot,
             pgid,
             started: Instant::now(),
             input: Mutex::new(input),
+            writing: Mutex::new(()),
+            closed,
             pending: Mutex::default(),
             ready: AtomicBool::new(false),
             answered: AtomicBool::new(false),
@@ -462,11 +496,52 @@ impl Proc {
         child.wait()
     }
 
-    fn send(&self, line: Vec<u8>) {
-        if let Some(tx) = lock(&self.input).as_ref() {
-            // A writer that is gone means the worker is going: `Gone` follows.
-            let _ = tx.send(line);
+    /// Writes `line` to the worker's stdin, waiting for room in the pipe until
+    /// `deadline`; `false` when the deadline passed first. A closed stdin, or one
+    /// closed while we wait, ends the write (the rest of the line is not sent), as
+    /// does a write error: the worker is going, and its `Gone` follows.
+    fn send(&self, line: &[u8], deadline: Option<Instant>) -> bool {
+        let _one = lock(&self.writing);
+        let Some(stdin) = lock(&self.input).as_ref().map(|i| Arc::clone(&i.stdin)) else {
+            return true;
+        };
+        let mut rest = line;
+        while !rest.is_empty() {
+            match (&*stdin).write(rest) {
+                Ok(n) if n > 0 => rest = rest.get(n..).unwrap_or_default(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                    if left.is_some_and(|l| l.is_zero()) {
+                        return false;
+                    }
+                    // Closed since: a close after this look hangs up `closed`, and
+                    // the poll returns at once.
+                    if lock(&self.input).is_none() {
+                        return true;
+                    }
+                    let mut fds = [
+                        PollFd {
+                            fd: stdin.as_raw_fd(),
+                            events: POLLOUT,
+                            revents: 0,
+                        },
+                        PollFd {
+                            fd: self.closed.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+                            events: POLLIN,
+                            revents: 0,
+                        },
+                    ];
+                    if let Err(e) = signal::wait_ready(&mut fds, left) {
+                        log::warn!("worker {}: waiting to write a request: {e}", self.slot);
+                        return true;
+                    }
+                }
+                // `Ok(0)` (never for a pipe) or an error: the worker is going.
+                _ => return true,
+            }
         }
+        true
     }
 
     /// Hands `result` to the request `id`, if it is still waiting. `false` for an id
@@ -578,8 +653,15 @@ impl Pool {
             self.changed.notify_all();
             return Err(BackendError::Cancelled);
         }
-        proc.send(encode(&id, req));
-        let answer = match rx.recv_timeout(timeout) {
+        let deadline = Instant::now().checked_add(timeout);
+        // A worker that stops reading its stdin times out as one that stops answering.
+        let answer = if proc.send(&encode(&id, req), deadline) {
+            let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+            rx.recv_timeout(left)
+        } else {
+            Err(RecvTimeoutError::Timeout)
+        };
+        let answer = match answer {
             Ok(a) => Some(a),
             Err(RecvTimeoutError::Disconnected) => None,
             Err(RecvTimeoutError::Timeout) => {
@@ -837,7 +919,6 @@ impl Pool {
         if st.stopping || st.draining {
             return None;
         }
-        let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let spawned = self.settings.command(env).spawn();
         let mut child = match spawned {
             Ok(c) => c,
@@ -851,18 +932,20 @@ impl Pool {
                 return Some((None, proc));
             }
         };
-        let proc = Arc::new(Proc::new(slot, child.id(), Some(tx)));
+        let input = child.stdin.take().map(Input::new).transpose();
+        let (input, input_error) = match input {
+            Ok(i) => (i, None),
+            Err(e) => (None, Some(e)),
+        };
+        let proc = Arc::new(Proc::new(slot, child.id(), input));
         st.slots[slot] = Some(Arc::clone(&proc));
         st.groups.add(proc.pgid);
         drop(st);
-        let (stdin, stdout, stderr) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
         let (ready_tx, ready_rx) = mpsc::channel::<()>();
         let helpers = (|| -> io::Result<()> {
-            if let Some(stdin) = stdin {
-                named(&format!("worker-{slot}-stdin"), move || {
-                    write_lines(stdin, &rx)
-                })?;
+            if let Some(e) = input_error {
+                return Err(e);
             }
             if let Some(err) = stderr {
                 let (p, me) = (Arc::clone(&proc), Arc::clone(self));
@@ -882,7 +965,7 @@ impl Pool {
             Ok(())
         })();
         if let Err(e) = helpers {
-            log::error!("worker {slot}: cannot start a helper thread: {e}");
+            log::error!("worker {slot}: cannot set up its pipes and threads: {e}");
             proc.end(Ended::Stop);
             let _ = proc.signal(SIGKILL);
         }
@@ -1196,16 +1279,6 @@ fn scan_id(text: &str) -> Option<String> {
     }
     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
     (!digits.is_empty()).then_some(digits)
-}
-
-/// The writer: request lines to the worker's stdin until the pool closes it.
-fn write_lines(mut stdin: ChildStdin, lines: &Receiver<Vec<u8>>) {
-    for line in lines {
-        if stdin.write_all(&line).and_then(|()| stdin.flush()).is_err() {
-            // The worker is gone; the supervisor fails what it held.
-            return;
-        }
-    }
 }
 
 /// The stderr logger: each line to `log` (cut at [`STDERR_LINE`], at most
@@ -1846,11 +1919,26 @@ mod tests {
                    threading.Thread(target=read, daemon=True).start()\n\
                    time.sleep(60)'";
         let b = Arc::new(backend(&[("cmd", cmd), ("timeout", "20s")]));
+        let (run, t) = handle_in_thread(&b, req("x"));
+        wait_for_stderr(&b, "got");
+        run.cancel(SIGTERM);
+        // It exits on the EOF: the request ends now, not at its 20 s timeout.
+        assert!(matches!(t.join().unwrap(), Err(BackendError::Cancelled)));
+        b.stop();
+    }
+
+    /// `req` handled in a thread, with the run handle that can cancel it.
+    fn handle_in_thread(
+        b: &Arc<WorkerBackend>,
+        req: Request,
+    ) -> (RunHandle, JoinHandle<Result<Outcome, BackendError>>) {
         let run = RunHandle::new();
-        let t = {
-            let (b, run) = (Arc::clone(&b), run.clone());
-            thread::spawn(move || b.handle(&req("x"), &run))
-        };
+        let (b, r) = (Arc::clone(b), run.clone());
+        (run, thread::spawn(move || b.handle(&req, &r)))
+    }
+
+    /// Waits until a worker's stderr tail is `want` (it got the request).
+    fn wait_for_stderr(b: &WorkerBackend, want: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !b
             .pool
@@ -1858,14 +1946,55 @@ mod tests {
             .slots
             .iter()
             .flatten()
-            .any(|p| p.stderr_tail() == "got")
+            .any(|p| p.stderr_tail() == want)
         {
             assert!(Instant::now() < deadline, "the request never came");
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn a_worker_that_does_not_read_its_stdin_still_times_out() {
+        // Far more than a pipe holds: the write itself waits, until the timeout.
+        let b = backend(&[
+            ("cmd", "sleep 30"),
+            ("timeout", "300ms"),
+            ("kill_grace", "100ms"),
+        ]);
+        let started = Instant::now();
+        let e = ask(&b, &"x".repeat(4 << 20)).unwrap_err();
+        assert!(matches!(e, BackendError::Timeout { .. }), "{e:?}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // The next request goes to the restarted worker (and times out the same way).
+        let e = ask(&b, &"y".repeat(4 << 20)).unwrap_err();
+        assert!(matches!(e, BackendError::Timeout { .. }), "{e:?}");
+        b.stop();
+    }
+
+    #[test]
+    fn a_cancel_while_the_request_is_written_closes_stdin_at_once() {
+        let dir = TempDir::new();
+        let (go, count) = (dir.file("go"), dir.file("count"));
+        // Reads a little and stops (the pipe fills, the write waits), ignores SIGTERM;
+        // once `go` exists, counts what is left up to stdin's EOF.
+        let cmd = format!(
+            "trap '' TERM; head -c 1000 >/dev/null; echo got >&2; \
+             while [ ! -e '{go}' ]; do sleep 0.05; done; wc -c > '{count}'"
+        );
+        let b = Arc::new(backend(&[("cmd", &cmd), ("timeout", "20s")]));
+        let (run, t) = handle_in_thread(&b, req(&"x".repeat(4 << 20)));
+        wait_for_stderr(&b, "got");
         run.cancel(SIGTERM);
-        // It exits on the EOF: the request ends now, not at its 20 s timeout.
+        std::fs::write(&go, "").unwrap();
+        // The rest of the line was not sent: stdin closed, the worker saw its EOF
+        // and exited, long before the 20 s timeout.
         assert!(matches!(t.join().unwrap(), Err(BackendError::Cancelled)));
+        let left: usize = std::fs::read_to_string(&count)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(left < 2 << 20, "{left} bytes written after the cancel");
         b.stop();
     }
 
