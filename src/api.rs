@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use ureq::http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue, ORIGIN};
 
 use crate::config::Secret;
 use crate::credentials::Credentials;
@@ -501,7 +502,30 @@ pub struct Client {
     credentials: Credentials,
     stats: Arc<RequestStats>,
     pacer: Option<Arc<dyn Pacer>>,
+    fixed: Arc<Fixed>,
 }
+
+/// What every request of a client repeats, built once: header values (`None` when
+/// one is no valid header value: then it goes as before, and ureq's error with it)
+/// and the self-report path.
+struct Fixed {
+    origin_header: Option<HeaderValue>,
+    workspace_header: Option<HeaderValue>,
+    activity: String,
+}
+
+impl Fixed {
+    fn new(origin: &str, workspace_id: &WorkspaceId) -> Fixed {
+        Fixed {
+            origin_header: HeaderValue::from_str(origin).ok(),
+            workspace_header: HeaderValue::from_str(workspace_id.as_str()).ok(),
+            activity: format!("/workspaces/{workspace_id}/activity"),
+        }
+    }
+}
+
+/// `application/json`, for `Accept` and `Content-Type`.
+static JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 /// How much a request matters when the rate budget is short (§API-1.4): liveness
 /// first, then what delivers an answer, then reads that can wait.
@@ -596,7 +620,8 @@ impl RateHeaders {
 /// answer), 429s, and the last `X-RateLimit-Remaining` the platform sent (§API-1.4).
 #[derive(Debug, Default)]
 pub struct RequestStats {
-    requests: Mutex<BTreeMap<(String, String), u64>>,
+    /// endpoint -> code -> answers: counted without building a key once both are in.
+    requests: Mutex<BTreeMap<String, BTreeMap<String, u64>>>,
     rate_limited: AtomicU64,
     /// `u64::MAX` until the platform has sent the header.
     rate_remaining: AtomicU64,
@@ -611,13 +636,26 @@ impl RequestStats {
     }
 
     fn record(&self, method: &str, path: &str, code: &str) {
-        let key = (endpoint_of(method, path), code.to_string());
-        *self
-            .requests
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(key)
-            .or_default() += 1;
+        ENDPOINT.with(|buf| {
+            let mut fresh = String::new();
+            let mut kept = buf.try_borrow_mut();
+            let endpoint = kept.as_deref_mut().unwrap_or(&mut fresh);
+            endpoint.clear();
+            endpoint_into(endpoint, method, path);
+            let mut requests = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
+            if !requests.contains_key(endpoint.as_str()) {
+                requests.insert(endpoint.clone(), BTreeMap::new());
+            }
+            let Some(codes) = requests.get_mut(endpoint.as_str()) else {
+                return;
+            };
+            match codes.get_mut(code) {
+                Some(n) => *n += 1,
+                None => {
+                    codes.insert(code.to_string(), 1);
+                }
+            }
+        });
     }
 
     fn note_rate_limit(&self, status: u16, headers: &ureq::http::HeaderMap) {
@@ -640,7 +678,7 @@ impl RequestStats {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .map(|((e, c), n)| (e.clone(), c.clone(), *n))
+            .flat_map(|(e, codes)| codes.iter().map(|(c, n)| (e.clone(), c.clone(), *n)))
             .collect()
     }
 
@@ -655,11 +693,25 @@ impl RequestStats {
     }
 }
 
-/// `GET /workspaces/:id/activity` for `GET /workspaces/<uuid>/activity`: metrics
-/// name the route, never an id (ids only reach paths as UUIDs, §API-1.7).
+/// [`endpoint_into`] as a new string.
+#[cfg(test)]
 fn endpoint_of(method: &str, path: &str) -> String {
+    let mut out = String::new();
+    endpoint_into(&mut out, method, path);
+    out
+}
+
+thread_local! {
+    /// [`RequestStats::record`]'s endpoint, built per request in a kept buffer.
+    static ENDPOINT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// `GET /workspaces/:id/activity` for `GET /workspaces/<uuid>/activity`, appended to
+/// `out`: metrics name the route, never an id (ids only reach paths as UUIDs,
+/// §API-1.7).
+fn endpoint_into(out: &mut String, method: &str, path: &str) {
     let path = path.split('?').next().unwrap_or(path);
-    let mut out = String::with_capacity(method.len() + path.len() + 1);
+    out.reserve(method.len() + path.len() + 1);
     out.push_str(method);
     out.push(' ');
     for (i, seg) in path.split('/').enumerate() {
@@ -672,7 +724,6 @@ fn endpoint_of(method: &str, path: &str) -> String {
             seg
         });
     }
-    out
 }
 
 impl Client {
@@ -691,7 +742,9 @@ impl Client {
         credentials: impl Into<Credentials>,
     ) -> Self {
         let origin: Arc<str> = origin_of(&cfg.api_url).into();
+        let fixed = Arc::new(Fixed::new(&origin, &cfg.workspace_id));
         Self {
+            fixed,
             agent: transport.0.clone(),
             cfg: Arc::new(cfg),
             origin,
@@ -842,25 +895,36 @@ impl Client {
         self.call_json("broadcasts", "GET", &path, &query, None, body_limit)
     }
 
-    /// `POST /workspaces/<target>/a2a` with our `X-Workspace-ID` (§API-2.7). A
-    /// queued answer is success; see [`SendAnswer::is_queued`].
-    pub fn send_a2a(&self, target: &WorkspaceId, body: &Value) -> Result<SendAnswer, ApiError> {
-        self.send_a2a_within(target, body, self.cfg.send_timeout)
+    /// `POST /workspaces/<target>/a2a` with our `X-Workspace-ID` (§API-2.7), `body`
+    /// the envelope's JSON bytes. A queued answer is success; see
+    /// [`SendAnswer::is_queued`].
+    pub fn send_a2a(&self, target: &WorkspaceId, body: &[u8]) -> Result<SendAnswer, ApiError> {
+        self.send_a2a_bytes(target, body, self.cfg.send_timeout)
     }
 
-    /// [`Client::send_a2a`] with a whole-request limit of `timeout` for this call (a
-    /// one-shot `molecule send` gives each attempt what is left of its budget).
+    /// [`Client::send_a2a`] of a `Value` with a whole-request limit of `timeout` for
+    /// this call (a one-shot `molecule send` gives each attempt what is left of its
+    /// budget).
     pub fn send_a2a_within(
         &self,
         target: &WorkspaceId,
         body: &Value,
         timeout: Duration,
     ) -> Result<SendAnswer, ApiError> {
-        let op = "send";
         let bytes = serde_json::to_vec(body).map_err(|e| ApiError::Invalid {
-            op,
+            op: "send",
             detail: e.to_string(),
         })?;
+        self.send_a2a_bytes(target, &bytes, timeout)
+    }
+
+    fn send_a2a_bytes(
+        &self,
+        target: &WorkspaceId,
+        bytes: &[u8],
+        timeout: Duration,
+    ) -> Result<SendAnswer, ApiError> {
+        let op = "send";
         if bytes.len() > A2A_REQUEST_LIMIT {
             return Err(ApiError::Invalid {
                 op,
@@ -873,12 +937,12 @@ impl Client {
         let path = format!("/workspaces/{target}/a2a");
         let req = self
             .with_headers(self.agent.post(self.url(&path)), true)
-            .header("Content-Type", "application/json")
+            .header(CONTENT_TYPE, JSON.clone())
             .config()
             .timeout_global(Some(timeout))
             .build();
         self.pace(op);
-        let resp = self.answered(op, "POST", &path, req.send(&bytes[..]))?;
+        let resp = self.answered(op, "POST", &path, req.send(bytes))?;
         let status = resp.status().as_u16();
         // A 2xx means the platform took the message: an unreadable answer must not
         // turn it into a failure (and a resend).
@@ -919,16 +983,34 @@ impl Client {
 
     /// `POST /workspaces/<own>/activity` (§API-2.6): a row in our own log.
     pub fn self_report(&self, row: &Value) -> Result<(), ApiError> {
-        let path = format!("/workspaces/{}/activity", self.cfg.workspace_id);
-        self.call_json(
-            "self-report",
-            "POST",
-            &path,
-            &[],
-            Some(row),
-            SMALL_BODY_LIMIT,
-        )
-        .map(|_| ())
+        let bytes = serde_json::to_vec(row).map_err(|e| ApiError::Invalid {
+            op: "self-report",
+            detail: e.to_string(),
+        })?;
+        self.self_report_json(&bytes)
+    }
+
+    /// [`Client::self_report`] of a row already serialized (the connector builds
+    /// its `a2a_send` rows as bytes). The answer must be JSON (or empty), as
+    /// [`Client::call_json`] would require; nothing of it is kept.
+    pub fn self_report_json(&self, row: &[u8]) -> Result<(), ApiError> {
+        let op = "self-report";
+        let path = &self.fixed.activity;
+        let req = self
+            .with_headers(self.agent.post(self.url(path)), false)
+            .header(CONTENT_TYPE, JSON.clone());
+        self.pace(op);
+        let resp = self.answered(op, "POST", path, req.send(row))?;
+        let raw = read_body(op, resp, SMALL_BODY_LIMIT)?;
+        if raw.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        serde_json::from_slice::<serde::de::IgnoredAny>(&raw)
+            .map(|_| ())
+            .map_err(|e| ApiError::BadBody {
+                op,
+                detail: e.to_string(),
+            })
     }
 
     /// `GET /workspaces/<id>` (open route): tells a revoked token (200) from a removed
@@ -1193,24 +1275,36 @@ impl Client {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{}", self.cfg.api_url, path)
+        let mut url = String::with_capacity(self.cfg.api_url.len() + path.len());
+        url.push_str(&self.cfg.api_url);
+        url.push_str(path);
+        url
     }
 
     fn with_headers<B>(&self, req: ureq::RequestBuilder<B>, a2a: bool) -> ureq::RequestBuilder<B> {
-        let mut req = self.auth_headers(req).header("Accept", "application/json");
+        let mut req = self.auth_headers(req).header(ACCEPT, JSON.clone());
         if a2a {
             // Always together with Origin on /a2a: see §API-2.7.1's same-origin note.
-            req = req.header("X-Workspace-ID", self.cfg.workspace_id.as_str());
+            req = match &self.fixed.workspace_header {
+                Some(v) => req.header(HeaderName::from_static("x-workspace-id"), v.clone()),
+                None => req.header("X-Workspace-ID", self.cfg.workspace_id.as_str()),
+            };
         }
         req
     }
 
-    /// `Authorization`, `Origin` and the org header: on every call (§API-1.1).
+    /// `Authorization`, `Origin` and the org header: on every call (§API-1.1). The
+    /// values that never change are built once ([`Fixed`]).
     fn auth_headers<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
         let token = self.token();
-        let mut req = req
-            .header("Authorization", format!("Bearer {}", token.expose()))
-            .header("Origin", &*self.origin);
+        let mut bearer = String::with_capacity(7 + token.expose().len());
+        bearer.push_str("Bearer ");
+        bearer.push_str(token.expose());
+        let req = req.header(AUTHORIZATION, bearer);
+        let mut req = match &self.fixed.origin_header {
+            Some(v) => req.header(ORIGIN, v.clone()),
+            None => req.header("Origin", &*self.origin),
+        };
         if let Some(org) = &self.cfg.org_id {
             req = req.header("X-Molecule-Org-Id", org);
         }
@@ -1229,7 +1323,7 @@ impl Client {
         })?;
         let req = self
             .with_headers(self.agent.post(self.url(path)), false)
-            .header("Content-Type", "application/json");
+            .header(CONTENT_TYPE, JSON.clone());
         self.pace(op);
         self.answered(op, "POST", path, req.send(&bytes[..]))
     }
@@ -1246,7 +1340,9 @@ impl Client {
         match sent {
             Ok(resp) => {
                 let status = resp.status().as_u16();
-                self.stats.record(method, path, &status.to_string());
+                let mut digits = [0u8; 5];
+                self.stats
+                    .record(method, path, status_code(status, &mut digits));
                 self.stats.note_rate_limit(status, resp.headers());
                 if let Some(p) = &self.pacer {
                     p.after(Some(RateHeaders::read(status, resp.headers())));
@@ -1297,10 +1393,10 @@ pub trait Platform: Send + Sync {
     fn ack(&self, seq: i64) -> Result<i64, ApiError>;
     /// See [`Client::workspace_info`].
     fn workspace_info(&self, id: &WorkspaceId) -> Result<Value, ApiError>;
-    /// See [`Client::send_a2a`].
-    fn send_a2a(&self, target: &WorkspaceId, body: &Value) -> Result<SendAnswer, ApiError>;
-    /// See [`Client::self_report`].
-    fn self_report(&self, row: &Value) -> Result<(), ApiError>;
+    /// See [`Client::send_a2a`]: `body` is the envelope's JSON.
+    fn send_a2a(&self, target: &WorkspaceId, body: &[u8]) -> Result<SendAnswer, ApiError>;
+    /// See [`Client::self_report_json`]: `row` is the row's JSON.
+    fn self_report_json(&self, row: &[u8]) -> Result<(), ApiError>;
     /// See [`Client::agent_card`].
     fn agent_card(&self) -> Value;
     /// See [`Client::register`].
@@ -1342,11 +1438,11 @@ impl Platform for Client {
     fn workspace_info(&self, id: &WorkspaceId) -> Result<Value, ApiError> {
         Client::workspace_info(self, id)
     }
-    fn send_a2a(&self, target: &WorkspaceId, body: &Value) -> Result<SendAnswer, ApiError> {
+    fn send_a2a(&self, target: &WorkspaceId, body: &[u8]) -> Result<SendAnswer, ApiError> {
         Client::send_a2a(self, target, body)
     }
-    fn self_report(&self, row: &Value) -> Result<(), ApiError> {
-        Client::self_report(self, row)
+    fn self_report_json(&self, row: &[u8]) -> Result<(), ApiError> {
+        Client::self_report_json(self, row)
     }
     fn agent_card(&self) -> Value {
         Client::agent_card(self)
@@ -1387,6 +1483,21 @@ impl std::io::Read for EventBody {
             }
         })
     }
+}
+
+/// `status` in decimal (as `to_string` writes it), in `buf`.
+fn status_code(status: u16, buf: &mut [u8; 5]) -> &str {
+    let mut n = status;
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[at..]).unwrap_or("?")
 }
 
 /// `scheme://host[:port]` of the base URL, for the `Origin` header.
@@ -1567,14 +1678,33 @@ fn read_json<T: DeserializeOwned>(
     })
 }
 
-/// Like [`read_json`] but an empty body is `Null`, not an error.
-fn read_value(op: &'static str, mut resp: Resp, limit: u64) -> Result<Value, ApiError> {
-    let raw = resp
-        .body_mut()
+/// The body, at most `limit` bytes, read into a buffer of its announced length (up
+/// to [`PREALLOCATE`]) rather than grown from empty.
+fn read_body(op: &'static str, mut resp: Resp, limit: u64) -> Result<Vec<u8>, ApiError> {
+    use std::io::Read as _;
+    let announced = resp
+        .headers()
+        .get(ureq::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let capacity = usize::try_from(announced.min(limit).min(PREALLOCATE)).unwrap_or(0);
+    let mut raw = Vec::with_capacity(capacity);
+    resp.body_mut()
         .with_config()
         .limit(limit)
-        .read_to_vec()
-        .map_err(|e| transport_error(op, e))?;
+        .reader()
+        .read_to_end(&mut raw)
+        .map_err(|e| transport_error(op, ureq::Error::from(e)))?;
+    Ok(raw)
+}
+
+/// The most [`read_body`] allocates ahead of what a body sends.
+const PREALLOCATE: u64 = 64 * 1024;
+
+/// Like [`read_json`] but an empty body is `Null`, not an error.
+fn read_value(op: &'static str, resp: Resp, limit: u64) -> Result<Value, ApiError> {
+    let raw = read_body(op, resp, limit)?;
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Ok(Value::Null);
     }
@@ -1754,6 +1884,39 @@ mod tests {
         assert_eq!(
             endpoint_of("POST", "/registry/heartbeat"),
             "POST /registry/heartbeat"
+        );
+    }
+
+    #[test]
+    fn status_codes_are_written_as_to_string_writes_them() {
+        for status in [0, 7, 42, 100, 200, 202, 429, 503, 999, 1000, 65535] {
+            let mut buf = [0u8; 5];
+            assert_eq!(status_code(status, &mut buf), status.to_string());
+        }
+    }
+
+    #[test]
+    fn request_counts_come_out_by_endpoint_and_code() {
+        let stats = RequestStats::new();
+        let id = "11111111-1111-4111-8111-111111111111";
+        for (path, code) in [
+            (format!("/workspaces/{id}/a2a"), "200"),
+            ("/registry/heartbeat".to_string(), "200"),
+            (format!("/workspaces/{id}/a2a"), "202"),
+            (format!("/workspaces/{id}/a2a"), "200"),
+            (format!("/workspaces/{id}/a2a?x=1"), "error"),
+        ] {
+            stats.record("POST", &path, code);
+        }
+        let get = |e: &str, c: &str, n: u64| (e.to_string(), c.to_string(), n);
+        assert_eq!(
+            stats.requests(),
+            [
+                get("POST /registry/heartbeat", "200", 1),
+                get("POST /workspaces/:id/a2a", "200", 2),
+                get("POST /workspaces/:id/a2a", "202", 1),
+                get("POST /workspaces/:id/a2a", "error", 1),
+            ]
         );
     }
 

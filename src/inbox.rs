@@ -2,6 +2,7 @@
 //! dispatch or skip (with the reason), row → backend request, reply → A2A envelope.
 //! No I/O, no clocks.
 
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::backend::{Origin, Request};
@@ -302,41 +303,188 @@ pub struct Thread<'a> {
 
 /// A JSON-RPC `message/send` envelope holding one A2A v0.3.0 `Message`
 /// (`kind:"message"`, `role:"user"` as the platform's runtimes send to peers,
-/// `kind`-tagged parts). The only place that builds a message we send.
+/// `kind`-tagged parts). The only place that builds a message we send. As a `Value`
+/// for the one-shot tools; the connector serializes [`Envelope`] straight to bytes.
 pub fn message_send(message_id: &str, text: &str, extra_parts: &[Value], thread: Thread) -> Value {
-    let mut parts = Vec::with_capacity(1 + extra_parts.len());
-    if !text.is_empty() {
-        parts.push(json!({"kind": "text", "text": text}));
+    let env = Envelope::new(message_id, text, extra_parts, thread);
+    // Plain strings, `Value`s and flags: nothing here can fail to serialize.
+    serde_json::to_value(&env).unwrap_or_default()
+}
+
+/// A `message/send` envelope ([`message_send`]) borrowed from the reply it carries,
+/// serialized without building a `Value` tree. Its fields are declared in the order
+/// serde_json sorts an object's keys: the bytes are those of [`message_send`]'s
+/// `Value`.
+#[derive(Debug, Serialize)]
+pub struct Envelope<'a> {
+    id: String,
+    jsonrpc: &'static str,
+    method: &'static str,
+    params: Params<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct Params<'a> {
+    message: Message<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct Message<'a> {
+    #[serde(rename = "contextId", skip_serializing_if = "Option::is_none")]
+    context_id: Option<&'a str>,
+    kind: &'static str,
+    #[serde(rename = "messageId")]
+    message_id: &'a str,
+    #[serde(skip_serializing_if = "Metadata::is_empty")]
+    metadata: Metadata<'a>,
+    parts: Parts<'a>,
+    role: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct Metadata<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    in_reply_to: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    molecule_error: bool,
+}
+
+impl Metadata<'_> {
+    fn is_empty(&self) -> bool {
+        self.in_reply_to.is_none() && !self.molecule_error
     }
-    parts.extend(extra_parts.iter().cloned());
-    let mut message = json!({
-        "kind": "message",
-        "role": "user",
-        "messageId": message_id,
-        "parts": parts,
-    });
-    if let Some(c) = thread.context_id {
-        message["contextId"] = json!(c);
+}
+
+/// The text part (when there is text), then the extra parts as they are.
+#[derive(Debug)]
+struct Parts<'a> {
+    text: &'a str,
+    extra: &'a [Value],
+}
+
+#[derive(Serialize)]
+struct TextPart<'a> {
+    kind: &'static str,
+    text: &'a str,
+}
+
+impl Serialize for Parts<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let text = !self.text.is_empty();
+        let mut seq = s.serialize_seq(Some(usize::from(text) + self.extra.len()))?;
+        if text {
+            seq.serialize_element(&TextPart {
+                kind: "text",
+                text: self.text,
+            })?;
+        }
+        for part in self.extra {
+            seq.serialize_element(part)?;
+        }
+        seq.end()
     }
-    if let Some(id) = thread.in_reply_to {
-        message["metadata"] = json!({"in_reply_to": id});
+}
+
+impl<'a> Envelope<'a> {
+    /// The envelope of [`message_send`], with a fresh JSON-RPC id.
+    pub fn new(
+        message_id: &'a str,
+        text: &'a str,
+        extra_parts: &'a [Value],
+        thread: Thread<'a>,
+    ) -> Self {
+        Envelope {
+            id: crate::uuid::new_v4(),
+            jsonrpc: "2.0",
+            method: "message/send",
+            params: Params {
+                message: Message {
+                    context_id: thread.context_id,
+                    kind: "message",
+                    message_id,
+                    metadata: Metadata {
+                        in_reply_to: thread.in_reply_to,
+                        molecule_error: false,
+                    },
+                    parts: Parts {
+                        text,
+                        extra: extra_parts,
+                    },
+                    role: "user",
+                },
+            },
+        }
     }
-    json!({
-        "jsonrpc": "2.0",
-        "id": crate::uuid::new_v4(),
-        "method": "message/send",
-        "params": {"message": message},
-    })
+
+    /// The envelope of our reply to `msg` ([`reply_envelope`]); an `error` reply
+    /// (telling the sender its message failed) carries `metadata.molecule_error`.
+    pub fn reply(
+        message_id: &'a str,
+        text: &'a str,
+        extra_parts: &'a [Value],
+        msg: &'a Inbound,
+        error: bool,
+    ) -> Self {
+        let mut env = Envelope::new(message_id, text, extra_parts, thread_of(msg));
+        env.params.message.metadata.molecule_error = error;
+        env
+    }
+
+    /// The JSON bytes, as `serde_json::to_vec` of [`message_send`]'s `Value`.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let m = &self.params.message;
+        let guess = 256 + m.parts.text.len() + m.parts.extra.len() * 128;
+        let mut out = Vec::with_capacity(guess);
+        // Plain strings, `Value`s and flags: writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut out, self);
+        out
+    }
+
+    /// The text [`send_report`] summarizes: the first part's that has one.
+    fn first_text(&self) -> &str {
+        let parts = &self.params.message.parts;
+        if !parts.text.is_empty() {
+            return parts.text;
+        }
+        parts
+            .extra
+            .iter()
+            .find_map(|p| p.get("text").and_then(Value::as_str))
+            .unwrap_or("")
+    }
+
+    /// The `a2a_send` self-report of this envelope sent to `peer` ([`send_report`]),
+    /// as JSON bytes around `bytes`, this envelope's own ([`Envelope::to_vec`]): the
+    /// envelope is serialized once for both posts.
+    pub fn report(&self, peer: &str, bytes: &[u8]) -> Vec<u8> {
+        let summary = report_summary(self.first_text());
+        let mut out = Vec::with_capacity(bytes.len() + summary.len() + peer.len() + 128);
+        // The keys of `send_report`'s object, in serde_json's (sorted) order.
+        out.extend_from_slice(
+            br#"{"activity_type":"a2a_send","method":"message/send","request_body":"#,
+        );
+        out.extend_from_slice(bytes);
+        out.extend_from_slice(br#","summary":"#);
+        let _ = serde_json::to_writer(&mut out, &summary);
+        out.extend_from_slice(br#","target_id":"#);
+        let _ = serde_json::to_writer(&mut out, peer);
+        out.push(b'}');
+        out
+    }
+}
+
+fn thread_of(msg: &Inbound) -> Thread<'_> {
+    Thread {
+        context_id: msg.context_id.as_deref(),
+        in_reply_to: msg.message_id.as_deref(),
+    }
 }
 
 /// The `message/send` envelope of our reply to `msg` (§API-2.7.6): threaded by the
 /// inbound `contextId` and marked as answering its `messageId`.
 pub fn reply_envelope(message_id: &str, text: &str, extra_parts: &[Value], msg: &Inbound) -> Value {
-    let thread = Thread {
-        context_id: msg.context_id.as_deref(),
-        in_reply_to: msg.message_id.as_deref(),
-    };
-    message_send(message_id, text, extra_parts, thread)
+    message_send(message_id, text, extra_parts, thread_of(msg))
 }
 
 /// The `a2a_send` self-report of a message we sent to `peer` (§API-2.6): the
@@ -352,17 +500,45 @@ pub fn send_report(peer: &str, envelope: &Value) -> Value {
                 .find_map(|p| p.get("text").and_then(Value::as_str))
         })
         .unwrap_or("");
-    let mut summary: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if summary.chars().count() > 120 {
-        summary = summary.chars().take(119).collect::<String>() + "…";
-    }
     json!({
         "activity_type": "a2a_send",
         "method": "message/send",
         "target_id": peer,
-        "summary": summary,
+        "summary": report_summary(text),
         "request_body": envelope,
     })
+}
+
+/// Summary characters of a self-report: longer text is cut to one less and `…`.
+const SUMMARY_CHARS: usize = 120;
+
+/// A self-report's `summary` of `text`: its words joined by single spaces, cut at
+/// [`SUMMARY_CHARS`]. Stops copying once it knows the text is longer.
+fn report_summary(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = 0;
+    'words: for word in text.split_whitespace() {
+        if chars > 0 {
+            out.push(' ');
+            chars += 1;
+        }
+        for c in word.chars() {
+            if chars > SUMMARY_CHARS {
+                break 'words;
+            }
+            out.push(c);
+            chars += 1;
+        }
+    }
+    if chars > SUMMARY_CHARS {
+        let end = out
+            .char_indices()
+            .nth(SUMMARY_CHARS - 1)
+            .map_or(out.len(), |(i, _)| i);
+        out.truncate(end);
+        out.push('…');
+    }
+    out
 }
 
 /// File parts of a reply as `/notify` attachments (`uri` and `name` required).
@@ -526,6 +702,130 @@ mod tests {
         assert_eq!(m["kind"], "message");
         assert!(m.get("metadata").is_none());
         assert!(m.get("contextId").is_none());
+    }
+
+    /// `message_send` as it was built before [`Envelope`]: the bytes must not change.
+    fn old_message_send(
+        message_id: &str,
+        text: &str,
+        extra: &[Value],
+        thread: Thread,
+        id: &str,
+    ) -> Value {
+        let mut parts = Vec::with_capacity(1 + extra.len());
+        if !text.is_empty() {
+            parts.push(json!({"kind": "text", "text": text}));
+        }
+        parts.extend(extra.iter().cloned());
+        let mut message = json!({
+            "kind": "message",
+            "role": "user",
+            "messageId": message_id,
+            "parts": parts,
+        });
+        if let Some(c) = thread.context_id {
+            message["contextId"] = json!(c);
+        }
+        if let Some(id) = thread.in_reply_to {
+            message["metadata"] = json!({"in_reply_to": id});
+        }
+        json!({
+            "jsonrpc": "2.0",
+            "id": id,
+            "method": "message/send",
+            "params": {"message": message},
+        })
+    }
+
+    /// `send_report` as it was before [`report_summary`].
+    fn old_summary(text: &str) -> String {
+        let mut summary: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        if summary.chars().count() > 120 {
+            summary = summary.chars().take(119).collect::<String>() + "…";
+        }
+        summary
+    }
+
+    #[test]
+    fn envelope_and_report_bytes_are_those_of_the_value_built_before() {
+        let file = json!({"kind": "file", "file": {"uri": "u", "name": "a \"b\".png", "size": 3}});
+        let odd = json!({"kind": "data", "text": "from a part\n", "data": {"z": 1, "a": [null]}});
+        let long = format!("  é\t{}\n\u{2003}x ", "ü ".repeat(90));
+        let texts = ["pong", "", "line 1\nline \"2\" \u{1F600}", long.as_str()];
+        let extras: [&[Value]; 3] = [
+            &[],
+            std::slice::from_ref(&file),
+            &[odd.clone(), file.clone()],
+        ];
+        let threads = [
+            Thread::default(),
+            Thread {
+                context_id: Some("c-1"),
+                in_reply_to: None,
+            },
+            Thread {
+                context_id: None,
+                in_reply_to: Some("m-1"),
+            },
+            Thread {
+                context_id: Some("c\u{1}"),
+                in_reply_to: Some("m-1"),
+            },
+        ];
+        for text in texts {
+            for extra in extras {
+                for thread in threads {
+                    for error in [false, true] {
+                        let mut env = Envelope::new("mid", text, extra, thread);
+                        env.params.message.metadata.molecule_error = error;
+                        let mut old = old_message_send("mid", text, extra, thread, &env.id);
+                        if error {
+                            old["params"]["message"]["metadata"]["molecule_error"] = json!(true);
+                        }
+                        let bytes = env.to_vec();
+                        assert_eq!(
+                            String::from_utf8(bytes.clone()).unwrap(),
+                            serde_json::to_string(&old).unwrap()
+                        );
+                        let report = env.report(PEER, &bytes);
+                        assert_eq!(
+                            String::from_utf8(report).unwrap(),
+                            serde_json::to_string(&send_report(PEER, &old)).unwrap()
+                        );
+                        if !error {
+                            let value = message_send("mid", text, extra, thread);
+                            let mut old = old;
+                            old["id"] = value["id"].clone();
+                            assert_eq!(value, old);
+                        }
+                    }
+                }
+            }
+        }
+        let r = msg_row(Some(PEER), json!([{"kind":"text","text":"ping"}]));
+        let inbound = classify(&r, OWN).unwrap();
+        let env = Envelope::reply("mid", "pong", &[], &inbound, true);
+        let value: Value = serde_json::from_slice(&env.to_vec()).unwrap();
+        assert_eq!(value["params"]["message"]["contextId"], "c-1");
+        assert_eq!(
+            value["params"]["message"]["metadata"],
+            json!({"in_reply_to": "m-1", "molecule_error": true})
+        );
+    }
+
+    #[test]
+    fn report_summary_is_the_joined_words_cut_as_before() {
+        let mut cases = vec![String::new(), " \n\t ".into(), "a  b\n c".into()];
+        for n in [118, 119, 120, 121, 122, 300] {
+            cases.push("x".repeat(n));
+            cases.push("é".repeat(n));
+            cases.push(format!("{} {}", "y".repeat(n - 2), "zz"));
+            cases.push(format!("{}  \n w", "y".repeat(n.min(120))));
+            cases.push("ab ".repeat(n / 3 + 1));
+        }
+        for c in &cases {
+            assert_eq!(report_summary(c), old_summary(c), "{c:?}");
+        }
     }
 
     #[test]

@@ -50,6 +50,7 @@ mod duration;
 mod error;
 pub mod events;
 mod inbox;
+pub mod logger;
 mod lru;
 mod metrics;
 mod notify;

@@ -19,12 +19,13 @@ fn main() -> ExitCode {
     };
     let level = molecule::log_level(args.global.verbosity, &env);
     // ureq/rustls TRACE is wire level and not redacted: cap them whatever our level.
-    let _ = simple_logger::SimpleLogger::new()
-        .with_level(level)
-        .with_module_level("ureq", log::LevelFilter::Warn)
-        .with_module_level("ureq_proto", log::LevelFilter::Warn)
-        .with_module_level("rustls", log::LevelFilter::Warn)
-        .init();
+    let _ = molecule::logger::init(
+        simple_logger::SimpleLogger::new()
+            .with_level(level)
+            .with_module_level("ureq", log::LevelFilter::Warn)
+            .with_module_level("ureq_proto", log::LevelFilter::Warn)
+            .with_module_level("rustls", log::LevelFilter::Warn),
+    );
     let mut stdout = std::io::stdout().lock();
     match molecule::run(args, &env, &mut stdout) {
         Ok(()) => ExitCode::SUCCESS,

@@ -76,6 +76,8 @@ const PREALLOC_MAX: u64 = 256 * 1024;
 const PREALLOC_MIN: u64 = 16 * 1024;
 /// Zeros written per call when preallocating.
 const ZEROS: [u8; 16 * 1024] = [0; 16 * 1024];
+/// A journal line buffer up to this size is kept for the next record.
+const LINE_KEEP: usize = 64 * 1024;
 
 /// `O_NOFOLLOW` for Linux (std has no constant and the libc crate is not allowed):
 /// opening a symlink fails with `ELOOP` instead of following it. The value differs
@@ -360,6 +362,8 @@ pub struct Store {
     pending: BTreeMap<String, PendingReply>,
     canvas_posts: VecDeque<CanvasPost>,
     canvas_forgotten_us: Option<i64>,
+    /// The line being appended, kept between appends (no allocation per record).
+    line: Vec<u8>,
     #[cfg(test)]
     fail_writes: bool,
     #[cfg(test)]
@@ -538,6 +542,7 @@ impl Store {
             pending: file.pending,
             canvas_posts: VecDeque::new(),
             canvas_forgotten_us: file.canvas_forgotten_us,
+            line: Vec::new(),
             #[cfg(test)]
             fail_writes: false,
             #[cfg(test)]
@@ -742,7 +747,24 @@ impl Store {
     /// comes after every earlier one is on disk: an [`Unsynced`] reply's poster may
     /// not have got to it yet, and then this fsyncs it first.
     fn write_record(&mut self, record: Record, durable: bool) -> Result<(), StateError> {
-        let mut line = serde_json::to_vec(&record).map_err(|e| StateError::Io {
+        let mut line = std::mem::take(&mut self.line);
+        line.clear();
+        let result = self.write_line(&mut line, record, durable);
+        // A line grown by a long reply is not kept.
+        if line.capacity() <= LINE_KEEP {
+            self.line = line;
+        }
+        result
+    }
+
+    /// [`Store::write_record`] with `line` as the buffer.
+    fn write_line(
+        &mut self,
+        line: &mut Vec<u8>,
+        record: Record,
+        durable: bool,
+    ) -> Result<(), StateError> {
+        serde_json::to_writer(&mut *line, &record).map_err(|e| StateError::Io {
             path: self.journal_path.clone(),
             source: io::Error::other(e),
         })?;
@@ -752,7 +774,7 @@ impl Store {
         }
         let written = self
             .check_writable()
-            .and_then(|()| self.journal.write_all_at(&line, self.journal_len))
+            .and_then(|()| self.journal.write_all_at(line, self.journal_len))
             .and_then(|()| {
                 if durable {
                     self.journal.sync_data()

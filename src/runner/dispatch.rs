@@ -764,16 +764,15 @@ impl Worker {
         match &msg.source_id {
             Some(peer) => {
                 let id = inbox::reply_message_id(client.workspace_id(), &msg.activity_id);
-                let mut env = inbox::reply_envelope(&id, text, parts, msg);
-                if is_error {
-                    env["params"]["message"]["metadata"]["molecule_error"] = json!(true);
-                }
-                let answer = client.send_a2a(peer, &env)?;
+                // Serialized once: the self-report carries the same bytes.
+                let env = inbox::Envelope::reply(&id, text, parts, msg, is_error);
+                let bytes = env.to_vec();
+                let answer = client.send_a2a(peer, &bytes)?;
                 // Our side of the conversation, for `molecule history` (best effort),
                 // posted by the self-report thread while the next message starts.
                 let report = sent::Report {
                     row: msg.activity_id.clone(),
-                    body: inbox::send_report(peer, &env),
+                    body: env.report(peer.as_str(), &bytes),
                 };
                 sent::send(&self.ctx.sent, client.as_ref(), report);
                 if answer.is_queued() {

@@ -155,21 +155,22 @@ impl Platform for Fake {
             None => Ok(json!({"id": OWN})),
         }
     }
-    fn send_a2a(&self, target: &WorkspaceId, body: &Value) -> Result<SendAnswer, ApiError> {
+    fn send_a2a(&self, target: &WorkspaceId, body: &[u8]) -> Result<SendAnswer, ApiError> {
         if let Some(e) = self.next_post() {
             return Err(e);
         }
         self.sent
             .lock()
             .unwrap()
-            .push((target.to_string(), body.clone()));
+            .push((target.to_string(), serde_json::from_slice(body).unwrap()));
         Ok(SendAnswer {
             status: 200,
             body: json!({"result": {}}),
         })
     }
-    fn self_report(&self, row: &Value) -> Result<(), ApiError> {
-        self.reports.lock().unwrap().push(row.clone());
+    fn self_report_json(&self, row: &[u8]) -> Result<(), ApiError> {
+        let row = serde_json::from_slice(row).unwrap();
+        self.reports.lock().unwrap().push(row);
         Ok(())
     }
     fn notify(&self, message: &str, _: Vec<Value>) -> Result<(), ApiError> {

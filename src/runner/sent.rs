@@ -10,8 +10,6 @@
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::api::Platform;
 
 /// Reports that may wait for the thread.
@@ -27,8 +25,8 @@ pub const STOP_WAIT: Duration = Duration::from_secs(5);
 pub struct Report {
     /// The inbound row the reply answered.
     pub row: String,
-    /// The `a2a_send` row (see [`crate::inbox::send_report`]).
-    pub body: Value,
+    /// The `a2a_send` row's JSON (see [`crate::inbox::Envelope::report`]).
+    pub body: Vec<u8>,
 }
 
 /// The workers' end and the thread's end of the queue.
@@ -49,7 +47,7 @@ pub fn send(queue: &SyncSender<Report>, client: &dyn Platform, report: Report) {
 
 /// Posts a report now, on the calling thread.
 fn post(client: &dyn Platform, report: &Report) {
-    if let Err(e) = client.self_report(&report.body) {
+    if let Err(e) = client.self_report_json(&report.body) {
         log::debug!("row {}: a2a_send self-report failed: {e}", report.row);
     }
 }
@@ -70,7 +68,7 @@ mod tests {
     fn report(i: usize) -> Report {
         Report {
             row: format!("row-{i}"),
-            body: json!({ "n": i }),
+            body: json!({ "n": i }).to_string().into_bytes(),
         }
     }
 
@@ -94,8 +92,8 @@ mod tests {
             .expect("a worker blocked on the full queue");
         worker.join().unwrap();
         assert_eq!(fake.reports(), [json!({ "n": QUEUE })]);
-        let queued: Vec<Value> = rx.try_iter().map(|r| r.body).collect();
-        let first: Vec<Value> = (0..QUEUE).map(|i| json!({ "n": i })).collect();
+        let queued: Vec<Vec<u8>> = rx.try_iter().map(|r| r.body).collect();
+        let first: Vec<Vec<u8>> = (0..QUEUE).map(|i| report(i).body).collect();
         assert_eq!(queued, first, "the rest are still queued, in order");
     }
 }
