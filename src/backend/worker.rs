@@ -26,7 +26,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
 
 use super::exec::{
     remove_supervisor_env, reply_from_object, request_json, shell_command, tail_text,
@@ -1111,15 +1112,7 @@ impl Pool {
             if text.trim().is_empty() {
                 continue;
             }
-            let parsed = if too_long {
-                None
-            } else {
-                serde_json::from_str::<Value>(&text).ok()
-            };
-            let obj = match parsed {
-                Some(Value::Object(obj)) => Some(obj),
-                _ => None,
-            };
+            let obj = if too_long { None } else { answer_object(&text) };
             if let Some(o) = &obj
                 && o.get("ready") == Some(&Value::Bool(true))
                 && !o.contains_key("id")
@@ -1216,8 +1209,74 @@ fn named(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle
 }
 
 /// The request line: `{"id":"7", …the exec backend's format=json object…}`, `id`
-/// first so that even a shell worker can pick it out.
+/// first so that even a shell worker can pick it out. Written straight from the
+/// request: building the JSON tree first would copy the whole envelope (`raw`).
 fn encode(id: &str, req: &Request) -> Vec<u8> {
+    let body = RequestLine {
+        activity_id: &req.activity_id,
+        attachments: &req.attachments,
+        attempt: req.attempt,
+        caller_id: &req.caller_id,
+        caller_name: &req.caller_name,
+        caller_role: &req.caller_role,
+        context_id: &req.context_id,
+        env: &req.extra_env,
+        message_id: &req.message_id,
+        method: &req.method,
+        origin: req.origin.as_str(),
+        parts: &req.other_parts,
+        request: &req.raw,
+        request_id: &req.request_id,
+        task_id: &req.task_id,
+        text: &req.text,
+        workspace_id: &req.workspace_id,
+    };
+    let mut line = Vec::with_capacity(512 + req.text.len());
+    line.extend_from_slice(b"{\"id\":\"");
+    line.extend_from_slice(id.as_bytes());
+    line.push(b'"');
+    let open = line.len();
+    if serde_json::to_writer(&mut line, &body).is_err() {
+        return encode_tree(id, req);
+    }
+    // The body's `{` becomes the `,` after the id.
+    if let Some(b) = line.get_mut(open) {
+        *b = b',';
+    }
+    line.push(b'\n');
+    line
+}
+
+/// [`request_json`] with `env`: the same fields, in the same (sorted) order, as the
+/// JSON tree that object would be.
+#[derive(Serialize)]
+struct RequestLine<'a> {
+    activity_id: &'a str,
+    attachments: &'a [Value],
+    attempt: u32,
+    caller_id: &'a Option<String>,
+    caller_name: &'a Option<String>,
+    caller_role: &'a Option<String>,
+    context_id: &'a Option<String>,
+    #[serde(skip_serializing_if = "no_env")]
+    env: &'a BTreeMap<String, String>,
+    message_id: &'a Option<String>,
+    method: &'a str,
+    origin: &'a str,
+    parts: &'a [Value],
+    request: &'a Value,
+    request_id: &'a Option<String>,
+    task_id: &'a Option<String>,
+    text: &'a str,
+    workspace_id: &'a str,
+}
+
+fn no_env(env: &&BTreeMap<String, String>) -> bool {
+    env.is_empty()
+}
+
+/// [`encode`] through a JSON tree (should writing the request ever fail).
+fn encode_tree(id: &str, req: &Request) -> Vec<u8> {
     let mut v = request_json(req);
     if !req.extra_env.is_empty() {
         v["env"] = serde_json::json!(req.extra_env);
@@ -1229,8 +1288,62 @@ fn encode(id: &str, req: &Request) -> Vec<u8> {
     line.into_bytes()
 }
 
+/// The keys of an answer line that we read; the rest (a worker such as `cat` echoes
+/// the whole request) is skipped, not built into a tree.
+#[derive(Deserialize)]
+struct AnswerKeys {
+    #[serde(default, deserialize_with = "present")]
+    id: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    ready: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    error: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    retry_later: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    no_reply: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    text: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    parts: Option<Value>,
+}
+
+/// A key that is there is `Some`, even when its value is `null`.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+/// An answer line as a JSON object with the keys we read, or `None` when it is not
+/// a JSON object. A line the short way cannot take (a key twice, say) is parsed
+/// whole, so the outcome is the same either way, with one exception: a skipped
+/// value is checked less strictly (a lone surrogate escape in it passes).
+fn answer_object(text: &str) -> Option<Map<String, Value>> {
+    if text.trim_start().starts_with('{')
+        && let Ok(k) = serde_json::from_str::<AnswerKeys>(text)
+    {
+        let keys = [
+            ("id", k.id),
+            ("ready", k.ready),
+            ("error", k.error),
+            ("retry_later", k.retry_later),
+            ("no_reply", k.no_reply),
+            ("text", k.text),
+            ("parts", k.parts),
+        ];
+        return Some(
+            keys.into_iter()
+                .filter_map(|(key, v)| Some((key.to_string(), v?)))
+                .collect(),
+        );
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(o)) => Some(o),
+        _ => None,
+    }
+}
+
 /// An answer object (its `id` already read) as an outcome.
-fn parse_answer(mut o: serde_json::Map<String, Value>) -> Result<Outcome, BackendError> {
+fn parse_answer(mut o: Map<String, Value>) -> Result<Outcome, BackendError> {
     o.remove("id");
     let note = |v: &Value| match v {
         Value::String(s) => s.clone(),
@@ -1577,6 +1690,73 @@ mod tests {
         assert_eq!(v["attachments"][0]["uri"], "platform-pending:f1");
         assert_eq!(v["request_id"], "req-3");
         assert_eq!(v["env"]["MOLECULE_DELEGATION_ID"], "d-1");
+    }
+
+    #[test]
+    fn the_request_line_is_written_as_its_json_tree_would_be() {
+        let mut r = req("hi \"there\"\n");
+        assert_eq!(encode("7", &r), encode_tree("7", &r));
+        r.caller_id = Some("peer-1".into());
+        r.caller_name = Some("Peer".into());
+        r.context_id = Some("ctx".into());
+        r.attempt = 3;
+        r.origin = Origin::Peer;
+        r.raw = serde_json::json!({"b": [1, 2.5, null], "a": {"z": "\u{e9}\t</x>"}});
+        r.other_parts = vec![serde_json::json!({"kind": "data", "data": {"k": 1}})];
+        r.attachments = vec![serde_json::json!({"uri": "u", "name": "n"})];
+        r.extra_env
+            .insert("MOLECULE_DELEGATION_ID".into(), "d-1".into());
+        let line = encode("12", &r);
+        assert_eq!(line, encode_tree("12", &r));
+        assert!(line.starts_with(b"{\"id\":\"12\",\"activity_id\":"));
+        assert!(line.ends_with(b"}\n"));
+    }
+
+    #[test]
+    fn answer_lines_read_as_their_whole_object_would() {
+        let whole = |t: &str| match serde_json::from_str::<Value>(t) {
+            Ok(Value::Object(o)) => {
+                let keys = [
+                    "id",
+                    "ready",
+                    "error",
+                    "retry_later",
+                    "no_reply",
+                    "text",
+                    "parts",
+                ];
+                Some(
+                    o.into_iter()
+                        .filter(|(k, _)| keys.contains(&k.as_str()))
+                        .collect(),
+                )
+            }
+            _ => None,
+        };
+        for line in [
+            r#"{"id":"1","text":"hi","request":{"big":[1,2,{"x":null}]},"method":"m"}"#,
+            r#"{"id":null,"ready":true}"#,
+            r#"{"ready":true}"#,
+            r#"{"id":7,"parts":[{"kind":"text","text":"p"}],"no_reply":false}"#,
+            r#"{"id":"2","error":{"why":"x"},"retry_later":"soon"}"#,
+            r#"{"id":"1","text":"a","text":"b"}"#,
+            r#"  {"id":"3","text":"x"}  "#,
+            r#"{"id":"3","text":"x"} trailing"#,
+            r#"["id","text"]"#,
+            r#"{"id":"4","other":[1,2"#,
+            "not json",
+            "{}",
+        ] {
+            assert_eq!(answer_object(line), whole(line), "{line}");
+        }
+        // The one difference: a skipped value is not checked as strictly.
+        let lone = r#"{"id":"5","text":"x","request":"\ud800"}"#;
+        assert_eq!(whole(lone), None);
+        let o = answer_object(lone).unwrap();
+        assert_eq!(
+            (&o["id"], &o["text"], o.len()),
+            (&"5".into(), &"x".into(), 2)
+        );
     }
 
     #[test]
