@@ -149,8 +149,71 @@ impl std::fmt::Display for Skip {
     }
 }
 
+/// One row of an activity page as an [`ActivityRow`], moving its fields out of the
+/// JSON tree instead of rebuilding it (`serde_json::from_value` re-allocates every
+/// map of the `request_body`). Same result as `from_value`; a row it would refuse
+/// comes back with the same error, untouched.
+pub fn activity_row(raw: Value) -> Result<ActivityRow, (serde_json::Error, Value)> {
+    fn opt_str(v: Option<&Value>) -> bool {
+        v.is_none_or(|v| v.is_null() || v.is_string())
+    }
+    let typed = raw.as_object().is_some_and(|map| {
+        map.get("id").is_none_or(Value::is_string)
+            && [
+                "source_id",
+                "method",
+                "created_at",
+                "peer_name",
+                "peer_role",
+            ]
+            .iter()
+            .all(|k| opt_str(map.get(*k)))
+            && map
+                .get("seq")
+                .is_none_or(|v| v.is_null() || v.as_i64().is_some())
+    });
+    let Value::Object(mut map) = raw else {
+        return slow_row(raw);
+    };
+    if !typed {
+        return slow_row(Value::Object(map));
+    }
+    let mut text = |k: &str| match map.remove(k) {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    };
+    let id = text("id").unwrap_or_default();
+    let source_id = text("source_id");
+    let method = text("method");
+    let created_at = text("created_at");
+    let peer_name = text("peer_name");
+    let peer_role = text("peer_role");
+    Ok(ActivityRow {
+        id,
+        source_id,
+        method,
+        created_at,
+        peer_name,
+        peer_role,
+        seq: map.get("seq").and_then(Value::as_i64),
+        request_body: map.remove("request_body").filter(|b| !b.is_null()),
+    })
+}
+
+/// The row through serde (rows with a field of an unexpected type).
+fn slow_row(raw: Value) -> Result<ActivityRow, (serde_json::Error, Value)> {
+    use serde::Deserialize;
+    ActivityRow::deserialize(&raw).map_err(|e| (e, raw))
+}
+
 /// Decides what to do with one `a2a_receive` row.
 pub fn classify(row: &ActivityRow, own_id: &str) -> Result<Inbound, Skip> {
+    classify_owned(row.clone(), own_id)
+}
+
+/// [`classify`], taking the row: its envelope becomes the message's `raw` without
+/// a copy.
+pub fn classify_owned(row: ActivityRow, own_id: &str) -> Result<Inbound, Skip> {
     let method = row.method.as_deref().unwrap_or("");
     let source = row.source_id.as_deref().filter(|s| !s.is_empty());
     if method == "notify" && source.is_none() {
@@ -209,29 +272,40 @@ pub fn classify(row: &ActivityRow, own_id: &str) -> Result<Inbound, Skip> {
         None
     };
     let attachments = attachments_of(&other_parts);
+    let in_reply_to = message
+        .pointer("/metadata/in_reply_to")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string);
+    let context_id = str_field(message, "contextId");
+    let task_id = str_field(message, "taskId");
+    let created_at_us = row
+        .created_at
+        .as_deref()
+        .and_then(crate::timestamp::parse_rfc3339);
+    let ActivityRow {
+        id,
+        request_body,
+        peer_name,
+        peer_role,
+        ..
+    } = row;
     Ok(Inbound {
         is_request_update,
         request_id,
         attachments,
-        activity_id: row.id.clone(),
+        activity_id: id,
         source_id,
         message_id,
-        in_reply_to: message
-            .pointer("/metadata/in_reply_to")
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string),
+        in_reply_to,
         text,
         other_parts,
-        context_id: str_field(message, "contextId"),
-        task_id: str_field(message, "taskId"),
-        peer_name: row.peer_name.clone().filter(|s| !s.is_empty()),
-        peer_role: row.peer_role.clone().filter(|s| !s.is_empty()),
-        raw: body.clone(),
-        created_at_us: row
-            .created_at
-            .as_deref()
-            .and_then(crate::timestamp::parse_rfc3339),
+        context_id,
+        task_id,
+        peer_name: peer_name.filter(|s| !s.is_empty()),
+        peer_role: peer_role.filter(|s| !s.is_empty()),
+        raw: request_body.unwrap_or_default(),
+        created_at_us,
     })
 }
 
@@ -665,6 +739,48 @@ mod tests {
             assert!(matches!(e, Skip::Malformed(_)), "{c}: {e:?}");
             assert!(e.is_surprising());
         }
+    }
+
+    #[test]
+    fn rows_are_read_as_serde_reads_them() {
+        let body = json!({"params":{"message":{"parts":[{"kind":"text","text":"x"}]}}});
+        let cases = [
+            json!({"id":"a","seq":7,"source_id":PEER,"method":"message/send","request_body":body,
+                   "created_at":"2026-01-01T00:00:00Z","peer_name":"n","peer_role":"r","extra":[1]}),
+            json!({"id":"a","seq":null,"source_id":null,"request_body":null}),
+            json!({}),
+            json!({"id":5}),
+            json!({"id":null}),
+            json!({"id":"a","seq":1.5}),
+            json!({"id":"a","seq":u64::MAX}),
+            json!({"id":"a","method":["x"]}),
+            json!({"id":"a","peer_role":7}),
+            json!("not a row"),
+            json!(null),
+        ];
+        for c in cases {
+            let want = serde_json::from_value::<ActivityRow>(c.clone());
+            match (activity_row(c.clone()), want) {
+                (Ok(got), Ok(want)) => assert_eq!(format!("{got:?}"), format!("{want:?}"), "{c}"),
+                (Err((got, back)), Err(want)) => {
+                    assert_eq!(got.to_string(), want.to_string(), "{c}");
+                    assert_eq!(back, c, "the row comes back untouched");
+                }
+                (got, want) => panic!("{c}: {got:?} vs {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn classify_owned_moves_the_envelope() {
+        let r = msg_row(Some(PEER), json!([{"kind":"text","text":"hi"}]));
+        let body = r.request_body.clone().unwrap();
+        let m = classify_owned(r.clone(), OWN).unwrap();
+        assert_eq!(m.raw, body);
+        assert_eq!(
+            format!("{m:?}"),
+            format!("{:?}", classify(&r, OWN).unwrap())
+        );
     }
 
     #[test]

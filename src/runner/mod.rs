@@ -740,7 +740,7 @@ impl Connected<'_> {
             sent: sent_tx,
             notified: Mutex::new(self.restored_canvas_posts()),
         });
-        let (jobs_tx, jobs_rx) = mpsc::sync_channel::<poll::Job>(cfg.concurrency);
+        let (jobs_tx, jobs_rx) = poll::jobs_channel(cfg.concurrency);
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
         let workers = cfg.concurrency.min(self.run_handles.len());
         for i in 0..workers {
@@ -760,11 +760,12 @@ impl Connected<'_> {
                     finished(&poster_events, job, finish);
                 }
             })?;
-            let (ctx, handle, jobs, events) = (
+            let (ctx, handle, jobs, events, stop) = (
                 ctx.clone(),
                 self.run_handles[i].clone(),
                 jobs_rx.clone(),
                 events.clone(),
+                self.shutdown.clone(),
             );
             self.start(&format!("worker-{i}"), "worker", move || {
                 let mut worker = dispatch::Worker::new(ctx, handle);
@@ -773,6 +774,11 @@ impl Connected<'_> {
                     // the worker.
                     let job = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
                     let Ok(job) = job else { return };
+                    // Queued before a stop: not started, it runs again after the restart.
+                    if stop.is_triggered() {
+                        finished(&events, job, dispatch::Finish::Interrupted);
+                        continue;
+                    }
                     let reply = match worker.run(&job.msg) {
                         dispatch::Ran::Finished(finish) => {
                             finished(&events, job, finish);

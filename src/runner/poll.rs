@@ -19,7 +19,6 @@ use crate::inbox::{self, Inbound, Skip};
 use crate::shutdown::{Shutdown, StopReason};
 use crate::state::Store;
 use crate::uuid::WorkspaceId;
-use crate::wire::ActivityRow;
 
 use super::auth::{AuthVerdict, after_unauthorized};
 use super::dispatch::Finish;
@@ -103,8 +102,10 @@ pub struct Poller {
     store: Arc<Mutex<Store>>,
     shutdown: Shutdown,
     order: super::order::Order,
-    jobs: HashMap<u64, Inbound>,
-    /// Jobs with a backend slot (sent to a worker, not yet `Posting` or `Finished`).
+    /// Jobs tracked until `Finished`; the message moves to its worker on release.
+    jobs: HashMap<u64, Option<Inbound>>,
+    /// Jobs sent to the workers (queued for one, or in a backend), not yet
+    /// `Posting` or `Finished`.
     running: usize,
     /// Jobs whose reply is being posted (`Posting`, not yet `Finished`).
     posting: HashSet<u64>,
@@ -355,6 +356,10 @@ impl Poller {
     }
 
     fn report(&mut self, state: RunState, stop_reason: Option<&str>) {
+        // A change waits to be written anyway: nothing to look at before then.
+        if state == RunState::Running && !self.reporter.worth_checking() {
+            return;
+        }
         let cursor = self.store().cursor().map(str::to_string);
         let in_flight = self.order.outstanding();
         if state == RunState::Running {
@@ -432,9 +437,11 @@ impl Poller {
         self.running + self.posting.len()
     }
 
-    /// Hands waiting messages to free workers, one per sender at a time.
+    /// Hands waiting messages to the workers, one per sender at a time: one per
+    /// worker, and as many again queued ([`jobs_channel`]) so that a worker done
+    /// with a message starts the next one without waiting for this thread.
     fn release(&mut self, jobs_tx: &SyncSender<Job>) {
-        while self.running < self.settings.concurrency {
+        while self.running < queue_depth(self.settings.concurrency) {
             if self
                 .settings
                 .max_messages
@@ -445,11 +452,11 @@ impl Poller {
             let Some((ticket, sender)) = self.order.next_job() else {
                 return;
             };
-            let Some(msg) = self.jobs.get(&ticket).cloned() else {
+            let Some(msg) = self.jobs.get_mut(&ticket).and_then(Option::take) else {
                 self.order.complete(ticket, &sender, true);
                 continue;
             };
-            // The channel holds `concurrency` jobs and at most that many are out.
+            // The channel holds as many jobs as may be out: this never blocks.
             if jobs_tx
                 .send(Job {
                     ticket,
@@ -692,40 +699,65 @@ impl Poller {
         Fetched::More
     }
 
-    /// Sorts one page's rows into "done already" and "for the backend".
+    /// Sorts one page's rows into "done already" and "for the backend". Rows are
+    /// read and classified first (pure), the ledger is asked about all of them under
+    /// one lock, then they are taken in page order.
     fn take_page(&mut self, rows: Vec<Value>) {
         let own = self.client.workspace_id().to_string();
-        for raw in rows {
-            let row: ActivityRow = match serde_json::from_value(raw.clone()) {
-                Ok(r) => r,
+        let mut page: Vec<Taken> = rows
+            .into_iter()
+            .filter_map(|raw| self.read_row(raw, &own))
+            .collect();
+        {
+            let store = self.store();
+            let mut key = String::new();
+            for taken in &mut page {
+                let Ok(class) = &taken.class else { continue };
+                key.clear();
+                key.push_str("a:");
+                key.push_str(&taken.id);
+                taken.handled = store.is_handled(&key);
+                if !taken.handled
+                    && let Ok(msg) = class
+                {
+                    taken.duplicate = msg.message_key().filter(|k| store.is_handled(k));
+                }
+            }
+        }
+        for Taken {
+            id,
+            seq,
+            class,
+            handled,
+            duplicate,
+        } in page
+        {
+            let class = match class {
+                Ok(class) => class,
                 Err(e) => {
                     // One odd row must not block the inbox: skip it, keep its id.
-                    let id = raw
-                        .get("id")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string();
                     log::warn!("row {id}: skipped: malformed row: {e}");
                     self.count_skipped();
-                    self.note_done(&id, raw.get("seq").and_then(Value::as_i64));
+                    self.note_done(&id, seq);
                     continue;
                 }
             };
-            if row.id.is_empty() || self.order.contains(&row.id) {
+            // Seen earlier on this page.
+            if self.order.contains(&id) {
                 continue;
             }
-            if !crate::uuid::is_uuid(&row.id) {
-                log::warn!("row {:?}: skipped: its id is not a UUID", row.id);
+            if !crate::uuid::is_uuid(&id) {
+                log::warn!("row {id:?}: skipped: its id is not a UUID");
                 continue;
             }
-            self.fetch_from = Some(row.id.clone());
-            if self.store().is_handled(&format!("a:{}", row.id)) {
-                log::debug!("row {}: already handled", row.id);
+            if handled {
+                log::debug!("row {id}: already handled");
                 self.count_skipped();
-                self.order.push_done(&row.id, row.seq);
+                self.order.push_done(&id, seq);
+                self.fetch_from = Some(id);
                 continue;
             }
-            let mut msg = match inbox::classify(&row, &own) {
+            let mut msg = match class {
                 Ok(m) => m,
                 Err(skip) => {
                     if skip == Skip::DelegationResult
@@ -733,30 +765,56 @@ impl Poller {
                     {
                         wake.wake();
                     }
-                    log_skip(&row.id, &skip);
+                    log_skip(&id, &skip);
                     self.count_skipped();
-                    self.order.push_done(&row.id, row.seq);
+                    self.order.push_done(&id, seq);
+                    self.fetch_from = Some(id);
                     continue;
                 }
             };
-            if let Some(key) = msg.message_key()
-                && self.store().is_handled(&key)
-            {
-                log::info!(
-                    "row {}: message {key} was already answered; skipping the duplicate",
-                    row.id
-                );
+            if let Some(key) = duplicate {
+                log::info!("row {id}: message {key} was already answered; skipping the duplicate");
                 self.count_skipped();
-                self.order.push_done(&row.id, row.seq);
+                self.order.push_done(&id, seq);
+                self.fetch_from = Some(id);
                 continue;
             }
             if let Some(peers) = &self.peers {
                 peers.apply(&mut msg, Instant::now());
             }
             let sender = msg.source_id.as_ref().map_or("canvas", WorkspaceId::as_str);
-            let ticket = self.order.push_job(&row.id, row.seq, sender);
-            self.jobs.insert(ticket, msg);
+            let ticket = self.order.push_job(&id, seq, sender);
+            self.jobs.insert(ticket, Some(msg));
+            self.fetch_from = Some(id);
         }
+    }
+
+    /// One row of a page, read and classified (no ledger look-up yet); `None` for a
+    /// row without an id or one the tracker holds already (not classified again).
+    fn read_row(&self, raw: Value, own: &str) -> Option<Taken> {
+        let row = match inbox::activity_row(raw) {
+            Ok(r) => r,
+            Err((error, raw)) => {
+                let id = raw.get("id").and_then(Value::as_str).unwrap_or("");
+                return Some(Taken {
+                    id: id.to_string(),
+                    seq: raw.get("seq").and_then(Value::as_i64),
+                    class: Err(error),
+                    handled: false,
+                    duplicate: None,
+                });
+            }
+        };
+        if row.id.is_empty() || self.order.contains(&row.id) {
+            return None;
+        }
+        Some(Taken {
+            id: row.id.clone(),
+            seq: row.seq,
+            class: Ok(inbox::classify_owned(row, own)),
+            handled: false,
+            duplicate: None,
+        })
     }
 
     fn count_skipped(&self) {
@@ -883,6 +941,18 @@ struct WindowScan {
     stepped: bool,
 }
 
+/// One row of a page on its way through [`Poller::take_page`].
+struct Taken {
+    id: String,
+    seq: Option<i64>,
+    /// What the row means, or why it cannot be read.
+    class: Result<Result<Inbound, Skip>, serde_json::Error>,
+    /// The ledger has the row.
+    handled: bool,
+    /// The ledger has its message: the key.
+    duplicate: Option<String>,
+}
+
 /// What has been acked, and when.
 #[derive(Default)]
 struct Acks {
@@ -909,6 +979,19 @@ fn log_skip(id: &str, skip: &Skip) {
     } else {
         log::debug!("row {id}: skipped: {skip}");
     }
+}
+
+/// Jobs out at once for `concurrency` workers: one in each backend and one queued
+/// for each. A queued job has its sender marked busy like a running one (per-sender
+/// order holds); a worker that takes one after a stop was asked for does not start
+/// it but reports it interrupted, so it runs again after the restart.
+pub fn queue_depth(concurrency: usize) -> usize {
+    concurrency.saturating_mul(2).max(1)
+}
+
+/// Creates the poll-thread → workers job channel, room for [`queue_depth`] jobs.
+pub fn jobs_channel(concurrency: usize) -> (SyncSender<Job>, Receiver<Job>) {
+    mpsc::sync_channel(queue_depth(concurrency))
 }
 
 /// Creates the worker → poll-thread event channel, woken on shutdown.
@@ -1006,15 +1089,20 @@ mod tests {
             RuntimeStatus::new(Instant::now()),
             Reporter::new(&dir, OWN, Duration::from_millis(10)),
         );
-        let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(1);
+        let (jobs_tx, jobs_rx) = jobs_channel(1);
         let (events_tx, events_rx) = event_channel(&shutdown);
         let worker_stop = shutdown.clone();
         let ledger = store.clone();
         let worker = std::thread::spawn(move || {
             let mut handled = Vec::new();
             for job in jobs_rx {
-                handled.push(job.msg.activity_id.clone());
-                let finish = work(&job, &worker_stop);
+                // As a worker does: a job queued before a stop is not started.
+                let finish = if worker_stop.is_triggered() {
+                    Finish::Interrupted
+                } else {
+                    handled.push(job.msg.activity_id.clone());
+                    work(&job, &worker_stop)
+                };
                 if finish == Finish::Done {
                     // As a worker does: the ledger first, then the poll thread is told.
                     let row = &job.msg.activity_id;
@@ -1075,6 +1163,45 @@ mod tests {
         assert_eq!(r.handled, vec![id(1), id(2)]);
         assert_eq!(r.cursor, Some(id(1)));
         assert_eq!(r.stop, Some(StopReason::Signal));
+    }
+
+    fn canvas_message(n: u32) -> Value {
+        let mut m = message(n);
+        m["source_id"] = Value::Null;
+        m
+    }
+
+    #[test]
+    fn a_job_queued_when_a_stop_comes_is_not_started_and_not_passed() {
+        // Two senders: the canvas message is queued for the one worker while the
+        // peer's runs (one per sender at a time; the peer's next waits).
+        let page = vec![canvas_message(2), message(1)];
+        let fake = Fake::new(vec![Ok(page)]);
+        let r = run(&fake, |job, stop| {
+            if job.msg.activity_id == id(1) {
+                stop.trigger(StopReason::Signal);
+            }
+            Finish::Done
+        });
+        assert_eq!(r.handled, vec![id(1)]);
+        assert_eq!(r.cursor, Some(id(1)));
+    }
+
+    #[test]
+    fn rows_seen_again_and_handled_rows_are_not_run_twice() {
+        let dir = temp_dir();
+        let first = run_in(&dir, &Fake::new(vec![cold_page(&[1, 2])]), |_, _| {
+            Finish::Done
+        });
+        assert_eq!(first.handled, vec![id(1), id(2)]);
+        // A pruned cursor: the window again, with row 2 twice and a malformed row.
+        let mut page = cold_page(&[1, 2, 2, 3]).unwrap();
+        page.insert(1, json!({"id": id(9), "seq": "nine"}));
+        let fake = Fake::new(vec![Err(refusal(410)), Ok(page)]);
+        let r = run_in(&dir, &fake, |_, _| Finish::Done);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(r.handled, vec![id(3)]);
+        assert_eq!(r.cursor, Some(id(3)));
     }
 
     #[test]

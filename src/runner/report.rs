@@ -140,6 +140,12 @@ impl Reporter {
         }
     }
 
+    /// Whether [`Reporter::maybe_write`] could do anything now: not while a change
+    /// is already waiting for [`EVERY`] to pass (it only notes changes then).
+    pub fn worth_checking(&self) -> bool {
+        !(self.pending && self.last_write.is_some_and(|t| t.elapsed() < EVERY))
+    }
+
     /// How long the caller of [`Reporter::maybe_write`] may wait before calling it
     /// again without leaving a change unwritten for more than [`EVERY`] or the
     /// file older than [`IDLE_EVERY`].
