@@ -429,6 +429,11 @@ impl Transport {
             .timeout_connect(Some(connect_timeout))
             .http_status_as_error(false)
             .max_redirects(0)
+            // Kept open for reuse: ureq's default of 3 per host is fewer than `connect`
+            // uses at once (the poll, each worker's two posters, the self-reports, the
+            // heartbeat), and each one over it would be a new connection per request.
+            .max_idle_connections(IDLE_CONNECTIONS)
+            .max_idle_connections_per_host(IDLE_CONNECTIONS)
             .tls_config(tls.build())
             .user_agent(concat!("molecule/", env!("CARGO_PKG_VERSION")))
             .build();
@@ -439,6 +444,9 @@ impl Transport {
         ))
     }
 }
+
+/// Idle connections kept for reuse (ureq closes each after 15 s unused).
+const IDLE_CONNECTIONS: usize = 16;
 
 /// How long a resolved host name is reused.
 const RESOLVE_TTL: Duration = Duration::from_secs(30);

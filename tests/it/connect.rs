@@ -425,6 +425,22 @@ fn a_clean_stop_posts_every_queued_self_report() {
 }
 
 #[test]
+fn a_reply_whose_post_hangs_does_not_hold_the_next_senders_reply() {
+    let Connected { emu, a, b, c, .. } = Test::new().mock().connect();
+    // The platform takes a minute to answer the post of b's reply: with one poster,
+    // the canvas reply behind it would wait that minute too.
+    emu.fault(
+        json!({"method": "POST", "path_prefix": format!("/workspaces/{}/a2a", b.id),
+        "delay_ms": 60_000, "count": 1}),
+    );
+    emu.say(&a.id, Some(&b.id), "slow");
+    emu.say(&a.id, None, "quick");
+    let shown = wait_notifies(&emu, &a.id, 1, &c);
+    assert_eq!(shown.len(), 1, "{}", c.stderr());
+    assert_eq!(emu.notify_texts(&a.id), ["echo: quick"], "{}", c.stderr());
+}
+
+#[test]
 fn inbound_replies_are_not_auto_answered() {
     let Connected { emu, a, b, c, .. } = Test::new().mock().connect();
     emu.enqueue(
