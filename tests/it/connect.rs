@@ -761,11 +761,28 @@ fn sigterm_with_a_reply_in_delivery_drains_the_next_run_and_keeps_the_reply() {
 
 #[test]
 fn a_reply_waiting_for_a_busy_poster_is_journaled_and_survives_a_kill_9() {
-    let (emu, a, p, q) = reply_held_in_delivery();
+    let emu = Emulator::start();
+    let (root, _) = emu.workspace(json!({"name": "root"}));
+    let (a, ta) = emu.workspace(json!({"parent_id": root}));
+    let a = Ws { id: a, token: ta };
+    let (p, _) = emu.workspace(json!({"parent_id": root, "delivery_mode": "poll"}));
+    let (r, _) = emu.workspace(json!({"parent_id": root, "delivery_mode": "poll"}));
+    let (q, _) = emu.workspace(json!({"parent_id": root, "delivery_mode": "poll"}));
+    for peer in [&p, &r] {
+        emu.fault(
+            json!({"method": "POST", "path_prefix": format!("/workspaces/{peer}/a2a"),
+            "status": 503, "count": 1000}),
+        );
+    }
+    emu.say(&a.id, Some(&p), "p1");
+    emu.say(&a.id, Some(&r), "r1");
+    emu.say(&a.id, Some(&q), "q1");
+    emu.say(&a.id, Some(&p), "p2");
     let dir = Arc::new(TempDir::new());
     let log = dir.path().join("runs.log");
     let c = start_until_q1_runs(&emu, &a, &dir, &echo_logging_runs(&log));
-    // q1's reply waits for the poster (busy retrying p1's): it is journaled already.
+    // q1's reply waits for a poster (both are busy retrying p1's and r1's): it is
+    // journaled already.
     wait_until(WAIT, "q1's reply saved", &c, || {
         let saved = saved_replies(dir.path(), &a.id);
         saved.iter().any(|(_, text)| text == "q1").then_some(())
@@ -781,11 +798,13 @@ fn a_reply_waiting_for_a_busy_poster_is_journaled_and_survives_a_kill_9() {
         "{}",
         c2.stderr()
     );
+    assert_eq!(texts(&wait_received(&emu, &r, 1, &c2)), ["r1"]);
     let got = wait_received(&emu, &p, 2, &c2);
     assert_eq!(texts(&got), ["p1", "echo: p2"], "{}", c2.stderr());
     emu.wait_polls(3, &c2);
     assert_eq!(emu.received(&q).len(), 1, "{}", c2.stderr());
-    assert_eq!(runs(&log), "p1\nq1\n");
+    assert_eq!(emu.received(&r).len(), 1, "{}", c2.stderr());
+    assert_eq!(runs(&log), "p1\nr1\nq1\n");
 }
 
 #[test]
