@@ -41,11 +41,10 @@ impl Log for Logger {
         let write = |buf: &mut Vec<u8>| {
             buf.clear();
             format_line(buf, record);
-            // As `eprintln!` did: a stderr that cannot be written is a panic (a closed
-            // descriptor is not: std treats it as written).
-            if let Err(e) = std::io::stderr().lock().write_all(buf) {
-                panic!("failed printing to stderr: {e}");
-            }
+            // A stderr that cannot be written (a supervisor's log pipe gone, a full
+            // disk) loses the line, not the connector: `eprintln!` panicked here, and
+            // with `panic = "abort"` that ended the process.
+            let _ = std::io::stderr().lock().write_all(buf);
         };
         LINE.with(|line| match line.try_borrow_mut() {
             Ok(mut buf) => {

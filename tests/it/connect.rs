@@ -971,3 +971,45 @@ fn two_exec_cat_connectors_do_not_ping_pong() {
     let total = emu.received(&a.id).len() + emu.received(&b.id).len();
     assert!(total <= 7, "{total} messages exchanged");
 }
+
+#[test]
+fn a_log_pipe_that_closes_does_not_stop_the_connector() {
+    let emu = Emulator::start();
+    let (a, b) = emu.pair();
+    let dir = Arc::new(TempDir::new());
+    let token_file = dir.path().join("token");
+    write_secret(&token_file, &a.token);
+    let mut child = molecule()
+        .arg("connect")
+        .arg(&a.id)
+        .args([
+            "--api-url",
+            &emu.url,
+            "--backend",
+            "mock",
+            "--interval-ms",
+            "100",
+        ])
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("-v")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The supervisor's end of the log pipe goes away: every later log line fails.
+    drop(child.stderr.take());
+    emu.say(&a.id, Some(&b.id), "still here?");
+    let got = poll(WAIT, || {
+        let got = emu.received(&b.id);
+        (!got.is_empty()).then_some(got)
+    });
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(alive, "the connector exited when its stderr closed");
+    assert_eq!(texts(&got.expect("no reply")), ["echo: still here?"]);
+}
