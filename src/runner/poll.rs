@@ -749,11 +749,11 @@ impl Poller {
                 log::warn!("row {id:?}: skipped: its id is not a UUID");
                 continue;
             }
+            self.fetch_from = Some(id.clone());
             if handled {
                 log::debug!("row {id}: already handled");
                 self.count_skipped();
                 self.order.push_done(&id, seq);
-                self.fetch_from = Some(id);
                 continue;
             }
             let mut msg = match class {
@@ -767,7 +767,6 @@ impl Poller {
                     log_skip(&id, &skip);
                     self.count_skipped();
                     self.order.push_done(&id, seq);
-                    self.fetch_from = Some(id);
                     continue;
                 }
             };
@@ -775,7 +774,6 @@ impl Poller {
                 log::info!("row {id}: message {key} was already answered; skipping the duplicate");
                 self.count_skipped();
                 self.order.push_done(&id, seq);
-                self.fetch_from = Some(id);
                 continue;
             }
             if let Some(peers) = &self.peers {
@@ -784,7 +782,6 @@ impl Poller {
             let sender = msg.source_id.as_ref().map_or("canvas", WorkspaceId::as_str);
             let ticket = self.order.push_job(&id, seq, sender);
             self.jobs.insert(ticket, Some(msg));
-            self.fetch_from = Some(id);
         }
     }
 
