@@ -13,7 +13,8 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::parts::a2a_part;
 use super::watch::{Capture, ExitWatch, Input, Limits, Pipes, watch};
@@ -259,7 +260,8 @@ impl ExecBackend {
         match self.settings.format {
             Format::Text => req.text.as_bytes().to_vec(),
             Format::Json => {
-                let mut bytes = request_json(req).to_string().into_bytes();
+                let mut bytes = Vec::with_capacity(512 + req.text.len());
+                RequestJson::new(req).write_to(&mut bytes);
                 bytes.push(b'\n');
                 bytes
             }
@@ -545,26 +547,61 @@ pub(super) fn reply_from_object(
 }
 
 /// The whole request as one JSON object: the `format=json` input of `exec`, and the
-/// body of a `worker` request line.
-pub(super) fn request_json(req: &Request) -> Value {
-    json!({
-        "text": req.text,
-        "parts": req.other_parts,
-        "caller_id": req.caller_id,
-        "caller_name": req.caller_name,
-        "caller_role": req.caller_role,
-        "origin": req.origin.as_str(),
-        "message_id": req.message_id,
-        "activity_id": req.activity_id,
-        "context_id": req.context_id,
-        "task_id": req.task_id,
-        "method": req.method,
-        "attempt": req.attempt,
-        "workspace_id": req.workspace_id,
-        "attachments": req.attachments,
-        "request_id": req.request_id,
-        "request": req.raw,
-    })
+/// body of a `worker` request line (which adds `env`). Written straight from the
+/// request, in the field order (sorted) serde_json gives an object's keys: building a
+/// JSON tree first would copy the whole envelope (`raw`).
+#[derive(Serialize)]
+pub(super) struct RequestJson<'a> {
+    activity_id: &'a str,
+    attachments: &'a [Value],
+    attempt: u32,
+    caller_id: &'a Option<String>,
+    caller_name: &'a Option<String>,
+    caller_role: &'a Option<String>,
+    context_id: &'a Option<String>,
+    /// A worker's extra environment; `exec` sets it as variables instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) env: Option<&'a BTreeMap<String, String>>,
+    message_id: &'a Option<String>,
+    method: &'a str,
+    origin: &'a str,
+    parts: &'a [Value],
+    request: &'a Value,
+    request_id: &'a Option<String>,
+    task_id: &'a Option<String>,
+    text: &'a str,
+    workspace_id: &'a str,
+}
+
+impl<'a> RequestJson<'a> {
+    /// `req`'s object, without `env`.
+    pub(super) fn new(req: &'a Request) -> Self {
+        RequestJson {
+            activity_id: &req.activity_id,
+            attachments: &req.attachments,
+            attempt: req.attempt,
+            caller_id: &req.caller_id,
+            caller_name: &req.caller_name,
+            caller_role: &req.caller_role,
+            context_id: &req.context_id,
+            env: None,
+            message_id: &req.message_id,
+            method: &req.method,
+            origin: req.origin.as_str(),
+            parts: &req.other_parts,
+            request: &req.raw,
+            request_id: &req.request_id,
+            task_id: &req.task_id,
+            text: &req.text,
+            workspace_id: &req.workspace_id,
+        }
+    }
+
+    /// Appends the object's JSON to `out`.
+    pub(super) fn write_to(&self, out: &mut Vec<u8>) {
+        // Strings, numbers and `Value`s into a Vec: serializing cannot fail.
+        let _ = serde_json::to_writer(out, self);
+    }
 }
 
 /// The supervisor's notify socket and watchdog are the connector's: an agent that
@@ -669,11 +706,35 @@ fn find_on_path(program: &str) -> Option<String> {
         .and_then(|p| p.into_os_string().into_string().ok())
 }
 
+/// The request object as a JSON tree, field by field: what [`RequestJson`] must write.
+#[cfg(test)]
+pub(super) fn request_tree(req: &Request) -> Value {
+    serde_json::json!({
+        "text": req.text,
+        "parts": req.other_parts,
+        "caller_id": req.caller_id,
+        "caller_name": req.caller_name,
+        "caller_role": req.caller_role,
+        "origin": req.origin.as_str(),
+        "message_id": req.message_id,
+        "activity_id": req.activity_id,
+        "context_id": req.context_id,
+        "task_id": req.task_id,
+        "method": req.method,
+        "attempt": req.attempt,
+        "workspace_id": req.workspace_id,
+        "attachments": req.attachments,
+        "request_id": req.request_id,
+        "request": req.raw,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::Origin;
     use crate::signal::{SIGTERM, wait_exited};
+    use serde_json::json;
     use std::path::PathBuf;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -712,6 +773,24 @@ mod tests {
             attachments: vec![json!({"uri": "platform-pending:w/f", "name": "a.txt"})],
             request_id: None,
         }
+    }
+
+    #[test]
+    fn the_json_input_is_the_request_tree() {
+        let b = exec(&[("cmd", "cat"), ("format", "json")]);
+        let mut r = req("hi \"there\"\n\u{e9}");
+        let tree = |r: &Request| format!("{}\n", request_tree(r)).into_bytes();
+        assert_eq!(b.input(&r), tree(&r));
+        r.caller_id = Some("peer-1".into());
+        r.context_id = Some("ctx".into());
+        r.request_id = Some("req-1".into());
+        r.origin = Origin::Peer;
+        r.raw = json!({"b": [1, 2.5, null], "a": {"z": "</x>\t"}});
+        r.other_parts = vec![json!({"kind": "data", "data": {"k": 1}})];
+        // A worker's environment goes to `exec` as variables, not in the object.
+        r.extra_env
+            .insert("MOLECULE_DELEGATION_ID".into(), "d-1".into());
+        assert_eq!(b.input(&r), tree(&r));
     }
 
     fn run(b: &ExecBackend, text: &str) -> Result<Outcome, BackendError> {

@@ -26,11 +26,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
 use super::exec::{
-    remove_supervisor_env, reply_from_object, request_json, shell_command, tail_text,
+    RequestJson, remove_supervisor_env, reply_from_object, shell_command, tail_text,
 };
 use super::{Backend, BackendError, Groups, Origin, Outcome, Request, RunHandle};
 use crate::backoff::Backoff;
@@ -1209,83 +1209,22 @@ fn named(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle
 }
 
 /// The request line: `{"id":"7", …the exec backend's format=json object…}`, `id`
-/// first so that even a shell worker can pick it out. Written straight from the
-/// request: building the JSON tree first would copy the whole envelope (`raw`).
+/// first so that even a shell worker can pick it out, then `env` if there is one.
 fn encode(id: &str, req: &Request) -> Vec<u8> {
-    let body = RequestLine {
-        activity_id: &req.activity_id,
-        attachments: &req.attachments,
-        attempt: req.attempt,
-        caller_id: &req.caller_id,
-        caller_name: &req.caller_name,
-        caller_role: &req.caller_role,
-        context_id: &req.context_id,
-        env: &req.extra_env,
-        message_id: &req.message_id,
-        method: &req.method,
-        origin: req.origin.as_str(),
-        parts: &req.other_parts,
-        request: &req.raw,
-        request_id: &req.request_id,
-        task_id: &req.task_id,
-        text: &req.text,
-        workspace_id: &req.workspace_id,
-    };
+    let mut body = RequestJson::new(req);
+    body.env = (!req.extra_env.is_empty()).then_some(&req.extra_env);
     let mut line = Vec::with_capacity(512 + req.text.len());
     line.extend_from_slice(b"{\"id\":\"");
     line.extend_from_slice(id.as_bytes());
     line.push(b'"');
     let open = line.len();
-    if serde_json::to_writer(&mut line, &body).is_err() {
-        return encode_tree(id, req);
-    }
+    body.write_to(&mut line);
     // The body's `{` becomes the `,` after the id.
     if let Some(b) = line.get_mut(open) {
         *b = b',';
     }
     line.push(b'\n');
     line
-}
-
-/// [`request_json`] with `env`: the same fields, in the same (sorted) order, as the
-/// JSON tree that object would be.
-#[derive(Serialize)]
-struct RequestLine<'a> {
-    activity_id: &'a str,
-    attachments: &'a [Value],
-    attempt: u32,
-    caller_id: &'a Option<String>,
-    caller_name: &'a Option<String>,
-    caller_role: &'a Option<String>,
-    context_id: &'a Option<String>,
-    #[serde(skip_serializing_if = "no_env")]
-    env: &'a BTreeMap<String, String>,
-    message_id: &'a Option<String>,
-    method: &'a str,
-    origin: &'a str,
-    parts: &'a [Value],
-    request: &'a Value,
-    request_id: &'a Option<String>,
-    task_id: &'a Option<String>,
-    text: &'a str,
-    workspace_id: &'a str,
-}
-
-fn no_env(env: &&BTreeMap<String, String>) -> bool {
-    env.is_empty()
-}
-
-/// [`encode`] through a JSON tree (should writing the request ever fail).
-fn encode_tree(id: &str, req: &Request) -> Vec<u8> {
-    let mut v = request_json(req);
-    if !req.extra_env.is_empty() {
-        v["env"] = serde_json::json!(req.extra_env);
-    }
-    let body = v.to_string();
-    let mut line = format!("{{\"id\":\"{id}\",");
-    line.push_str(body.strip_prefix('{').unwrap_or(&body));
-    line.push('\n');
-    line.into_bytes()
 }
 
 /// The keys of an answer line that we read; the rest (a worker such as `cat` echoes
@@ -1690,6 +1629,19 @@ mod tests {
         assert_eq!(v["attachments"][0]["uri"], "platform-pending:f1");
         assert_eq!(v["request_id"], "req-3");
         assert_eq!(v["env"]["MOLECULE_DELEGATION_ID"], "d-1");
+    }
+
+    /// [`encode`] through the request's JSON tree.
+    fn encode_tree(id: &str, req: &Request) -> Vec<u8> {
+        let mut v = super::super::exec::request_tree(req);
+        if !req.extra_env.is_empty() {
+            v["env"] = serde_json::json!(req.extra_env);
+        }
+        let body = v.to_string();
+        let mut line = format!("{{\"id\":\"{id}\",");
+        line.push_str(body.strip_prefix('{').unwrap_or(&body));
+        line.push('\n');
+        line.into_bytes()
     }
 
     #[test]
