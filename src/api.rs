@@ -907,26 +907,12 @@ impl Client {
     /// the envelope's JSON bytes. A queued answer is success; see
     /// [`SendAnswer::is_queued`].
     pub fn send_a2a(&self, target: &WorkspaceId, body: &[u8]) -> Result<SendAnswer, ApiError> {
-        self.send_a2a_bytes(target, body, self.cfg.send_timeout)
+        self.send_a2a_within(target, body, self.cfg.send_timeout)
     }
 
-    /// [`Client::send_a2a`] of a `Value` with a whole-request limit of `timeout` for
-    /// this call (a one-shot `molecule send` gives each attempt what is left of its
-    /// budget).
+    /// [`Client::send_a2a`] with a whole-request limit of `timeout` for this call (a
+    /// one-shot `molecule send` gives each attempt what is left of its budget).
     pub fn send_a2a_within(
-        &self,
-        target: &WorkspaceId,
-        body: &Value,
-        timeout: Duration,
-    ) -> Result<SendAnswer, ApiError> {
-        let bytes = serde_json::to_vec(body).map_err(|e| ApiError::Invalid {
-            op: "send",
-            detail: e.to_string(),
-        })?;
-        self.send_a2a_bytes(target, &bytes, timeout)
-    }
-
-    fn send_a2a_bytes(
         &self,
         target: &WorkspaceId,
         bytes: &[u8],
@@ -989,18 +975,10 @@ impl Client {
             .unwrap_or(seq))
     }
 
-    /// `POST /workspaces/<own>/activity` (§API-2.6): a row in our own log.
-    pub fn self_report(&self, row: &Value) -> Result<(), ApiError> {
-        let bytes = serde_json::to_vec(row).map_err(|e| ApiError::Invalid {
-            op: "self-report",
-            detail: e.to_string(),
-        })?;
-        self.self_report_json(&bytes)
-    }
-
-    /// [`Client::self_report`] of a row already serialized (the connector builds
-    /// its `a2a_send` rows as bytes). The answer must be JSON (or empty), as
-    /// [`Client::call_json`] would require; nothing of it is kept.
+    /// `POST /workspaces/<own>/activity` (§API-2.6): a row in our own log, as JSON
+    /// (the `a2a_send` rows are built as bytes: [`crate::inbox::Envelope::report`]).
+    /// The answer must be JSON (or empty), as [`Client::call_json`] would require;
+    /// nothing of it is kept.
     pub fn self_report_json(&self, row: &[u8]) -> Result<(), ApiError> {
         let op = "self-report";
         let path = &self.fixed.activity;

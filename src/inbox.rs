@@ -515,7 +515,7 @@ impl<'a> Envelope<'a> {
         out
     }
 
-    /// The text [`send_report`] summarizes: the first part's that has one.
+    /// The text a self-report summarizes: the first part's that has one.
     fn first_text(&self) -> &str {
         let parts = &self.params.message.parts;
         if !parts.text.is_empty() {
@@ -528,9 +528,11 @@ impl<'a> Envelope<'a> {
             .unwrap_or("")
     }
 
-    /// The `a2a_send` self-report of this envelope sent to `peer` ([`send_report`]),
-    /// as JSON bytes around `bytes`, this envelope's own ([`Envelope::to_vec`]): the
-    /// envelope is serialized once for both posts.
+    /// The `a2a_send` self-report of this envelope sent to `peer` (§API-2.6), as JSON
+    /// bytes around `bytes`, this envelope's own ([`Envelope::to_vec`]): the envelope
+    /// is serialized once for both posts. The platform never logs our side of a
+    /// conversation in our own log, so without it `/activity?peer_id=` (history)
+    /// shows only the peer's words (§API-2.21).
     pub fn report(&self, peer: &str, bytes: &[u8]) -> Vec<u8> {
         let summary = report_summary(self.first_text());
         let mut out = Vec::with_capacity(bytes.len() + summary.len() + peer.len() + 128);
@@ -561,10 +563,10 @@ pub fn reply_envelope(message_id: &str, text: &str, extra_parts: &[Value], msg: 
     message_send(message_id, text, extra_parts, thread_of(msg))
 }
 
-/// The `a2a_send` self-report of a message we sent to `peer` (§API-2.6): the
-/// platform never logs our side of a conversation in our own log, so without it
-/// `/activity?peer_id=` (history) shows only the peer's words (§API-2.21).
-pub fn send_report(peer: &str, envelope: &Value) -> Value {
+/// The `a2a_send` self-report of a message we sent to `peer` (§API-2.6), as a JSON
+/// tree: what [`Envelope::report`] must write.
+#[cfg(test)]
+fn send_report(peer: &str, envelope: &Value) -> Value {
     let text = envelope
         .pointer("/params/message/parts")
         .and_then(Value::as_array)

@@ -24,7 +24,8 @@ const BACKOFF: Backoff = Backoff {
 pub(super) fn run(ctx: &Ctx, s: &agent::Send) -> Result<Report, Failure> {
     let (peer, message_id, budget_secs) = (&s.peer, &s.message_id, s.budget_secs);
     let budget = Duration::from_secs(budget_secs);
-    let body = crate::inbox::message_send(message_id, &s.text, &[], Default::default());
+    let envelope = crate::inbox::Envelope::new(message_id, &s.text, &[], Default::default());
+    let body = envelope.to_vec();
     let sent = Sent { peer, message_id };
     let started = Instant::now();
     let deadline = started.checked_add(budget).unwrap_or(started);
@@ -38,10 +39,7 @@ pub(super) fn run(ctx: &Ctx, s: &agent::Send) -> Result<Report, Failure> {
         let err = match ctx.client.send_a2a_within(peer, &body, timeout) {
             Ok(answer) => {
                 // Our side of the conversation, for `molecule history` (best effort).
-                if let Err(e) = ctx
-                    .client
-                    .self_report(&crate::inbox::send_report(peer, &body))
-                {
+                if let Err(e) = ctx.client.self_report_json(&envelope.report(peer, &body)) {
                     log::debug!("a2a_send self-report failed: {e}");
                 }
                 return sent.answer(answer, attempt);
