@@ -11,6 +11,8 @@ use std::fmt;
 use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
+use serde::de::{self, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 use crate::api::{ApiError, Client};
@@ -42,8 +44,12 @@ pub struct Event {
     pub kind: String,
     /// Broadcast time in Unix milliseconds, when given.
     pub timestamp_ms: Option<i64>,
-    /// The payload; `Null` when `truncated` or unreadable.
+    /// The payload; `Null` when `truncated` or unreadable, and for `ACTIVITY_LOGGED`,
+    /// which is read for its `activity_type` only (two arrive with every message)
+    /// unless the stream was opened [`EventStream::with_whole_data`].
     pub data: Value,
+    /// `data.activity_type` of an `ACTIVITY_LOGGED` event, when it is a string.
+    pub activity_type: Option<String>,
     /// The event was over the size cap: its kind is known, its payload dropped.
     pub truncated: bool,
 }
@@ -57,9 +63,8 @@ impl Event {
             ACTIVITY_LOGGED => {
                 self.truncated
                     || self
-                        .data
-                        .get("activity_type")
-                        .and_then(Value::as_str)
+                        .activity_type
+                        .as_deref()
                         .is_none_or(|t| t == "a2a_receive")
             }
             "" => true,
@@ -76,26 +81,104 @@ impl Event {
         )
     }
 
-    fn parse(raw: &[u8], truncated: bool) -> Event {
+    fn parse(raw: &[u8], truncated: bool, whole: bool) -> Event {
         if truncated {
             return Event {
                 kind: sniff_type(raw).unwrap_or_default(),
                 timestamp_ms: None,
                 data: Value::Null,
+                activity_type: None,
                 truncated: true,
             };
         }
+        if !whole
+            && raw.trim_ascii_start().starts_with(b"{")
+            && let Ok(head) = serde_json::from_slice::<LoggedHead>(raw)
+            && head.kind == ACTIVITY_LOGGED
+        {
+            return Event {
+                kind: head.kind,
+                timestamp_ms: head.timestamp,
+                data: Value::Null,
+                activity_type: head.data.and_then(|d| d.activity_type),
+                truncated: false,
+            };
+        }
         let mut v: Value = serde_json::from_slice(raw).unwrap_or(Value::Null);
+        let kind = v.get("type").and_then(Value::as_str).unwrap_or_default();
+        let logged = kind == ACTIVITY_LOGGED;
+        let activity_type = logged
+            .then(|| {
+                v.pointer("/data/activity_type")?
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .flatten();
         Event {
-            kind: v
-                .get("type")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
+            kind: kind.to_string(),
             timestamp_ms: v.get("timestamp").and_then(Value::as_i64),
-            data: v.get_mut("data").map(Value::take).unwrap_or(Value::Null),
+            data: match v.get_mut("data") {
+                Some(d) if whole || !logged => d.take(),
+                _ => Value::Null,
+            },
+            activity_type,
             truncated: false,
         }
+    }
+}
+
+/// What is read of an event at first: its `type`, its `timestamp` and, for an
+/// `ACTIVITY_LOGGED`, `data.activity_type`; the rest (the message's request and
+/// response bodies) is skipped, not built into a tree. Any doubt (a field of
+/// another type, a key given twice) fails this read, and the whole one decides.
+#[derive(Deserialize)]
+struct LoggedHead {
+    #[serde(rename = "type")]
+    kind: String,
+    timestamp: Option<i64>,
+    data: Option<LoggedData>,
+}
+
+/// `data` of an `ACTIVITY_LOGGED`, from an object only (a derived struct would take
+/// an array too, by position).
+struct LoggedData {
+    activity_type: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for LoggedData {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(field_identifier, rename_all = "snake_case")]
+        enum Key {
+            ActivityType,
+            #[serde(other)]
+            Other,
+        }
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = LoggedData;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<LoggedData, A::Error> {
+                let mut activity_type = None;
+                while let Some(key) = map.next_key()? {
+                    match key {
+                        Key::ActivityType if activity_type.is_some() => {
+                            return Err(de::Error::duplicate_field("activity_type"));
+                        }
+                        Key::ActivityType => activity_type = Some(map.next_value()?),
+                        Key::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(LoggedData {
+                    activity_type: activity_type.flatten(),
+                })
+            }
+        }
+        d.deserialize_map(Fields)
     }
 }
 
@@ -139,6 +222,8 @@ pub struct SseReader<R> {
     after_cr: bool,
     /// Bytes received so far: any byte, a comment included, shows the stream lives.
     received: u64,
+    /// Keep every event's `data`, `ACTIVITY_LOGGED`'s too.
+    whole: bool,
 }
 
 impl<R: Read> SseReader<R> {
@@ -153,6 +238,7 @@ impl<R: Read> SseReader<R> {
             skipping_line: false,
             after_cr: false,
             received: 0,
+            whole: false,
         }
     }
 
@@ -272,7 +358,7 @@ impl<R: Read> SseReader<R> {
         if self.data.is_empty() && !truncated {
             return None;
         }
-        let ev = Event::parse(&self.data, truncated);
+        let ev = Event::parse(&self.data, truncated, self.whole);
         self.data.clear();
         Some(ev)
     }
@@ -341,6 +427,13 @@ impl EventStream {
     /// platform never pings; our own heartbeats are what it says while healthy.
     pub fn with_silence_limit(mut self, limit: Duration) -> Self {
         self.silence = Some(limit);
+        self
+    }
+
+    /// Keeps the whole `data` of `ACTIVITY_LOGGED` events too, for a reader that
+    /// looks inside them (the connector only needs their `activity_type`).
+    pub fn with_whole_data(mut self) -> Self {
+        self.reader.whole = true;
         self
     }
 
@@ -448,7 +541,8 @@ mod tests {
             assert_eq!(got[0].timestamp_ms, Some(17));
             assert!(!got[0].is_inbox_hint());
             assert_eq!(got[1].kind, ACTIVITY_LOGGED);
-            assert_eq!(got[1].data["message_id"], "m");
+            assert_eq!(got[1].timestamp_ms, Some(5));
+            assert_eq!(got[1].activity_type.as_deref(), Some("a2a_receive"));
             assert!(got[1].is_inbox_hint());
         }
     }
@@ -468,21 +562,77 @@ mod tests {
 
     #[test]
     fn hints_by_type() {
-        let ev = |kind: &str, data: Value| Event {
+        let ev = |kind: &str| Event {
             kind: kind.into(),
             timestamp_ms: None,
-            data,
+            data: Value::Null,
+            activity_type: None,
             truncated: false,
         };
-        let self_report = ev(
-            ACTIVITY_LOGGED,
-            serde_json::json!({"activity_type":"task_update"}),
+        let logged = |activity: Option<&str>| Event {
+            activity_type: activity.map(str::to_string),
+            ..ev(ACTIVITY_LOGGED)
+        };
+        assert!(logged(Some("a2a_receive")).is_inbox_hint());
+        assert!(
+            !logged(Some("task_update")).is_inbox_hint(),
+            "our self-report"
         );
-        assert!(!self_report.is_inbox_hint());
-        assert!(ev("DELEGATION_COMPLETE", Value::Null).is_delegation_hint());
-        assert!(ev("DELEGATION_FAILED", Value::Null).is_delegation_hint());
-        assert!(!ev("DELEGATION_SENT", Value::Null).is_delegation_hint());
-        assert!(!ev("AGENT_MESSAGE", Value::Null).is_inbox_hint());
+        assert!(
+            logged(None).is_inbox_hint(),
+            "an unknown row may be a message"
+        );
+        assert!(ev("DELEGATION_COMPLETE").is_delegation_hint());
+        assert!(ev("DELEGATION_FAILED").is_delegation_hint());
+        assert!(!ev("DELEGATION_SENT").is_delegation_hint());
+        assert!(!ev("AGENT_MESSAGE").is_inbox_hint());
+    }
+
+    /// The whole read of an event, as the light read must match it.
+    fn whole_read(raw: &[u8]) -> (String, Option<i64>, Option<String>) {
+        let v: Value = serde_json::from_slice(raw).unwrap_or(Value::Null);
+        let kind = v["type"].as_str().unwrap_or_default().to_string();
+        let activity = v["data"]["activity_type"].as_str().map(str::to_string);
+        (kind, v["timestamp"].as_i64(), activity)
+    }
+
+    #[test]
+    fn logged_rows_read_light_as_they_read_whole() {
+        let cases: [&[u8]; 13] = [
+            br#"{"type":"ACTIVITY_LOGGED","timestamp":5,"data":{"activity_type":"a2a_receive","request_body":{"a":[1,{"b":null}]}}}"#,
+            br#"{"data":{"activity_type":"task_update"},"type":"ACTIVITY_LOGGED"}"#,
+            br#"{"type":"ACTIVITY_LOGGED","data":{"activity_type":"a2a_send","activity_type":"a2a_receive"}}"#,
+            br#"{"type":"ACTIVITY_LOGGED","type":"WORKSPACE_HEARTBEAT","data":{}}"#,
+            br#"{"type":"ACTIVITY_LOGGED","data":{"activity_type":7}}"#,
+            br#"{"type":"ACTIVITY_LOGGED","data":["activity_type"]}"#,
+            br#"{"type":"ACTIVITY_LOGGED","data":null,"timestamp":null}"#,
+            br#"{"type":"ACTIVITY_LOGGED","timestamp":5.5,"data":{"activity_type":null}}"#,
+            br#"{"type":"ACTIVITY_LOGGED","timestamp":-3}"#,
+            br#"{"type":"ACTIVITY_LOGGED","data":{"activity_type":"a2a_receive"}} x"#,
+            br#"{"type":7,"data":{"activity_type":"task_update"}}"#,
+            br#"["ACTIVITY_LOGGED",5,{"activity_type":"task_update"}]"#,
+            br#"{"type":"WORKSPACE_HEARTBEAT","timestamp":9,"data":{"active_tasks":0}}"#,
+        ];
+        for raw in cases {
+            let ev = Event::parse(raw, false, false);
+            let (kind, ts, activity) = whole_read(raw);
+            let text = String::from_utf8_lossy(raw);
+            assert_eq!(ev.kind, kind, "{text}");
+            assert_eq!(ev.timestamp_ms, ts, "{text}");
+            assert_eq!(
+                ev.activity_type,
+                activity.filter(|_| kind == ACTIVITY_LOGGED),
+                "{text}"
+            );
+            if kind == ACTIVITY_LOGGED {
+                assert_eq!(ev.data, Value::Null, "{text}");
+            }
+        }
+        let hb = Event::parse(cases[12], false, false);
+        assert_eq!(hb.data["active_tasks"], 0, "other events keep their data");
+        let whole = Event::parse(cases[0], false, true);
+        assert_eq!(whole.data["request_body"]["a"][0], 1, "unless asked to");
+        assert_eq!(whole.activity_type.as_deref(), Some("a2a_receive"));
     }
 
     #[test]

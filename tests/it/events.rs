@@ -33,7 +33,9 @@ fn stream_carries_the_platform_events_and_outlives_quiet_ticks() {
         .with_deadline(Instant::now() + TICK * 2 + Duration::from_millis(500))
         .next_event();
     assert_eq!(quiet, Err(End::Deadline));
-    let mut s = EventStream::open(&client(&emu, &a), &shutdown).unwrap();
+    let mut s = EventStream::open(&client(&emu, &a), &shutdown)
+        .unwrap()
+        .with_whole_data();
     emu.enqueue(
         &a.id,
         json!({"from": b.id, "text": "hello", "message_id": "m-1"}),
@@ -87,7 +89,9 @@ fn stream_faults_end_the_stream_the_way_the_platform_does() {
     assert_eq!(s.next_event(), Err(End::Closed));
 
     // Dropped events leave no gap marker.
-    let mut s = EventStream::open(&client(&emu, &a), &shutdown).unwrap();
+    let mut s = EventStream::open(&client(&emu, &a), &shutdown)
+        .unwrap()
+        .with_whole_data();
     emu.post(&path, json!({"drop_next": 2}));
     emu.say(&a.id, Some(&b.id), "dropped");
     emu.say(&a.id, Some(&b.id), "seen");
