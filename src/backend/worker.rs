@@ -9,17 +9,19 @@
 //! `doctor`'s probe runs one worker that is never restarted: when it exits before it
 //! is ready or has answered, every wait on it ends at once with how it ended.
 //!
-//! Threads per worker process: the slot's supervisor (waits for the exit), a reader
-//! (stdout: answers) and a stderr logger. A request thread writes its line to the
-//! worker's stdin itself (non-blocking, with `poll(2)` while the pipe is full): a
-//! writer thread would cost a hand-off per message. Lock order: the pool's state,
-//! then a process's `pending` or `reaped`; a process's `writing`, then its `input`.
+//! Threads per worker process: the slot's supervisor (waits for the exit, then reads
+//! what is left on stdout), a stderr logger, and with `max_in_flight` > 1 a reader
+//! (stdout: answers). A request thread writes its line to the worker's stdin itself
+//! (non-blocking, with `poll(2)` while the pipe is full), and with `max_in_flight=1`
+//! reads its answer itself too: a thread between them would cost a hand-off per
+//! message. Lock order: a process's `stdout`, then the pool's state, then a
+//! process's `pending` or `reaped`; a process's `writing`, then its `input`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufRead, BufReader, PipeReader, PipeWriter, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -68,6 +70,8 @@ const RESTART: Backoff = Backoff {
 /// After a worker exited, how long its pipes may stay open (a background process it
 /// left) before we stop waiting for its last lines.
 const PIPES_AFTER_EXIT: Duration = Duration::from_secs(1);
+/// Lines a worker printed between requests read before the next one is sent.
+const EARLY_LINES: u32 = 64;
 
 /// The `worker` backend's options, parsed and checked ([`Settings::parse`]).
 #[derive(Debug, Clone)]
@@ -382,8 +386,13 @@ struct Proc {
     input: Mutex<Option<Input>>,
     /// Held while a request line goes in, so that lines never interleave.
     writing: Mutex<()>,
-    /// Hangs up once `input` is closed: wakes a writer waiting for room in stdin.
+    /// Hangs up once `input` is closed: wakes a writer waiting for room in stdin,
+    /// and a request thread waiting on stdout.
     closed: Option<PipeReader>,
+    /// Its stdout, with `max_in_flight=1`: read by the thread that waits for an
+    /// answer (a reader thread would cost a hand-off per message). `None` with a
+    /// reader thread, and once at EOF.
+    stdout: Mutex<Option<Answers>>,
     /// Requests sent (or about to be), by id.
     pending: Mutex<HashMap<String, Sender<Answer>>>,
     /// Takes requests (started, and ready if `ready=true`).
@@ -397,6 +406,37 @@ struct Proc {
     /// Set once the process is reaped: its pgid may then name an unrelated group, so
     /// [`Proc::signal`] checks it under this lock and the reap holds it.
     reaped: Mutex<bool>,
+}
+
+/// Why a thread reads a worker's stdout (without a reader thread).
+#[derive(Clone, Copy)]
+enum Reading {
+    /// For an answer (or the ready line): until stdin is closed, then the thread
+    /// that reaps the worker reads the rest.
+    Answer,
+    /// Before a request is sent: what the worker printed since is no answer to it,
+    /// even without an `id`.
+    Waiting,
+    /// The rest, once the worker exited or is being ended.
+    Rest,
+}
+
+/// Where [`Pool::read_stdout`] stopped.
+enum Stopped {
+    Done,
+    Eof,
+    TimedOut,
+    /// Stdin was closed (the worker is being ended).
+    Closed,
+    /// A reader thread reads this worker's stdout.
+    NoReader,
+}
+
+/// A worker's stdout and where its reading stands.
+struct Answers {
+    lines: Lines<Stdout>,
+    /// `ready=true` and the ready line not read yet.
+    awaiting_ready: bool,
 }
 
 /// A worker's stdin, non-blocking, while it is open.
@@ -446,6 +486,7 @@ impl Proc {
             input: Mutex::new(input),
             writing: Mutex::new(()),
             closed,
+            stdout: Mutex::new(None),
             pending: Mutex::default(),
             ready: AtomicBool::new(false),
             answered: AtomicBool::new(false),
@@ -655,10 +696,28 @@ impl Pool {
             return Err(BackendError::Cancelled);
         }
         let deadline = Instant::now().checked_add(timeout);
+        // What the worker printed before this request is not its answer (a flood of
+        // it is read a bit per request).
+        let mut early = 0;
+        self.read_stdout(&proc, Reading::Waiting, Some(Instant::now()), |_| {
+            early += 1;
+            early == EARLY_LINES
+        });
         // A worker that stops reading its stdin times out as one that stops answering.
         let answer = if proc.send(&encode(&id, req), deadline) {
-            let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
-            rx.recv_timeout(left)
+            let mut got = None;
+            self.read_stdout(&proc, Reading::Answer, deadline, |_| {
+                got = rx.try_recv().ok();
+                got.is_some()
+            });
+            match got {
+                Some(a) => Ok(a),
+                None => {
+                    let left =
+                        deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+                    rx.recv_timeout(left)
+                }
+            }
         } else {
             Err(RecvTimeoutError::Timeout)
         };
@@ -955,13 +1014,28 @@ impl Pool {
                     me.pipe_closed(&p);
                 })?;
             }
-            if let Some(out) = stdout {
-                let p = Arc::clone(&proc);
-                let max = self.settings.max_output;
-                let me = Arc::clone(self);
-                named(&format!("worker-{slot}-stdout"), move || {
-                    me.read_answers(out, &p, max, ready_tx)
-                })?;
+            let max = self.settings.max_output;
+            match stdout {
+                Some(out) if self.settings.max_in_flight == 1 => {
+                    let closed = proc.closed.as_ref().map(PipeReader::try_clone);
+                    let out = Stdout {
+                        out,
+                        closed: closed.transpose()?,
+                        deadline: None,
+                        watch_closed: false,
+                    };
+                    *lock(&proc.stdout) = Some(Answers {
+                        lines: Lines::new(out, max, ID_SCAN),
+                        awaiting_ready: self.settings.ready,
+                    });
+                }
+                Some(out) => {
+                    let (p, me) = (Arc::clone(&proc), Arc::clone(self));
+                    named(&format!("worker-{slot}-stdout"), move || {
+                        me.read_answers(out, &p, max, ready_tx)
+                    })?;
+                }
+                None => {}
             }
             Ok(())
         })();
@@ -971,20 +1045,32 @@ impl Pool {
             let _ = proc.signal(SIGKILL);
         }
         if self.settings.ready {
-            match ready_rx.recv_timeout(self.settings.start_timeout) {
-                Ok(()) => self.became_ready(&proc),
-                Err(RecvTimeoutError::Timeout) => {
+            let within = self.settings.start_timeout;
+            let until = Instant::now().checked_add(within);
+            // `None`: it exited first, or is being ended; the wait for its exit sees it.
+            let said_ready = match self.read_stdout(&proc, Reading::Answer, until, |r| r) {
+                Stopped::Done => Some(true),
+                Stopped::TimedOut => Some(false),
+                Stopped::Eof | Stopped::Closed => None,
+                Stopped::NoReader => match ready_rx.recv_timeout(within) {
+                    Ok(()) => Some(true),
+                    Err(RecvTimeoutError::Timeout) => Some(false),
+                    Err(RecvTimeoutError::Disconnected) => None,
+                },
+            };
+            match said_ready {
+                Some(true) => self.became_ready(&proc),
+                Some(false) => {
                     log::error!(
                         "worker {slot}: not ready within start_timeout {}; stopping it",
-                        crate::duration::format(self.settings.start_timeout)
+                        crate::duration::format(within)
                     );
                     proc.end(Ended::NotReady);
-                    if !self.wait_reader(&proc, self.settings.kill_grace) {
+                    if !self.wait_pipes(&proc, self.settings.kill_grace) {
                         let _ = proc.signal(SIGKILL);
                     }
                 }
-                // The reader ended: the worker exited first; the wait below sees it.
-                Err(RecvTimeoutError::Disconnected) => {}
+                None => {}
             }
         } else {
             proc.ready.store(true, Ordering::SeqCst);
@@ -1040,8 +1126,10 @@ impl Pool {
             Ok(s) => s.to_string(),
             Err(e) => format!("lost: {e}"),
         };
-        // Let the reader deliver the answers the worker wrote before it exited.
-        if !self.wait_reader(proc, PIPES_AFTER_EXIT) {
+        // A request thread reading stdout leaves the rest to us once stdin is closed.
+        proc.close_input();
+        // Deliver the answers the worker wrote before it exited.
+        if !self.wait_pipes(proc, PIPES_AFTER_EXIT) {
             log::warn!("worker {slot}: a process outside its group still holds its stdout");
         }
         let ended = lock(&proc.ended).clone();
@@ -1099,74 +1187,138 @@ impl Pool {
         got_going
     }
 
-    /// The reader: routes answer lines to their requests by `id`.
+    /// The reader thread (`max_in_flight` > 1): routes answer lines to their requests.
     fn read_answers(&self, out: impl Read, proc: &Arc<Proc>, max: usize, ready: Sender<()>) {
-        let slot = proc.slot;
-        let mut ready = self.settings.ready.then_some(ready);
+        let mut awaiting_ready = self.settings.ready;
         let mut lines = Lines::new(out, max, ID_SCAN);
         while let Some(line) = lines.next_line() {
-            let (text, too_long) = match &line {
-                Line::Whole(b) => (String::from_utf8_lossy(b), false),
-                Line::TooLong(prefix) => (String::from_utf8_lossy(prefix), true),
-            };
-            if text.trim().is_empty() {
-                continue;
-            }
-            let obj = if too_long { None } else { answer_object(&text) };
-            if let Some(o) = &obj
-                && o.get("ready") == Some(&Value::Bool(true))
-                && !o.contains_key("id")
-            {
-                match ready.take() {
-                    Some(tx) => {
-                        let _ = tx.send(());
-                    }
-                    None => log::debug!("worker {slot}: ready line ignored"),
-                }
-                continue;
-            }
-            if ready.is_some() {
-                log::warn!("worker {slot}: ignoring output before its ready line");
-                continue;
-            }
-            let id = match &obj {
-                Some(o) => o.get("id").and_then(id_text),
-                None => scan_id(&text),
-            };
-            let result = match (obj, too_long) {
-                (_, true) => Err(BackendError::BadOutput(format!(
-                    "answer exceeds max_output {max} bytes"
-                ))),
-                (Some(o), false) => parse_answer(o),
-                (None, false) => Err(BackendError::BadOutput(
-                    "worker answer is not a JSON object".into(),
-                )),
-            };
-            let id = id.or_else(|| {
-                // A line we cannot attribute belongs to the only request in flight.
-                let pending = lock(&proc.pending);
-                (pending.len() == 1)
-                    .then(|| pending.keys().next().cloned())
-                    .flatten()
-            });
-            match id {
-                Some(id) if proc.answer(&id, result) => {
-                    proc.answered.store(true, Ordering::SeqCst);
-                    let mut st = self.lock();
-                    if st.start_failures > 0 {
-                        st.start_failures = 0;
-                    }
-                    drop(st);
-                    self.changed.notify_all();
-                }
-                Some(id) => log::warn!("worker {slot}: answer for unknown id {id:?} ignored"),
-                None => log::warn!(
-                    "worker {slot}: ignoring an output line without an id ({} bytes)",
-                    text.len()
-                ),
+            if self.route(proc, &line, &mut awaiting_ready, true) {
+                let _ = ready.send(());
             }
         }
         self.pipe_closed(proc);
+    }
+
+    /// Routes one stdout line to its request by `id`; a line without one goes to the
+    /// only request in flight, if `orphans_to_the_one`. `true` for the ready line
+    /// awaited (`awaiting_ready`, then cleared).
+    fn route(
+        &self,
+        proc: &Proc,
+        line: &Line,
+        awaiting_ready: &mut bool,
+        orphans_to_the_one: bool,
+    ) -> bool {
+        let slot = proc.slot;
+        let max = self.settings.max_output;
+        let (text, too_long) = match line {
+            Line::Whole(b) => (String::from_utf8_lossy(b), false),
+            Line::TooLong(prefix) => (String::from_utf8_lossy(prefix), true),
+        };
+        if text.trim().is_empty() {
+            return false;
+        }
+        let obj = if too_long { None } else { answer_object(&text) };
+        if let Some(o) = &obj
+            && o.get("ready") == Some(&Value::Bool(true))
+            && !o.contains_key("id")
+        {
+            if *awaiting_ready {
+                *awaiting_ready = false;
+                return true;
+            }
+            log::debug!("worker {slot}: ready line ignored");
+            return false;
+        }
+        if *awaiting_ready {
+            log::warn!("worker {slot}: ignoring output before its ready line");
+            return false;
+        }
+        let id = match &obj {
+            Some(o) => o.get("id").and_then(id_text),
+            None => scan_id(&text),
+        };
+        let result = match (obj, too_long) {
+            (_, true) => Err(BackendError::BadOutput(format!(
+                "answer exceeds max_output {max} bytes"
+            ))),
+            (Some(o), false) => parse_answer(o),
+            (None, false) => Err(BackendError::BadOutput(
+                "worker answer is not a JSON object".into(),
+            )),
+        };
+        let id = id.or_else(|| {
+            // A line we cannot attribute belongs to the only request in flight.
+            let pending = lock(&proc.pending);
+            (orphans_to_the_one && pending.len() == 1)
+                .then(|| pending.keys().next().cloned())
+                .flatten()
+        });
+        match id {
+            Some(id) if proc.answer(&id, result) => {
+                proc.answered.store(true, Ordering::SeqCst);
+                let mut st = self.lock();
+                if st.start_failures > 0 {
+                    st.start_failures = 0;
+                }
+                drop(st);
+                // The worker has room again: a request waiting for one looks.
+                self.changed.notify_all();
+            }
+            Some(id) => log::warn!("worker {slot}: answer for unknown id {id:?} ignored"),
+            None => log::warn!(
+                "worker {slot}: ignoring an output line without an id ({} bytes)",
+                text.len()
+            ),
+        }
+        false
+    }
+
+    /// Reads `proc`'s stdout on this thread (`max_in_flight=1`; else `NoReader`),
+    /// routing every line, until `done` (told whether the line was the awaited ready
+    /// line) says so, `deadline` passes, or EOF.
+    fn read_stdout(
+        &self,
+        proc: &Proc,
+        reading: Reading,
+        deadline: Option<Instant>,
+        mut done: impl FnMut(bool) -> bool,
+    ) -> Stopped {
+        let mut guard = lock(&proc.stdout);
+        let Some(answers) = guard.as_mut() else {
+            return Stopped::NoReader;
+        };
+        answers
+            .lines
+            .inner()
+            .limit(deadline, !matches!(reading, Reading::Rest));
+        loop {
+            match answers.lines.try_next_line() {
+                Ok(Some(line)) => {
+                    let orphans = !matches!(reading, Reading::Waiting);
+                    if done(self.route(proc, &line, &mut answers.awaiting_ready, orphans)) {
+                        return Stopped::Done;
+                    }
+                }
+                Ok(None) => {
+                    *guard = None;
+                    drop(guard);
+                    self.pipe_closed(proc);
+                    return Stopped::Eof;
+                }
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => return Stopped::TimedOut,
+                Err(_) => return Stopped::Closed,
+            }
+        }
+    }
+
+    /// Reads what is left on the worker's stdout (without a reader thread) and waits
+    /// for both pipes to reach EOF, within `within`.
+    fn wait_pipes(&self, proc: &Proc, within: Duration) -> bool {
+        let until = Instant::now().checked_add(within);
+        self.read_stdout(proc, Reading::Rest, until, |_| false);
+        let left = until.map_or(within, |u| u.saturating_duration_since(Instant::now()));
+        self.wait_reader(proc, left)
     }
 
     /// Waits until the worker was reaped (by its supervisor, which saw it exit).
@@ -1391,6 +1543,64 @@ fn log_stderr(err: impl Read, proc: &Proc, mut log: impl FnMut(log::Level, Strin
     }
 }
 
+/// A worker's stdout as a request thread reads it (`max_in_flight=1`): up to its
+/// deadline (then `TimedOut`), and, while `watch_closed`, only until the worker's
+/// stdin is closed (then `WouldBlock`): its end is near, and the thread that reaps
+/// it reads what is left, however long a process outside the group holds the pipe.
+struct Stdout {
+    out: ChildStdout,
+    /// [`Proc::closed`], shared: it hangs up when stdin is closed.
+    closed: Option<PipeReader>,
+    deadline: Option<Instant>,
+    watch_closed: bool,
+}
+
+impl Stdout {
+    /// The limits of the reads that follow.
+    fn limit(&mut self, deadline: Option<Instant>, watch_closed: bool) {
+        self.deadline = deadline;
+        self.watch_closed = watch_closed;
+    }
+}
+
+impl Read for Stdout {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let closed = match &self.closed {
+            Some(c) if self.watch_closed => c.as_raw_fd(),
+            _ => -1,
+        };
+        loop {
+            let left = self
+                .deadline
+                .map(|d| d.saturating_duration_since(Instant::now()));
+            let mut fds = [
+                PollFd {
+                    fd: self.out.as_raw_fd(),
+                    events: POLLIN,
+                    revents: 0,
+                },
+                PollFd {
+                    fd: closed,
+                    events: POLLIN,
+                    revents: 0,
+                },
+            ];
+            signal::wait_ready(&mut fds, left)?;
+            let [out, closed] = fds;
+            if out.revents != 0 {
+                // Readable, at EOF or failed: the read says which, without blocking.
+                return self.out.read(buf);
+            }
+            if closed.revents != 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            if left.is_some_and(|l| l.is_zero()) {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+        }
+    }
+}
+
 /// A line read with a cap.
 enum Line {
     Whole(Vec<u8>),
@@ -1399,11 +1609,15 @@ enum Line {
 }
 
 /// Splits a stream into lines of at most `cap` bytes without ever holding more; of
-/// a longer line the first `keep` bytes (at most `cap`) are kept.
+/// a longer line the first `keep` bytes (at most `cap`) are kept. A line read in
+/// part when the reader says "not now" is kept for the next call.
 struct Lines<R> {
     r: BufReader<R>,
     cap: usize,
     keep: usize,
+    /// The line read so far.
+    line: Vec<u8>,
+    too_long: bool,
 }
 
 impl<R: Read> Lines<R> {
@@ -1412,47 +1626,75 @@ impl<R: Read> Lines<R> {
             r: BufReader::with_capacity(64 * 1024, r),
             cap,
             keep: keep.min(cap),
+            line: Vec::new(),
+            too_long: false,
         }
+    }
+
+    fn inner(&mut self) -> &mut R {
+        self.r.get_mut()
     }
 
     /// The next line without its newline; `None` at EOF (or a read error).
     fn next_line(&mut self) -> Option<Line> {
-        let mut line = Vec::new();
-        let mut too_long = false;
+        loop {
+            match self.try_next_line() {
+                Ok(line) => return line,
+                // Only a reader that waits with a limit says "not now".
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// As [`Lines::next_line`], but a read that fails with `TimedOut` or
+    /// `WouldBlock` is returned, the part of the line read so far kept.
+    fn try_next_line(&mut self) -> io::Result<Option<Line>> {
         loop {
             let avail = match self.r.fill_buf() {
                 Ok(a) => a,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                    ) =>
+                {
+                    return Err(e);
+                }
                 Err(_) => &[],
             };
             if avail.is_empty() {
-                return match (line.is_empty() && !too_long, too_long) {
+                let line = std::mem::take(&mut self.line);
+                let too_long = std::mem::take(&mut self.too_long);
+                return Ok(match (line.is_empty() && !too_long, too_long) {
                     (true, _) => None,
                     (false, true) => Some(Line::TooLong(line)),
                     (false, false) => Some(Line::Whole(line)),
-                };
+                });
             }
             let (chunk, used, end) = match avail.iter().position(|b| *b == b'\n') {
                 Some(i) => (avail.get(..i).unwrap_or_default(), i + 1, true),
                 None => (avail, avail.len(), false),
             };
-            if !too_long {
-                if line.len() + chunk.len() > self.cap {
-                    too_long = true;
-                    let keep = self.keep.saturating_sub(line.len().min(self.keep));
-                    line.extend_from_slice(chunk.get(..keep.min(chunk.len())).unwrap_or_default());
-                    line.truncate(self.keep);
+            if !self.too_long {
+                if self.line.len() + chunk.len() > self.cap {
+                    self.too_long = true;
+                    let keep = self.keep.saturating_sub(self.line.len().min(self.keep));
+                    self.line
+                        .extend_from_slice(chunk.get(..keep.min(chunk.len())).unwrap_or_default());
+                    self.line.truncate(self.keep);
                 } else {
-                    line.extend_from_slice(chunk);
+                    self.line.extend_from_slice(chunk);
                 }
             }
             self.r.consume(used);
             if end {
-                return Some(if too_long {
+                let line = std::mem::take(&mut self.line);
+                return Ok(Some(if std::mem::take(&mut self.too_long) {
                     Line::TooLong(line)
                 } else {
                     Line::Whole(line)
-                });
+                }));
             }
         }
     }
@@ -1859,6 +2101,48 @@ mod tests {
         for pid in std::fs::read_to_string(&pids).unwrap().lines() {
             assert!(gone(pid.parse().unwrap()), "worker {pid} survived");
         }
+    }
+
+    #[test]
+    fn a_line_printed_between_requests_is_no_answer_to_the_next() {
+        // One write: the first answer, then a line without an id; the request reading
+        // its answer stops after the first, the second line waits in the buffer.
+        let cmd = concat!(
+            "IFS= read -r l; id=${l#'{\"id\":\"'}; id=${id%%'\"'*};",
+            " printf '{\"id\":\"%s\",\"text\":\"one\"}\\n{\"text\":\"stray\"}\\n' \"$id\";",
+            " IFS= read -r l; id=${l#'{\"id\":\"'}; id=${id%%'\"'*};",
+            " printf '{\"id\":\"%s\",\"text\":\"two\"}\\n' \"$id\"; read -r l",
+        );
+        for in_flight in ["1", "2"] {
+            let b = backend(&[("cmd", cmd), ("max_in_flight", in_flight)]);
+            assert_eq!(text(ask(&b, "a")), "one");
+            assert_eq!(text(ask(&b, "b")), "two", "max_in_flight={in_flight}");
+            b.stop();
+        }
+    }
+
+    #[test]
+    fn a_crash_while_a_process_outside_the_group_holds_stdout_ends_the_request() {
+        let dir = TempDir::new();
+        let left = dir.file("left");
+        // The worker leaves a process in a session of its own, holding its stdout,
+        // and exits: its request ends with the crash, not at its timeout.
+        let cmd = format!(
+            "IFS= read -r l; python3 -c 'import os,sys,time; os.setsid(); open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(60)' '{left}' & while [ ! -s '{left}' ]; do sleep 0.01; done; exit 3"
+        );
+        let b = backend(&[("cmd", &cmd), ("timeout", "60s")]);
+        let asked = Instant::now();
+        let r = ask(&b, "x");
+        let took = asked.elapsed();
+        let _ = Command::new("kill")
+            .arg(read_pid(&left).to_string())
+            .status();
+        match r {
+            Err(BackendError::Failed { code: Some(3), .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(took < Duration::from_secs(30), "it waited {took:?}");
+        b.stop();
     }
 
     #[test]
