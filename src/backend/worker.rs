@@ -2128,7 +2128,7 @@ mod tests {
         // The worker leaves a process in a session of its own, holding its stdout,
         // and exits: its request ends with the crash, not at its timeout.
         let cmd = format!(
-            "IFS= read -r l; python3 -c 'import os,sys,time; os.setsid(); open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(60)' '{left}' & while [ ! -s '{left}' ]; do sleep 0.01; done; exit 3"
+            "IFS= read -r l; python3 -c 'import os,sys,time; os.setsid(); open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(60)' '{left}' & i=0; while [ ! -s '{left}' ] && [ $i -lt 1000 ]; do sleep 0.01; i=$((i+1)); done; exit 3"
         );
         let b = backend(&[("cmd", &cmd), ("timeout", "60s")]);
         let asked = Instant::now();
