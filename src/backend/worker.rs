@@ -70,8 +70,9 @@ const RESTART: Backoff = Backoff {
 /// After a worker exited, how long its pipes may stay open (a background process it
 /// left) before we stop waiting for its last lines.
 const PIPES_AFTER_EXIT: Duration = Duration::from_secs(1);
-/// Lines a worker printed between requests read before the next one is sent.
-const EARLY_LINES: u32 = 64;
+/// Reads (of up to 64 KiB) of what a worker printed between requests done before
+/// the next one is sent; past that, the request takes no line without its `id`.
+const EARLY_READS: u32 = 16;
 
 /// The `worker` backend's options, parsed and checked ([`Settings::parse`]).
 #[derive(Debug, Clone)]
@@ -412,8 +413,9 @@ struct Proc {
 #[derive(Clone, Copy)]
 enum Reading {
     /// For an answer (or the ready line): until stdin is closed, then the thread
-    /// that reaps the worker reads the rest.
-    Answer,
+    /// that reaps the worker reads the rest. A line without an `id` goes to the
+    /// only request in flight if `orphans`.
+    Answer { orphans: bool },
     /// Before a request is sent: what the worker printed since is no answer to it,
     /// even without an `id`.
     Waiting,
@@ -426,6 +428,8 @@ enum Stopped {
     Done,
     Eof,
     TimedOut,
+    /// The deadline passed with more to read.
+    Budget,
     /// Stdin was closed (the worker is being ended).
     Closed,
     /// A reader thread reads this worker's stdout.
@@ -696,17 +700,22 @@ impl Pool {
             return Err(BackendError::Cancelled);
         }
         let deadline = Instant::now().checked_add(timeout);
-        // What the worker printed before this request is not its answer (a flood of
-        // it is read a bit per request).
-        let mut early = 0;
-        self.read_stdout(&proc, Reading::Waiting, Some(Instant::now()), |_| {
-            early += 1;
-            early == EARLY_LINES
-        });
+        // What the worker printed before this request is not its answer. Between
+        // requests nobody reads its stdout (a worker that prints over 64 KiB then
+        // waits for the next request): what it printed is read now, one read a turn.
+        let mut early = Stopped::Budget;
+        for _ in 0..EARLY_READS {
+            early = self.read_stdout(&proc, Reading::Waiting, Some(Instant::now()), |_| false);
+            if !matches!(early, Stopped::Budget) {
+                break;
+            }
+        }
+        // Still more: a line without an id may be part of it, not the answer.
+        let orphans = !matches!(early, Stopped::Budget);
         // A worker that stops reading its stdin times out as one that stops answering.
         let answer = if proc.send(&encode(&id, req), deadline) {
             let mut got = None;
-            self.read_stdout(&proc, Reading::Answer, deadline, |_| {
+            self.read_stdout(&proc, Reading::Answer { orphans }, deadline, |_| {
                 got = rx.try_recv().ok();
                 got.is_some()
             });
@@ -1018,12 +1027,7 @@ impl Pool {
             match stdout {
                 Some(out) if self.settings.max_in_flight == 1 => {
                     let closed = proc.closed.as_ref().map(PipeReader::try_clone);
-                    let out = Stdout {
-                        out,
-                        closed: closed.transpose()?,
-                        deadline: None,
-                        watch_closed: false,
-                    };
+                    let out = Stdout::new(out, closed.transpose()?);
                     *lock(&proc.stdout) = Some(Answers {
                         lines: Lines::new(out, max, ID_SCAN),
                         awaiting_ready: self.settings.ready,
@@ -1048,16 +1052,17 @@ impl Pool {
             let within = self.settings.start_timeout;
             let until = Instant::now().checked_add(within);
             // `None`: it exited first, or is being ended; the wait for its exit sees it.
-            let said_ready = match self.read_stdout(&proc, Reading::Answer, until, |r| r) {
-                Stopped::Done => Some(true),
-                Stopped::TimedOut => Some(false),
-                Stopped::Eof | Stopped::Closed => None,
-                Stopped::NoReader => match ready_rx.recv_timeout(within) {
-                    Ok(()) => Some(true),
-                    Err(RecvTimeoutError::Timeout) => Some(false),
-                    Err(RecvTimeoutError::Disconnected) => None,
-                },
-            };
+            let said_ready =
+                match self.read_stdout(&proc, Reading::Answer { orphans: true }, until, |r| r) {
+                    Stopped::Done => Some(true),
+                    Stopped::TimedOut | Stopped::Budget => Some(false),
+                    Stopped::Eof | Stopped::Closed => None,
+                    Stopped::NoReader => match ready_rx.recv_timeout(within) {
+                        Ok(()) => Some(true),
+                        Err(RecvTimeoutError::Timeout) => Some(false),
+                        Err(RecvTimeoutError::Disconnected) => None,
+                    },
+                };
             match said_ready {
                 Some(true) => self.became_ready(&proc),
                 Some(false) => {
@@ -1295,7 +1300,11 @@ impl Pool {
         loop {
             match answers.lines.try_next_line() {
                 Ok(Some(line)) => {
-                    let orphans = !matches!(reading, Reading::Waiting);
+                    let orphans = match reading {
+                        Reading::Answer { orphans } => orphans,
+                        Reading::Waiting => false,
+                        Reading::Rest => true,
+                    };
                     if done(self.route(proc, &line, &mut answers.awaiting_ready, orphans)) {
                         return Stopped::Done;
                     }
@@ -1306,7 +1315,13 @@ impl Pool {
                     self.pipe_closed(proc);
                     return Stopped::Eof;
                 }
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => return Stopped::TimedOut,
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    return if answers.lines.inner().refused {
+                        Stopped::Budget
+                    } else {
+                        Stopped::TimedOut
+                    };
+                }
                 Err(_) => return Stopped::Closed,
             }
         }
@@ -1544,22 +1559,40 @@ fn log_stderr(err: impl Read, proc: &Proc, mut log: impl FnMut(log::Level, Strin
 }
 
 /// A worker's stdout as a request thread reads it (`max_in_flight=1`): up to its
-/// deadline (then `TimedOut`), and, while `watch_closed`, only until the worker's
-/// stdin is closed (then `WouldBlock`): its end is near, and the thread that reaps
-/// it reads what is left, however long a process outside the group holds the pipe.
+/// deadline (then `TimedOut`, even with more to read, past the one read that is
+/// always allowed), and, while `watch_closed`, only until the worker's stdin is
+/// closed (then `WouldBlock`): its end is near, and the thread that reaps it reads
+/// what is left, however long a process outside the group holds the pipe.
 struct Stdout {
     out: ChildStdout,
     /// [`Proc::closed`], shared: it hangs up when stdin is closed.
     closed: Option<PipeReader>,
     deadline: Option<Instant>,
     watch_closed: bool,
+    /// The first read since [`Stdout::limit`] is not done yet.
+    first: bool,
+    /// The last `TimedOut` left something to read.
+    refused: bool,
 }
 
 impl Stdout {
+    fn new(out: ChildStdout, closed: Option<PipeReader>) -> Self {
+        Stdout {
+            out,
+            closed,
+            deadline: None,
+            watch_closed: false,
+            first: true,
+            refused: false,
+        }
+    }
+
     /// The limits of the reads that follow.
     fn limit(&mut self, deadline: Option<Instant>, watch_closed: bool) {
         self.deadline = deadline;
         self.watch_closed = watch_closed;
+        self.first = true;
+        self.refused = false;
     }
 }
 
@@ -1573,6 +1606,7 @@ impl Read for Stdout {
             let left = self
                 .deadline
                 .map(|d| d.saturating_duration_since(Instant::now()));
+            let past = left.is_some_and(|l| l.is_zero());
             let mut fds = [
                 PollFd {
                     fd: self.out.as_raw_fd(),
@@ -1587,16 +1621,20 @@ impl Read for Stdout {
             ];
             signal::wait_ready(&mut fds, left)?;
             let [out, closed] = fds;
-            if out.revents != 0 {
-                // Readable, at EOF or failed: the read says which, without blocking.
-                return self.out.read(buf);
-            }
+            // Closed first: a worker that keeps printing must not keep us.
             if closed.revents != 0 {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
-            if left.is_some_and(|l| l.is_zero()) {
+            if out.revents != 0 && (!past || self.first) {
+                self.first = false;
+                // Readable, at EOF or failed: the read says which, without blocking.
+                return self.out.read(buf);
+            }
+            if past {
+                self.refused = out.revents != 0;
                 return Err(io::ErrorKind::TimedOut.into());
             }
+            // Woken early (a signal), or at the deadline: look again.
         }
     }
 }
@@ -2113,12 +2151,50 @@ mod tests {
             " IFS= read -r l; id=${l#'{\"id\":\"'}; id=${id%%'\"'*};",
             " printf '{\"id\":\"%s\",\"text\":\"two\"}\\n' \"$id\"; read -r l",
         );
-        for in_flight in ["1", "2"] {
-            let b = backend(&[("cmd", cmd), ("max_in_flight", in_flight)]);
-            assert_eq!(text(ask(&b, "a")), "one");
-            assert_eq!(text(ask(&b, "b")), "two", "max_in_flight={in_flight}");
-            b.stop();
+        // (With a reader thread, the stray line races the next request.)
+        let b = backend(&[("cmd", cmd)]);
+        assert_eq!(text(ask(&b, "a")), "one");
+        assert_eq!(text(ask(&b, "b")), "two");
+        b.stop();
+    }
+
+    #[test]
+    fn what_a_worker_printed_before_the_request_is_no_answer_to_it() {
+        let dir = TempDir::new();
+        let printed = dir.file("printed");
+        // A banner of 2,000 lines without an id, printed before any request.
+        let cmd = format!(
+            "i=0; while [ $i -lt 2000 ]; do echo \"banner line $i\"; i=$((i+1)); done; : > '{printed}'; {}",
+            sh_worker("", "{\\\"id\\\":\\\"$id\\\",\\\"text\\\":\\\"ok\\\"}")
+        );
+        let b = with_env(backend(&[("cmd", &cmd)]), &dir.file("pids"));
+        b.start("", "", &Groups::default()).unwrap();
+        wait_for_file(&printed);
+        assert_eq!(text(ask(&b, "x")), "ok");
+        b.stop();
+    }
+
+    /// Waits until `path` exists.
+    fn wait_for_file(path: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !Path::new(path).exists() {
+            assert!(Instant::now() < deadline, "no {path}");
+            thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn a_worker_that_keeps_printing_still_times_out() {
+        let b = backend(&[
+            ("cmd", "IFS= read -r l; exec yes '{\"id\":\"nobody\"}'"),
+            ("timeout", "300ms"),
+            ("kill_grace", "100ms"),
+        ]);
+        match ask(&b, "x") {
+            Err(BackendError::Timeout { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        b.stop();
     }
 
     #[test]
