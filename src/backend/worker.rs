@@ -701,8 +701,8 @@ impl Pool {
         }
         let deadline = Instant::now().checked_add(timeout);
         // What the worker printed before this request is not its answer. Between
-        // requests nobody reads its stdout (a worker that prints over 64 KiB then
-        // waits for the next request): what it printed is read now, one read a turn.
+        // requests nobody reads its stdout (a worker printing over 64 KiB then waits
+        // for the next request): what is there now is read first.
         let mut early = Stopped::Budget;
         for _ in 0..EARLY_READS {
             early = self.read_stdout(&proc, Reading::Waiting, Some(Instant::now()), |_| false);
