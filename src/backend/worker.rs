@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufRead, BufReader, PipeReader, PipeWriter, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -465,6 +465,31 @@ impl Input {
     }
 }
 
+/// Waits up to `left` until the pipe end `fd` is ready for `events` (or failed) or
+/// `closed` ([`Proc::closed`], or -1) hangs up: whether each happened.
+fn wait_pipe_or_closed(
+    fd: RawFd,
+    events: i16,
+    closed: RawFd,
+    left: Option<Duration>,
+) -> io::Result<(bool, bool)> {
+    let mut fds = [
+        PollFd {
+            fd,
+            events,
+            revents: 0,
+        },
+        PollFd {
+            fd: closed,
+            events: POLLIN,
+            revents: 0,
+        },
+    ];
+    signal::wait_ready(&mut fds, left)?;
+    let [pipe, closed] = fds;
+    Ok((pipe.revents != 0, closed.revents != 0))
+}
+
 /// What a request thread gets back.
 enum Answer {
     Done(Result<Outcome, BackendError>),
@@ -566,19 +591,8 @@ impl Proc {
                     if lock(&self.input).is_none() {
                         return true;
                     }
-                    let mut fds = [
-                        PollFd {
-                            fd: stdin.as_raw_fd(),
-                            events: POLLOUT,
-                            revents: 0,
-                        },
-                        PollFd {
-                            fd: self.closed.as_ref().map_or(-1, AsRawFd::as_raw_fd),
-                            events: POLLIN,
-                            revents: 0,
-                        },
-                    ];
-                    if let Err(e) = signal::wait_ready(&mut fds, left) {
+                    let closed = self.closed.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+                    if let Err(e) = wait_pipe_or_closed(stdin.as_raw_fd(), POLLOUT, closed, left) {
                         log::warn!("worker {}: waiting to write a request: {e}", self.slot);
                         return true;
                     }
@@ -1297,14 +1311,14 @@ impl Pool {
             .lines
             .inner()
             .limit(deadline, !matches!(reading, Reading::Rest));
+        let orphans = match reading {
+            Reading::Answer { orphans } => orphans,
+            Reading::Waiting => false,
+            Reading::Rest => true,
+        };
         loop {
             match answers.lines.try_next_line() {
                 Ok(Some(line)) => {
-                    let orphans = match reading {
-                        Reading::Answer { orphans } => orphans,
-                        Reading::Waiting => false,
-                        Reading::Rest => true,
-                    };
                     if done(self.route(proc, &line, &mut answers.awaiting_ready, orphans)) {
                         return Stopped::Done;
                     }
@@ -1607,31 +1621,19 @@ impl Read for Stdout {
                 .deadline
                 .map(|d| d.saturating_duration_since(Instant::now()));
             let past = left.is_some_and(|l| l.is_zero());
-            let mut fds = [
-                PollFd {
-                    fd: self.out.as_raw_fd(),
-                    events: POLLIN,
-                    revents: 0,
-                },
-                PollFd {
-                    fd: closed,
-                    events: POLLIN,
-                    revents: 0,
-                },
-            ];
-            signal::wait_ready(&mut fds, left)?;
-            let [out, closed] = fds;
+            let (readable, hung_up) =
+                wait_pipe_or_closed(self.out.as_raw_fd(), POLLIN, closed, left)?;
             // Closed first: a worker that keeps printing must not keep us.
-            if closed.revents != 0 {
+            if hung_up {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
-            if out.revents != 0 && (!past || self.first) {
+            if readable && (!past || self.first) {
                 self.first = false;
                 // Readable, at EOF or failed: the read says which, without blocking.
                 return self.out.read(buf);
             }
             if past {
-                self.refused = out.revents != 0;
+                self.refused = readable;
                 return Err(io::ErrorKind::TimedOut.into());
             }
             // Woken early (a signal), or at the deadline: look again.
@@ -2164,23 +2166,14 @@ mod tests {
         let printed = dir.file("printed");
         // A banner of 2,000 lines without an id, printed before any request.
         let cmd = format!(
-            "i=0; while [ $i -lt 2000 ]; do echo \"banner line $i\"; i=$((i+1)); done; : > '{printed}'; {}",
+            "i=0; while [ $i -lt 2000 ]; do echo \"banner line $i\"; i=$((i+1)); done; echo $$ > '{printed}'; {}",
             sh_worker("", "{\\\"id\\\":\\\"$id\\\",\\\"text\\\":\\\"ok\\\"}")
         );
         let b = with_env(backend(&[("cmd", &cmd)]), &dir.file("pids"));
         b.start("", "", &Groups::default()).unwrap();
-        wait_for_file(&printed);
+        read_pid(&printed);
         assert_eq!(text(ask(&b, "x")), "ok");
         b.stop();
-    }
-
-    /// Waits until `path` exists.
-    fn wait_for_file(path: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !Path::new(path).exists() {
-            assert!(Instant::now() < deadline, "no {path}");
-            thread::sleep(Duration::from_millis(10));
-        }
     }
 
     #[test]
