@@ -939,7 +939,11 @@ impl Connected<'_> {
                 }
             }
             Err(unfinished) => {
-                if unfinished != Unfinished::Forced {
+                if unfinished == Unfinished::Forced {
+                    // The signal watcher kills them too, perhaps not yet: nothing we
+                    // started may outlive the exit.
+                    cancel_all(&self.run_handles, signal::SIGKILL);
+                } else {
                     log::warn!(
                         "a thread did not stop in time; exiting anyway (state is journaled before every side effect)"
                     );
@@ -1142,8 +1146,11 @@ fn watch_signals(
             Signal::Stop if shutdown.is_triggered() => {
                 log::warn!("second signal: stopping now");
                 for t in targets().iter() {
-                    cancel_all(&t.handles, signal::SIGKILL);
+                    // The notice first: a backend the kill ends must not let every
+                    // thread report done before it, or the stop reads as clean. The
+                    // runner kills too before it records the stop.
                     let _ = t.done.send(Done::Forced);
+                    cancel_all(&t.handles, signal::SIGKILL);
                 }
             }
             Signal::Stop => {
